@@ -1,0 +1,78 @@
+// The relattn ops: schemas (defined once, here), typed dispatcher handles, and the public C++ API.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "attention.h"
+#include "relattn/relattn.h"
+
+namespace relattn {
+
+TORCH_LIBRARY(relattn, m) {
+  m.def(
+      "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, "
+      "Tensor? buckets, Tensor? rel_index, Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, "
+      "float? scale, int q_offset) -> (Tensor out, Tensor lse)");
+  // Gradients of absent tables come back as empty tensors.
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, Tensor? buckets, Tensor? rel_index, "
+      "Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, float? scale, int q_offset) -> "
+      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_rel_k, Tensor grad_rel_v, "
+      "Tensor grad_rel_bias)");
+  m.def("clip_buckets(int max_distance) -> Tensor", &relattn::clip_buckets);
+  m.def("t5_buckets(int num_buckets=32, int max_distance=128, bool bidirectional=True) -> Tensor",
+        &relattn::t5_buckets);
+  m.def("alibi_slopes(int num_heads) -> Tensor", &relattn::alibi_slopes);
+  m.def("cuda_kernels_built() -> bool", &relattn::cuda_kernels_built);
+}
+
+namespace ops {
+
+ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
+                                const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
+                                const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
+                                int64_t q_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("relattn::attention_forward", "")
+                       .typed<decltype(attention_forward)>();
+  return op.call(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask, causal,
+                 scale, q_offset);
+}
+
+BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
+                                  const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                                  const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
+                                  const OptTensor& buckets, const OptTensor& rel_index,
+                                  const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
+                                  std::optional<double> scale, int64_t q_offset) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("relattn::attention_backward", "")
+                       .typed<decltype(attention_backward)>();
+  return op.call(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
+                 key_padding_mask, causal, scale, q_offset);
+}
+
+}  // namespace ops
+
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, const AttentionOptions& o) {
+  return ops::attention_forward(q, k, v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
+                                o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset());
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o) {
+  return std::get<0>(attention_with_lse(q, k, v, o));
+}
+
+bool cuda_kernels_built() {
+#ifdef RELATTN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+int64_t library_version() { return RELATTN_VERSION_NUMBER; }
+
+}  // namespace relattn

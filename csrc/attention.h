@@ -1,0 +1,89 @@
+// Internal: the op implementations each dispatch key registers, and the argument checks they share.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+#include "../kernels/params.h"
+
+namespace relattn {
+namespace ops {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+// Arguments after validation: q/k/v with stride-1 last dims, tables in the accumulation dtype and
+// contiguous, bucket ids as int32. Built once per call by `prepare`; the kernels read it through
+// `fill_params`.
+struct Prepared {
+  Tensor q, k, v;
+  Tensor rel_k, rel_v, rel_bias, alibi_slopes;  // undefined when absent
+  Tensor buckets, rel_index, key_padding_mask;  // undefined when absent
+  int64_t B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0, Dv = 0, R = 0, M = 0;
+  double scale = 1.0;
+  bool causal = false;
+  int64_t q_offset = 0;
+  at::ScalarType acc_dtype = at::kFloat;  // float64 for float64 inputs, else float32
+
+  bool has_bucket_terms() const { return rel_k.defined() || rel_v.defined() || rel_bias.defined(); }
+};
+
+// Checks every argument of SPEC §1/§5 (TORCH_CHECK with the argument's name) and normalises it.
+Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
+                 const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
+                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                 const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
+                 int64_t q_offset);
+
+// Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
+void fill_params(const Prepared& a, kernels::AttentionParams& p);
+
+// The gradient of a relative table, in the table's own dtype, from the per-row bucket sums the
+// kernels leave behind: sum over (b, i) of row_sums[b,h,i,r] * rows[b,h,i,:] (per head, or over
+// heads for a shared table). Deterministic: plain batched matmuls and reductions.
+Tensor table_grad_from_row_sums(const Tensor& row_sums, const Tensor& rows, int64_t H,
+                                bool per_head, double alpha, at::ScalarType out_dtype);
+
+using ForwardResult = std::tuple<Tensor, Tensor>;
+using BackwardResult = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Backend implementations (same signature as the schema).
+ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const OptTensor& rel_k, const OptTensor& rel_v,
+                                    const OptTensor& rel_bias, const OptTensor& buckets,
+                                    const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                    const OptTensor& key_padding_mask, bool causal,
+                                    std::optional<double> scale, int64_t q_offset);
+
+BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse,
+                                      const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& out, const Tensor& lse, const OptTensor& rel_k,
+                                      const OptTensor& rel_v, const OptTensor& rel_bias,
+                                      const OptTensor& buckets, const OptTensor& rel_index,
+                                      const OptTensor& alibi_slopes,
+                                      const OptTensor& key_padding_mask, bool causal,
+                                      std::optional<double> scale, int64_t q_offset);
+
+// Typed handles of the dispatcher ops (what the public API, autograd and autocast call).
+ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                const OptTensor& rel_k, const OptTensor& rel_v,
+                                const OptTensor& rel_bias, const OptTensor& buckets,
+                                const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                const OptTensor& key_padding_mask, bool causal,
+                                std::optional<double> scale, int64_t q_offset);
+
+BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse,
+                                  const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, const OptTensor& rel_k,
+                                  const OptTensor& rel_v, const OptTensor& rel_bias,
+                                  const OptTensor& buckets, const OptTensor& rel_index,
+                                  const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
+                                  bool causal, std::optional<double> scale, int64_t q_offset);
+
+// Shape of a gradient for an absent table: an empty tensor (the schema returns Tensor, not Tensor?).
+Tensor absent_grad(const Tensor& like);
+
+}  // namespace ops
+}  // namespace relattn

@@ -1,0 +1,280 @@
+// Argument checks and normalisation shared by every backend (SPEC §1, §5).
+#include <cmath>
+#include <string>
+
+#include <ATen/ATen.h>
+
+#include "attention.h"
+
+namespace relattn {
+namespace ops {
+namespace {
+
+std::string shape_str(const Tensor& t) { return c10::str(t.sizes()); }
+
+bool is_floating(at::ScalarType t) {
+  return t == at::kDouble || t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Stride 1 in the last dimension is all the kernels need; anything else is copied.
+Tensor last_dim_contiguous(const Tensor& t) {
+  if (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) return t;
+  return t.contiguous();
+}
+
+void check_same_device(const Tensor& q, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == q.device(), "relattn.attention: ", name, " is on ", t.device(),
+              " but q is on ", q.device(), "; all tensors must be on one device");
+}
+
+// A table (rel_k, rel_v, rel_bias, alibi_slopes) may have q's dtype or float32.
+void check_table_dtype(const Tensor& q, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == q.scalar_type() || t.scalar_type() == at::kFloat, "relattn.attention: ",
+              name, " must have q's dtype (", q.scalar_type(), ") or float32, got ", t.scalar_type());
+}
+
+void check_integer(const Tensor& t, const char* name) {
+  TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), "relattn.attention: ", name,
+              " must have an integer dtype, got ", t.scalar_type());
+}
+
+// Bucket ids must lie in [0, R): checked on the data (one reduction).
+void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
+  if (ids.numel() == 0) return;
+  auto mm = at::aminmax(ids);
+  const int64_t lo = std::get<0>(mm).item<int64_t>();
+  const int64_t hi = std::get<1>(mm).item<int64_t>();
+  TORCH_CHECK(lo >= 0 && hi < R, "relattn.attention: ", name, " holds bucket ids in [", lo, ", ", hi,
+              "], but every id must lie in [0, R) with R = ", R,
+              " (the bucket dimension of rel_k/rel_v/rel_bias)");
+}
+
+}  // namespace
+
+Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const OptTensor& rel_k,
+                 const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
+                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                 const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
+                 int64_t q_offset) {
+  Prepared a;
+  TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(),
+              "relattn.attention: q, k and v must be tensors");
+  TORCH_CHECK(q_in.dim() == 4, "relattn.attention: q must be 4-D [B, H, Lq, D], got shape ",
+              shape_str(q_in));
+  TORCH_CHECK(k_in.dim() == 4, "relattn.attention: k must be 4-D [B, Hk, Lk, D], got shape ",
+              shape_str(k_in));
+  TORCH_CHECK(v_in.dim() == 4, "relattn.attention: v must be 4-D [B, Hk, Lk, Dv], got shape ",
+              shape_str(v_in));
+  TORCH_CHECK(is_floating(q_in.scalar_type()),
+              "relattn.attention: q must be float64, float32, float16 or bfloat16, got ",
+              q_in.scalar_type());
+  TORCH_CHECK(k_in.scalar_type() == q_in.scalar_type() && v_in.scalar_type() == q_in.scalar_type(),
+              "relattn.attention: q, k and v must share one dtype, got q ", q_in.scalar_type(), ", k ",
+              k_in.scalar_type(), ", v ", v_in.scalar_type());
+  check_same_device(q_in, k_in, "k");
+  check_same_device(q_in, v_in, "v");
+
+  a.B = q_in.size(0);
+  a.H = q_in.size(1);
+  a.Lq = q_in.size(2);
+  a.D = q_in.size(3);
+  a.Hk = k_in.size(1);
+  a.Lk = k_in.size(2);
+  a.Dv = v_in.size(3);
+  TORCH_CHECK(k_in.size(0) == a.B && v_in.size(0) == a.B, "relattn.attention: batch sizes differ: q ",
+              shape_str(q_in), ", k ", shape_str(k_in), ", v ", shape_str(v_in));
+  TORCH_CHECK(k_in.size(3) == a.D, "relattn.attention: k's head dim must equal q's (D = ", a.D,
+              "), got k of shape ", shape_str(k_in));
+  TORCH_CHECK(v_in.size(1) == a.Hk && v_in.size(2) == a.Lk,
+              "relattn.attention: v must be [B, Hk, Lk, Dv] with k's Hk and Lk, got k ", shape_str(k_in),
+              " and v ", shape_str(v_in));
+  TORCH_CHECK((a.Hk == 0 && a.H == 0) || (a.Hk > 0 && a.H % a.Hk == 0),
+              "relattn.attention: the number of query heads H = ", a.H,
+              " must be a multiple of the number of kv heads Hk = ", a.Hk);
+
+  a.acc_dtype = q_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  a.q = last_dim_contiguous(q_in);
+  a.k = last_dim_contiguous(k_in);
+  a.v = last_dim_contiguous(v_in);
+  a.causal = causal;
+  a.q_offset = q_offset;
+  if (scale.has_value()) {
+    TORCH_CHECK(std::isfinite(*scale), "relattn.attention: scale must be finite, got ", *scale);
+    a.scale = *scale;
+  } else {
+    a.scale = a.D > 0 ? 1.0 / std::sqrt(static_cast<double>(a.D)) : 1.0;
+  }
+
+  // Relative tables: shapes, the shared bucket count R, dtypes, devices.
+  auto table = [&](const OptTensor& t, const char* name, int64_t last, const char* last_name) {
+    if (!t.has_value() || !t->defined()) return Tensor();
+    const Tensor& x = *t;
+    check_same_device(q_in, x, name);
+    check_table_dtype(q_in, x, name);
+    TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "relattn.attention: ", name, " must be [R, ", last_name,
+                "] or [H, R, ", last_name, "], got shape ", shape_str(x));
+    TORCH_CHECK(x.size(-1) == last, "relattn.attention: ", name, "'s last dim must equal ", last_name,
+                " = ", last, ", got shape ", shape_str(x));
+    TORCH_CHECK(x.dim() == 2 || x.size(0) == a.H, "relattn.attention: a per-head ", name,
+                " must have H = ", a.H, " heads, got shape ", shape_str(x));
+    return x;
+  };
+  Tensor rk = table(rel_k, "rel_k", a.D, "D");
+  Tensor rv = table(rel_v, "rel_v", a.Dv, "Dv");
+  Tensor rb;
+  if (rel_bias.has_value() && rel_bias->defined()) {
+    rb = *rel_bias;
+    check_same_device(q_in, rb, "rel_bias");
+    check_table_dtype(q_in, rb, "rel_bias");
+    TORCH_CHECK(rb.dim() == 2 && rb.size(0) == a.H, "relattn.attention: rel_bias must be [H, R] with H = ",
+                a.H, ", got shape ", shape_str(rb));
+  }
+  int64_t R = -1;
+  const char* r_from = nullptr;
+  auto agree = [&](const Tensor& t, const char* name) {
+    if (!t.defined()) return;
+    const int64_t r = t.size(-2);  // rel_k / rel_v: [H?, R, X]
+    if (R < 0) {
+      R = r;
+      r_from = name;
+    } else {
+      TORCH_CHECK(r == R, "relattn.attention: the bucket dimension R differs: ", r_from, " has R = ", R,
+                  ", ", name, " has R = ", r);
+    }
+  };
+  agree(rk, "rel_k");
+  agree(rv, "rel_v");
+  if (rb.defined()) {
+    // rel_bias is [H, R]: its bucket dimension is the last one.
+    if (R < 0) {
+      R = rb.size(1);
+      r_from = "rel_bias";
+    } else {
+      TORCH_CHECK(rb.size(1) == R, "relattn.attention: the bucket dimension R differs: ", r_from,
+                  " has R = ", R, ", rel_bias has R = ", rb.size(1));
+    }
+  }
+  const bool any_table = R >= 0;
+  a.R = any_table ? R : 0;
+  const auto acc_opts = q_in.options().dtype(a.acc_dtype);
+  if (rk.defined()) a.rel_k = rk.to(acc_opts).contiguous();
+  if (rv.defined()) a.rel_v = rv.to(acc_opts).contiguous();
+  if (rb.defined()) a.rel_bias = rb.to(acc_opts).contiguous();
+
+  // Buckets: a distance table or explicit per-pair ids, never both.
+  const bool has_buckets = buckets.has_value() && buckets->defined();
+  const bool has_index = rel_index.has_value() && rel_index->defined();
+  TORCH_CHECK(!(has_buckets && has_index),
+              "relattn.attention: buckets and rel_index exclude each other; give one of them");
+  TORCH_CHECK(!any_table || has_buckets || has_index,
+              "relattn.attention: rel_k, rel_v and rel_bias need buckets or rel_index to say which "
+              "bucket each (query, key) pair falls in");
+  if (has_buckets) {
+    const Tensor& bt = *buckets;
+    check_same_device(q_in, bt, "buckets");
+    check_integer(bt, "buckets");
+    TORCH_CHECK(bt.dim() == 1 && bt.size(0) % 2 == 1,
+                "relattn.attention: buckets must be 1-D of odd length 2M+1 (one id per distance in [-M, M]), "
+                "got shape ",
+                shape_str(bt));
+    if (any_table) {
+      check_bucket_range(bt, a.R, "buckets");
+      a.buckets = bt.to(at::kInt).contiguous();
+      a.M = (bt.size(0) - 1) / 2;
+    }
+  }
+  if (has_index) {
+    const Tensor& ri = *rel_index;
+    check_same_device(q_in, ri, "rel_index");
+    check_integer(ri, "rel_index");
+    TORCH_CHECK((ri.dim() == 2 && ri.size(0) == a.Lq && ri.size(1) == a.Lk) ||
+                    (ri.dim() == 3 && ri.size(0) == a.B && ri.size(1) == a.Lq && ri.size(2) == a.Lk),
+                "relattn.attention: rel_index must be [Lq, Lk] = [", a.Lq, ", ", a.Lk, "] or [B, Lq, Lk] = [",
+                a.B, ", ", a.Lq, ", ", a.Lk, "], got shape ", shape_str(ri));
+    if (any_table) {
+      check_bucket_range(ri, a.R, "rel_index");
+      a.rel_index = last_dim_contiguous(ri.scalar_type() == at::kInt ? ri : ri.to(at::kInt));
+      if (a.rel_index.dim() == 2) a.rel_index = a.rel_index.unsqueeze(0).expand({a.B, a.Lq, a.Lk});
+    }
+  }
+
+  if (alibi_slopes.has_value() && alibi_slopes->defined()) {
+    const Tensor& s = *alibi_slopes;
+    check_same_device(q_in, s, "alibi_slopes");
+    check_table_dtype(q_in, s, "alibi_slopes");
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == a.H, "relattn.attention: alibi_slopes must be [H] with H = ",
+                a.H, ", got shape ", shape_str(s));
+    a.alibi_slopes = s.detach().to(acc_opts).contiguous();
+  }
+
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const Tensor& m = *key_padding_mask;
+    check_same_device(q_in, m, "key_padding_mask");
+    TORCH_CHECK(m.scalar_type() == at::kBool, "relattn.attention: key_padding_mask must be bool, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.dim() == 2 && m.size(0) == a.B && m.size(1) == a.Lk,
+                "relattn.attention: key_padding_mask must be [B, Lk] = [", a.B, ", ", a.Lk, "], got shape ",
+                shape_str(m));
+    a.key_padding_mask = last_dim_contiguous(m);
+  }
+  return a;
+}
+
+void fill_params(const Prepared& a, kernels::AttentionParams& p) {
+  p.B = a.B;
+  p.H = a.H;
+  p.Hk = a.Hk;
+  p.Lq = a.Lq;
+  p.Lk = a.Lk;
+  p.D = a.D;
+  p.Dv = a.Dv;
+  p.R = a.R;
+  p.q = a.q.data_ptr();
+  p.k = a.k.data_ptr();
+  p.v = a.v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    p.q_stride[d] = a.q.stride(d);
+    p.k_stride[d] = a.k.stride(d);
+    p.v_stride[d] = a.v.stride(d);
+  }
+  if (a.rel_k.defined()) {
+    p.rel_k = a.rel_k.data_ptr();
+    p.rel_k_head_stride = a.rel_k.dim() == 3 ? a.rel_k.stride(0) : 0;
+  }
+  if (a.rel_v.defined()) {
+    p.rel_v = a.rel_v.data_ptr();
+    p.rel_v_head_stride = a.rel_v.dim() == 3 ? a.rel_v.stride(0) : 0;
+  }
+  if (a.rel_bias.defined()) p.rel_bias = a.rel_bias.data_ptr();
+  if (a.buckets.defined()) {
+    p.buckets = a.buckets.data_ptr<int32_t>();
+    p.max_distance = a.M;
+  }
+  if (a.rel_index.defined()) {
+    p.rel_index = a.rel_index.data_ptr<int32_t>();
+    for (int d = 0; d < 3; ++d) p.rel_index_stride[d] = a.rel_index.stride(d);
+  }
+  if (a.alibi_slopes.defined()) p.alibi_slopes = a.alibi_slopes.data_ptr();
+  if (a.key_padding_mask.defined()) {
+    p.key_padding_mask = reinterpret_cast<const uint8_t*>(a.key_padding_mask.data_ptr<bool>());
+    p.key_padding_mask_stride[0] = a.key_padding_mask.stride(0);
+    p.key_padding_mask_stride[1] = a.key_padding_mask.stride(1);
+  }
+  p.causal = a.causal;
+  p.scale = a.scale;
+  p.q_offset = a.q_offset;
+}
+
+Tensor table_grad_from_row_sums(const Tensor& row_sums, const Tensor& rows, int64_t H, bool per_head,
+                                double alpha, at::ScalarType out_dtype) {
+  // row_sums [B, H, Lq, R], rows [B, H, Lq, X] (both acc dtype) -> [H, R, X] or [R, X].
+  Tensor g = at::matmul(row_sums.transpose(-1, -2), rows).sum(0);  // [H, R, X]
+  if (alpha != 1.0) g.mul_(alpha);
+  if (!per_head) g = g.sum(0);
+  return g.to(out_dtype);
+}
+
+Tensor absent_grad(const Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace ops
+}  // namespace relattn

@@ -1,0 +1,614 @@
+// Fused CPU kernels of relattn: forward and backward, tiled exactly as the CUDA kernels are.
+//
+// Forward, per (b, h, block of Bq query rows), streaming key blocks of Bk (SPEC §1-2, kernels/params.h):
+//   tab[i,r] = scale*q_i·aK[r] + bias[h,r]                      one [Bq,R] GEMM per query block
+//   S        = scale*Q Kᵀ + tab[i,β(i,j)] - m_h|d| (+ -inf masks)
+//   online softmax:  m_i, l_i, acc_i = Σ p̃_ij v_j,  bsum[i,r] = Σ_{j:β=r} p̃_ij  (all rescaled by
+//                    exp(m_old - m_new) like the output accumulator)
+//   out_i    = (acc_i + bsum_i · aV) / l_i,  lse_i = m_i + log l_i
+// A row whose tile distances all lie beyond ±M sees one bucket, so its gathers are one value and its
+// bucket sums are row sums (the single-bucket fast path).
+//
+// Backward, two passes so that nothing is written by two tasks (deterministic, no atomics):
+//   pass A per (b, h, query block): Δ_i = do_i·out_i - glse_i, row tables tab and doa[i,r] = do_i·aV[r],
+//     P = exp(S - lse), dP = dO Vᵀ + doa[i,β], dS = P∘(dP - Δ);  dq = scale*(dS K + dsb·aK) with the
+//     bucket sums dsb[i,r] = Σ_{β=r} dS_ij and psum[i,r] = Σ_{β=r} P_ij left behind for the tables.
+//   pass B per (b, kv head, key block), over the heads of its group and all query blocks:
+//     dv = Σ Pᵀ dO,  dk = scale * Σ dSᵀ Q.
+//   The table gradients are then plain GEMMs of those row sums (table_grad_from_row_sums).
+// Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../attention.h"
+#include "blas.h"
+
+namespace relattn {
+namespace cpu {
+namespace {
+
+using kernels::AttentionBwdParams;
+using kernels::AttentionParams;
+using ops::OptTensor;
+using ops::Tensor;
+
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 128;
+
+// exp that the compiler vectorises (Cephes' expf polynomial, ~1 ulp); exactly 0 far below, so -inf
+// (masked scores) gives 0.
+inline float fast_exp(float x) {
+  const float xc = std::min(std::max(x, -87.0f), 88.3762626647949f);
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  int32_t n = static_cast<int32_t>(t);
+  n -= (t < static_cast<float>(n)) ? 1 : 0;  // floor
+  const float fx = static_cast<float>(n);
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  int32_t bits = (n + 127) << 23;
+  float pow2;
+  std::memcpy(&pow2, &bits, sizeof(pow2));
+  return x < -87.0f ? 0.0f : y * pow2;
+}
+inline double fast_exp(double x) { return std::exp(x); }
+
+template <typename acc_t>
+constexpr acc_t neg_inf() {
+  return -std::numeric_limits<acc_t>::infinity();
+}
+
+inline int64_t ld1(int64_t x) { return x > 0 ? x : 1; }  // BLAS leading dims must be >= 1
+
+// Query blocks are handed out zig-zag (0, n-1, 1, n-2, ...) so that with causal masking the static
+// chunks of parallel_for get similar work.
+inline int64_t zigzag(int64_t slot, int64_t n) { return (slot % 2 == 0) ? slot / 2 : n - 1 - slot / 2; }
+
+// rows×cols block of a [.., L, X] tensor (row stride `stride`, unit last stride) into acc_t [rows, ld].
+template <typename scalar_t, typename acc_t>
+inline void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t cols, acc_t* dst, int64_t ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const scalar_t* s = src + i * stride;
+    acc_t* d = dst + i * ld;
+    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<acc_t>(s[j]);
+  }
+}
+
+// Per-thread tiles.
+template <typename acc_t>
+struct Tiles {
+  int64_t D1, Dv1, R1;
+  std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, dsb, psum, dk, dv;
+  std::vector<int32_t> ids, row_bucket;
+  Tiles(const AttentionParams& p, bool backward) : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
+    q.resize(kBlockQ * D1);
+    k.resize(kBlockK * D1);
+    v.resize(kBlockK * Dv1);
+    s.resize(kBlockQ * kBlockK);
+    tab.resize(kBlockQ * R1);
+    bsum.resize(kBlockQ * R1);
+    ids.resize(kBlockQ * kBlockK);
+    row_bucket.resize(kBlockQ);
+    if (!backward) {
+      acc.resize(kBlockQ * Dv1);
+      m.resize(kBlockQ);
+      l.resize(kBlockQ);
+    } else {
+      dp.resize(kBlockQ * kBlockK);
+      dout.resize(kBlockQ * Dv1);
+      doa.resize(kBlockQ * R1);
+      dq.resize(kBlockQ * D1);
+      dsb.resize(kBlockQ * R1);
+      psum.resize(kBlockQ * R1);
+      dk.resize(kBlockK * D1);
+      dv.resize(kBlockK * Dv1);
+    }
+  }
+};
+
+// Bucket id of every pair of the tile, or per row the single bucket the whole row falls in (-1: mixed).
+inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+                       int32_t* ids, int32_t* row_bucket) {
+  for (int64_t i = 0; i < rows; ++i) {
+    int32_t* id = ids + i * kBlockK;
+    if (p.rel_index != nullptr) {
+      const int32_t* src = p.rel_index + b * p.rel_index_stride[0] + (i0 + i) * p.rel_index_stride[1] + j0;
+      for (int64_t j = 0; j < cols; ++j) id[j] = src[j];
+      row_bucket[i] = -1;
+      continue;
+    }
+    const int64_t M = p.max_distance;
+    const int64_t pos = i0 + i + p.q_offset;
+    const int64_t lo = j0 - pos, hi = j0 + cols - 1 - pos;
+    if (hi <= -M) {
+      row_bucket[i] = p.buckets[0];
+    } else if (lo >= M) {
+      row_bucket[i] = p.buckets[2 * M];
+    } else {
+      row_bucket[i] = -1;
+      for (int64_t j = 0; j < cols; ++j) {
+        const int64_t d = std::min(std::max(lo + j, -M), M);
+        id[j] = p.buckets[d + M];
+      }
+    }
+  }
+}
+
+// S[i, j] += row_table[i, β(i,j)] for a [rows, R] table with leading dim R1.
+template <typename acc_t>
+inline void add_row_table(int64_t rows, int64_t cols, acc_t* S, const acc_t* table, int64_t ldt,
+                          const int32_t* ids, const int32_t* row_bucket) {
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* s = S + i * kBlockK;
+    const acc_t* t = table + i * ldt;
+    if (row_bucket[i] >= 0) {
+      const acc_t c = t[row_bucket[i]];
+      for (int64_t j = 0; j < cols; ++j) s[j] += c;
+    } else {
+      const int32_t* id = ids + i * kBlockK;
+      for (int64_t j = 0; j < cols; ++j) s[j] += t[id[j]];
+    }
+  }
+}
+
+// sums[i, β(i,j)] += X[i, j]
+template <typename acc_t>
+inline void add_bucket_sums(int64_t rows, int64_t cols, const acc_t* X, acc_t* sums, int64_t lds,
+                            const int32_t* ids, const int32_t* row_bucket) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* x = X + i * kBlockK;
+    acc_t* out = sums + i * lds;
+    if (row_bucket[i] >= 0) {
+      acc_t t = 0;
+      for (int64_t j = 0; j < cols; ++j) t += x[j];
+      out[row_bucket[i]] += t;
+    } else {
+      const int32_t* id = ids + i * kBlockK;
+      for (int64_t j = 0; j < cols; ++j) out[id[j]] += x[j];
+    }
+  }
+}
+
+// ALiBi and the masks on a score tile.
+template <typename acc_t>
+inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                                int64_t j0, int64_t cols, acc_t* S) {
+  const acc_t slope = p.alibi_slopes ? static_cast<const acc_t*>(p.alibi_slopes)[h] : acc_t(0);
+  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] +
+                                                j0 * p.key_padding_mask_stride[1]
+                                          : nullptr;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* s = S + i * kBlockK;
+    const int64_t pos = i0 + i + p.q_offset;
+    if (p.alibi_slopes) {
+      const int64_t d0 = j0 - pos;
+      for (int64_t j = 0; j < cols; ++j) s[j] -= slope * static_cast<acc_t>(std::abs(d0 + j));
+    }
+    if (kpm) {
+      for (int64_t j = 0; j < cols; ++j)
+        if (kpm[j * p.key_padding_mask_stride[1]]) s[j] = neg_inf<acc_t>();
+    }
+    if (p.causal) {
+      for (int64_t j = std::max<int64_t>(0, pos - j0 + 1); j < cols; ++j) s[j] = neg_inf<acc_t>();
+    }
+  }
+}
+
+// Keys [0, end) a query block can see: with causal masking, none after its last query's position.
+inline int64_t key_end(const AttentionParams& p, int64_t i0, int64_t rows) {
+  if (!p.causal) return p.Lk;
+  const int64_t last_pos = i0 + rows - 1 + p.q_offset;
+  return std::min(p.Lk, std::max<int64_t>(0, last_pos + 1));
+}
+
+// tab[i, r] = scale * q_i·aK[r] + bias[h, r]  ([rows, R1])
+template <typename acc_t>
+void row_key_table(const AttentionParams& p, int64_t h, int64_t rows, const acc_t* q, int64_t ldq, acc_t* tab,
+                   int64_t ldt) {
+  const int64_t R = p.R;
+  if (p.rel_k) {
+    const acc_t* rk = static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride;
+    mm_nt<acc_t>(rows, R, p.D, static_cast<acc_t>(p.scale), q, ldq, rk, ld1(p.D), acc_t(0), tab, ldt);
+  } else {
+    for (int64_t i = 0; i < rows; ++i) std::fill(tab + i * ldt, tab + i * ldt + R, acc_t(0));
+  }
+  if (p.rel_bias) {
+    const acc_t* bias = static_cast<const acc_t*>(p.rel_bias) + h * R;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t r = 0; r < R; ++r) tab[i * ldt + r] += bias[r];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward
+// ------------------------------------------------------------------------------------------------
+
+template <typename scalar_t, typename acc_t>
+void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, Tiles<acc_t>& t) {
+  const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+  const int64_t g = h / (p.H / p.Hk);
+  const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
+  const bool has_tab = p.rel_k || p.rel_bias;
+  const bool buckets = p.has_bucket_terms();
+  const acc_t scale = static_cast<acc_t>(p.scale);
+
+  const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+  if (has_tab) row_key_table(p, h, rows, t.q.data(), D1, t.tab.data(), R1);
+  std::fill(t.m.begin(), t.m.end(), neg_inf<acc_t>());
+  std::fill(t.l.begin(), t.l.end(), acc_t(0));
+  std::fill(t.acc.begin(), t.acc.end(), acc_t(0));
+  if (p.rel_v) std::fill(t.bsum.begin(), t.bsum.end(), acc_t(0));
+
+  const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
+  const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
+  const int64_t j_end = key_end(p, i0, rows);
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, j_end - j0);
+    load_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+    load_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    acc_t* S = t.s.data();
+    mm_nt<acc_t>(rows, cols, p.D, scale, t.q.data(), D1, t.k.data(), D1, acc_t(0), S, kBlockK);
+    if (buckets) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
+    if (has_tab) add_row_table(rows, cols, S, t.tab.data(), R1, t.ids.data(), t.row_bucket.data());
+    add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
+
+    // Online softmax: S becomes p̃ = exp(S - m_new); the accumulators are rescaled to the new max.
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* s = S + i * kBlockK;
+      acc_t mx = neg_inf<acc_t>();
+      for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, s[j]);
+      const acc_t m_new = std::max(t.m[i], mx);
+      if (m_new == neg_inf<acc_t>()) {  // everything masked so far
+        std::fill(s, s + cols, acc_t(0));
+        continue;
+      }
+      const acc_t corr = fast_exp(t.m[i] - m_new);
+      acc_t sum = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        const acc_t e = fast_exp(s[j] - m_new);
+        s[j] = e;
+        sum += e;
+      }
+      t.l[i] = t.l[i] * corr + sum;
+      t.m[i] = m_new;
+      if (corr != acc_t(1)) {
+        acc_t* a = t.acc.data() + i * Dv1;
+        for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
+        if (p.rel_v) {
+          acc_t* bs = t.bsum.data() + i * R1;
+          for (int64_t r = 0; r < R; ++r) bs[r] *= corr;
+        }
+      }
+    }
+    if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_bucket.data());
+    mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, t.v.data(), Dv1, acc_t(1), t.acc.data(), Dv1);
+  }
+  if (p.rel_v) {
+    const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
+    mm_nn<acc_t>(rows, p.Dv, R, acc_t(1), t.bsum.data(), R1, rv, Dv1, acc_t(1), t.acc.data(), Dv1);
+  }
+
+  auto* out = static_cast<scalar_t*>(p.out) + ((b * p.H + h) * p.Lq + i0) * p.Dv;
+  auto* lse = static_cast<acc_t*>(p.lse) + (b * p.H + h) * p.Lq + i0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t l = t.l[i];
+    const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+    const acc_t* a = t.acc.data() + i * Dv1;
+    for (int64_t d = 0; d < p.Dv; ++d) out[i * p.Dv + d] = static_cast<scalar_t>(a[d] * inv);
+    lse[i] = l > acc_t(0) ? t.m[i] + std::log(l) : neg_inf<acc_t>();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void forward(const AttentionParams& p) {
+  const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
+  const int64_t BH = p.B * p.H;
+  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    Tiles<acc_t> t(p, /*backward=*/false);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
+      forward_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, qb * kBlockQ, t);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward
+// ------------------------------------------------------------------------------------------------
+
+// P and dS of one tile: on return t.s holds P = exp(S - lse) and t.dp holds dS = P∘(dP - Δ).
+// q/dout tiles are [rows, D1]/[rows, Dv1]; tab/doa/lse/delta point at this block's rows.
+template <typename acc_t>
+void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                       int64_t cols, const acc_t* q, const acc_t* dout, const acc_t* k, const acc_t* v,
+                       const acc_t* tab, int64_t ldt, const acc_t* doa, int64_t ldd, const acc_t* lse,
+                       const acc_t* delta, Tiles<acc_t>& t) {
+  acc_t* S = t.s.data();
+  acc_t* dP = t.dp.data();
+  mm_nt<acc_t>(rows, cols, p.D, static_cast<acc_t>(p.scale), q, t.D1, k, t.D1, acc_t(0), S, kBlockK);
+  if (p.has_bucket_terms()) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
+  if (tab) add_row_table(rows, cols, S, tab, ldt, t.ids.data(), t.row_bucket.data());
+  add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
+  mm_nt<acc_t>(rows, cols, p.Dv, acc_t(1), dout, t.Dv1, v, t.Dv1, acc_t(0), dP, kBlockK);
+  if (doa) add_row_table(rows, cols, dP, doa, ldd, t.ids.data(), t.row_bucket.data());
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t* s = S + i * kBlockK;
+    acc_t* dp = dP + i * kBlockK;
+    const acc_t L = lse[i], dl = delta[i];
+    if (L == neg_inf<acc_t>()) {  // fully masked row: p = 0, ds = 0
+      std::fill(s, s + cols, acc_t(0));
+      std::fill(dp, dp + cols, acc_t(0));
+      continue;
+    }
+    for (int64_t j = 0; j < cols; ++j) {
+      const acc_t pr = fast_exp(s[j] - L);
+      s[j] = pr;
+      dp[j] = pr * (dp[j] - dl);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, Tiles<acc_t>& t) {
+  const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+  const int64_t g = h / (p.H / p.Hk);
+  const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
+  const int64_t row0 = (b * p.H + h) * p.Lq + i0;  // index of this block's first row in [B,H,Lq]
+
+  const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
+                    h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
+  const auto* op = static_cast<const scalar_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
+                   i0 * p.out_stride[2];
+  load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+  load_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+
+  // Δ_i = do_i·out_i - grad_lse_i
+  acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
+  const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
+  for (int64_t i = 0; i < rows; ++i) {
+    acc_t s = 0;
+    const acc_t* d = t.dout.data() + i * Dv1;
+    for (int64_t c = 0; c < p.Dv; ++c) s += d[c] * static_cast<acc_t>(op[i * p.out_stride[2] + c]);
+    delta[i] = glse ? s - glse[i] : s;
+  }
+  // Row tables, kept for pass B.
+  acc_t* tab = (p.rel_k || p.rel_bias) ? static_cast<acc_t*>(p.row_tab) + row0 * R : nullptr;
+  acc_t* doa = p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * R : nullptr;
+  if (tab) row_key_table(p, h, rows, t.q.data(), D1, tab, R);
+  if (doa) {
+    const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
+    mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), t.dout.data(), Dv1, rv, Dv1, acc_t(0), doa, R);
+  }
+  const acc_t* lse = static_cast<const acc_t*>(p.lse) + row0;
+
+  std::fill(t.dq.begin(), t.dq.end(), acc_t(0));
+  std::fill(t.dsb.begin(), t.dsb.end(), acc_t(0));
+  std::fill(t.psum.begin(), t.psum.end(), acc_t(0));
+  const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
+  const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
+  const int64_t j_end = key_end(p, i0, rows);
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, j_end - j0);
+    load_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+    load_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    probs_and_dscores(p, b, h, i0, rows, j0, cols, t.q.data(), t.dout.data(), t.k.data(), t.v.data(), tab, R,
+                      doa, R, lse, delta, t);
+    if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_bucket.data());
+    if (doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_bucket.data());
+    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, t.k.data(), D1, acc_t(1), t.dq.data(), D1);
+  }
+  // dq = scale * (dS K + dsb · aK)
+  if (p.rel_k) {
+    const acc_t* rk = static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride;
+    mm_nn<acc_t>(rows, p.D, R, acc_t(1), t.dsb.data(), R1, rk, D1, acc_t(1), t.dq.data(), D1);
+  }
+  auto* dq = static_cast<scalar_t*>(p.dq) + row0 * p.D;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t c = 0; c < p.D; ++c) dq[i * p.D + c] = static_cast<scalar_t>(scale * t.dq[i * D1 + c]);
+  if (tab) {
+    acc_t* dst = static_cast<acc_t*>(p.ds_sum) + row0 * R;
+    for (int64_t i = 0; i < rows; ++i) std::copy(t.dsb.data() + i * R1, t.dsb.data() + i * R1 + R, dst + i * R);
+  }
+  if (doa) {
+    acc_t* dst = static_cast<acc_t*>(p.p_sum) + row0 * R;
+    for (int64_t i = 0; i < rows; ++i) std::copy(t.psum.data() + i * R1, t.psum.data() + i * R1 + R, dst + i * R);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t j0, Tiles<acc_t>& t) {
+  const int64_t cols = std::min(kBlockK, p.Lk - j0);
+  const int64_t D1 = t.D1, Dv1 = t.Dv1, R = p.R;
+  const int64_t group = p.H / p.Hk;
+  const auto* kp = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1] + j0 * p.k_stride[2];
+  const auto* vp = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1] + j0 * p.v_stride[2];
+  load_rows(kp, p.k_stride[2], cols, p.D, t.k.data(), D1);
+  load_rows(vp, p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+  std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
+  std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
+  const bool has_tab = p.rel_k || p.rel_bias;
+
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+      if (p.causal && i0 + rows - 1 + p.q_offset < j0) continue;  // every key of the block is in the future
+      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+      const auto* qp =
+          static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+      const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
+                        h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
+      load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+      load_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+      const acc_t* tab = has_tab ? static_cast<const acc_t*>(p.row_tab) + row0 * R : nullptr;
+      const acc_t* doa = p.rel_v ? static_cast<const acc_t*>(p.row_doa) + row0 * R : nullptr;
+      probs_and_dscores(p, b, h, i0, rows, j0, cols, t.q.data(), t.dout.data(), t.k.data(), t.v.data(), tab, R,
+                        doa, R, static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0,
+                        t);
+      mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, t.dout.data(), Dv1, acc_t(1), t.dv.data(), Dv1);
+      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, t.q.data(), D1, acc_t(1), t.dk.data(), D1);
+    }
+  }
+  const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
+  auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
+  auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t j = 0; j < cols; ++j) {
+    for (int64_t c = 0; c < p.D; ++c) dk[j * p.D + c] = static_cast<scalar_t>(scale * t.dk[j * D1 + c]);
+    for (int64_t c = 0; c < p.Dv; ++c) dv[j * p.Dv + c] = static_cast<scalar_t>(t.dv[j * Dv1 + c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const AttentionBwdParams& p) {
+  const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
+  const int64_t BH = p.B * p.H;
+  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    Tiles<acc_t> t(p, /*backward=*/true);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
+      backward_query_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, qb * kBlockQ, t);
+    }
+  });
+  const int64_t nkb = (p.Lk + kBlockK - 1) / kBlockK;
+  const int64_t BG = p.B * p.Hk;
+  at::parallel_for(0, BG * nkb, 1, [&](int64_t begin, int64_t end) {
+    Tiles<acc_t> t(p, /*backward=*/true);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bg = task % BG, kb = zigzag(task / BG, nkb);
+      backward_key_block<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, kb * kBlockK, t);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+namespace ops {
+
+ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
+                                    const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
+                                    const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                    const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
+                                    int64_t q_offset) {
+  Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
+                       causal, scale, q_offset);
+  Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
+  Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
+  if (a.B * a.H * a.Lq == 0) return {out, lse};
+  kernels::AttentionParams p;
+  fill_params(a, p);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_forward_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    cpu::forward<scalar_t, acc_t>(p);
+  });
+  return {out, lse};
+}
+
+BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
+                                      const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                                      const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
+                                      const OptTensor& buckets, const OptTensor& rel_index,
+                                      const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
+                                      bool causal, std::optional<double> scale, int64_t q_offset) {
+  Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
+                       causal, scale, q_offset);
+  const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.Dv};
+  const std::vector<int64_t> lse_shape{a.B, a.H, a.Lq};
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == q.scalar_type(),
+              "relattn.attention_backward: grad_out must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape),
+              ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.scalar_type() == q.scalar_type(),
+              "relattn.attention_backward: out must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape),
+              ", got ", out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: lse must have shape ",
+              at::IntArrayRef(lse_shape), ", got ", lse.sizes());
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
+  if (has_glse) {
+    TORCH_CHECK(grad_lse->sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: grad_lse must have shape ",
+                at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
+  }
+  const auto acc_opts = q.options().dtype(a.acc_dtype);
+  Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
+  Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());
+  Tensor dv = at::zeros({a.B, a.Hk, a.Lk, a.Dv}, q.options());
+  const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
+  const int64_t rows = a.B * a.H * a.Lq;
+  Tensor delta = at::empty({a.B, a.H, a.Lq}, acc_opts);
+  Tensor row_tab = has_tab ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor ds_sum = has_tab ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor row_doa = a.rel_v.defined() ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor p_sum = a.rel_v.defined() ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+
+  if (rows > 0) {
+    Tensor go = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
+    Tensor o = out.stride(-1) == 1 || a.Dv <= 1 ? out : out.contiguous();
+    Tensor lse_acc = lse.to(acc_opts).contiguous();
+    Tensor glse_acc = has_glse ? grad_lse->to(acc_opts).contiguous() : Tensor();
+    kernels::AttentionBwdParams p;
+    fill_params(a, p);
+    p.grad_out = go.data_ptr();
+    p.out = o.data_ptr();
+    for (int d = 0; d < 3; ++d) {
+      p.grad_out_stride[d] = go.stride(d);
+      p.out_stride[d] = o.stride(d);
+    }
+    p.lse = lse_acc.data_ptr();
+    p.grad_lse = has_glse ? glse_acc.data_ptr() : nullptr;
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    p.delta = delta.data_ptr();
+    if (has_tab) {
+      p.row_tab = row_tab.data_ptr();
+      p.ds_sum = ds_sum.data_ptr();
+    }
+    if (a.rel_v.defined()) {
+      p.row_doa = row_doa.data_ptr();
+      p.p_sum = p_sum.data_ptr();
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
+      using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+      cpu::backward<scalar_t, acc_t>(p);
+    });
+  }
+
+  Tensor d_rel_k = absent_grad(q), d_rel_v = absent_grad(q), d_rel_bias = absent_grad(q);
+  if (a.rel_k.defined()) {
+    d_rel_k = table_grad_from_row_sums(ds_sum, a.q.to(acc_opts), a.H, rel_k->dim() == 3, a.scale,
+                                       rel_k->scalar_type());
+  }
+  if (a.rel_v.defined()) {
+    d_rel_v = table_grad_from_row_sums(p_sum, grad_out.to(acc_opts), a.H, rel_v->dim() == 3, 1.0,
+                                       rel_v->scalar_type());
+  }
+  if (a.rel_bias.defined()) d_rel_bias = ds_sum.sum({0, 2}).to(rel_bias->scalar_type());
+  return {dq, dk, dv, d_rel_k, d_rel_v, d_rel_bias};
+}
+
+}  // namespace ops
+
+TORCH_LIBRARY_IMPL(relattn, CPU, m) {
+  m.impl("attention_forward", &ops::attention_forward_cpu);
+  m.impl("attention_backward", &ops::attention_backward_cpu);
+}
+
+}  // namespace relattn

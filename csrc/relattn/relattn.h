@@ -1,0 +1,68 @@
+// relattn — fused attention with relative positions for LibTorch.
+//
+//   #include <relattn/relattn.h>
+//   auto out = relattn::attention(q, k, v, relattn::AttentionOptions()
+//                                              .rel_k(rel_k).rel_v(rel_v)
+//                                              .buckets(relattn::clip_buckets(64)).causal(true));
+//
+// Every function here calls the ops registered under `torch.ops.relattn` through the dispatcher, so
+// CPU and CUDA tensors, autograd, autocast and tracing work the same as from Python.
+#pragma once
+
+#include <optional>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+#include <torch/arg.h>
+
+namespace relattn {
+
+// Keyword arguments of `attention`; names and meaning follow SPEC §1.
+struct AttentionOptions {
+  // Key-side relative embeddings aK: [R, D] shared by all heads or [H, R, D] per head.
+  TORCH_ARG(std::optional<at::Tensor>, rel_k) = std::nullopt;
+  // Value-side relative embeddings aV: [R, Dv] or [H, R, Dv].
+  TORCH_ARG(std::optional<at::Tensor>, rel_v) = std::nullopt;
+  // Learned scalar bias per head and bucket (T5-style): [H, R].
+  TORCH_ARG(std::optional<at::Tensor>, rel_bias) = std::nullopt;
+  // Integer [2M+1]: bucket of each distance in [-M, M]; distances beyond use the end entries.
+  TORCH_ARG(std::optional<at::Tensor>, buckets) = std::nullopt;
+  // Integer [Lq, Lk] or [B, Lq, Lk]: explicit bucket of every (query, key) pair. Excludes buckets.
+  TORCH_ARG(std::optional<at::Tensor>, rel_index) = std::nullopt;
+  // ALiBi slopes [H] (no gradient).
+  TORCH_ARG(std::optional<at::Tensor>, alibi_slopes) = std::nullopt;
+  // Bool [B, Lk]; true marks a padding key that is ignored.
+  TORCH_ARG(std::optional<at::Tensor>, key_padding_mask) = std::nullopt;
+  // Mask keys after the query's position.
+  TORCH_ARG(bool, causal) = false;
+  // Softmax scale; default 1/sqrt(D).
+  TORCH_ARG(std::optional<double>, scale) = std::nullopt;
+  // Position of query row i is i + q_offset; of key j is j.
+  TORCH_ARG(int64_t, q_offset) = 0;
+};
+
+// out [B, H, Lq, Dv]. Differentiable in q, k, v, rel_k, rel_v, rel_bias.
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     const AttentionOptions& options = {});
+
+// (out [B, H, Lq, Dv], lse [B, H, Lq]); lse is float32 (float64 for float64 inputs) and differentiable.
+std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const AttentionOptions& options = {});
+
+// Shaw et al.'s clipping: [0, 1, ..., 2K] (int64), R = 2K + 1.
+at::Tensor clip_buckets(int64_t max_distance);
+
+// T5's relative_position_bucket(d) for d in [-max_distance, max_distance] (int64), R = num_buckets.
+at::Tensor t5_buckets(int64_t num_buckets = 32, int64_t max_distance = 128, bool bidirectional = true);
+
+// The ALiBi paper's head slopes (float32 [num_heads]).
+at::Tensor alibi_slopes(int64_t num_heads);
+
+// True when this build of relattn contains its CUDA kernels.
+bool cuda_kernels_built();
+
+// Referencing this from a program keeps the linker from dropping the static op registrations.
+int64_t library_version();
+
+}  // namespace relattn

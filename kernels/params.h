@@ -1,0 +1,95 @@
+// relattn kernel parameters: plain data, no ATen, shared by the CPU and CUDA kernels.
+//
+// The math (SPEC §1-2), with β(i,j) the bucket of pair (i,j) and d(i,j) = j - (i + q_offset):
+//
+//   s_ij  = scale * (q_i·k_j + q_i·aK[β]) + bias[h,β] - m_h*|d|      (-inf where masked)
+//   p_ij  = softmax_j(s_ij)
+//   out_i = Σ_j p_ij (v_j + aV[β])        lse_i = log Σ_j exp(s_ij)
+//
+// The relative terms never need an Lq×Lk×D tensor: per query row, `tab[i,r] = scale*q_i·aK[r] +
+// bias[h,r]` is R numbers, and the value term is `Σ_r (Σ_{j:β=r} p_ij) aV[r]`. In a tile whose
+// distances all lie beyond ±M every pair of a row falls into one bucket, so those sums are row sums.
+//
+// Every stride is in elements and 64-bit; the last dimension of every tensor has stride 1.
+#pragma once
+
+#include <cstdint>
+
+namespace relattn {
+namespace kernels {
+
+struct AttentionParams {
+  // Sizes. H % Hk == 0; head h reads kv head h / (H / Hk).
+  int64_t B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0, Dv = 0;
+  int64_t R = 0;  // bucket count of the relative tables (0 when none is given)
+
+  // q [B,H,Lq,D], k [B,Hk,Lk,D], v [B,Hk,Lk,Dv] in the input dtype; strides for (b, h, l).
+  const void* q = nullptr;
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t q_stride[3] = {0, 0, 0};
+  int64_t k_stride[3] = {0, 0, 0};
+  int64_t v_stride[3] = {0, 0, 0};
+
+  // out [B,H,Lq,Dv] (input dtype), lse [B,H,Lq] (accumulation dtype), both contiguous.
+  void* out = nullptr;
+  void* lse = nullptr;
+
+  // Relative tables in the accumulation dtype, contiguous. rel_k [H?,R,D], rel_v [H?,R,Dv],
+  // rel_bias [H,R]; a head stride of 0 means the table is shared by all heads.
+  const void* rel_k = nullptr;
+  const void* rel_v = nullptr;
+  const void* rel_bias = nullptr;
+  int64_t rel_k_head_stride = 0;
+  int64_t rel_v_head_stride = 0;
+
+  // Buckets: either the distance table buckets[2M+1] (clamp(d,-M,M)+M) or rel_index [B?,Lq,Lk].
+  const int32_t* buckets = nullptr;
+  int64_t max_distance = 0;  // M
+  const int32_t* rel_index = nullptr;
+  int64_t rel_index_stride[3] = {0, 0, 0};  // (b, i, j); b stride 0 for a 2-D rel_index
+
+  // ALiBi slopes [H] in the accumulation dtype.
+  const void* alibi_slopes = nullptr;
+
+  // key_padding_mask [B,Lk] as bytes (True = padding), strides (b, j).
+  const uint8_t* key_padding_mask = nullptr;
+  int64_t key_padding_mask_stride[2] = {0, 0};
+
+  bool causal = false;
+  double scale = 1.0;
+  int64_t q_offset = 0;
+
+  bool has_bucket_terms() const { return rel_k != nullptr || rel_v != nullptr || rel_bias != nullptr; }
+};
+
+// The backward adds the incoming gradients, the outputs and the per-row scratch it shares between
+// its two passes (all O(L·R) or O(L·D); nothing of size Lq×Lk).
+struct AttentionBwdParams : AttentionParams {
+  // grad_out [B,H,Lq,Dv] (input dtype, strides b,h,l); grad_lse [B,H,Lq] (acc dtype, contiguous) or null.
+  const void* grad_out = nullptr;
+  int64_t grad_out_stride[3] = {0, 0, 0};
+  const void* grad_lse = nullptr;
+  // out strides (b, h, l) — the forward writes `out` contiguous, the backward may get any view.
+  int64_t out_stride[3] = {0, 0, 0};
+
+  // Gradients in the input dtype, contiguous: dq [B,H,Lq,D], dk [B,Hk,Lk,D], dv [B,Hk,Lk,Dv].
+  void* dq = nullptr;
+  void* dk = nullptr;
+  void* dv = nullptr;
+
+  // Scratch in the accumulation dtype, contiguous [B,H,Lq] / [B,H,Lq,R]:
+  //   delta   Δ_i = do_i·out_i - grad_lse_i
+  //   row_tab tab[i,r] = scale*q_i·aK[r] + bias[h,r]       (if rel_k or rel_bias)
+  //   row_doa do_i·aV[r]                                  (if rel_v)
+  //   ds_sum  Σ_{j:β=r} ds_ij                             (if rel_k or rel_bias)  -> d aK, d bias
+  //   p_sum   Σ_{j:β=r} p_ij                              (if rel_v)              -> d aV
+  void* delta = nullptr;
+  void* row_tab = nullptr;
+  void* row_doa = nullptr;
+  void* ds_sum = nullptr;
+  void* p_sum = nullptr;
+};
+
+}  // namespace kernels
+}  // namespace relattn

@@ -1,0 +1,27 @@
+"""Fake (meta) implementations of every relattn op, for torch.compile and torch.export."""
+import torch
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("relattn::attention_forward")
+def _attention_forward_fake(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
+                            key_padding_mask, causal, scale, q_offset):
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: "relattn.attention: q, k, v must be 4-D")
+    B, H, Lq, _ = q.shape
+    out = q.new_empty((B, H, Lq, v.shape[-1]))
+    lse = q.new_empty((B, H, Lq), dtype=_acc_dtype(q.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("relattn::attention_backward")
+def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets,
+                             rel_index, alibi_slopes, key_padding_mask, causal, scale, q_offset):
+    def table_grad(t):
+        return q.new_empty((0,)) if t is None else t.new_empty(t.shape)
+
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table_grad(rel_k),
+            table_grad(rel_v), table_grad(rel_bias))

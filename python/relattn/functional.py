@@ -1,0 +1,93 @@
+"""relattn's functional API: :func:`attention` and the helpers that build its inputs."""
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _library  # noqa: F401  (registers torch.ops.relattn)
+from . import _meta_registrations  # noqa: F401
+
+__all__ = ["attention", "clip_buckets", "t5_buckets", "alibi_slopes", "cuda_kernels_built"]
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    rel_k: Optional[Tensor] = None,
+    rel_v: Optional[Tensor] = None,
+    rel_bias: Optional[Tensor] = None,
+    buckets: Optional[Tensor] = None,
+    rel_index: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    q_offset: int = 0,
+    return_lse: bool = False,
+) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    r"""Fused attention with relative positions.
+
+    For batch ``b``, head ``h`` (kv head ``h // (H // Hk)``), query ``i`` and key ``j``, with distance
+    ``d = j - (i + q_offset)`` and bucket ``β = rel_index[b, i, j]`` or ``buckets[clamp(d, -M, M) + M]``::
+
+        s_ij  = scale * (q_i·k_j + q_i·rel_k[β]) + rel_bias[h, β] - alibi_slopes[h] * |d|
+        p_ij  = softmax over unmasked j of s_ij
+        out_i = Σ_j p_ij * (v_j + rel_v[β])
+
+    Each term is present only when its input is given. Nothing of size ``Lq×Lk`` is materialised.
+
+    Args:
+        q: ``[B, H, Lq, D]`` queries (float64, float32, float16 or bfloat16).
+        k: ``[B, Hk, Lk, D]`` keys; ``H`` must be a multiple of ``Hk`` (grouped-query attention).
+        v: ``[B, Hk, Lk, Dv]`` values.
+        rel_k: ``[R, D]`` or ``[H, R, D]`` key-side relative embeddings (Shaw et al.).
+        rel_v: ``[R, Dv]`` or ``[H, R, Dv]`` value-side relative embeddings (Shaw et al.).
+        rel_bias: ``[H, R]`` learned bias per head and bucket (T5).
+        buckets: integer ``[2M+1]``, the bucket of each distance in ``[-M, M]``; distances beyond
+            use the end entries (this is the clipping). See :func:`clip_buckets`, :func:`t5_buckets`.
+        rel_index: integer ``[Lq, Lk]`` or ``[B, Lq, Lk]``, the bucket of every pair (structural
+            positions). Excludes ``buckets``.
+        alibi_slopes: ``[H]`` ALiBi slopes (no gradient). See :func:`alibi_slopes`.
+        key_padding_mask: bool ``[B, Lk]``; ``True`` marks padding keys to ignore.
+        causal: mask keys after the query's position.
+        scale: softmax scale, default ``1/sqrt(D)``.
+        q_offset: position of query row ``i`` is ``i + q_offset`` (decoding with a cache, chunks).
+        return_lse: also return ``lse [B, H, Lq]`` = log Σ_j exp(s_ij) (float32; float64 for float64).
+
+    Tables may be float32 beside half-precision ``q/k/v``; their gradients come back in their own
+    dtype. A query whose keys are all masked gets ``out = 0``, ``lse = -inf`` and zero gradients.
+
+    Returns:
+        ``out [B, H, Lq, Dv]``, or ``(out, lse)`` when ``return_lse``.
+    """
+    out, lse = torch.ops.relattn.attention_forward(
+        q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
+        bool(causal), None if scale is None else float(scale), int(q_offset))
+    return (out, lse) if return_lse else out
+
+
+def clip_buckets(max_distance: int, *, device=None) -> Tensor:
+    """Shaw et al.'s clipping: ``[0, 1, ..., 2K]`` (int64) for ``K = max_distance``; ``R = 2K + 1``."""
+    return torch.ops.relattn.clip_buckets(int(max_distance)).to(device)
+
+
+def t5_buckets(num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True, *,
+               device=None) -> Tensor:
+    """T5's relative-position buckets for every distance in ``[-max_distance, max_distance]`` (int64).
+
+    Entry ``d + max_distance`` equals T5's ``_relative_position_bucket(d)`` (the formula of
+    mesh-tensorflow and HF transformers, evaluated in float32); ``R = num_buckets``.
+    """
+    return torch.ops.relattn.t5_buckets(int(num_buckets), int(max_distance), bool(bidirectional)).to(device)
+
+
+def alibi_slopes(num_heads: int, *, device=None) -> Tensor:
+    """The ALiBi paper's slopes (float32 ``[num_heads]``), with its rule for non-powers of two."""
+    return torch.ops.relattn.alibi_slopes(int(num_heads)).to(device)
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build of relattn contains its CUDA kernels."""
+    return bool(torch.ops.relattn.cuda_kernels_built())

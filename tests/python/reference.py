@@ -1,0 +1,69 @@
+"""The naive reference of SPEC §1, written for reading, not speed: the full score matrix, the bucket of
+every pair, and the relative embeddings gathered per pair. Plain PyTorch; autograd gives its gradients.
+"""
+import math
+
+import torch
+
+
+def pair_buckets(Lq, Lk, *, buckets=None, rel_index=None, q_offset=0, B=1, device="cpu"):
+    """[B, Lq, Lk] int64 bucket of every (query, key) pair, or None when no bucket source is given."""
+    if rel_index is not None:
+        idx = rel_index.long()
+        return idx.expand(B, Lq, Lk) if idx.dim() == 2 else idx
+    if buckets is None:
+        return None
+    M = (buckets.numel() - 1) // 2
+    i = torch.arange(Lq, device=device).view(-1, 1) + q_offset
+    j = torch.arange(Lk, device=device).view(1, -1)
+    d = (j - i).clamp(-M, M) + M
+    return buckets.long().to(device)[d].expand(B, Lq, Lk)
+
+
+def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
+                        alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
+                        dtype=None):
+    """Returns (out, lse) computed naively in `dtype` (default: q's dtype)."""
+    dtype = dtype or q.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    group = H // Hk if Hk > 0 else 1
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    beta = pair_buckets(Lq, Lk, buckets=buckets, rel_index=rel_index, q_offset=q_offset, B=B, device=q.device)
+
+    s = torch.einsum("bhid,bhjd->bhij", q, k)
+    if rel_k is not None:
+        rk = rel_k.to(dtype)
+        rk = rk.unsqueeze(0).expand(H, *rk.shape) if rk.dim() == 2 else rk  # [H, R, D]
+        ak = rk[:, beta]  # [H, B, Lq, Lk, D]
+        s = s + torch.einsum("bhid,hbijd->bhij", q, ak)
+    s = s * scale
+    if rel_bias is not None:
+        s = s + rel_bias.to(dtype)[:, beta].permute(1, 0, 2, 3)  # [B, H, Lq, Lk]
+    i = torch.arange(Lq, device=q.device).view(-1, 1) + q_offset
+    j = torch.arange(Lk, device=q.device).view(1, -1)
+    dist = (j - i).to(dtype)
+    if alibi_slopes is not None:
+        s = s - alibi_slopes.to(dtype).view(1, H, 1, 1) * dist.abs()
+    mask = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        mask = mask | key_padding_mask.view(B, 1, 1, Lk)
+    if causal:
+        mask = mask | (dist > 0).view(1, 1, Lq, Lk)
+    s = s.masked_fill(mask, float("-inf"))
+
+    lse = torch.logsumexp(s, dim=-1)
+    # Fully masked rows: p = 0 everywhere (softmax would give NaN).
+    p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
+    p = p.masked_fill(mask, 0.0)
+    out = torch.einsum("bhij,bhjd->bhid", p, v)
+    if rel_v is not None:
+        rv = rel_v.to(dtype)
+        rv = rv.unsqueeze(0).expand(H, *rv.shape) if rv.dim() == 2 else rv
+        av = rv[:, beta]  # [H, B, Lq, Lk, Dv]
+        out = out + torch.einsum("bhij,hbijd->bhid", p, av)
+    return out, lse
