@@ -29,6 +29,7 @@
 
 #include "../attention.h"
 #include "blas.h"
+#include "vec.h"
 
 namespace relattn {
 namespace cpu {
@@ -42,30 +43,42 @@ using ops::Tensor;
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
 
-// exp that the compiler vectorises (Cephes' expf polynomial, ~1 ulp); exactly 0 far below, so -inf
-// (masked scores) gives 0.
-inline float fast_exp(float x) {
-  const float xc = std::min(std::max(x, -87.0f), 88.3762626647949f);
-  const float t = xc * 1.44269504088896341f + 0.5f;
-  int32_t n = static_cast<int32_t>(t);
-  n -= (t < static_cast<float>(n)) ? 1 : 0;  // floor
-  const float fx = static_cast<float>(n);
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  const float z = r * r;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * z + r + 1.0f;
-  int32_t bits = (n + 127) << 23;
-  float pow2;
-  std::memcpy(&pow2, &bits, sizeof(pow2));
-  return x < -87.0f ? 0.0f : y * pow2;
+// Row loops of the hot path: float goes through the vectorised VecOps (vec.h), double through plain loops.
+inline float row_max(const float* s, int64_t n) { return vec_ops().row_max(s, n); }
+inline double row_max(const double* s, int64_t n) {
+  double m = -std::numeric_limits<double>::infinity();
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, s[j]);
+  return m;
 }
-inline double fast_exp(double x) { return std::exp(x); }
+inline float exp_sub_sum(float* s, int64_t n, float m) { return vec_ops().exp_sub_sum(s, n, m); }
+inline double exp_sub_sum(double* s, int64_t n, double m) {
+  double t = 0;
+  for (int64_t j = 0; j < n; ++j) t += (s[j] = std::exp(s[j] - m));
+  return t;
+}
+inline void probs_dscores_row(float* s, float* dp, int64_t n, float lse, float delta) {
+  vec_ops().probs_dscores(s, dp, n, lse, delta);
+}
+inline void probs_dscores_row(double* s, double* dp, int64_t n, double lse, double delta) {
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = std::exp(s[j] - lse);
+    dp[j] = s[j] * (dp[j] - delta);
+  }
+}
+inline float row_sum(const float* s, int64_t n) { return vec_ops().sum(s, n); }
+inline double row_sum(const double* s, int64_t n) {
+  double t = 0;
+  for (int64_t j = 0; j < n; ++j) t += s[j];
+  return t;
+}
+inline void sub_alibi(float* s, int64_t n, float slope, int64_t d0) { vec_ops().sub_alibi(s, n, slope, d0); }
+inline void sub_alibi(double* s, int64_t n, double slope, int64_t d0) {
+  for (int64_t j = 0; j < n; ++j) s[j] -= slope * static_cast<double>(std::abs(d0 + j));
+}
+inline void scale_row(float* s, int64_t n, float c) { vec_ops().scale(s, n, c); }
+inline void scale_row(double* s, int64_t n, double c) {
+  for (int64_t j = 0; j < n; ++j) s[j] *= c;
+}
 
 template <typename acc_t>
 constexpr acc_t neg_inf() {
@@ -86,6 +99,18 @@ inline void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t
     acc_t* d = dst + i * ld;
     for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<acc_t>(s[j]);
   }
+}
+
+// A rows×cols tile of a [.., L, X] tensor as acc_t rows: the tensor itself when it already is acc_t with
+// a row stride BLAS accepts, else converted into `buf`. Returns the rows and their leading dim.
+template <typename scalar_t, typename acc_t>
+inline std::pair<const acc_t*, int64_t> tile_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t cols,
+                                                  acc_t* buf, int64_t buf_ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride >= std::max<int64_t>(cols, 1) && stride < (int64_t(1) << 31)) return {src, stride};
+  }
+  load_rows(src, stride, rows, cols, buf, buf_ld);
+  return {buf, buf_ld};
 }
 
 // Per-thread tiles.
@@ -173,9 +198,7 @@ inline void add_bucket_sums(int64_t rows, int64_t cols, const acc_t* X, acc_t* s
     const acc_t* x = X + i * kBlockK;
     acc_t* out = sums + i * lds;
     if (row_bucket[i] >= 0) {
-      acc_t t = 0;
-      for (int64_t j = 0; j < cols; ++j) t += x[j];
-      out[row_bucket[i]] += t;
+      out[row_bucket[i]] += row_sum(x, cols);
     } else {
       const int32_t* id = ids + i * kBlockK;
       for (int64_t j = 0; j < cols; ++j) out[id[j]] += x[j];
@@ -195,8 +218,7 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
     acc_t* s = S + i * kBlockK;
     const int64_t pos = i0 + i + p.q_offset;
     if (p.alibi_slopes) {
-      const int64_t d0 = j0 - pos;
-      for (int64_t j = 0; j < cols; ++j) s[j] -= slope * static_cast<acc_t>(std::abs(d0 + j));
+      sub_alibi(s, cols, slope, j0 - pos);
     }
     if (kpm) {
       for (int64_t j = 0; j < cols; ++j)
@@ -247,8 +269,8 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
   const acc_t scale = static_cast<acc_t>(p.scale);
 
   const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-  load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-  if (has_tab) row_key_table(p, h, rows, t.q.data(), D1, t.tab.data(), R1);
+  const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+  if (has_tab) row_key_table(p, h, rows, qt, ldq, t.tab.data(), R1);
   std::fill(t.m.begin(), t.m.end(), neg_inf<acc_t>());
   std::fill(t.l.begin(), t.l.end(), acc_t(0));
   std::fill(t.acc.begin(), t.acc.end(), acc_t(0));
@@ -259,10 +281,10 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
   const int64_t j_end = key_end(p, i0, rows);
   for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, j_end - j0);
-    load_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
-    load_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+    const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     acc_t* S = t.s.data();
-    mm_nt<acc_t>(rows, cols, p.D, scale, t.q.data(), D1, t.k.data(), D1, acc_t(0), S, kBlockK);
+    mm_nt<acc_t>(rows, cols, p.D, scale, qt, ldq, kt, ldk, acc_t(0), S, kBlockK);
     if (buckets) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
     if (has_tab) add_row_table(rows, cols, S, t.tab.data(), R1, t.ids.data(), t.row_bucket.data());
     add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
@@ -270,33 +292,22 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
     // Online softmax: S becomes p̃ = exp(S - m_new); the accumulators are rescaled to the new max.
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* s = S + i * kBlockK;
-      acc_t mx = neg_inf<acc_t>();
-      for (int64_t j = 0; j < cols; ++j) mx = std::max(mx, s[j]);
-      const acc_t m_new = std::max(t.m[i], mx);
+      const acc_t m_new = std::max(t.m[i], row_max(s, cols));
       if (m_new == neg_inf<acc_t>()) {  // everything masked so far
         std::fill(s, s + cols, acc_t(0));
         continue;
       }
-      const acc_t corr = fast_exp(t.m[i] - m_new);
-      acc_t sum = 0;
-      for (int64_t j = 0; j < cols; ++j) {
-        const acc_t e = fast_exp(s[j] - m_new);
-        s[j] = e;
-        sum += e;
-      }
+      const acc_t corr = t.m[i] == neg_inf<acc_t>() ? acc_t(0) : std::exp(t.m[i] - m_new);
+      const acc_t sum = exp_sub_sum(s, cols, m_new);
       t.l[i] = t.l[i] * corr + sum;
       t.m[i] = m_new;
       if (corr != acc_t(1)) {
-        acc_t* a = t.acc.data() + i * Dv1;
-        for (int64_t d = 0; d < p.Dv; ++d) a[d] *= corr;
-        if (p.rel_v) {
-          acc_t* bs = t.bsum.data() + i * R1;
-          for (int64_t r = 0; r < R; ++r) bs[r] *= corr;
-        }
+        scale_row(t.acc.data() + i * Dv1, p.Dv, corr);
+        if (p.rel_v) scale_row(t.bsum.data() + i * R1, R, corr);
       }
     }
     if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_bucket.data());
-    mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, t.v.data(), Dv1, acc_t(1), t.acc.data(), Dv1);
+    mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, vt, ldv, acc_t(1), t.acc.data(), Dv1);
   }
   if (p.rel_v) {
     const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
@@ -319,6 +330,7 @@ void forward(const AttentionParams& p) {
   const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
   const int64_t BH = p.B * p.H;
   at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_on_this_thread;
     Tiles<acc_t> t(p, /*backward=*/false);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
@@ -335,16 +347,16 @@ void forward(const AttentionParams& p) {
 // q/dout tiles are [rows, D1]/[rows, Dv1]; tab/doa/lse/delta point at this block's rows.
 template <typename acc_t>
 void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
-                       int64_t cols, const acc_t* q, const acc_t* dout, const acc_t* k, const acc_t* v,
-                       const acc_t* tab, int64_t ldt, const acc_t* doa, int64_t ldd, const acc_t* lse,
+                       int64_t cols, const acc_t* q, int64_t ldq, const acc_t* dout, int64_t lddo,
+                       const acc_t* k, int64_t ldk, const acc_t* v, int64_t ldv, const acc_t* tab, int64_t ldt, const acc_t* doa, int64_t ldd, const acc_t* lse,
                        const acc_t* delta, Tiles<acc_t>& t) {
   acc_t* S = t.s.data();
   acc_t* dP = t.dp.data();
-  mm_nt<acc_t>(rows, cols, p.D, static_cast<acc_t>(p.scale), q, t.D1, k, t.D1, acc_t(0), S, kBlockK);
+  mm_nt<acc_t>(rows, cols, p.D, static_cast<acc_t>(p.scale), q, ldq, k, ldk, acc_t(0), S, kBlockK);
   if (p.has_bucket_terms()) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
   if (tab) add_row_table(rows, cols, S, tab, ldt, t.ids.data(), t.row_bucket.data());
   add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
-  mm_nt<acc_t>(rows, cols, p.Dv, acc_t(1), dout, t.Dv1, v, t.Dv1, acc_t(0), dP, kBlockK);
+  mm_nt<acc_t>(rows, cols, p.Dv, acc_t(1), dout, lddo, v, ldv, acc_t(0), dP, kBlockK);
   if (doa) add_row_table(rows, cols, dP, doa, ldd, t.ids.data(), t.row_bucket.data());
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
@@ -355,11 +367,7 @@ void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_
       std::fill(dp, dp + cols, acc_t(0));
       continue;
     }
-    for (int64_t j = 0; j < cols; ++j) {
-      const acc_t pr = fast_exp(s[j] - L);
-      s[j] = pr;
-      dp[j] = pr * (dp[j] - dl);
-    }
+    probs_dscores_row(s, dp, cols, L, dl);
   }
 }
 
@@ -375,25 +383,26 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
                     h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
   const auto* op = static_cast<const scalar_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
                    i0 * p.out_stride[2];
-  load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-  load_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+  const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+  const auto [dot, lddo] = tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
 
   // Δ_i = do_i·out_i - grad_lse_i
   acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
   const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     acc_t s = 0;
-    const acc_t* d = t.dout.data() + i * Dv1;
+    const acc_t* d = dot + i * lddo;
+#pragma omp simd reduction(+ : s)
     for (int64_t c = 0; c < p.Dv; ++c) s += d[c] * static_cast<acc_t>(op[i * p.out_stride[2] + c]);
     delta[i] = glse ? s - glse[i] : s;
   }
   // Row tables, kept for pass B.
   acc_t* tab = (p.rel_k || p.rel_bias) ? static_cast<acc_t*>(p.row_tab) + row0 * R : nullptr;
   acc_t* doa = p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * R : nullptr;
-  if (tab) row_key_table(p, h, rows, t.q.data(), D1, tab, R);
+  if (tab) row_key_table(p, h, rows, qt, ldq, tab, R);
   if (doa) {
     const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
-    mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), t.dout.data(), Dv1, rv, Dv1, acc_t(0), doa, R);
+    mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), dot, lddo, rv, Dv1, acc_t(0), doa, R);
   }
   const acc_t* lse = static_cast<const acc_t*>(p.lse) + row0;
 
@@ -405,13 +414,13 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   const int64_t j_end = key_end(p, i0, rows);
   for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, j_end - j0);
-    load_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
-    load_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
-    probs_and_dscores(p, b, h, i0, rows, j0, cols, t.q.data(), t.dout.data(), t.k.data(), t.v.data(), tab, R,
-                      doa, R, lse, delta, t);
+    const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+    const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse, delta,
+                      t);
     if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_bucket.data());
     if (doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_bucket.data());
-    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, t.k.data(), D1, acc_t(1), t.dq.data(), D1);
+    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
   }
   // dq = scale * (dS K + dsb · aK)
   if (p.rel_k) {
@@ -439,8 +448,8 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   const int64_t group = p.H / p.Hk;
   const auto* kp = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1] + j0 * p.k_stride[2];
   const auto* vp = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1] + j0 * p.v_stride[2];
-  load_rows(kp, p.k_stride[2], cols, p.D, t.k.data(), D1);
-  load_rows(vp, p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+  const auto [kt, ldk] = tile_rows(kp, p.k_stride[2], cols, p.D, t.k.data(), D1);
+  const auto [vt, ldv] = tile_rows(vp, p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
   std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
   std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
   const bool has_tab = p.rel_k || p.rel_bias;
@@ -454,15 +463,14 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
           static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
       const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
                         h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
-      load_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-      load_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+      const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+      const auto [dot, lddo] = tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
       const acc_t* tab = has_tab ? static_cast<const acc_t*>(p.row_tab) + row0 * R : nullptr;
       const acc_t* doa = p.rel_v ? static_cast<const acc_t*>(p.row_doa) + row0 * R : nullptr;
-      probs_and_dscores(p, b, h, i0, rows, j0, cols, t.q.data(), t.dout.data(), t.k.data(), t.v.data(), tab, R,
-                        doa, R, static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0,
-                        t);
-      mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, t.dout.data(), Dv1, acc_t(1), t.dv.data(), Dv1);
-      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, t.q.data(), D1, acc_t(1), t.dk.data(), D1);
+      probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
+                        static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
+      mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
+      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
     }
   }
   const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
@@ -480,6 +488,7 @@ void backward(const AttentionBwdParams& p) {
   const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
   const int64_t BH = p.B * p.H;
   at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_on_this_thread;
     Tiles<acc_t> t(p, /*backward=*/true);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
@@ -489,6 +498,7 @@ void backward(const AttentionBwdParams& p) {
   const int64_t nkb = (p.Lk + kBlockK - 1) / kBlockK;
   const int64_t BG = p.B * p.Hk;
   at::parallel_for(0, BG * nkb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_on_this_thread;
     Tiles<acc_t> t(p, /*backward=*/true);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bg = task % BG, kb = zigzag(task / BG, nkb);

@@ -14,10 +14,26 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
             const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
             const double* beta, double* c, const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace relattn {
 namespace cpu {
+
+// BLAS calls inside our parallel_for must stay on the calling thread: torch sets MKL's thread count to
+// its own, and MKL would then start a nested team for every small tile GEMM (oversubscription).
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int prev_;
+};
 
 // Column-major C[m×n] = alpha * op(A) * op(B) + beta * C, the BLAS convention.
 template <typename T>

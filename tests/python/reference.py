@@ -39,8 +39,10 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
     if rel_k is not None:
         rk = rel_k.to(dtype)
         rk = rk.unsqueeze(0).expand(H, *rk.shape) if rk.dim() == 2 else rk  # [H, R, D]
-        ak = rk[:, beta]  # [H, B, Lq, Lk, D]
-        s = s + torch.einsum("bhid,hbijd->bhij", q, ak)
+        ak = rk[:, beta].transpose(0, 1)  # [B, H, Lq, Lk, D]: a^K of every pair
+        # q_i·a^K[β(i,j)] pair by pair (a broadcast product, not einsum: half-precision CPU einsum over
+        # these 5-D shapes falls onto a path ~50x slower).
+        s = s + (q.unsqueeze(3) * ak).sum(-1)
     s = s * scale
     if rel_bias is not None:
         s = s + rel_bias.to(dtype)[:, beta].permute(1, 0, 2, 3)  # [B, H, Lq, Lk]
@@ -64,6 +66,6 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
     if rel_v is not None:
         rv = rel_v.to(dtype)
         rv = rv.unsqueeze(0).expand(H, *rv.shape) if rv.dim() == 2 else rv
-        av = rv[:, beta]  # [H, B, Lq, Lk, Dv]
-        out = out + torch.einsum("bhij,hbijd->bhid", p, av)
+        av = rv[:, beta].transpose(0, 1)  # [B, H, Lq, Lk, Dv]: a^V of every pair
+        out = out + (p.unsqueeze(-1) * av).sum(3)
     return out, lse

@@ -1,0 +1,54 @@
+// Vectorised float loops of the CPU kernels' hot path (softmax rows, P and dS), compiled once for
+// baseline x86-64/other CPUs and once with AVX2+FMA, chosen at run time. These files include no torch
+// header, so nothing compiled with AVX2 can leak into code that runs on a CPU without it.
+#pragma once
+
+#include <bit>
+#include <cstdint>
+
+namespace relattn {
+namespace cpu {
+
+struct VecOps {
+  // max_j s[j] (-inf for n = 0)
+  float (*row_max)(const float* s, int64_t n);
+  // s[j] = exp(s[j] - m); returns Σ_j s[j]. exp(-inf) = 0.
+  float (*exp_sub_sum)(float* s, int64_t n, float m);
+  // p[j] = exp(s[j] - lse); ds[j] = p[j] * (ds[j] - delta)   (s becomes p, dp becomes ds)
+  void (*probs_dscores)(float* s, float* dp, int64_t n, float lse, float delta);
+  // Σ_j s[j]
+  float (*sum)(const float* s, int64_t n);
+  // s[j] -= slope * |d0 + j|
+  void (*sub_alibi)(float* s, int64_t n, float slope, int64_t d0);
+  // s[j] *= c
+  void (*scale)(float* s, int64_t n, float c);
+  const char* name;
+};
+
+// The best variant for this CPU.
+const VecOps& vec_ops();
+
+// exp that vectorises (Cephes' expf polynomial, max relative error ~1e-7); 0 for x < -87 (so -inf -> 0).
+inline float fast_expf(float x) {
+  float xc = x < -87.0f ? -87.0f : x;
+  xc = xc > 88.3762626647949f ? 88.3762626647949f : xc;
+  const float t = xc * 1.44269504088896341f + 0.5f;
+  float fx = static_cast<float>(static_cast<int32_t>(t));
+  fx -= static_cast<float>(fx > t);  // floor, without branches
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float z = r * r;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * z + r + 1.0f;
+  const float pow2 = std::bit_cast<float>((static_cast<int32_t>(fx) + 127) << 23);
+  const float e = y * pow2;
+  return x < -87.0f ? 0.0f : e;
+}
+
+}  // namespace cpu
+}  // namespace relattn

@@ -1,0 +1,3 @@
+#define RELATTN_VEC_NS vec_default
+#define RELATTN_VEC_NAME "baseline"
+#include "vec_kernels.inc"

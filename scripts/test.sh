@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: set-up (scripts/setup.sh), then the C++ tests (ctest), the Python tests (pytest)
+# and the C++ example built against the installed package with find_package(relattn).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+RELATTN_BUILD_TESTS=1 bash scripts/setup.sh
+
+echo "== ctest"
+ctest --test-dir build/cmake --output-on-failure
+
+echo "== C++ example (find_package(relattn) from the installed package)"
+prefix=$(cd /tmp && "$PY" -c "import relattn, torch; print(relattn.cmake_prefix_path + ';' + torch.utils.cmake_prefix_path)")
+cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release > build/example-configure.log
+cmake --build build/example
+./build/example/train_encoder
+
+echo "== pytest"
+"$PY" -m pytest tests/python -q -p no:cacheprovider "$@"
