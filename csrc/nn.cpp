@@ -1,13 +1,13 @@
 // relattn::nn: the modules of relattn/nn.h. Attention itself is relattn::attention (the dispatcher op),
-// so these modules run on every device and train from C++ through the op's autograd kernel.
+// so these modules run on every backend the op has and train from C++ through its autograd kernel.
 #include "relattn/nn.h"
 
+#include <algorithm>
 #include <cmath>
-#include <ostream>
 #include <type_traits>
 #include <variant>
 
-#include <torch/nn/functional/activation.h>
+#include <c10/util/StringUtil.h>
 #include <torch/nn/init.h>
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -15,7 +15,35 @@
 namespace relattn {
 namespace nn {
 
-// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ relative positions ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+namespace {
+
+constexpr int64_t kDefaultClipDistance = 16;  // "shaw", "clip_bias"
+constexpr int64_t kDefaultT5Distance = 128;    // "t5"
+
+torch::Tensor apply_activation(const activation_t& activation, const torch::Tensor& x) {
+  return std::visit(
+      [&](const auto& act) -> torch::Tensor {
+        using A = std::decay_t<decltype(act)>;
+        if constexpr (std::is_same_v<A, torch::enumtype::kReLU>) {
+          return torch::relu(x);
+        } else if constexpr (std::is_same_v<A, torch::enumtype::kGELU>) {
+          return torch::gelu(x);
+        } else {
+          return act(x);
+        }
+      },
+      activation);
+}
+
+std::string join(const std::vector<std::string>& names) {
+  std::string out = "[";
+  for (size_t i = 0; i < names.size(); ++i) out += (i ? ", \"" : "\"") + names[i] + "\"";
+  return out + "]";
+}
+
+std::string bool_str(bool b) { return b ? "true" : "false"; }
+
+}  // namespace
 
 PositionScheme position_scheme_from_string(const std::string& name) {
   if (name == "shaw") return PositionScheme::kShaw;
@@ -38,102 +66,98 @@ std::string to_string(PositionScheme scheme) {
   TORCH_CHECK(false, "relattn::nn: unknown PositionScheme ", static_cast<int>(scheme));
 }
 
-RelativePositionOptions::RelativePositionOptions(PositionScheme scheme) : scheme_(scheme) {}
-RelativePositionOptions::RelativePositionOptions(const std::string& scheme)
-    : scheme_(position_scheme_from_string(scheme)) {}
-RelativePositionOptions::RelativePositionOptions(const char* scheme)
-    : RelativePositionOptions(std::string(scheme)) {}
-
-int64_t RelativePositionOptions::resolved_max_distance() const {
-  if (max_distance_.has_value()) return *max_distance_;
-  return scheme_ == PositionScheme::kT5 ? 128 : 16;
+activation_t activation_from_string(const std::string& name) {
+  if (name == "relu") return torch::kReLU;
+  if (name == "gelu") return torch::kGELU;
+  TORCH_CHECK(false, "relattn::nn: activation should be \"relu\", \"gelu\" or a callable, got \"", name, "\"");
 }
-
-namespace {
-
-bool same_tables(const RelativePositionOptions& a, const RelativePositionOptions& b) {
-  if (a.scheme() != b.scheme()) return false;
-  switch (a.scheme()) {
-    case PositionScheme::kShaw:
-      return a.resolved_max_distance() == b.resolved_max_distance() && a.rel_k() == b.rel_k() &&
-             a.rel_v() == b.rel_v() && a.per_head() == b.per_head();
-    case PositionScheme::kT5:
-      return a.num_buckets() == b.num_buckets();
-    case PositionScheme::kClipBias:
-      return a.resolved_max_distance() == b.resolved_max_distance();
-    default:
-      return true;
-  }
-}
-
-void zero_bias(const torch::nn::Linear& linear) {
-  if (linear->bias.defined()) torch::nn::init::zeros_(linear->bias);
-}
-
-}  // namespace
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
 RelativeMultiheadAttentionOptions::RelativeMultiheadAttentionOptions(int64_t embed_dim, int64_t num_heads)
     : embed_dim_(embed_dim), num_heads_(num_heads) {}
 
+RelativeMultiheadAttentionOptions& RelativeMultiheadAttentionOptions::position(const std::string& name) {
+  position_ = position_scheme_from_string(name);
+  return *this;
+}
+
 RelativeMultiheadAttentionImpl::RelativeMultiheadAttentionImpl(RelativeMultiheadAttentionOptions options_)
     : options(std::move(options_)) {
   reset();
 }
 
+std::vector<std::string> RelativeMultiheadAttentionImpl::table_names() const {
+  switch (options.position()) {
+    case PositionScheme::kShaw: {
+      std::vector<std::string> names;
+      if (options.rel_k()) names.emplace_back("rel_k");
+      if (options.rel_v()) names.emplace_back("rel_v");
+      return names;
+    }
+    case PositionScheme::kT5:
+    case PositionScheme::kClipBias:
+      return {"rel_bias"};
+    default:
+      return {};
+  }
+}
+
+std::vector<int64_t> RelativeMultiheadAttentionImpl::table_shape(const std::string& name) const {
+  const int64_t H = options.num_heads();
+  if (name == "rel_bias") return {H, num_buckets_};
+  if (options.per_head_tables()) return {H, num_buckets_, head_dim_};
+  return {num_buckets_, head_dim_};
+}
+
+torch::Tensor& RelativeMultiheadAttentionImpl::table(const std::string& name) {
+  if (name == "rel_k") return rel_k;
+  if (name == "rel_v") return rel_v;
+  TORCH_INTERNAL_ASSERT(name == "rel_bias", "unknown relative table ", name);
+  return rel_bias;
+}
+
 void RelativeMultiheadAttentionImpl::reset() {
+  constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
   const int64_t E = options.embed_dim();
   const int64_t H = options.num_heads();
-  constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
-  TORCH_CHECK(E > 0, who, "embed_dim must be positive, got ", E);
-  TORCH_CHECK(H > 0, who, "num_heads must be positive, got ", H);
-  TORCH_CHECK(E % H == 0, who, "embed_dim (", E, ") must be a multiple of num_heads (", H, ")");
+  TORCH_CHECK(E > 0 && H > 0, who, "embed_dim (", E, ") and num_heads (", H, ") must be positive");
+  TORCH_CHECK(E % H == 0, who, "embed_dim (", E, ") must be divisible by num_heads (", H, ")");
   num_kv_heads_ = options.num_kv_heads().value_or(H);
-  TORCH_CHECK(num_kv_heads_ > 0 && H % num_kv_heads_ == 0, who, "num_kv_heads (", num_kv_heads_,
-              ") must be positive and divide num_heads (", H, ")");
-  TORCH_CHECK(options.dropout() == 0.0, who,
-              "dropout must be 0: the fused attention never materialises the attention weights, so it "
-              "cannot drop them (got ",
-              options.dropout(), "); apply dropout to the layer's output instead");
+  TORCH_CHECK(num_kv_heads_ > 0 && H % num_kv_heads_ == 0, who, "num_heads (", H,
+              ") must be a positive multiple of num_kv_heads (", num_kv_heads_, ")");
+  TORCH_CHECK(options.dropout() == 0.0, who, "dropout=", options.dropout(),
+              " on the attention weights is not supported by the fused relattn kernels; use dropout=0");
+  const int64_t kdim = options.kdim().value_or(E);
+  const int64_t vdim = options.vdim().value_or(E);
+  TORCH_CHECK(kdim > 0 && vdim > 0, who, "kdim (", kdim, ") and vdim (", vdim, ") must be positive");
   head_dim_ = E / H;
+
   const int64_t kv_dim = num_kv_heads_ * head_dim_;
   using torch::nn::Linear;
   using torch::nn::LinearOptions;
   q_proj = register_module("q_proj", Linear(LinearOptions(E, E).bias(options.bias())));
-  k_proj = register_module("k_proj", Linear(LinearOptions(E, kv_dim).bias(options.bias())));
-  v_proj = register_module("v_proj", Linear(LinearOptions(E, kv_dim).bias(options.bias())));
+  k_proj = register_module("k_proj", Linear(LinearOptions(kdim, kv_dim).bias(options.bias())));
+  v_proj = register_module("v_proj", Linear(LinearOptions(vdim, kv_dim).bias(options.bias())));
   out_proj = register_module("out_proj", Linear(LinearOptions(E, E).bias(options.bias())));
 
-  const RelativePositionOptions& p = options.position();
-  const int64_t M = p.resolved_max_distance();
-  if (!tables_shared_) {
-    rel_k = rel_v = rel_bias = torch::Tensor();
-  }
+  // The bucket map and the slopes follow from the options.
   buckets = alibi_slopes = torch::Tensor();
-  switch (p.scheme()) {
-    case PositionScheme::kShaw: {
-      TORCH_CHECK(M >= 0, who, "max_distance must be >= 0, got ", M);
-      TORCH_CHECK(p.rel_k() || p.rel_v(), who,
-                  "position \"shaw\" needs rel_k or rel_v (or both); use position \"none\" for neither");
-      const int64_t R = 2 * M + 1;
-      const std::vector<int64_t> shape =
-          p.per_head() ? std::vector<int64_t>{H, R, head_dim_} : std::vector<int64_t>{R, head_dim_};
-      if (!tables_shared_) {
-        if (p.rel_k()) rel_k = register_parameter("rel_k", torch::empty(shape));
-        if (p.rel_v()) rel_v = register_parameter("rel_v", torch::empty(shape));
-      }
-      buckets = register_buffer("buckets", relattn::clip_buckets(M));
-      break;
-    }
-    case PositionScheme::kT5:
-      buckets = register_buffer("buckets", relattn::t5_buckets(p.num_buckets(), M, p.bidirectional()));
-      if (!tables_shared_) rel_bias = register_parameter("rel_bias", torch::empty({H, p.num_buckets()}));
-      break;
+  max_distance_ = num_buckets_ = 0;
+  switch (options.position()) {
+    case PositionScheme::kShaw:
     case PositionScheme::kClipBias:
-      TORCH_CHECK(M >= 0, who, "max_distance must be >= 0, got ", M);
-      buckets = register_buffer("buckets", relattn::clip_buckets(M));
-      if (!tables_shared_) rel_bias = register_parameter("rel_bias", torch::empty({H, 2 * M + 1}));
+      max_distance_ = options.max_distance().value_or(kDefaultClipDistance);
+      TORCH_CHECK(max_distance_ >= 0, who, "max_distance must be >= 0, got ", max_distance_);
+      num_buckets_ = 2 * max_distance_ + 1;
+      buckets = register_buffer("buckets", relattn::clip_buckets(max_distance_));
+      break;
+    case PositionScheme::kT5:
+      max_distance_ = options.max_distance().value_or(kDefaultT5Distance);
+      TORCH_CHECK(options.num_buckets() > 0, who, "num_buckets must be positive, got ", options.num_buckets());
+      num_buckets_ = options.num_buckets();
+      buckets = register_buffer("buckets",
+                                relattn::t5_buckets(num_buckets_, max_distance_, options.bidirectional()));
       break;
     case PositionScheme::kALiBi:
       alibi_slopes = register_buffer("alibi_slopes", relattn::alibi_slopes(H));
@@ -141,23 +165,60 @@ void RelativeMultiheadAttentionImpl::reset() {
     case PositionScheme::kNone:
       break;
   }
+  TORCH_CHECK(options.position() != PositionScheme::kShaw || options.rel_k() || options.rel_v(), who,
+              "position \"shaw\" needs rel_k and/or rel_v");
+
+  // Tables taken from elsewhere (set_relative_tables) stay as they are, also through clone().
+  if (!external_tables_) {
+    rel_k = rel_v = rel_bias = torch::Tensor();
+    for (const std::string& name : table_names()) {
+      table(name) = register_parameter(name, torch::empty(table_shape(name)));
+    }
+  }
   reset_parameters();
 }
 
 void RelativeMultiheadAttentionImpl::reset_parameters() {
   torch::NoGradGuard no_grad;
-  for (const auto& linear : {q_proj, k_proj, v_proj, out_proj}) {
-    torch::nn::init::xavier_uniform_(linear->weight);
-    zero_bias(linear);
+  for (const auto& proj : {q_proj, k_proj, v_proj, out_proj}) {
+    torch::nn::init::xavier_uniform_(proj->weight);
+    if (proj->bias.defined()) torch::nn::init::zeros_(proj->bias);
   }
-  if (tables_shared_) return;  // the owner initialises shared tables
+  if (external_tables_) return;
   if (rel_k.defined()) torch::nn::init::normal_(rel_k, 0.0, 0.02);
   if (rel_v.defined()) torch::nn::init::normal_(rel_v, 0.0, 0.02);
   if (rel_bias.defined()) torch::nn::init::zeros_(rel_bias);
 }
 
-// torch::nn::Module::to casts every buffer in place (set_data); buckets and alibi_slopes are fixed
-// data of their own dtype, so they are copied aside first and put back afterwards.
+RelativeTables RelativeMultiheadAttentionImpl::relative_tables() const {
+  RelativeTables tables;
+  for (const std::string& name : table_names()) {
+    tables.insert(name, name == "rel_k" ? rel_k : name == "rel_v" ? rel_v : rel_bias);
+  }
+  return tables;
+}
+
+void RelativeMultiheadAttentionImpl::set_relative_tables(const RelativeTables& tables) {
+  const std::vector<std::string> names = table_names();
+  bool same_names = tables.size() == names.size();
+  for (const std::string& name : names) same_names = same_names && tables.contains(name);
+  TORCH_CHECK(same_names, "relattn::nn::RelativeMultiheadAttention: position \"", to_string(options.position()),
+              "\" uses the tables ", join(names), ", got ", join(tables.keys()));
+  for (const std::string& name : names) {
+    const torch::Tensor& t = tables[name];
+    TORCH_CHECK(t.defined() && t.sizes() == torch::IntArrayRef(table_shape(name)),
+                "relattn::nn::RelativeMultiheadAttention: table \"", name, "\" must have shape ",
+                torch::IntArrayRef(table_shape(name)), ", got ", t.defined() ? c10::str(t.sizes()) : "undefined");
+  }
+  for (const std::string& name : names) {
+    if (parameters_.contains(name)) parameters_.erase(name);
+    table(name) = tables[name];
+  }
+  external_tables_ = true;
+}
+
+// torch::nn::Module::to casts every buffer in place (set_data); buckets and alibi_slopes are fixed data
+// of their own dtype, so they are copied aside first and put back afterwards.
 void RelativeMultiheadAttentionImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
   auto moved = [&](const torch::Tensor& t) {
     return t.defined() ? t.to(device, t.scalar_type(), non_blocking, /*copy=*/true) : torch::Tensor();
@@ -177,80 +238,80 @@ void RelativeMultiheadAttentionImpl::to(torch::Dtype dtype, bool non_blocking) {
   if (kept_slopes.defined()) alibi_slopes.set_data(kept_slopes);
 }
 
-void RelativeMultiheadAttentionImpl::share_relative_tables(const RelativeMultiheadAttentionImpl& owner) {
-  TORCH_CHECK(&owner != this, "relattn::nn::RelativeMultiheadAttention: a module cannot share its own tables");
-  TORCH_CHECK(owner.options.num_heads() == options.num_heads() && owner.head_dim() == head_dim() &&
-                  same_tables(owner.options.position(), options.position()),
-              "relattn::nn::RelativeMultiheadAttention: share_relative_tables needs the same num_heads, "
-              "head_dim and position options as the owner");
-  for (const char* name : {"rel_k", "rel_v", "rel_bias"}) {
-    if (parameters_.contains(name)) parameters_.erase(name);
-  }
-  rel_k = owner.rel_k;
-  rel_v = owner.rel_v;
-  rel_bias = owner.rel_bias;
-  tables_shared_ = true;
-}
-
 torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query, const torch::Tensor& key,
                                                       const torch::Tensor& value,
-                                                      const torch::Tensor& key_padding_mask, bool is_causal) {
+                                                      const torch::Tensor& key_padding_mask, bool is_causal,
+                                                      const torch::Tensor& rel_index) {
+  constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
   const int64_t E = options.embed_dim();
-  const int64_t H = options.num_heads();
   const torch::Tensor& key_in = key.defined() ? key : query;
   const torch::Tensor& value_in = value.defined() ? value : key_in;
-  TORCH_CHECK(query.dim() == 3 && query.size(2) == E,
-              "relattn::nn::RelativeMultiheadAttention: query must be [B, Lq, embed_dim = ", E, "], got ",
-              query.sizes());
-  TORCH_CHECK(key_in.dim() == 3 && key_in.size(0) == query.size(0) && key_in.size(2) == E,
-              "relattn::nn::RelativeMultiheadAttention: key must be [B, Lk, embed_dim] = [", query.size(0),
-              ", Lk, ", E, "], got ", key_in.sizes());
-  TORCH_CHECK(value_in.dim() == 3 && value_in.size(0) == key_in.size(0) && value_in.size(1) == key_in.size(1) &&
-                  value_in.size(2) == E,
-              "relattn::nn::RelativeMultiheadAttention: value must have key's shape ", key_in.sizes(), ", got ",
-              value_in.sizes());
-  const int64_t B = query.size(0);
-  const int64_t Lq = query.size(1);
-  const int64_t Lk = key_in.size(1);
-  // [B, L, heads * head_dim] -> [B, heads, L, head_dim]: a view with a stride-1 last dimension, which
-  // is all the op needs.
-  const torch::Tensor q = q_proj(query).view({B, Lq, H, head_dim_}).transpose(1, 2);
-  const torch::Tensor k = k_proj(key_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
-  const torch::Tensor v = v_proj(value_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  TORCH_CHECK(query.dim() == 3 && key_in.dim() == 3 && value_in.dim() == 3, who,
+              "query, key and value must be 3-D ([B, L, E] when batch_first), got ", query.dim(), "-D, ",
+              key_in.dim(), "-D, ", value_in.dim(), "-D");
+  const bool bf = options.batch_first();
+  const torch::Tensor q_in = bf ? query : query.transpose(0, 1);
+  const torch::Tensor k_in = bf ? key_in : key_in.transpose(0, 1);
+  const torch::Tensor v_in = bf ? value_in : value_in.transpose(0, 1);
+  const int64_t B = q_in.size(0);
+  const int64_t Lq = q_in.size(1);
+  const int64_t Lk = k_in.size(1);
+  TORCH_CHECK(q_in.size(2) == E, who, "query's features must be embed_dim = ", E, ", got shape ", query.sizes());
+  TORCH_CHECK(k_in.size(0) == B && v_in.size(0) == B && v_in.size(1) == Lk, who,
+              "query, key and value must share the batch size and key and value the length, got shapes ",
+              query.sizes(), ", ", key_in.sizes(), ", ", value_in.sizes());
+  if (key_padding_mask.defined()) {
+    TORCH_CHECK(key_padding_mask.scalar_type() == torch::kBool, who,
+                "key_padding_mask must be a bool tensor (true = padding), got ", key_padding_mask.scalar_type());
+  }
+  TORCH_CHECK(!rel_index.defined() || buckets.defined(), who, "rel_index needs a relative table, but position \"",
+              to_string(options.position()), "\" has none");
+
+  // [B, L, heads * head_dim] -> [B, heads, L, head_dim]: a view whose last dimension stays contiguous,
+  // which is all the op needs.
+  const torch::Tensor q = q_proj(q_in).view({B, Lq, options.num_heads(), head_dim_}).transpose(1, 2);
+  const torch::Tensor k = k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  const torch::Tensor v = v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
 
   AttentionOptions attn;
-  attn.causal(is_causal);
-  if (key_padding_mask.defined()) attn.key_padding_mask(key_padding_mask);
+  attn.causal(is_causal).scale(options.scale());
   if (rel_k.defined()) attn.rel_k(rel_k);
   if (rel_v.defined()) attn.rel_v(rel_v);
   if (rel_bias.defined()) attn.rel_bias(rel_bias);
-  if (buckets.defined()) attn.buckets(buckets);
+  if (rel_index.defined()) {
+    attn.rel_index(rel_index);
+  } else if (buckets.defined()) {
+    attn.buckets(buckets);
+  }
   if (alibi_slopes.defined()) attn.alibi_slopes(alibi_slopes);
-  const torch::Tensor out = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]
-  return out_proj(out.transpose(1, 2).reshape({B, Lq, E}));
+  if (key_padding_mask.defined()) attn.key_padding_mask(key_padding_mask);
+  const torch::Tensor heads = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]
+  const torch::Tensor out = out_proj(heads.transpose(1, 2).reshape({B, Lq, E}));
+  return bf ? out : out.transpose(0, 1);
 }
 
 void RelativeMultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
-  const RelativePositionOptions& p = options.position();
   stream << "relattn::nn::RelativeMultiheadAttention(embed_dim=" << options.embed_dim()
-         << ", num_heads=" << options.num_heads() << ", num_kv_heads=" << num_kv_heads_
-         << ", bias=" << (options.bias() ? "true" : "false") << ", position=" << to_string(p.scheme());
-  switch (p.scheme()) {
+         << ", num_heads=" << options.num_heads();
+  if (num_kv_heads_ != options.num_heads()) stream << ", num_kv_heads=" << num_kv_heads_;
+  stream << ", position=" << to_string(options.position());
+  switch (options.position()) {
     case PositionScheme::kShaw:
-      stream << ", max_distance=" << p.resolved_max_distance() << ", rel_k=" << (p.rel_k() ? "true" : "false")
-             << ", rel_v=" << (p.rel_v() ? "true" : "false") << ", per_head=" << (p.per_head() ? "true" : "false");
+      stream << ", max_distance=" << max_distance_ << ", rel_k=" << bool_str(options.rel_k())
+             << ", rel_v=" << bool_str(options.rel_v()) << ", per_head_tables=" << bool_str(options.per_head_tables());
       break;
     case PositionScheme::kT5:
-      stream << ", num_buckets=" << p.num_buckets() << ", max_distance=" << p.resolved_max_distance()
-             << ", bidirectional=" << (p.bidirectional() ? "true" : "false");
+      stream << ", max_distance=" << max_distance_ << ", num_buckets=" << num_buckets_
+             << ", bidirectional=" << bool_str(options.bidirectional());
       break;
     case PositionScheme::kClipBias:
-      stream << ", max_distance=" << p.resolved_max_distance();
+      stream << ", max_distance=" << max_distance_;
       break;
     default:
       break;
   }
-  if (tables_shared_) stream << ", shared tables";
+  if (external_tables_) stream << ", external tables";
+  if (!options.batch_first()) stream << ", batch_first=false";
   stream << ")";
 }
 
@@ -259,17 +320,29 @@ void RelativeMultiheadAttentionImpl::pretty_print(std::ostream& stream) const {
 RelativeTransformerEncoderLayerOptions::RelativeTransformerEncoderLayerOptions(int64_t d_model, int64_t nhead)
     : d_model_(d_model), nhead_(nhead) {}
 
-RelativeTransformerEncoderLayerOptions& RelativeTransformerEncoderLayerOptions::activation(
-    const std::string& name) {
-  if (name == "relu") {
-    activation_ = torch::kReLU;
-  } else if (name == "gelu") {
-    activation_ = torch::kGELU;
-  } else {
-    TORCH_CHECK(false, "relattn::nn::RelativeTransformerEncoderLayer: activation must be \"relu\" or \"gelu\", got \"",
-                name, "\"");
-  }
+RelativeTransformerEncoderLayerOptions& RelativeTransformerEncoderLayerOptions::position(const std::string& name) {
+  position_ = position_scheme_from_string(name);
   return *this;
+}
+
+RelativeTransformerEncoderLayerOptions& RelativeTransformerEncoderLayerOptions::activation(const std::string& name) {
+  activation_ = activation_from_string(name);
+  return *this;
+}
+
+RelativeMultiheadAttentionOptions RelativeTransformerEncoderLayerOptions::attention_options() const {
+  return RelativeMultiheadAttentionOptions(d_model_, nhead_)
+      .dropout(attention_dropout_)
+      .bias(bias_)
+      .batch_first(batch_first_)
+      .num_kv_heads(num_kv_heads_)
+      .position(position_)
+      .max_distance(max_distance_)
+      .rel_k(rel_k_)
+      .rel_v(rel_v_)
+      .per_head_tables(per_head_tables_)
+      .num_buckets(num_buckets_)
+      .bidirectional(bidirectional_);
 }
 
 RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
@@ -279,25 +352,17 @@ RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
 }
 
 void RelativeTransformerEncoderLayerImpl::reset() {
+  constexpr const char* who = "relattn::nn::RelativeTransformerEncoderLayer: ";
   const int64_t E = options.d_model();
-  TORCH_CHECK(options.dim_feedforward() > 0,
-              "relattn::nn::RelativeTransformerEncoderLayer: dim_feedforward must be positive, got ",
-              options.dim_feedforward());
-  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0,
-              "relattn::nn::RelativeTransformerEncoderLayer: dropout must lie in [0, 1], got ", options.dropout());
-  TORCH_CHECK(!options.norm_first() || options.residual_scale() == 1.0,
-              "relattn::nn::RelativeTransformerEncoderLayer: residual_scale (DeepNorm) applies to post-LN layers; "
-              "it must be 1 with norm_first");
-  self_attn = register_module(
-      "self_attn", RelativeMultiheadAttention(RelativeMultiheadAttentionOptions(E, options.nhead())
-                                                  .num_kv_heads(options.num_kv_heads())
-                                                  .bias(options.bias())
-                                                  .position(options.position())));
+  TORCH_CHECK(options.dim_feedforward() > 0, who, "dim_feedforward must be positive, got ", options.dim_feedforward());
+  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0, who, "dropout must lie in [0, 1], got ",
+              options.dropout());
   using torch::nn::Dropout;
   using torch::nn::LayerNorm;
   using torch::nn::LayerNormOptions;
   using torch::nn::Linear;
   using torch::nn::LinearOptions;
+  self_attn = register_module("self_attn", RelativeMultiheadAttention(options.attention_options()));
   linear1 = register_module("linear1", Linear(LinearOptions(E, options.dim_feedforward()).bias(options.bias())));
   dropout = register_module("dropout", Dropout(options.dropout()));
   linear2 = register_module("linear2", Linear(LinearOptions(options.dim_feedforward(), E).bias(options.bias())));
@@ -317,64 +382,49 @@ void RelativeTransformerEncoderLayerImpl::reset_parameters() {
 
 void RelativeTransformerEncoderLayerImpl::deepnorm_reset_parameters(double beta) {
   torch::NoGradGuard no_grad;
-  auto init = [](const torch::nn::Linear& linear, double gain) {
-    torch::nn::init::xavier_normal_(linear->weight, gain);
-    zero_bias(linear);
-  };
-  init(self_attn->q_proj, 1.0);
-  init(self_attn->k_proj, 1.0);
-  init(self_attn->v_proj, beta);
-  init(self_attn->out_proj, beta);
-  init(linear1, beta);
-  init(linear2, beta);
+  torch::nn::init::xavier_normal_(self_attn->q_proj->weight, 1.0);
+  torch::nn::init::xavier_normal_(self_attn->k_proj->weight, 1.0);
+  for (const auto& linear : {self_attn->v_proj, self_attn->out_proj, linear1, linear2}) {
+    torch::nn::init::xavier_normal_(linear->weight, beta);
+  }
 }
 
 torch::Tensor RelativeTransformerEncoderLayerImpl::feed_forward(const torch::Tensor& x) {
-  torch::Tensor h = linear1(x);
-  h = std::visit(
-      [&](const auto& act) -> torch::Tensor {
-        using A = std::decay_t<decltype(act)>;
-        if constexpr (std::is_same_v<A, torch::enumtype::kReLU>) {
-          return torch::relu(h);
-        } else if constexpr (std::is_same_v<A, torch::enumtype::kGELU>) {
-          return torch::gelu(h);
-        } else {
-          return act(h);
-        }
-      },
-      options.activation());
-  return linear2(dropout(h));
+  return dropout2(linear2(dropout(apply_activation(options.activation(), linear1(x)))));
 }
 
 torch::Tensor RelativeTransformerEncoderLayerImpl::forward(const torch::Tensor& src,
                                                            const torch::Tensor& src_key_padding_mask,
                                                            bool is_causal) {
-  auto attend = [&](const torch::Tensor& x) {
-    return self_attn(x, torch::Tensor(), torch::Tensor(), src_key_padding_mask, is_causal);
+  auto self_attention = [&](const torch::Tensor& x) {
+    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal));
   };
   if (options.norm_first()) {
-    torch::Tensor x = src + dropout1(attend(norm1(src)));
-    return x + dropout2(feed_forward(norm2(x)));
+    const torch::Tensor x = src + self_attention(norm1(src));
+    return x + feed_forward(norm2(x));
   }
-  const double alpha = options.residual_scale();
-  auto residual = [alpha](const torch::Tensor& x) { return alpha == 1.0 ? x : x * alpha; };
-  torch::Tensor x = norm1(residual(src) + dropout1(attend(src)));
-  return norm2(residual(x) + dropout2(feed_forward(x)));
+  auto residual = [this](const torch::Tensor& x) { return residual_alpha == 1.0 ? x : residual_alpha * x; };
+  const torch::Tensor x = norm1(residual(src) + self_attention(src));
+  return norm2(residual(x) + feed_forward(x));
 }
 
 void RelativeTransformerEncoderLayerImpl::pretty_print(std::ostream& stream) const {
   stream << "relattn::nn::RelativeTransformerEncoderLayer(d_model=" << options.d_model()
          << ", nhead=" << options.nhead() << ", dim_feedforward=" << options.dim_feedforward()
-         << ", dropout=" << options.dropout() << ", norm_first=" << (options.norm_first() ? "true" : "false");
-  if (options.residual_scale() != 1.0) stream << ", residual_scale=" << options.residual_scale();
+         << ", dropout=" << options.dropout() << ", norm_first=" << bool_str(options.norm_first());
+  if (residual_alpha != 1.0) stream << ", residual_alpha=" << residual_alpha;
   stream << ")";
 }
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerEncoder ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
-RelativeTransformerEncoderOptions::RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayerOptions layer,
+RelativeTransformerEncoderOptions::RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayer encoder_layer,
                                                                      int64_t num_layers)
-    : layer_(std::move(layer)), num_layers_(num_layers) {}
+    : encoder_layer_(std::move(encoder_layer)), num_layers_(num_layers) {}
+
+RelativeTransformerEncoderOptions::RelativeTransformerEncoderOptions(
+    const RelativeTransformerEncoderLayerOptions& layer_options, int64_t num_layers)
+    : encoder_layer_(RelativeTransformerEncoderLayer(layer_options)), num_layers_(num_layers) {}
 
 RelativeTransformerEncoderImpl::RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions options_)
     : options(std::move(options_)) {
@@ -390,48 +440,41 @@ double RelativeTransformerEncoderImpl::deepnorm_beta(int64_t num_layers) {
 }
 
 void RelativeTransformerEncoderImpl::reset() {
+  constexpr const char* who = "relattn::nn::RelativeTransformerEncoder: ";
   const int64_t N = options.num_layers();
-  TORCH_CHECK(N >= 1, "relattn::nn::RelativeTransformerEncoder: num_layers must be >= 1, got ", N);
-  RelativeTransformerEncoderLayerOptions layer_options = options.layer();
-  if (options.deepnorm()) {
-    TORCH_CHECK(!layer_options.norm_first(),
-                "relattn::nn::RelativeTransformerEncoder: deepnorm is for post-LN layers; set norm_first = false");
-    layer_options.residual_scale(deepnorm_alpha(N));
-  }
+  TORCH_CHECK(!options.encoder_layer().is_empty(), who, "encoder_layer is an empty module holder");
+  TORCH_CHECK(N > 0, who, "num_layers must be positive, got ", N);
+  TORCH_CHECK(!options.deepnorm() || !options.encoder_layer()->options.norm_first(), who,
+              "deepnorm is defined for post-LN layers (norm_first = false)");
   layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < N; ++i) layers->push_back(RelativeTransformerEncoderLayer(layer_options));
-  if (options.final_norm().value_or(layer_options.norm_first())) {
-    norm = register_module("norm", torch::nn::LayerNorm(torch::nn::LayerNormOptions({layer_options.d_model()})
-                                                            .eps(layer_options.layer_norm_eps())));
-  } else {
-    norm = nullptr;
+  for (int64_t i = 0; i < N; ++i) layers->push_back(options.encoder_layer()->clone());
+  norm = torch::nn::AnyModule();
+  if (!options.norm().is_empty()) {
+    norm = options.norm().clone();
+    register_module("norm", norm.ptr());
   }
-  if (options.share_relative_tables()) link_shared_tables();
+  if (options.share_relative_tables()) share_first_layer_tables();
   if (options.deepnorm()) {
+    const double alpha = deepnorm_alpha(N);
     const double beta = deepnorm_beta(N);
-    for (int64_t i = 0; i < N; ++i) layer(i)->deepnorm_reset_parameters(beta);
+    for (int64_t i = 0; i < N; ++i) {
+      layer(i)->residual_alpha = alpha;
+      layer(i)->deepnorm_reset_parameters(beta);
+    }
   }
 }
 
-void RelativeTransformerEncoderImpl::reset_parameters() {
-  for (size_t i = 0; i < layers->size(); ++i) {
-    layer(i)->reset_parameters();
-    if (options.deepnorm()) layer(i)->deepnorm_reset_parameters(deepnorm_beta(options.num_layers()));
-  }
-  if (norm) norm->reset_parameters();
-}
-
-void RelativeTransformerEncoderImpl::link_shared_tables() {
-  const RelativeMultiheadAttention& owner = layer(0)->self_attn;
-  for (size_t i = 1; i < layers->size(); ++i) layer(i)->self_attn->share_relative_tables(*owner);
+void RelativeTransformerEncoderImpl::share_first_layer_tables() {
+  const RelativeTables tables = layer(0)->self_attn->relative_tables();
+  for (size_t i = 1; i < layers->size(); ++i) layer(i)->self_attn->set_relative_tables(tables);
 }
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderImpl::clone(
     const std::optional<torch::Device>& device) const {
   auto copy = std::dynamic_pointer_cast<RelativeTransformerEncoderImpl>(
       torch::nn::Cloneable<RelativeTransformerEncoderImpl>::clone(device));
-  // The layers were cloned one by one; point the copies at the copy's own first-layer tables.
-  if (copy->options.share_relative_tables()) copy->link_shared_tables();
+  // The layers were cloned one by one and still point at this encoder's tables.
+  if (copy->options.share_relative_tables()) copy->share_first_layer_tables();
   return copy;
 }
 
@@ -443,23 +486,22 @@ torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
                                                       const torch::Tensor& src_key_padding_mask, bool is_causal) {
   torch::Tensor x = src;
   for (size_t i = 0; i < layers->size(); ++i) x = layer(i)->forward(x, src_key_padding_mask, is_causal);
-  return norm ? norm(x) : x;
+  return norm.is_empty() ? x : norm.forward(x);
 }
 
 void RelativeTransformerEncoderImpl::pretty_print(std::ostream& stream) const {
   stream << "relattn::nn::RelativeTransformerEncoder(num_layers=" << options.num_layers()
-         << ", share_relative_tables=" << (options.share_relative_tables() ? "true" : "false")
-         << ", deepnorm=" << (options.deepnorm() ? "true" : "false") << ")";
+         << ", share_relative_tables=" << bool_str(options.share_relative_tables())
+         << ", deepnorm=" << bool_str(options.deepnorm()) << ")";
 }
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ absolute positional encodings ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
 namespace {
 
-void check_input(const torch::Tensor& x, int64_t d_model, int64_t offset, const char* who) {
-  TORCH_CHECK(x.dim() == 3 && x.size(2) == d_model, "relattn::nn::", who, ": input must be [B, L, d_model = ",
-              d_model, "], got ", x.sizes());
-  TORCH_CHECK(offset >= 0, "relattn::nn::", who, ": offset must be >= 0, got ", offset);
+void check_input(const torch::Tensor& x, int64_t d_model, const char* who) {
+  TORCH_CHECK(x.dim() == 3 && x.size(2) == d_model, "relattn::nn::", who, ": expected input [B, L, ", d_model,
+              "], got ", x.sizes());
 }
 
 }  // namespace
@@ -472,36 +514,45 @@ SinusoidalPositionalEncodingImpl::SinusoidalPositionalEncodingImpl(SinusoidalPos
 }
 
 void SinusoidalPositionalEncodingImpl::reset() {
-  TORCH_CHECK(options.d_model() > 0 && options.d_model() % 2 == 0,
-              "relattn::nn::SinusoidalPositionalEncoding: d_model must be positive and even, got ", options.d_model());
+  TORCH_CHECK(options.d_model() > 0, "relattn::nn::SinusoidalPositionalEncoding: d_model must be positive, got ",
+              options.d_model());
   TORCH_CHECK(options.base() > 0.0, "relattn::nn::SinusoidalPositionalEncoding: base must be positive, got ",
               options.base());
+  table = torch::Tensor();
+  if (options.max_len().has_value()) {
+    TORCH_CHECK(*options.max_len() >= 0, "relattn::nn::SinusoidalPositionalEncoding: max_len must be >= 0, got ",
+                *options.max_len());
+    table = register_buffer("table", encoding(*options.max_len()));
+  }
 }
 
-torch::Tensor SinusoidalPositionalEncodingImpl::encoding(int64_t length, int64_t offset,
-                                                         const torch::TensorOptions& tensor_options) const {
-  TORCH_CHECK(length >= 0 && offset >= 0,
-              "relattn::nn::SinusoidalPositionalEncoding: length and offset must be >= 0, got ", length, " and ",
-              offset);
-  const int64_t E = options.d_model();
-  // Computed in float64 so that large positions keep their phase, then cast.
-  const auto f64 = tensor_options.dtype(torch::kDouble);
-  const torch::Tensor pos = torch::arange(offset, offset + length, f64).unsqueeze(1);              // [L, 1]
-  const torch::Tensor inv_freq = torch::exp(torch::arange(0, E, 2, f64) * (-std::log(options.base()) / E));  // [E/2]
-  const torch::Tensor angle = pos * inv_freq;                                                      // [L, E/2]
-  // Interleave: P[:, 2i] = sin, P[:, 2i+1] = cos.
-  const torch::Tensor pe = torch::stack({torch::sin(angle), torch::cos(angle)}, 2).reshape({length, E});
-  return pe.to(tensor_options.has_dtype() ? tensor_options.dtype().toScalarType() : torch::kFloat);
+torch::Tensor SinusoidalPositionalEncodingImpl::encoding(int64_t length, torch::Device device) const {
+  // float32, as in relattn.nn (Python), so both give the same table.
+  const int64_t d = options.d_model();
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
+  const torch::Tensor position = torch::arange(length, f32).unsqueeze(1);
+  const torch::Tensor inv_freq = torch::exp(torch::arange(0, d, 2, f32) * (-std::log(options.base()) / d));
+  const torch::Tensor angle = position * inv_freq;  // [length, ceil(d / 2)]
+  // sin in even features, cos in odd ones.
+  return torch::stack({torch::sin(angle), torch::cos(angle)}, -1).flatten(1).narrow(1, 0, d);
 }
 
-torch::Tensor SinusoidalPositionalEncodingImpl::forward(const torch::Tensor& x, int64_t offset) {
-  check_input(x, options.d_model(), offset, "SinusoidalPositionalEncoding");
-  return x + encoding(x.size(1), offset, x.options());
+torch::Tensor SinusoidalPositionalEncodingImpl::forward(const torch::Tensor& x) {
+  check_input(x, options.d_model(), "SinusoidalPositionalEncoding");
+  const int64_t L = x.size(1);
+  const torch::Tensor pe =
+      table.defined() && L <= table.size(0) ? table.narrow(0, 0, L) : encoding(L, x.device());
+  return x + pe.to(x.dtype());
 }
 
 void SinusoidalPositionalEncodingImpl::pretty_print(std::ostream& stream) const {
-  stream << "relattn::nn::SinusoidalPositionalEncoding(d_model=" << options.d_model() << ", base=" << options.base()
-         << ")";
+  stream << "relattn::nn::SinusoidalPositionalEncoding(d_model=" << options.d_model() << ", max_len=";
+  if (options.max_len().has_value()) {
+    stream << *options.max_len();
+  } else {
+    stream << "none";
+  }
+  stream << ")";
 }
 
 LearnedPositionalEncodingOptions::LearnedPositionalEncodingOptions(int64_t max_len, int64_t d_model)
@@ -513,25 +564,23 @@ LearnedPositionalEncodingImpl::LearnedPositionalEncodingImpl(LearnedPositionalEn
 }
 
 void LearnedPositionalEncodingImpl::reset() {
-  TORCH_CHECK(options.max_len() > 0 && options.d_model() > 0,
-              "relattn::nn::LearnedPositionalEncoding: max_len and d_model must be positive, got ", options.max_len(),
-              " and ", options.d_model());
+  TORCH_CHECK(options.max_len() > 0 && options.d_model() > 0, "relattn::nn::LearnedPositionalEncoding: max_len (",
+              options.max_len(), ") and d_model (", options.d_model(), ") must be positive");
   weight = register_parameter("weight", torch::empty({options.max_len(), options.d_model()}));
   reset_parameters();
 }
 
 void LearnedPositionalEncodingImpl::reset_parameters() {
   torch::NoGradGuard no_grad;
-  torch::nn::init::normal_(weight, 0.0, options.init_std());
+  torch::nn::init::normal_(weight, 0.0, 0.02);
 }
 
-torch::Tensor LearnedPositionalEncodingImpl::forward(const torch::Tensor& x, int64_t offset) {
-  check_input(x, options.d_model(), offset, "LearnedPositionalEncoding");
+torch::Tensor LearnedPositionalEncodingImpl::forward(const torch::Tensor& x) {
+  check_input(x, options.d_model(), "LearnedPositionalEncoding");
   const int64_t L = x.size(1);
-  TORCH_CHECK(offset + L <= options.max_len(), "relattn::nn::LearnedPositionalEncoding: positions up to ",
-              offset + L - 1, " (sequence length ", L, ", offset ", offset, ") exceed the table's max_len = ",
-              options.max_len());
-  return x + weight.narrow(0, offset, L);
+  TORCH_CHECK(L <= options.max_len(), "relattn::nn::LearnedPositionalEncoding: sequence length ", L,
+              " exceeds the table's max_len=", options.max_len());
+  return x + weight.narrow(0, 0, L).to(x.dtype());
 }
 
 void LearnedPositionalEncodingImpl::pretty_print(std::ostream& stream) const {
@@ -541,37 +590,44 @@ void LearnedPositionalEncodingImpl::pretty_print(std::ostream& stream) const {
 
 MLPPositionalEncodingOptions::MLPPositionalEncodingOptions(int64_t d_model) : d_model_(d_model) {}
 
+MLPPositionalEncodingOptions& MLPPositionalEncodingOptions::activation(const std::string& name) {
+  activation_ = activation_from_string(name);
+  return *this;
+}
+
 MLPPositionalEncodingImpl::MLPPositionalEncodingImpl(MLPPositionalEncodingOptions options_)
     : options(std::move(options_)) {
   reset();
 }
 
 void MLPPositionalEncodingImpl::reset() {
-  TORCH_CHECK(options.d_model() > 0 && options.hidden_dim() > 0,
-              "relattn::nn::MLPPositionalEncoding: d_model and hidden_dim must be positive, got ", options.d_model(),
-              " and ", options.hidden_dim());
-  TORCH_CHECK(options.max_len() > 0.0, "relattn::nn::MLPPositionalEncoding: max_len must be positive, got ",
-              options.max_len());
-  linear1 = register_module("linear1", torch::nn::Linear(1, options.hidden_dim()));
-  linear2 = register_module("linear2", torch::nn::Linear(options.hidden_dim(), options.d_model()));
+  TORCH_CHECK(options.d_model() > 0 && options.hidden() > 0, "relattn::nn::MLPPositionalEncoding: d_model (",
+              options.d_model(), ") and hidden (", options.hidden(), ") must be positive");
+  fc1 = register_module("fc1", torch::nn::Linear(1, options.hidden()));
+  fc2 = register_module("fc2", torch::nn::Linear(options.hidden(), options.d_model()));
 }
 
-torch::Tensor MLPPositionalEncodingImpl::encoding(int64_t length, int64_t offset) {
-  TORCH_CHECK(length >= 0 && offset >= 0,
-              "relattn::nn::MLPPositionalEncoding: length and offset must be >= 0, got ", length, " and ", offset);
-  const torch::Tensor pos =
-      torch::arange(offset, offset + length, linear1->weight.options()).unsqueeze(1) / options.max_len();
-  return linear2(torch::gelu(linear1(pos)));
+torch::Tensor MLPPositionalEncodingImpl::positions(int64_t length) const {
+  const torch::Tensor index = torch::arange(length, fc1->weight.options().requires_grad(false));
+  if (!options.scale().has_value()) return (index / static_cast<double>(std::max<int64_t>(length - 1, 1))).unsqueeze(1);
+  return (index * *options.scale()).unsqueeze(1);
 }
 
-torch::Tensor MLPPositionalEncodingImpl::forward(const torch::Tensor& x, int64_t offset) {
-  check_input(x, options.d_model(), offset, "MLPPositionalEncoding");
-  return x + encoding(x.size(1), offset);
+torch::Tensor MLPPositionalEncodingImpl::forward(const torch::Tensor& x) {
+  check_input(x, options.d_model(), "MLPPositionalEncoding");
+  const torch::Tensor p = positions(x.size(1));
+  return x + fc2(apply_activation(options.activation(), fc1(p))).to(x.dtype());
 }
 
 void MLPPositionalEncodingImpl::pretty_print(std::ostream& stream) const {
-  stream << "relattn::nn::MLPPositionalEncoding(d_model=" << options.d_model()
-         << ", hidden_dim=" << options.hidden_dim() << ", max_len=" << options.max_len() << ")";
+  stream << "relattn::nn::MLPPositionalEncoding(d_model=" << options.d_model() << ", hidden=" << options.hidden()
+         << ", scale=";
+  if (options.scale().has_value()) {
+    stream << *options.scale();
+  } else {
+    stream << "none";
+  }
+  stream << ")";
 }
 
 }  // namespace nn

@@ -70,8 +70,6 @@ struct AttentionBwdParams : AttentionParams {
   const void* grad_out = nullptr;
   int64_t grad_out_stride[3] = {0, 0, 0};
   const void* grad_lse = nullptr;
-  // out strides (b, h, l) — the forward writes `out` contiguous, the backward may get any view.
-  int64_t out_stride[3] = {0, 0, 0};
 
   // Gradients in the input dtype, contiguous: dq [B,H,Lq,D], dk [B,Hk,Lk,D], dv [B,Hk,Lk,Dv].
   void* dq = nullptr;
@@ -79,7 +77,7 @@ struct AttentionBwdParams : AttentionParams {
   void* dv = nullptr;
 
   // Scratch in the accumulation dtype, contiguous [B,H,Lq] / [B,H,Lq,R]:
-  //   delta   Δ_i = do_i·out_i - grad_lse_i
+  //   delta   Δ_i = Σ_j p_ij dp_ij - grad_lse_i  (= do_i·out_i - grad_lse_i, kept in acc dtype)
   //   row_tab tab[i,r] = scale*q_i·aK[r] + bias[h,r]       (if rel_k or rel_bias)
   //   row_doa do_i·aV[r]                                  (if rel_v)
   //   ds_sum  Σ_{j:β=r} ds_ij                             (if rel_k or rel_bias)  -> d aK, d bias

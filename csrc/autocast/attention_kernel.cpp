@@ -22,7 +22,7 @@ ForwardResult attention_forward_autocast(const Tensor& q, const Tensor& k, const
   auto table = [&](const OptTensor& t) -> OptTensor {
     if (!t.has_value() || !t->defined() || !t->is_floating_point()) return t;
     if (t->scalar_type() == dt || t->scalar_type() == at::kFloat) return t;
-    return at::autocast::cached_cast(at::kFloat, *t, device);
+    return t->to(at::kFloat);  // e.g. a float64 table (cached_cast leaves float64 alone)
   };
   const bool eligible = at::autocast::is_autocast_eligible(q, device);
   if (!eligible) {

@@ -10,9 +10,10 @@
 // bucket sums are row sums (the single-bucket fast path).
 //
 // Backward, two passes so that nothing is written by two tasks (deterministic, no atomics):
-//   pass A per (b, h, query block): Δ_i = do_i·out_i - glse_i, row tables tab and doa[i,r] = do_i·aV[r],
-//     P = exp(S - lse), dP = dO Vᵀ + doa[i,β], dS = P∘(dP - Δ);  dq = scale*(dS K + dsb·aK) with the
-//     bucket sums dsb[i,r] = Σ_{β=r} dS_ij and psum[i,r] = Σ_{β=r} P_ij left behind for the tables.
+//   pass A per (b, h, query block): row tables tab and doa[i,r] = do_i·aV[r], P = exp(S - lse),
+//     dP = dO Vᵀ + doa[i,β]; Δ_i = Σ_j P_ij dP_ij - glse_i (= do_i·out_i - glse_i, in acc_t);
+//     dq = scale*(dS K + dsb·aK) with dS = P∘(dP - Δ), and the bucket sums dsb[i,r] = Σ_{β=r} dS_ij and
+//     psum[i,r] = Σ_{β=r} P_ij left behind for the tables.
 //   pass B per (b, kv head, key block), over the heads of its group and all query blocks:
 //     dv = Σ Pᵀ dO,  dk = scale * Σ dSᵀ Q.
 //   The table gradients are then plain GEMMs of those row sums (table_grad_from_row_sums).
@@ -117,7 +118,7 @@ inline std::pair<const acc_t*, int64_t> tile_rows(const scalar_t* src, int64_t s
 template <typename acc_t>
 struct Tiles {
   int64_t D1, Dv1, R1;
-  std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, dsb, psum, dk, dv;
+  std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, pk, rowacc, dsb, psum, dk, dv;
   std::vector<int32_t> ids, row_bucket;
   Tiles(const AttentionParams& p, bool backward) : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
     q.resize(kBlockQ * D1);
@@ -137,6 +138,8 @@ struct Tiles {
       dout.resize(kBlockQ * Dv1);
       doa.resize(kBlockQ * R1);
       dq.resize(kBlockQ * D1);
+      pk.resize(kBlockQ * D1);
+      rowacc.resize(kBlockQ);
       dsb.resize(kBlockQ * R1);
       psum.resize(kBlockQ * R1);
       dk.resize(kBlockK * D1);
@@ -343,8 +346,8 @@ void forward(const AttentionParams& p) {
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// P and dS of one tile: on return t.s holds P = exp(S - lse) and t.dp holds dS = P∘(dP - Δ).
-// q/dout tiles are [rows, D1]/[rows, Dv1]; tab/doa/lse/delta point at this block's rows.
+// P and dS of one tile: on return t.s holds P = exp(S - lse) and t.dp holds dS = P∘(dP - Δ)
+// (P∘dP when `delta` is null). tab/doa/lse/delta point at this block's rows.
 template <typename acc_t>
 void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                        int64_t cols, const acc_t* q, int64_t ldq, const acc_t* dout, int64_t lddo,
@@ -361,7 +364,7 @@ void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
     acc_t* dp = dP + i * kBlockK;
-    const acc_t L = lse[i], dl = delta[i];
+    const acc_t L = lse[i], dl = delta ? delta[i] : acc_t(0);
     if (L == neg_inf<acc_t>()) {  // fully masked row: p = 0, ds = 0
       std::fill(s, s + cols, acc_t(0));
       std::fill(dp, dp + cols, acc_t(0));
@@ -381,21 +384,9 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
                     h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
-  const auto* op = static_cast<const scalar_t*>(p.out) + b * p.out_stride[0] + h * p.out_stride[1] +
-                   i0 * p.out_stride[2];
   const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
   const auto [dot, lddo] = tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
 
-  // Δ_i = do_i·out_i - grad_lse_i
-  acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
-  const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
-  for (int64_t i = 0; i < rows; ++i) {
-    acc_t s = 0;
-    const acc_t* d = dot + i * lddo;
-#pragma omp simd reduction(+ : s)
-    for (int64_t c = 0; c < p.Dv; ++c) s += d[c] * static_cast<acc_t>(op[i * p.out_stride[2] + c]);
-    delta[i] = glse ? s - glse[i] : s;
-  }
   // Row tables, kept for pass B.
   acc_t* tab = (p.rel_k || p.rel_bias) ? static_cast<acc_t*>(p.row_tab) + row0 * R : nullptr;
   acc_t* doa = p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * R : nullptr;
@@ -406,7 +397,12 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   }
   const acc_t* lse = static_cast<const acc_t*>(p.lse) + row0;
 
+  // Δ_i = Σ_j p_ij dp_ij is accumulated here in acc_t rather than taken as do_i·out_i from the rounded
+  // half-precision out (whose rounding error would otherwise become ds, e.g. for a row with one key).
+  // So the sweep collects T = P∘dP and P: dq = scale*(T K - Δ P K + (Σ_β T - Δ Σ_β P)·aK).
   std::fill(t.dq.begin(), t.dq.end(), acc_t(0));
+  std::fill(t.pk.begin(), t.pk.end(), acc_t(0));
+  std::fill(t.rowacc.begin(), t.rowacc.end(), acc_t(0));
   std::fill(t.dsb.begin(), t.dsb.end(), acc_t(0));
   std::fill(t.psum.begin(), t.psum.end(), acc_t(0));
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
@@ -416,11 +412,28 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     const int64_t cols = std::min(kBlockK, j_end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
-    probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse, delta,
-                      t);
+    probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse,
+                      static_cast<const acc_t*>(nullptr), t);
+    for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(t.dp.data() + i * kBlockK, cols);
     if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_bucket.data());
-    if (doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_bucket.data());
+    if (tab || doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_bucket.data());
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
+    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.s.data(), kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
+  }
+  // Δ (with the lse gradient: ds = p(dp - Δ + glse)), kept for pass B; then dS's sums from T's.
+  acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
+  const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t d = glse ? t.rowacc[i] - glse[i] : t.rowacc[i];
+    delta[i] = d;
+    acc_t* dqi = t.dq.data() + i * D1;
+    const acc_t* pki = t.pk.data() + i * D1;
+    for (int64_t c = 0; c < p.D; ++c) dqi[c] -= d * pki[c];
+    if (tab) {
+      acc_t* ds = t.dsb.data() + i * R1;
+      const acc_t* ps = t.psum.data() + i * R1;
+      for (int64_t r = 0; r < R; ++r) ds[r] -= d * ps[r];
+    }
   }
   // dq = scale * (dS K + dsb · aK)
   if (p.rel_k) {
@@ -570,17 +583,12 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
 
   if (rows > 0) {
     Tensor go = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
-    Tensor o = out.stride(-1) == 1 || a.Dv <= 1 ? out : out.contiguous();
     Tensor lse_acc = lse.to(acc_opts).contiguous();
     Tensor glse_acc = has_glse ? grad_lse->to(acc_opts).contiguous() : Tensor();
     kernels::AttentionBwdParams p;
     fill_params(a, p);
     p.grad_out = go.data_ptr();
-    p.out = o.data_ptr();
-    for (int d = 0; d < 3; ++d) {
-      p.grad_out_stride[d] = go.stride(d);
-      p.out_stride[d] = o.stride(d);
-    }
+    for (int d = 0; d < 3; ++d) p.grad_out_stride[d] = go.stride(d);
     p.lse = lse_acc.data_ptr();
     p.grad_lse = has_glse ? glse_acc.data_ptr() : nullptr;
     p.dq = dq.data_ptr();

@@ -1,27 +1,41 @@
 // relattn::nn — LibTorch modules built on relattn::attention: a multi-head attention layer with
 // relative positions, a Transformer encoder layer and stack, and the absolute positional encodings a
-// model may still add to its input. Same names and arguments as the Python package `relattn.nn`.
+// model may still add to its input. Same names and arguments as the Python package `relattn.nn`
+// (Python keyword arguments are TORCH_ARG options here):
 //
 //   #include <relattn/nn.h>
 //   namespace rnn = relattn::nn;
-//   rnn::RelativeTransformerEncoder encoder(rnn::RelativeTransformerEncoderOptions(
-//       rnn::RelativeTransformerEncoderLayerOptions(256, 8)
-//           .dim_feedforward(1024)
-//           .position(rnn::RelativePositionOptions("shaw").max_distance(32)),
-//       /*num_layers=*/12).deepnorm(true));
+//   rnn::RelativeTransformerEncoder encoder(
+//       rnn::RelativeTransformerEncoderOptions(
+//           rnn::RelativeTransformerEncoderLayerOptions(256, 8).dim_feedforward(1024).position("shaw").max_distance(32),
+//           /*num_layers=*/12)
+//           .deepnorm(true));
 //   torch::Tensor y = encoder(x);  // x, y: [B, L, 256]
 //
-// Every module takes batch-first inputs [B, L, E]. Padding masks are bool [B, L] with true marking
-// padding (the torch::nn::MultiheadAttention convention).
+// Inputs are batch-first ([B, L, E]) unless batch_first(false). Padding masks are bool [B, L] with
+// true marking padding (the torch::nn::MultiheadAttention convention).
+//
+// Positional schemes (option `position`, a PositionScheme or its name):
+//   "shaw"       learned relative key (rel_k) and/or value (rel_v) embeddings over distances clipped
+//                to ±max_distance (R = 2·max_distance + 1), shared by all heads or one table per head
+//                (per_head_tables). Shaw et al. 2018.
+//   "t5"         a learned scalar bias per head (rel_bias) over T5's log-spaced buckets (num_buckets,
+//                max_distance, bidirectional). Raffel et al. 2020.
+//   "clip_bias"  a learned scalar bias per head (rel_bias) over clipped distances, R = 2·max_distance + 1.
+//   "alibi"      the fixed linear penalty -m_h·|j - i|; nothing is learned. Press et al. 2022.
+//   "none"       no positional information inside attention (add an absolute encoding to the input).
 #pragma once
 
 #include <cstdint>
 #include <optional>
+#include <ostream>
 #include <string>
+#include <vector>
 
 #include <torch/nn/cloneable.h>
 #include <torch/nn/module.h>
 #include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any.h>
 #include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/modules/container/modulelist.h>
 #include <torch/nn/modules/dropout.h>
@@ -29,115 +43,124 @@
 #include <torch/nn/modules/normalization.h>
 #include <torch/nn/options/transformerlayer.h>
 #include <torch/nn/pimpl.h>
+#include <torch/ordered_dict.h>
 
 #include "relattn.h"
 
 namespace relattn {
 namespace nn {
 
-// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ relative positions ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-
-// How an attention layer encodes the distance d = j - i between query i and key j.
-enum class PositionScheme {
-  kShaw,      // "shaw": learned key/value embeddings rel_k/rel_v per clipped distance (Shaw et al. 2018)
-  kT5,        // "t5": learned scalar bias per head and T5 log-bucket (rel_bias)
-  kClipBias,  // "clip_bias": learned scalar bias per head and clipped distance (rel_bias)
-  kALiBi,     // "alibi": fixed linear penalty -m_h * |d| (no parameters)
-  kNone,      // "none": no positional information inside attention
-};
+// The positional scheme of an attention layer; see the table above.
+enum class PositionScheme { kShaw, kT5, kClipBias, kALiBi, kNone };
 
 // Parses "shaw", "t5", "clip_bias", "alibi" or "none" (c10::Error otherwise).
 PositionScheme position_scheme_from_string(const std::string& name);
-// The inverse: "shaw", "t5", ...
+// The scheme's name: "shaw", "t5", ...
 std::string to_string(PositionScheme scheme);
 
-// The positional scheme of an attention layer and its arguments. Converts implicitly from the scheme
-// or its name, so `.position("alibi")` works where these options are expected.
-struct RelativePositionOptions {
-  /* implicit */ RelativePositionOptions(PositionScheme scheme = PositionScheme::kShaw);
-  /* implicit */ RelativePositionOptions(const std::string& scheme);
-  /* implicit */ RelativePositionOptions(const char* scheme);
+// Feed-forward / MLP activation: torch::kReLU, torch::kGELU or a callable (torch's own type).
+using activation_t = torch::nn::activation_t;
+// Parses "relu" or "gelu".
+activation_t activation_from_string(const std::string& name);
 
-  // Which scheme; see PositionScheme.
-  TORCH_ARG(PositionScheme, scheme);
-  // "shaw", "clip_bias": distances are clipped to [-max_distance, max_distance], R = 2*max_distance+1
-  // (default 16). "t5": the distance from which all distances share the last bucket (default 128).
-  TORCH_ARG(std::optional<int64_t>, max_distance) = std::nullopt;
-  // "shaw": learn key-side embeddings rel_k [R, head_dim] (added to the keys inside q·k).
-  TORCH_ARG(bool, rel_k) = true;
-  // "shaw": learn value-side embeddings rel_v [R, head_dim] (added to the values).
-  TORCH_ARG(bool, rel_v) = true;
-  // "shaw": one table per head ([H, R, head_dim]) instead of one shared by all heads.
-  TORCH_ARG(bool, per_head) = false;
-  // "t5": number of buckets R.
-  TORCH_ARG(int64_t, num_buckets) = 32;
-  // "t5": distinguish keys before and after the query (false: only keys at or before it get
-  // distinct buckets, as in a causal decoder).
-  TORCH_ARG(bool, bidirectional) = true;
-
- public:
-  // max_distance, or the scheme's default when unset.
-  int64_t resolved_max_distance() const;
-};
+// Relative tables by name ("rel_k", "rel_v", "rel_bias").
+using RelativeTables = torch::OrderedDict<std::string, torch::Tensor>;
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
 struct RelativeMultiheadAttentionOptions {
   RelativeMultiheadAttentionOptions(int64_t embed_dim, int64_t num_heads);
 
-  // Model dimension E of query, key, value and output.
+  // Model width E of the query and the output.
   TORCH_ARG(int64_t, embed_dim);
-  // Number of query heads H; embed_dim must be a multiple of it (head_dim = E / H).
+  // Query heads H; embed_dim must be divisible by it (head dim E / H).
   TORCH_ARG(int64_t, num_heads);
-  // Number of key/value heads Hk (grouped-query attention; 1 = multi-query). Must divide num_heads.
-  // Default: num_heads.
-  TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
-  // Add biases to the input and output projections.
-  TORCH_ARG(bool, bias) = true;
-  // Attention dropout. Must be 0: the fused kernel never materialises the attention weights.
+  // Dropout on the attention weights. Must be 0: the fused kernels never form the weights, and a
+  // non-zero value is an error rather than being silently ignored.
   TORCH_ARG(double, dropout) = 0.0;
-  // The positional scheme inside attention (default: Shaw keys and values, clipped at 16).
-  TORCH_ARG(RelativePositionOptions, position) = RelativePositionOptions();
+  // Biases in the query, key, value and output projections.
+  TORCH_ARG(bool, bias) = true;
+  // Feature sizes of key and value (default embed_dim).
+  TORCH_ARG(std::optional<int64_t>, kdim) = std::nullopt;
+  TORCH_ARG(std::optional<int64_t>, vdim) = std::nullopt;
+  // Inputs and output are [B, L, E] (default) rather than [L, B, E].
+  TORCH_ARG(bool, batch_first) = true;
+  // Key/value heads Hk for grouped-query (1 < Hk < H) or multi-query (Hk = 1) attention; num_heads
+  // must be a multiple of it. Default num_heads.
+  TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
+  // The positional scheme (also settable by name: .position("t5")).
+  TORCH_ARG(PositionScheme, position) = PositionScheme::kShaw;
+  // Clipping distance of "shaw" / "clip_bias" (default 16), or T5's max_distance for "t5"
+  // (default 128). Ignored by "alibi" and "none".
+  TORCH_ARG(std::optional<int64_t>, max_distance) = std::nullopt;
+  // "shaw": learn relative key / value embeddings (at least one must be true).
+  TORCH_ARG(bool, rel_k) = true;
+  TORCH_ARG(bool, rel_v) = true;
+  // "shaw": one table per head ([H, R, E/H]) instead of one shared by all heads ([R, E/H]).
+  TORCH_ARG(bool, per_head_tables) = false;
+  // "t5": the number of buckets R.
+  TORCH_ARG(int64_t, num_buckets) = 32;
+  // "t5": separate buckets for keys before and after the query.
+  TORCH_ARG(bool, bidirectional) = true;
+  // Softmax scale, default 1/sqrt(E/H).
+  TORCH_ARG(std::optional<double>, scale) = std::nullopt;
+
+ public:
+  RelativeMultiheadAttentionOptions& position(const std::string& name);
 };
 
-// Multi-head attention with relative positions, batch first:
-//   q = query W_q, k = key W_k, v = value W_v, split into heads;
-//   out = relattn::attention(q, k, v, <tables of the scheme>) merged and projected by out_proj.
-// Parameters: q_proj, k_proj, v_proj, out_proj (Linear) and, by scheme, rel_k / rel_v (shaw) or
-// rel_bias (t5, clip_bias). Buffers: buckets (shaw, t5, clip_bias), alibi_slopes (alibi).
+// Multi-head attention with relative positions, computed by the fused relattn::attention:
+//   q = q_proj(query), k = k_proj(key), v = v_proj(value), split into heads,
+//   out = out_proj(merge(relattn::attention(q, k, v, <the scheme's tables and buckets>))).
+// Parameters: q_proj, k_proj, v_proj, out_proj and, by scheme, rel_k / rel_v ("shaw") or rel_bias
+// ("t5", "clip_bias"). Buffers (derived from the options, never cast by to(dtype)): buckets ("shaw",
+// "t5", "clip_bias"; int64 [2M+1]) and alibi_slopes ("alibi"; float32 [H]).
+// Unlike torch::nn::MultiheadAttention it returns the output only: the weights are never formed.
 class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMultiheadAttentionImpl> {
  public:
   RelativeMultiheadAttentionImpl(int64_t embed_dim, int64_t num_heads)
       : RelativeMultiheadAttentionImpl(RelativeMultiheadAttentionOptions(embed_dim, num_heads)) {}
   explicit RelativeMultiheadAttentionImpl(RelativeMultiheadAttentionOptions options);
 
-  // query [B, Lq, E]; key, value [B, Lk, E] (default: query, i.e. self-attention);
-  // key_padding_mask bool [B, Lk], true = padding; is_causal masks keys after the query's position.
-  // Returns [B, Lq, E]. Query i sits at position i and key j at position j.
+  // query [B, Lq, E]; key [B, Lk, kdim] (default: query); value [B, Lk, vdim] (default: key);
+  // key_padding_mask bool [B, Lk], true = padding (a query with every key masked outputs
+  // out_proj's bias, never NaN); is_causal masks keys after the query (j > i); rel_index, integer
+  // [Lq, Lk] or [B, Lq, Lk], replaces the distance buckets with an explicit bucket per pair
+  // (structural positions; needs a scheme with tables). Returns [B, Lq, E] ([Lq, B, E] when not
+  // batch_first). The distance of query i and key j is j - i.
   torch::Tensor forward(const torch::Tensor& query, const torch::Tensor& key = {},
                         const torch::Tensor& value = {}, const torch::Tensor& key_padding_mask = {},
-                        bool is_causal = false);
+                        bool is_causal = false, const torch::Tensor& rel_index = {});
 
   void reset() override;
-  // Xavier-uniform projections with zero biases; rel_k / rel_v ~ N(0, 0.02^2); rel_bias = 0.
+  // Xavier-uniform projection weights, zero biases; rel_k / rel_v ~ N(0, 0.02²); rel_bias = 0 (so
+  // training starts from position-free attention). Tables taken from elsewhere are left alone.
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
-  // Like torch::nn::Module::to, except that the buffers buckets (integer ids) and alibi_slopes
-  // (float32, fixed) keep their dtype and only change device.
+
+  // The learned relative tables this scheme uses, by name (empty for "alibi" / "none").
+  RelativeTables relative_tables() const;
+  // Use `tables` (e.g. another layer's relative_tables()) instead of this module's own: the names
+  // must be exactly those relative_tables() returns, with the same shapes. This module then drops
+  // its own tables from its parameters and does not register the given ones: they stay parameters of
+  // their owner only, so an optimizer sees each shared table once (torch::nn::Module::parameters()
+  // does not deduplicate), and its gradient sums the contributions of every module using it.
+  void set_relative_tables(const RelativeTables& tables);
+  // True after set_relative_tables.
+  bool uses_external_tables() const { return external_tables_; }
+
+  // Like torch::nn::Module::to, except that buckets (integer ids) and alibi_slopes (fixed float32)
+  // keep their dtype and only change device.
   using torch::nn::Module::to;
   void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
   void to(torch::Dtype dtype, bool non_blocking = false) override;
 
-  // Use `owner`'s relative tables (rel_k, rel_v, rel_bias) instead of this module's own: they are
-  // dropped from this module's parameters, so an optimizer sees each shared table once and its
-  // gradient sums the contributions of every module using it. Both must have the same heads, head
-  // dim and position options.
-  void share_relative_tables(const RelativeMultiheadAttentionImpl& owner);
-  // True after share_relative_tables.
-  bool shares_relative_tables() const { return tables_shared_; }
-
   int64_t head_dim() const { return head_dim_; }
   int64_t num_kv_heads() const { return num_kv_heads_; }
+  // The resolved max_distance (the scheme's default when unset); 0 for "alibi" / "none".
+  int64_t max_distance() const { return max_distance_; }
+  // The number of buckets R of the tables; 0 for "alibi" / "none".
+  int64_t num_buckets() const { return num_buckets_; }
 
   RelativeMultiheadAttentionOptions options;
 
@@ -146,22 +169,28 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   torch::nn::Linear v_proj = nullptr;
   torch::nn::Linear out_proj = nullptr;
   // Relative tables; undefined when the scheme has none.
-  torch::Tensor rel_k;     // [R, head_dim] or [H, R, head_dim]
-  torch::Tensor rel_v;     // [R, head_dim] or [H, R, head_dim]
+  torch::Tensor rel_k;     // [R, E/H] or [H, R, E/H]
+  torch::Tensor rel_v;     // [R, E/H] or [H, R, E/H]
   torch::Tensor rel_bias;  // [H, R]
-  // Integer [2M+1]: the bucket of each distance (see relattn::clip_buckets / t5_buckets).
-  torch::Tensor buckets;
-  torch::Tensor alibi_slopes;  // [H]
+  torch::Tensor buckets;       // int64 [2M+1]: the bucket of each distance in [-M, M]
+  torch::Tensor alibi_slopes;  // float32 [H]
 
  protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())},
-                           {2, torch::nn::AnyValue(torch::Tensor())},
-                           {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(false)})
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(torch::Tensor())},
+                           {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(false)},
+                           {5, torch::nn::AnyValue(torch::Tensor())})
 
  private:
+  // The tables the scheme uses ("rel_k", "rel_v", "rel_bias") and their shapes.
+  std::vector<std::string> table_names() const;
+  std::vector<int64_t> table_shape(const std::string& name) const;
+  torch::Tensor& table(const std::string& name);
+
   int64_t head_dim_ = 0;
   int64_t num_kv_heads_ = 0;
-  bool tables_shared_ = false;
+  int64_t max_distance_ = 0;
+  int64_t num_buckets_ = 0;
+  bool external_tables_ = false;
 };
 TORCH_MODULE(RelativeMultiheadAttention);
 
@@ -170,40 +199,50 @@ TORCH_MODULE(RelativeMultiheadAttention);
 struct RelativeTransformerEncoderLayerOptions {
   /* implicit */ RelativeTransformerEncoderLayerOptions(int64_t d_model, int64_t nhead);
 
-  // Model dimension E.
+  // Model width.
   TORCH_ARG(int64_t, d_model);
-  // Number of attention heads.
+  // Attention heads.
   TORCH_ARG(int64_t, nhead);
-  // Number of key/value heads (grouped-query attention). Default: nhead.
-  TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
-  // Hidden size of the feed-forward block.
+  // Hidden width of the feed-forward network.
   TORCH_ARG(int64_t, dim_feedforward) = 2048;
-  // Dropout on the attention and feed-forward outputs and inside the feed-forward block (never on the
-  // attention weights).
+  // Dropout after the attention block, inside and after the feed-forward block. Unlike
+  // torch::nn::TransformerEncoderLayer it does not apply to the attention weights.
   TORCH_ARG(double, dropout) = 0.1;
-  // Feed-forward activation: torch::kReLU, torch::kGELU or a callable. Also settable by name
-  // ("relu", "gelu").
-  TORCH_ARG(torch::nn::activation_t, activation) = torch::kReLU;
-  // Epsilon of both LayerNorms.
+  // torch::kReLU, torch::kGELU or a callable; also settable by name ("relu", "gelu").
+  TORCH_ARG(activation_t, activation) = torch::kReLU;
+  // Epsilon of both layer norms.
   TORCH_ARG(double, layer_norm_eps) = 1e-5;
-  // Pre-LN (x + f(LN(x))) instead of post-LN (LN(x + f(x))).
+  // [B, L, d_model] (default) rather than [L, B, d_model].
+  TORCH_ARG(bool, batch_first) = true;
+  // Pre-LN instead of post-LN.
   TORCH_ARG(bool, norm_first) = false;
-  // Biases in the linear layers and LayerNorms.
+  // Biases in the linear layers (torch::nn::LayerNorm always has its bias).
   TORCH_ARG(bool, bias) = true;
-  // Residual weight alpha of post-LN blocks: x = LN(alpha * x + f(x)). DeepNorm sets it
-  // (RelativeTransformerEncoderOptions::deepnorm); must stay 1 with norm_first.
-  TORCH_ARG(double, residual_scale) = 1.0;
-  // The positional scheme of the self-attention.
-  TORCH_ARG(RelativePositionOptions, position) = RelativePositionOptions();
+  // Key/value heads for grouped-query attention (default nhead).
+  TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
+  // Dropout on the attention weights; must be 0 (see RelativeMultiheadAttentionOptions::dropout).
+  TORCH_ARG(double, attention_dropout) = 0.0;
+  // The positional scheme, passed to RelativeMultiheadAttention (see its options).
+  TORCH_ARG(PositionScheme, position) = PositionScheme::kShaw;
+  TORCH_ARG(std::optional<int64_t>, max_distance) = std::nullopt;
+  TORCH_ARG(bool, rel_k) = true;
+  TORCH_ARG(bool, rel_v) = true;
+  TORCH_ARG(bool, per_head_tables) = false;
+  TORCH_ARG(int64_t, num_buckets) = 32;
+  TORCH_ARG(bool, bidirectional) = true;
 
  public:
+  RelativeTransformerEncoderLayerOptions& position(const std::string& name);
   RelativeTransformerEncoderLayerOptions& activation(const std::string& name);
+  // The options of this layer's self-attention.
+  RelativeMultiheadAttentionOptions attention_options() const;
 };
 
-// A Transformer encoder layer whose self-attention is RelativeMultiheadAttention:
+// A Transformer encoder layer (self-attention + feed-forward) using RelativeMultiheadAttention, with
+// torch::nn::TransformerEncoderLayer's submodule names. With a = residual_alpha:
 //   post-LN: x = norm1(a*x + dropout1(self_attn(x)));  x = norm2(a*x + dropout2(ff(x)))
 //   pre-LN:  x = x + dropout1(self_attn(norm1(x)));    x = x + dropout2(ff(norm2(x)))
-// with ff(x) = linear2(dropout(activation(linear1(x)))) and a = residual_scale.
+// where ff(x) = linear2(dropout(activation(linear1(x)))).
 class RelativeTransformerEncoderLayerImpl
     : public torch::nn::Cloneable<RelativeTransformerEncoderLayerImpl> {
  public:
@@ -211,19 +250,22 @@ class RelativeTransformerEncoderLayerImpl
       : RelativeTransformerEncoderLayerImpl(RelativeTransformerEncoderLayerOptions(d_model, nhead)) {}
   explicit RelativeTransformerEncoderLayerImpl(RelativeTransformerEncoderLayerOptions options);
 
-  // src [B, L, E]; src_key_padding_mask bool [B, L], true = padding; is_causal: each position
-  // attends only to itself and earlier ones. Returns [B, L, E].
+  // src [B, L, d_model] ([L, B, d_model] when not batch_first); src_key_padding_mask bool [B, L],
+  // true = padding; is_causal: causal self-attention. Returns a tensor shaped like src.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
                         bool is_causal = false);
 
   void reset() override;
   void reset_parameters();
-  // DeepNet initialisation (Wang et al. 2022): Xavier-normal with gain `beta` for v_proj, out_proj,
-  // linear1 and linear2, gain 1 for q_proj and k_proj; zero biases.
+  // DeepNet initialisation (Wang et al. 2022): Xavier-normal weights with gain `beta` for v_proj,
+  // out_proj, linear1 and linear2, gain 1 for q_proj and k_proj.
   void deepnorm_reset_parameters(double beta);
   void pretty_print(std::ostream& stream) const override;
 
   RelativeTransformerEncoderLayerOptions options;
+  // Residual scale of the post-LN sub-layers (DeepNorm's alpha); 1 for a plain layer.
+  // RelativeTransformerEncoder sets it with deepnorm.
+  double residual_alpha = 1.0;
 
   RelativeMultiheadAttention self_attn = nullptr;
   torch::nn::Linear linear1 = nullptr;
@@ -245,41 +287,49 @@ TORCH_MODULE(RelativeTransformerEncoderLayer);
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerEncoder ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
 struct RelativeTransformerEncoderOptions {
-  RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayerOptions layer, int64_t num_layers);
+  // The layers are deep copies (clone()) of encoder_layer, so all start from its weights (as in
+  // PyTorch), or fresh layers built from layer options.
+  RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayer encoder_layer, int64_t num_layers);
+  RelativeTransformerEncoderOptions(const RelativeTransformerEncoderLayerOptions& layer_options,
+                                    int64_t num_layers);
 
-  // Options of every layer.
-  TORCH_ARG(RelativeTransformerEncoderLayerOptions, layer);
+  // The layer to copy.
+  TORCH_ARG(RelativeTransformerEncoderLayer, encoder_layer);
   // Number of layers N.
   TORCH_ARG(int64_t, num_layers);
-  // A LayerNorm after the last layer. Default: layer.norm_first (pre-LN stacks need one).
-  TORCH_ARG(std::optional<bool>, final_norm) = std::nullopt;
-  // Every layer uses the first layer's relative tables (as T5 shares its bias across layers).
+  // Optional final module applied to the output (e.g. a LayerNorm after a pre-LN stack); the encoder
+  // holds its own copy.
+  TORCH_ARG(torch::nn::AnyModule, norm);
+  // All layers use the first layer's relative tables (rel_k / rel_v / rel_bias), as T5 shares its bias
+  // across layers. They are parameters of the first layer only.
   TORCH_ARG(bool, share_relative_tables) = false;
-  // DeepNorm (Wang et al. 2022) for deep post-LN stacks: residual x = LN(alpha*x + f(x)) with
-  // alpha = (2N)^(1/4), and DeepNet initialisation with beta = (8N)^(-1/4). Needs norm_first = false.
+  // DeepNorm (Wang et al. 2022) for post-LN layers: each sub-layer computes x = LN(alpha·x + f(x)) with
+  // alpha = (2N)^(1/4), and v_proj, out_proj, linear1, linear2 are re-initialised Xavier-normal with
+  // gain beta = (8N)^(-1/4) (q_proj, k_proj: gain 1). Pre-LN layers are an error.
   TORCH_ARG(bool, deepnorm) = false;
 };
 
-// A stack of RelativeTransformerEncoderLayer, optionally followed by a LayerNorm.
+// A stack of RelativeTransformerEncoderLayer, optionally followed by `norm`.
 class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTransformerEncoderImpl> {
  public:
-  RelativeTransformerEncoderImpl(RelativeTransformerEncoderLayerOptions layer, int64_t num_layers)
-      : RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions(std::move(layer), num_layers)) {}
+  RelativeTransformerEncoderImpl(RelativeTransformerEncoderLayer encoder_layer, int64_t num_layers)
+      : RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions(std::move(encoder_layer), num_layers)) {}
+  RelativeTransformerEncoderImpl(const RelativeTransformerEncoderLayerOptions& layer_options, int64_t num_layers)
+      : RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions(layer_options, num_layers)) {}
   explicit RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions options);
 
-  // src [B, L, E]; src_key_padding_mask bool [B, L], true = padding; is_causal as in the layer.
-  // Returns [B, L, E].
+  // src [B, L, d_model] ([L, B, d_model] when the layers are not batch_first); src_key_padding_mask
+  // bool [B, L], true = padding; is_causal: causal self-attention in every layer.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
                         bool is_causal = false);
 
   void reset() override;
-  void reset_parameters();
-  // A deep copy; with share_relative_tables the copy's layers share the copy's first-layer tables.
+  // A deep copy; with share_relative_tables its layers share the copy's first-layer tables.
   std::shared_ptr<torch::nn::Module> clone(
       const std::optional<torch::Device>& device = std::nullopt) const override;
   void pretty_print(std::ostream& stream) const override;
 
-  // The DeepNorm constants for N layers: alpha = (2N)^(1/4), beta = (8N)^(-1/4).
+  // DeepNorm's constants for N layers: alpha = (2N)^(1/4), beta = (8N)^(-1/4).
   static double deepnorm_alpha(int64_t num_layers);
   static double deepnorm_beta(int64_t num_layers);
 
@@ -287,115 +337,110 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   RelativeTransformerEncoderLayer layer(size_t i) const;
 
   RelativeTransformerEncoderOptions options;
-
   torch::nn::ModuleList layers = nullptr;
-  torch::nn::LayerNorm norm = nullptr;  // null without final_norm
+  torch::nn::AnyModule norm;  // empty without a final norm
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)})
 
  private:
-  void link_shared_tables();
+  void share_first_layer_tables();
 };
 TORCH_MODULE(RelativeTransformerEncoder);
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ absolute positional encodings ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-// Each adds an encoding of the absolute position to its input: forward(x [B, L, E], offset) returns
-// x + P[offset : offset + L], where offset is the position of the first row (decoding with a cache).
+// Each maps x [B, L, d_model] to x + P[:L], P holding one row per absolute position.
 
 struct SinusoidalPositionalEncodingOptions {
   /* implicit */ SinusoidalPositionalEncodingOptions(int64_t d_model);
 
-  // Model dimension E (even).
+  // Feature size (odd sizes drop the last cosine).
   TORCH_ARG(int64_t, d_model);
-  // Wavelength base: P[p, 2i] = sin(p / base^(2i/E)), P[p, 2i+1] = cos(p / base^(2i/E)).
+  // If given, the table for positions [0, max_len) is precomputed (buffer `table`); longer inputs
+  // compute theirs on the fly.
+  TORCH_ARG(std::optional<int64_t>, max_len) = std::nullopt;
+  // The wavelength base (10000 in the paper).
   TORCH_ARG(double, base) = 10000.0;
 };
 
-// The fixed sinusoidal encoding of "Attention Is All You Need", computed for any length (no
-// parameters, no buffers).
-class SinusoidalPositionalEncodingImpl
-    : public torch::nn::Cloneable<SinusoidalPositionalEncodingImpl> {
+// The fixed encoding of Vaswani et al. 2017: P[p, 2i] = sin(p / base^(2i/d_model)),
+// P[p, 2i+1] = cos(p / base^(2i/d_model)). Nothing is learned; defined for every length.
+class SinusoidalPositionalEncodingImpl : public torch::nn::Cloneable<SinusoidalPositionalEncodingImpl> {
  public:
   explicit SinusoidalPositionalEncodingImpl(SinusoidalPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x, int64_t offset = 0);
-  // P for positions offset .. offset+length-1: [length, E] (float32 unless given).
-  torch::Tensor encoding(int64_t length, int64_t offset = 0,
-                         const torch::TensorOptions& tensor_options = {}) const;
+  torch::Tensor forward(const torch::Tensor& x);
+  // P for positions [0, length): float32 [length, d_model], on `device`.
+  torch::Tensor encoding(int64_t length, torch::Device device = torch::kCPU) const;
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
 
   SinusoidalPositionalEncodingOptions options;
-
- protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(int64_t{0})})
+  torch::Tensor table;  // [max_len, d_model] when max_len is given
 };
 TORCH_MODULE(SinusoidalPositionalEncoding);
 
 struct LearnedPositionalEncodingOptions {
   LearnedPositionalEncodingOptions(int64_t max_len, int64_t d_model);
 
-  // Number of positions with a learned row; longer inputs are an error.
+  // Number of positions the table holds; longer inputs are an error (positions past the table have no
+  // embedding).
   TORCH_ARG(int64_t, max_len);
-  // Model dimension E.
+  // Feature size.
   TORCH_ARG(int64_t, d_model);
-  // Standard deviation of the initial weights.
-  TORCH_ARG(double, init_std) = 0.02;
 };
 
-// A learned table weight [max_len, E] (BERT / GPT-2 style).
+// A learned embedding per absolute position: weight [max_len, d_model], initialised N(0, 0.02²).
 class LearnedPositionalEncodingImpl : public torch::nn::Cloneable<LearnedPositionalEncodingImpl> {
  public:
   LearnedPositionalEncodingImpl(int64_t max_len, int64_t d_model)
       : LearnedPositionalEncodingImpl(LearnedPositionalEncodingOptions(max_len, d_model)) {}
   explicit LearnedPositionalEncodingImpl(LearnedPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x, int64_t offset = 0);
+  torch::Tensor forward(const torch::Tensor& x);
 
   void reset() override;
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
 
   LearnedPositionalEncodingOptions options;
-  torch::Tensor weight;  // [max_len, E]
-
- protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(int64_t{0})})
+  torch::Tensor weight;
 };
 TORCH_MODULE(LearnedPositionalEncoding);
 
 struct MLPPositionalEncodingOptions {
   /* implicit */ MLPPositionalEncodingOptions(int64_t d_model);
 
-  // Model dimension E.
+  // Feature size.
   TORCH_ARG(int64_t, d_model);
   // Hidden width of the MLP.
-  TORCH_ARG(int64_t, hidden_dim) = 64;
-  // Positions are divided by this before entering the MLP (keeps its input O(1)); positions beyond
-  // it are allowed (the MLP extrapolates).
-  TORCH_ARG(double, max_len) = 1024.0;
+  TORCH_ARG(int64_t, hidden) = 64;
+  // Unset (default): the MLP sees the normalised position p = i / (L - 1) in [0, 1] (0 for L = 1), so
+  // every length spans the same range. Set: it sees p = i * scale (1.0: the raw index).
+  TORCH_ARG(std::optional<double>, scale) = std::nullopt;
+  // torch::kReLU, torch::kGELU (default) or a callable; also settable by name.
+  TORCH_ARG(activation_t, activation) = torch::kGELU;
+
+ public:
+  MLPPositionalEncodingOptions& activation(const std::string& name);
 };
 
-// A learned function of the position: P[p] = linear2(gelu(linear1(p / max_len))).
+// A learned function of each position's scalar coordinate p: P[i] = fc2(activation(fc1(p))).
 class MLPPositionalEncodingImpl : public torch::nn::Cloneable<MLPPositionalEncodingImpl> {
  public:
   explicit MLPPositionalEncodingImpl(MLPPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x, int64_t offset = 0);
-  // P for positions offset .. offset+length-1: [length, E] in the parameters' dtype and device.
-  torch::Tensor encoding(int64_t length, int64_t offset = 0);
+  torch::Tensor forward(const torch::Tensor& x);
+  // The coordinates fed to the MLP: [length, 1] in fc1's dtype and device.
+  torch::Tensor positions(int64_t length) const;
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
 
   MLPPositionalEncodingOptions options;
-  torch::nn::Linear linear1 = nullptr;
-  torch::nn::Linear linear2 = nullptr;
-
- protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(int64_t{0})})
+  torch::nn::Linear fc1 = nullptr;
+  torch::nn::Linear fc2 = nullptr;
 };
 TORCH_MODULE(MLPPositionalEncoding);
 

@@ -1,0 +1,213 @@
+// CUDA binding of relattn (CUDA dispatch key): argument checks (`prepare`, shared with every backend),
+// device guard, current stream, output and scratch allocation, the dtype / head-dim dispatch, and the
+// launch of the torch-free kernels in kernels/cuda/ (forward.h describes them).
+//
+// Which kernel runs:
+//   fp16 / bf16        tensor-core kernel for the padded head dim mma_head_dim_for(max(D, Dv)) in
+//                      {32, 64, 96, 128, 256}; columns beyond D / Dv are zero-filled inside the kernel.
+//   float32 / float64  SIMT kernel in the input precision (no TF32).
+//   D or Dv > 256      a clear error (the CPU kernel has no such limit).
+// The per-row relative tables (tab, bsum) live in shared memory when they fit in kTableSmemBudget, else
+// in a global scratch of O(B·H·Lq·R) floats that this binding allocates.
+//
+// Environment switches, read on every call (debugging and tuning; the defaults are what users get):
+//   RELATTN_CUDA_KERNEL=simt          run fp16/bf16 through the SIMT kernel too (cross-check of the
+//                                     tensor-core kernel; same inputs, float accumulation)
+//   RELATTN_CUDA_TABLES=smem|global   force where the per-row tables live (smem falls back to global
+//                                     when the device has too little shared memory)
+//
+// The backward has no CUDA kernel yet: it raises NotImplementedError rather than return a wrong gradient.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include "../../kernels/cuda/forward.h"
+#include "../attention.h"
+
+namespace relattn {
+namespace ops {
+namespace {
+
+namespace kc = kernels::cuda;
+
+// Shared memory the per-row tables may take before they move to global scratch (bytes).
+constexpr int64_t kTableSmemBudget = 64 * 1024;
+
+std::string env_str(const char* name) {
+  const char* v = std::getenv(name);
+  return v ? std::string(v) : std::string();
+}
+
+// Rows of `t` may be read with 16-byte copies: aligned base, and every dimension that is ever indexed
+// (size > 1) has a stride that is a multiple of 16 bytes.
+bool rows_16b_aligned(const Tensor& t) {
+  const int64_t elem = static_cast<int64_t>(t.element_size());
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < t.dim() - 1; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) * elem) % 16 != 0) return false;
+  }
+  return true;
+}
+
+// Calls f(std::integral_constant<int, HD>{}) for the padded head dim HD of the tensor-core kernels.
+template <typename F>
+void with_mma_head_dim(int hd, F&& f) {
+  switch (hd) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 256: return f(std::integral_constant<int, 256>{});
+    default: TORCH_CHECK(false, "relattn.attention: internal error: no CUDA kernel for head dim ", hd);
+  }
+}
+
+// Launch geometry and shared memory of the chosen kernel.
+struct Plan {
+  bool simt = false;
+  int head_dim = 0;      // padded head dim of the tensor-core kernel
+  int64_t block_m = 0;   // query rows per CTA
+  int64_t base_smem = 0; // shared memory without the tables
+  int64_t table_bytes = 0;  // one per-row table in shared memory
+};
+
+Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
+  Plan plan;
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  plan.simt = !half || env_str("RELATTN_CUDA_KERNEL") == "simt";
+  if (plan.simt) {
+    if (a.acc_dtype == at::kDouble) {
+      using Cfg = kc::SimtConfig<double>;
+      plan.block_m = Cfg::kBlockM;
+      plan.base_smem = Cfg::base_bytes(a.D, a.Dv);
+      plan.table_bytes = Cfg::table_bytes(table_ld);
+    } else {
+      using Cfg = kc::SimtConfig<float>;
+      plan.block_m = Cfg::kBlockM;
+      plan.base_smem = Cfg::base_bytes(a.D, a.Dv);
+      plan.table_bytes = Cfg::table_bytes(table_ld);
+    }
+  } else {
+    plan.head_dim = kc::mma_head_dim_for(std::max(a.D, a.Dv));
+    with_mma_head_dim(plan.head_dim, [&](auto hd) {
+      using Cfg = kc::MmaConfig<decltype(hd)::value>;
+      plan.block_m = Cfg::kBlockM;
+      plan.base_smem = Cfg::kBaseBytes;
+      plan.table_bytes = Cfg::table_bytes(table_ld);
+    });
+  }
+  return plan;
+}
+
+ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
+                                     const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
+                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                     const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
+                                     int64_t q_offset) {
+  Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
+                       causal, scale, q_offset);
+  TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
+              "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
+              " and Dv = ", a.Dv, "; run this call on the CPU");
+  c10::cuda::CUDAGuard device_guard(q.device());
+  Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
+  Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
+  if (a.B * a.H * a.Lq == 0) return {out, lse};
+
+  kc::ForwardParams p;
+  fill_params(a, p);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+
+  const at::ScalarType dtype = q.scalar_type();
+  const int64_t table_ld = kc::table_ld_for(a.R);
+  const Plan plan = make_plan(a, dtype, table_ld);
+  const int64_t n_query_tiles = (a.Lq + plan.block_m - 1) / plan.block_m;
+  const int64_t blocks = n_query_tiles * a.B * a.H;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "relattn.attention: B*H*ceil(Lq/", plan.block_m,
+              ") = ", blocks, " CUDA blocks is more than one launch can take; split the batch");
+
+  // Where the per-row tables live.
+  const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
+  const int64_t tables_smem = n_tables * plan.table_bytes;
+  int smem_optin_attr = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_optin_attr, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index()));
+  const int64_t smem_optin = smem_optin_attr;
+  TORCH_CHECK(plan.base_smem <= smem_optin, "relattn.attention: this call needs ", plan.base_smem,
+              " bytes of shared memory per block (D = ", a.D, ", Dv = ", a.Dv, ", ", dtype,
+              ") but the device allows ", smem_optin, "; run it on the CPU");
+  const std::string tables_mode = env_str("RELATTN_CUDA_TABLES");
+  bool in_global = false;
+  if (n_tables > 0) {
+    in_global = tables_mode == "global" || (tables_mode != "smem" && tables_smem > kTableSmemBudget) ||
+                plan.base_smem + tables_smem > smem_optin;
+  }
+  Tensor tab_scratch, bsum_scratch;
+  if (in_global) {
+    const auto acc_opts = q.options().dtype(a.acc_dtype);
+    const int64_t rows = blocks * plan.block_m;
+    if (p.has_tab()) tab_scratch = at::empty({rows, table_ld}, acc_opts);
+    if (p.has_bsum()) bsum_scratch = at::empty({rows, table_ld}, acc_opts);
+    p.tab_scratch = tab_scratch.defined() ? tab_scratch.data_ptr() : nullptr;
+    p.bsum_scratch = bsum_scratch.defined() ? bsum_scratch.data_ptr() : nullptr;
+  }
+  p.tables_in_global = in_global;
+  p.table_ld = table_ld;
+  p.q_vec_ok = rows_16b_aligned(a.q);
+  p.k_vec_ok = rows_16b_aligned(a.k);
+  p.v_vec_ok = rows_16b_aligned(a.v);
+  const int64_t smem = plan.base_smem + (in_global ? 0 : tables_smem);
+
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+  cudaError_t err = cudaSuccess;
+  if (plan.simt) {
+    switch (dtype) {
+      case at::kDouble: err = kc::launch_forward_simt<double>(p, smem, stream); break;
+      case at::kFloat: err = kc::launch_forward_simt<float>(p, smem, stream); break;
+      case at::kHalf: err = kc::launch_forward_simt<__half>(p, smem, stream); break;
+      case at::kBFloat16: err = kc::launch_forward_simt<__nv_bfloat16>(p, smem, stream); break;
+      default: TORCH_CHECK(false, "relattn.attention: no CUDA kernel for dtype ", dtype);
+    }
+  } else {
+    with_mma_head_dim(plan.head_dim, [&](auto hd) {
+      constexpr int HD = decltype(hd)::value;
+      if (dtype == at::kHalf) {
+        err = kc::launch_forward_mma<__half, HD>(p, smem, stream);
+      } else {
+        err = kc::launch_forward_mma<__nv_bfloat16, HD>(p, smem, stream);
+      }
+    });
+  }
+  C10_CUDA_CHECK(err);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {out, lse};
+}
+
+BackwardResult attention_backward_cuda(const Tensor&, const OptTensor&, const Tensor& q, const Tensor&,
+                                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                       const OptTensor&, const OptTensor&, bool, std::optional<double>, int64_t) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, "relattn.attention: the CUDA backward is not implemented yet (tensors on ",
+                              q.device(), "); for gradients, run the op on the CPU");
+}
+
+}  // namespace
+}  // namespace ops
+
+TORCH_LIBRARY_IMPL(relattn, CUDA, m) {
+  m.impl("attention_forward", &ops::attention_forward_cuda);
+  m.impl("attention_backward", &ops::attention_backward_cuda);
+}
+
+}  // namespace relattn

@@ -1,0 +1,553 @@
+// relattn forward on tensor cores (fp16 / bf16 inputs, fp32 accumulation), FlashAttention-2 style.
+//
+// Math (SPEC §1, kernels/params.h), everything kept in log2 units so that exp2 does the softmax:
+//   tab2[i,r] = log2e * (scale*q_i·aK[r] + bias[h,r])        per query tile, before the key loop
+//   s2_ij     = log2e*scale*q_i·k_j + tab2[i,β(i,j)] - log2e*m_h*|d(i,j)|     (-inf where masked)
+//   online:   m_i = max_j s2_ij,  p̃_ij = 2^(s2_ij - m_i),  l_i = Σ p̃,  O_i = Σ p̃_ij v_j,
+//             bsum[i,r] = Σ_{j:β=r} p̃_ij   (O, l and bsum all rescaled by 2^(m_old - m_new))
+//   out_i     = O_i / l_i + (bsum_i / l_i) · aV,     lse_i = ln2 * (m_i + log2 l_i)
+//
+// Work: one CTA of 4 warps per (query tile of kBlockM rows, b, h); each warp owns kBlockM/4 rows (one or
+// two m16 tiles) for the whole kernel, so row state (max, sum, O, its rows of tab and bsum) never crosses
+// warps. K/V tiles of kBlockN keys stream through two shared-memory stages with cp.async: tile t+1 is in
+// flight while tile t is computed. S = Q Kᵀ and O += P V run on mma.sync m16n8k16; P goes from the S
+// accumulators straight into A fragments (no shared-memory round trip). The relative tables use the
+// same two GEMM routines: tab = Q aKᵀ (aK rows streamed through a K stage, converted to the input
+// dtype) and O += (bsum/l) aV at the end (aV rows through a V stage).
+//
+// Buckets per tile: with the distance table, the bucket ids of the kBlockM+kBlockN-1 distances the tile
+// spans are staged in shared memory (the "window"), and a row whose distances in the tile all lie beyond
+// ±M takes one bucket for the whole row (one table read, bucket sum = row sum). With rel_index the ids
+// are read from memory per element.
+//
+// Features are runtime flags (uniform branches); only the element type and padded head dim are template
+// parameters. Rows and columns beyond Lq/Lk/D/Dv are zero-filled in shared memory, so every tile is full.
+// All offsets that can exceed 2^31 (b, h, row, key indices times strides) are int64.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "device_utils.cuh"
+#include "forward.h"
+
+namespace relattn {
+namespace kernels {
+namespace cuda {
+namespace mma_detail {
+
+// kRows x kHeadDim tile of rows `src + r*row_stride` (cols < cols_valid, rows < rows_valid) into shared
+// memory with row stride kHeadDim + 8; everything outside is zero. 16-byte chunks go through cp.async
+// when `vec_ok`, else element by element (still correct, just slower).
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void load_tile(T* s, const T* src, int64_t row_stride, int rows_valid, int cols_valid, bool vec_ok,
+                              int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+#pragma unroll 2
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    T* dst = s + r * kLd + col;
+    if (r < rows_valid && col < cols_valid) {
+      const T* g = src + r * row_stride + col;
+      if (vec_ok && col + 8 <= cols_valid) {
+        cp_async_16(dst, g);
+      } else {
+        alignas(16) T tmp[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) tmp[e] = col + e < cols_valid ? g[e] : TypeInfo<T>::from_float(0.f);
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+      }
+    } else {
+      st_shared_zero_16(dst);
+    }
+  }
+}
+
+// Rows [r0, r0+kRows) of a float table [R, X] (contiguous), converted to T, into a shared tile as above.
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void load_table_tile(T* s, const float* table, int64_t r0, int64_t R, int X, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    T* dst = s + r * kLd + col;
+    if (r0 + r < R && col < X) {
+      const float* g = table + (r0 + r) * int64_t(X) + col;
+      alignas(16) T tmp[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) tmp[e] = TypeInfo<T>::from_float(col + e < X ? g[e] : 0.f);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+    } else {
+      st_shared_zero_16(dst);
+    }
+  }
+}
+
+// acc[kMT][kNT] = Q_warp (kMT*16 x kHeadDim, from shared) · B (kNT*8 x kHeadDim rows, from shared)ᵀ.
+template <typename T, int kHeadDim, int kMT, int kNT>
+RELATTN_DEVICE void gemm_qk(float (&acc)[kMT][kNT][4], const T* sQ_warp, const T* sB, int lane) {
+  static_assert(kNT % 2 == 0, "n tiles come in pairs (one ldmatrix.x4 each)");
+  constexpr int kLd = kHeadDim + 8;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+    uint32_t a[kMT][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      // matrices: (rows 0-7, k 0-7) (rows 8-15, k 0-7) (rows 0-7, k 8-15) (rows 8-15, k 8-15) = a0..a3
+      ldmatrix_x4(a[mt], sQ_warp + (mt * 16 + (lane & 15)) * kLd + kk * 16 + (lane >> 4) * 8);
+    }
+#pragma unroll
+    for (int nt2 = 0; nt2 < kNT / 2; ++nt2) {
+      // matrices: (n 0-7, k 0-7) (n 0-7, k 8-15) (n 8-15, k 0-7) (n 8-15, k 8-15) = b0 b1 of two n tiles
+      uint32_t b[4];
+      ldmatrix_x4(b, sB + (nt2 * 16 + (lane & 7) + ((lane >> 4) << 3)) * kLd + kk * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(acc[mt][2 * nt2], a[mt], b[0], b[1]);
+        mma_16816<T>(acc[mt][2 * nt2 + 1], a[mt], b[2], b[3]);
+      }
+    }
+  }
+}
+
+// acc_o[kMT][kHeadDim/8] += A (kMT*16 x kKT*16, as packed A fragments) · V (kKT*16 rows x kHeadDim, shared).
+template <typename T, int kHeadDim, int kMT, int kKT>
+RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t (&pa)[kMT][kKT][4], const T* sV,
+                            int lane) {
+  constexpr int kLd = kHeadDim + 8;
+#pragma unroll
+  for (int kk = 0; kk < kKT; ++kk) {
+#pragma unroll
+    for (int dt2 = 0; dt2 < kHeadDim / 16; ++dt2) {
+      // transposed matrices: (k 0-7, n 0-7) (k 8-15, n 0-7) (k 0-7, n 8-15) (k 8-15, n 8-15) = b0 b1 of two n tiles
+      uint32_t b[4];
+      ldmatrix_x4_trans(b, sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kLd + dt2 * 16 + (lane >> 4) * 8);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        mma_16816<T>(acc_o[mt][2 * dt2], pa[mt][kk], b[0], b[1]);
+        mma_16816<T>(acc_o[mt][2 * dt2 + 1], pa[mt][kk], b[2], b[3]);
+      }
+    }
+  }
+}
+
+}  // namespace mma_detail
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_constant__ ForwardParams p) {
+  using namespace mma_detail;
+  using Cfg = MmaConfig<kHeadDim>;
+  constexpr int BM = Cfg::kBlockM;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int LD = Cfg::kLd;
+  constexpr int kWin = Cfg::kWin;
+  constexpr int kThreads = kMmaThreads;
+  constexpr int kRowsPerWarp = BM / 4;
+  constexpr int kMT = kRowsPerWarp / 16;  // m16 tiles per warp
+  constexpr int kNT = BN / 8;             // n8 tiles of a score tile
+  constexpr int kDT = kHeadDim / 8;       // n8 tiles of the output
+  constexpr float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = reinterpret_cast<T*>(smem + Cfg::kOffK);
+  T* sV = reinterpret_cast<T*>(smem + Cfg::kOffV);
+  int32_t* sWin = reinterpret_cast<int32_t*>(smem + Cfg::kOffWin);
+  uint8_t* sKpm = smem + Cfg::kOffKpm;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;   // row within an m16 tile (and +8)
+  const int tq = lane & 3;   // column pair within an n8 tile
+  const int warp_row0 = warp * kRowsPerWarp;
+
+  // Block -> (b, h, query tile): query tiles vary fastest, the last (heaviest under causal masking) first.
+  const int64_t nqb = (p.Lq + BM - 1) / BM;
+  const int64_t slot = blockIdx.x;
+  const int64_t qb = nqb - 1 - slot % nqb;
+  const int64_t bh = slot / nqb;
+  const int64_t b = bh / p.H;
+  const int64_t h = bh % p.H;
+  const int64_t kv_head = h / (p.H / p.Hk);
+  const int64_t i0 = qb * BM;
+  const int rows = static_cast<int>(p.Lq - i0 < BM ? p.Lq - i0 : BM);
+  const int D = static_cast<int>(p.D);
+  const int Dv = static_cast<int>(p.Dv);
+  const int64_t R = p.R;
+  const int64_t M = p.max_distance;
+  const bool has_tab = p.has_tab();
+  const bool has_bsum = p.has_bsum();
+  const bool use_window = p.buckets != nullptr;
+  const bool use_index = p.rel_index != nullptr;
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] : nullptr;
+
+  // Keys [0, j_end) can be seen by some row of the tile; with causal masking none after the last row.
+  int64_t j_end = p.Lk;
+  if (p.causal) {
+    const int64_t last = i0 + rows - 1 + p.q_offset + 1;
+    j_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+  }
+  const int64_t n_tiles = (j_end + BN - 1) / BN;
+
+  // Stage a K/V tile and its per-tile metadata (padding bytes, bucket window). Metadata is written with
+  // plain stores; like the cp.async data it is read only after the next __syncthreads.
+  auto issue_tile = [&](int64_t t, int stage) {
+    const int64_t j0 = t * BN;
+    const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
+    load_tile<T, BN, kHeadDim, kThreads>(sK + stage * BN * LD, kg + j0 * p.k_stride[2], p.k_stride[2], cols, D,
+                                         p.k_vec_ok, tid);
+    load_tile<T, BN, kHeadDim, kThreads>(sV + stage * BN * LD, vg + j0 * p.v_stride[2], p.v_stride[2], cols, Dv,
+                                         p.v_vec_ok, tid);
+    if (kpm) {
+      for (int c = tid; c < BN; c += kThreads)
+        sKpm[stage * BN + c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
+    }
+    if (use_window) {
+      // window entry w holds the bucket of distance d = j0 - (i0 + BM-1 + q_offset) + w
+      const int64_t d0 = j0 - (i0 + BM - 1 + p.q_offset);
+      for (int w = tid; w < BM + BN - 1; w += kThreads) {
+        int64_t d = d0 + w;
+        d = d < -M ? -M : (d > M ? M : d);
+        sWin[stage * kWin + w] = p.buckets[d + M];
+      }
+    }
+  };
+
+  load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
+  cp_async_commit();
+  if (n_tiles > 0) issue_tile(0, 0);
+  cp_async_commit();
+
+  // Per-row tables of this tile: shared memory, or this CTA's own rows of the global scratch.
+  float* tab = nullptr;
+  float* bsum = nullptr;
+  const int64_t ld = p.table_ld;
+  {
+    float* smem_tables = reinterpret_cast<float*>(smem + Cfg::kOffTables);
+    const int64_t n = int64_t(BM) * ld;
+    if (has_tab) tab = p.tables_in_global ? static_cast<float*>(p.tab_scratch) + slot * n : smem_tables;
+    if (has_bsum)
+      bsum = p.tables_in_global ? static_cast<float*>(p.bsum_scratch) + slot * n
+                                : smem_tables + (has_tab ? n : 0);
+  }
+
+  const float scale = static_cast<float>(p.scale);
+  float acc_s[kMT][kNT][4];
+
+  if (has_tab) {
+    // tab2[i, r] = log2e * (scale * q_i·aK[r] + bias[h, r]); aK rows pass through K stage 1 (stage 0 holds
+    // the first key tile, already in flight).
+    cp_async_wait<1>();  // Q has landed
+    __syncthreads();
+    const float* rk = p.rel_k ? static_cast<const float*>(p.rel_k) + h * p.rel_k_head_stride : nullptr;
+    const float* bias = p.rel_bias ? static_cast<const float*>(p.rel_bias) + h * R : nullptr;
+    for (int64_t r0 = 0; r0 < R; r0 += BN) {
+      if (rk) {
+        load_table_tile<T, BN, kHeadDim, kThreads>(sK + BN * LD, rk, r0, R, D, tid);
+        __syncthreads();
+        gemm_qk<T, kHeadDim, kMT, kNT>(acc_s, sQ + warp_row0 * LD, sK + BN * LD, lane);
+      }
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int row = warp_row0 + mt * 16 + g + (e >> 1) * 8;
+            const int64_t r = r0 + nt * 8 + 2 * tq + (e & 1);
+            if (r < R) {
+              float v = rk ? acc_s[mt][nt][e] * scale : 0.f;
+              if (bias) v += bias[r];
+              tab[row * ld + r] = v * kLog2e;
+            }
+          }
+      __syncthreads();  // K stage 1 is refilled by the next chunk, or by the key loop
+    }
+  }
+  if (has_bsum) {
+    // Zero this warp's rows (only this warp touches them until the end).
+    for (int64_t x = lane; x < int64_t(kRowsPerWarp) * ld; x += 32) bsum[int64_t(warp_row0) * ld + x] = 0.f;
+    __syncwarp();
+  }
+
+  const float scale_log2 = scale * kLog2e;
+  const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
+  const int32_t bucket_first = use_window ? p.buckets[0] : 0;       // every distance <= -M
+  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;    // every distance >= M
+
+  float row_max[kMT][2];  // running max of s2 (log2 units), -inf until a key is seen
+  float row_sum[kMT][2];  // this thread's part of l (the quad's 4 lanes add up at the end)
+  float acc_o[kMT][kDT][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      row_max[mt][hf] = kNegInf;
+      row_sum[mt][hf] = 0.f;
+    }
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
+  }
+
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int stage = static_cast<int>(t & 1);
+    if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();  // everything but the tile just issued has landed
+    __syncthreads();
+
+    const int64_t j0 = t * BN;
+    gemm_qk<T, kHeadDim, kMT, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
+
+    // Scores in log2 units with the relative terms and masks.
+    int row_bucket[kMT][2];  // bucket of the whole row in this tile, or -1
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp_row0 + mt * 16 + g + hf * 8;
+        const int64_t pos = i0 + row + p.q_offset;
+        const int64_t dj = j0 - pos;  // distance of the tile's first column
+        int rb = -1;
+        if (use_window) {
+          if (dj + BN - 1 <= -M) rb = bucket_first;
+          else if (dj >= M) rb = bucket_last;
+        }
+        row_bucket[mt][hf] = rb;
+        // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
+        int64_t lim = p.Lk - j0;
+        if (p.causal && dj + lim > 1) lim = 1 - dj;  // j - pos <= 0  <=>  c <= -dj
+        const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
+        const float tab_row = (has_tab && rb >= 0) ? tab[row * ld + rb] : 0.f;
+        const int32_t* ri_row = (use_index && row < rows)
+                                    ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
+                                          j0 * p.rel_index_stride[2]
+                                    : nullptr;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int c = nt * 8 + 2 * tq + e1;
+            float s = acc_s[mt][nt][hf * 2 + e1] * scale_log2;
+            if (has_tab) {
+              if (rb >= 0) {
+                s += tab_row;
+              } else {
+                int beta = 0;
+                if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
+                s += tab[row * ld + beta];
+              }
+            }
+            if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
+            const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
+            acc_s[mt][nt][hf * 2 + e1] = masked ? kNegInf : s;
+          }
+        }
+      }
+    }
+
+    // Online softmax; P overwrites S.
+    float corr[kMT][2];
+    float psum[kMT][2];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float mx = row_max[mt][hf];
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][hf * 2], acc_s[mt][nt][hf * 2 + 1]));
+        mx = quad_max(mx);
+        const float m_use = mx == kNegInf ? 0.f : mx;  // a row with nothing visible yet: p = 0, no NaN
+        corr[mt][hf] = exp2f(row_max[mt][hf] - m_use);
+        row_max[mt][hf] = mx;
+        float ps = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const float pv = exp2f(acc_s[mt][nt][hf * 2 + e1] - m_use);
+            acc_s[mt][nt][hf * 2 + e1] = pv;
+            ps += pv;
+          }
+        psum[mt][hf] = ps;
+        row_sum[mt][hf] = row_sum[mt][hf] * corr[mt][hf] + ps;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          acc_o[mt][dt][hf * 2] *= corr[mt][hf];
+          acc_o[mt][dt][hf * 2 + 1] *= corr[mt][hf];
+        }
+      }
+    }
+
+    if (has_bsum) {
+      // Rescale the bucket sums of rows whose max moved (the quad's lanes split the row), then add p̃.
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          if (corr[mt][hf] != 1.f) {
+            float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
+            for (int64_t r = tq; r < R; r += 4) br[r] *= corr[mt][hf];
+          }
+        }
+      __syncwarp();
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const float row_total = quad_sum(psum[mt][hf]);  // outside the branch: every lane shuffles
+          const int row = warp_row0 + mt * 16 + g + hf * 8;
+          float* br = bsum + row * ld;
+          const int rb = row_bucket[mt][hf];
+          if (rb >= 0) {
+            if (tq == 0) atomicAdd(br + rb, row_total);
+          } else {
+            const int32_t* ri_row =
+                (use_index && row < rows)
+                    ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
+                          j0 * p.rel_index_stride[2]
+                    : nullptr;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int e1 = 0; e1 < 2; ++e1) {
+                const float pv = acc_s[mt][nt][hf * 2 + e1];
+                if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
+                  const int c = nt * 8 + 2 * tq + e1;
+                  int beta = 0;
+                  if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                  else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
+                  atomicAdd(br + beta, pv);
+                }
+              }
+          }
+        }
+    }
+
+    // O += P V, P in the input dtype straight from the S accumulators.
+    uint32_t pa[kMT][BN / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        pa[mt][kk][0] = TypeInfo<T>::pack(acc_s[mt][2 * kk][0], acc_s[mt][2 * kk][1]);
+        pa[mt][kk][1] = TypeInfo<T>::pack(acc_s[mt][2 * kk][2], acc_s[mt][2 * kk][3]);
+        pa[mt][kk][2] = TypeInfo<T>::pack(acc_s[mt][2 * kk + 1][0], acc_s[mt][2 * kk + 1][1]);
+        pa[mt][kk][3] = TypeInfo<T>::pack(acc_s[mt][2 * kk + 1][2], acc_s[mt][2 * kk + 1][3]);
+      }
+    gemm_pv<T, kHeadDim, kMT, BN / 16>(acc_o, pa, sV + stage * BN * LD, lane);
+    __syncthreads();  // this stage is refilled two iterations on
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Normalise: O / l; a row that saw no key keeps O = 0 and gets lse = -inf.
+  float inv_l[kMT][2];
+  float lse_row[kMT][2];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float l = quad_sum(row_sum[mt][hf]);
+      inv_l[mt][hf] = l > 0.f ? 1.f / l : 0.f;
+      lse_row[mt][hf] = l > 0.f ? (row_max[mt][hf] + log2f(l)) * kLn2 : kNegInf;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        acc_o[mt][dt][hf * 2] *= inv_l[mt][hf];
+        acc_o[mt][dt][hf * 2 + 1] *= inv_l[mt][hf];
+      }
+    }
+
+  if (has_bsum) {
+    // O += (bsum / l) · aV, the normalised sums (in [0, 1]) as A fragments, aV rows through V stage 0.
+    const float* rv = static_cast<const float*>(p.rel_v) + h * p.rel_v_head_stride;
+    for (int64_t r0 = 0; r0 < R; r0 += BN) {
+      load_table_tile<T, BN, kHeadDim, kThreads>(sV, rv, r0, R, Dv, tid);
+      __syncthreads();
+      uint32_t pa[kMT][BN / 16][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const float* ra = bsum + (warp_row0 + mt * 16 + g) * ld;
+        const float* rb = ra + 8 * ld;
+        const float ia = inv_l[mt][0], ib = inv_l[mt][1];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+          const int64_t k = r0 + kk * 16 + 2 * tq;
+          auto at = [&](const float* rowp, int64_t kx, float inv) { return kx < R ? rowp[kx] * inv : 0.f; };
+          pa[mt][kk][0] = TypeInfo<T>::pack(at(ra, k, ia), at(ra, k + 1, ia));
+          pa[mt][kk][1] = TypeInfo<T>::pack(at(rb, k, ib), at(rb, k + 1, ib));
+          pa[mt][kk][2] = TypeInfo<T>::pack(at(ra, k + 8, ia), at(ra, k + 9, ia));
+          pa[mt][kk][3] = TypeInfo<T>::pack(at(rb, k + 8, ib), at(rb, k + 9, ib));
+        }
+      }
+      gemm_pv<T, kHeadDim, kMT, BN / 16>(acc_o, pa, sV, lane);
+      __syncthreads();
+    }
+  }
+
+  // Output through shared memory (Q's space) so that global stores are whole 16-byte rows.
+  T* sO = sQ;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = warp_row0 + mt * 16 + g + hf * 8;
+#pragma unroll
+      for (int dt = 0; dt < kDT; ++dt) {
+        *reinterpret_cast<uint32_t*>(sO + row * LD + dt * 8 + 2 * tq) =
+            TypeInfo<T>::pack(acc_o[mt][dt][hf * 2], acc_o[mt][dt][hf * 2 + 1]);
+      }
+      if (tq == 0 && row < rows) static_cast<float*>(p.lse)[bh * p.Lq + i0 + row] = lse_row[mt][hf];
+    }
+  __syncthreads();
+  T* og = static_cast<T*>(p.out) + (bh * p.Lq + i0) * int64_t(Dv);
+  const bool out_vec_ok = Dv % 8 == 0 && (reinterpret_cast<uintptr_t>(p.out) % 16) == 0;
+  constexpr int kChunks = kHeadDim / 8;
+  for (int c = tid; c < BM * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (r >= rows || col >= Dv) continue;
+    const T* src = sO + r * LD + col;
+    T* dst = og + int64_t(r) * Dv + col;
+    if (out_vec_ok) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && col + e < Dv; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
+  using Cfg = MmaConfig<kHeadDim>;
+  auto kernel = forward_mma_kernel<T, kHeadDim>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t nqb = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int64_t blocks = nqb * p.B * p.H;
+  kernel<<<static_cast<unsigned>(blocks), kMmaThreads, static_cast<size_t>(smem_bytes), stream>>>(p);
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn

@@ -1,0 +1,239 @@
+// relattn forward without tensor cores: float32 / float64 (and, to cross-check the tensor-core kernel,
+// fp16 / bf16 with float accumulation). Same tiled algorithm as forward_mma.cuh and the CPU kernel, in
+// the accumulation dtype throughout (natural-log units, exp/log of that dtype; no TF32 anywhere):
+//
+//   tab[i,r] = scale*q_i·aK[r] + bias[h,r]
+//   s_ij     = scale*q_i·k_j + tab[i,β(i,j)] - m_h*|d(i,j)|      (-inf where masked)
+//   online softmax over key tiles: m_i, l_i, acc_i = Σ p̃_ij v_j, bsum[i,r] = Σ_{j:β=r} p̃_ij
+//   out_i    = (acc_i + bsum_i·aV) / l_i,   lse_i = m_i + log l_i
+//
+// Work: one CTA of 4 warps per (query tile of kBlockM rows, b, h); each warp owns kRowsPerWarp rows. Key
+// tiles of 32 keys are staged in shared memory (one key per lane): lane l computes the score of key
+// j0+l for each of its warp's rows, the warp reduces max and sum with shuffles, and P·V runs with lanes
+// over output columns. Simple and exact rather than fast.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "device_utils.cuh"
+#include "forward.h"
+
+namespace relattn {
+namespace kernels {
+namespace cuda {
+
+template <typename T>
+using simt_acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
+__global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid_constant__ ForwardParams p) {
+  using acc_t = simt_acc_t<T>;
+  using Cfg = SimtConfig<acc_t>;
+  constexpr int BM = Cfg::kBlockM;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int RW = Cfg::kRowsPerWarp;
+  constexpr int kPerLane = Cfg::kMaxPerLane;
+  constexpr int kThreads = kSimtThreads;
+  const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  const int D = static_cast<int>(p.D);
+  const int Dv = static_cast<int>(p.Dv);
+  const int ldk = D + 1;
+  const int64_t R = p.R;
+  const int64_t M = p.max_distance;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sQ = reinterpret_cast<acc_t*>(smem_raw);  // [BM][D]
+  acc_t* sK = sQ + BM * D;                         // [BN][D+1]
+  acc_t* sV = sK + BN * ldk;                       // [BN][Dv]
+  acc_t* sP = sV + BN * Dv;                        // [4][BN]
+  acc_t* smem_tables = reinterpret_cast<acc_t*>(smem_raw + Cfg::base_bytes(D, Dv));
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+
+  const int64_t nqb = (p.Lq + BM - 1) / BM;
+  const int64_t slot = blockIdx.x;
+  const int64_t qb = nqb - 1 - slot % nqb;
+  const int64_t bh = slot / nqb;
+  const int64_t b = bh / p.H;
+  const int64_t h = bh % p.H;
+  const int64_t kv_head = h / (p.H / p.Hk);
+  const int64_t i0 = qb * BM;
+  const int rows = static_cast<int>(p.Lq - i0 < BM ? p.Lq - i0 : BM);
+  const bool has_tab = p.has_tab();
+  const bool has_bsum = p.has_bsum();
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] : nullptr;
+
+  for (int x = tid; x < BM * D; x += kThreads) {
+    const int r = x / D, c = x % D;
+    sQ[x] = r < rows ? to_acc<acc_t>(qg[r * p.q_stride[2] + c]) : acc_t(0);
+  }
+
+  acc_t* tab = nullptr;
+  acc_t* bsum = nullptr;
+  const int64_t ld = p.table_ld;
+  {
+    const int64_t n = int64_t(BM) * ld;
+    if (has_tab) tab = p.tables_in_global ? static_cast<acc_t*>(p.tab_scratch) + slot * n : smem_tables;
+    if (has_bsum)
+      bsum = p.tables_in_global ? static_cast<acc_t*>(p.bsum_scratch) + slot * n : smem_tables + (has_tab ? n : 0);
+  }
+  __syncthreads();
+
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  // Row tables of this warp's rows (lanes over buckets).
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+    const int row = warp * RW + rr;
+    if (has_tab) {
+      const acc_t* rk = p.rel_k ? static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride : nullptr;
+      const acc_t* bias = p.rel_bias ? static_cast<const acc_t*>(p.rel_bias) + h * R : nullptr;
+      for (int64_t r = lane; r < R; r += 32) {
+        acc_t v = 0;
+        if (rk) {
+          acc_t s = 0;
+          for (int c = 0; c < D; ++c) s += sQ[row * D + c] * rk[r * D + c];
+          v = scale * s;
+        }
+        if (bias) v += bias[r];
+        tab[row * ld + r] = v;
+      }
+    }
+    if (has_bsum) {
+      for (int64_t r = lane; r < R; r += 32) bsum[row * ld + r] = 0;
+    }
+  }
+  __syncwarp();
+
+  int64_t j_end = p.Lk;
+  if (p.causal) {
+    const int64_t last = i0 + rows - 1 + p.q_offset + 1;
+    j_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+  }
+  const acc_t slope = p.alibi_slopes ? static_cast<const acc_t*>(p.alibi_slopes)[h] : acc_t(0);
+
+  acc_t m[RW], l[RW], acc[RW][kPerLane];
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+    m[rr] = kNegInf;
+    l[rr] = 0;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) acc[rr][e] = 0;
+  }
+
+  for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+    __syncthreads();  // the previous tile is consumed
+    const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
+    for (int x = tid; x < BN * D; x += kThreads) {
+      const int r = x / D, c = x % D;
+      sK[r * ldk + c] = r < cols ? to_acc<acc_t>(kg[(j0 + r) * p.k_stride[2] + c]) : acc_t(0);
+    }
+    for (int x = tid; x < BN * Dv; x += kThreads) {
+      const int r = x / Dv, c = x % Dv;
+      sV[x] = r < cols ? to_acc<acc_t>(vg[(j0 + r) * p.v_stride[2] + c]) : acc_t(0);
+    }
+    __syncthreads();
+
+    const int64_t j = j0 + lane;
+    const bool key_ok = lane < cols && !(kpm && kpm[j * p.key_padding_mask_stride[1]]);
+#pragma unroll
+    for (int rr = 0; rr < RW; ++rr) {
+      const int row = warp * RW + rr;
+      if (row >= rows) continue;  // warp-uniform
+      const int64_t i = i0 + row;
+      const int64_t d = j - (i + p.q_offset);
+      acc_t s = 0;
+      for (int c = 0; c < D; ++c) s += sQ[row * D + c] * sK[lane * ldk + c];
+      s *= scale;
+      int32_t beta = 0;
+      if (lane < cols) {
+        if (p.buckets) beta = p.buckets[(d < -M ? -M : (d > M ? M : d)) + M];
+        else if (p.rel_index)
+          beta = p.rel_index[b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j * p.rel_index_stride[2]];
+      }
+      if (has_tab) s += tab[row * ld + beta];
+      if (p.alibi_slopes) s -= slope * static_cast<acc_t>(d < 0 ? -d : d);
+      const bool masked = !key_ok || (p.causal && d > 0);
+      s = masked ? kNegInf : s;
+
+      const acc_t mx_tile = warp_max(s);
+      const acc_t mx = m[rr] > mx_tile ? m[rr] : mx_tile;
+      const acc_t m_use = mx == kNegInf ? acc_t(0) : mx;
+      const acc_t corr = exp_acc(m[rr] - m_use);
+      const acc_t pv = exp_acc(s - m_use);
+      m[rr] = mx;
+      l[rr] = l[rr] * corr + warp_sum(pv);
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) acc[rr][e] *= corr;
+      if (has_bsum) {
+        if (corr != acc_t(1))
+          for (int64_t r = lane; r < R; r += 32) bsum[row * ld + r] *= corr;
+        __syncwarp();
+        if (pv != acc_t(0)) atomicAdd(bsum + row * ld + beta, pv);
+      }
+      sP[warp * BN + lane] = pv;
+      __syncwarp();
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const int col = lane + 32 * e;
+        if (col < Dv) {
+          acc_t a = 0;
+#pragma unroll 8
+          for (int jj = 0; jj < BN; ++jj) a += sP[warp * BN + jj] * sV[jj * Dv + col];
+          acc[rr][e] += a;
+        }
+      }
+      __syncwarp();  // sP is rewritten by the next row
+    }
+  }
+  __syncwarp();  // bucket sums written by other lanes of this warp
+
+#pragma unroll
+  for (int rr = 0; rr < RW; ++rr) {
+    const int row = warp * RW + rr;
+    if (row >= rows) continue;
+    const acc_t inv = l[rr] > acc_t(0) ? acc_t(1) / l[rr] : acc_t(0);
+    const acc_t* rv = has_bsum ? static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride : nullptr;
+    T* o = static_cast<T*>(p.out) + (bh * p.Lq + i0 + row) * int64_t(Dv);
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int col = lane + 32 * e;
+      if (col < Dv) {
+        acc_t v = acc[rr][e];
+        if (rv) {
+          for (int64_t r = 0; r < R; ++r) v += bsum[row * ld + r] * rv[r * Dv + col];
+        }
+        o[col] = from_acc<T, acc_t>(v * inv);
+      }
+    }
+    if (lane == 0) {
+      static_cast<acc_t*>(p.lse)[bh * p.Lq + i0 + row] = l[rr] > acc_t(0) ? m[rr] + log_acc(l[rr]) : kNegInf;
+    }
+  }
+}
+
+template <typename T>
+cudaError_t launch_forward_simt(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
+  using Cfg = SimtConfig<simt_acc_t<T>>;
+  auto kernel = forward_simt_kernel<T>;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) return err;
+  const int64_t nqb = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM;
+  const int64_t blocks = nqb * p.B * p.H;
+  kernel<<<static_cast<unsigned>(blocks), kSimtThreads, static_cast<size_t>(smem_bytes), stream>>>(p);
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn
