@@ -62,7 +62,8 @@ at::Tensor alibi_slopes(int64_t num_heads);
 // True when this build of relattn contains its CUDA kernels.
 bool cuda_kernels_built();
 
-// Referencing this from a program keeps the linker from dropping the static op registrations.
+// major*10000 + minor*100 + patch. Referencing it from a program keeps the library (and so its static
+// op registrations) linked in.
 int64_t library_version();
 
 }  // namespace relattn

@@ -1,0 +1,556 @@
+// relattn::nn from C++: shapes, masks, gradients to every parameter, shared relative tables, DeepNorm
+// training of a deep stack, and the absolute positional encodings.
+#include <cmath>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "relattn/nn.h"
+#include "relattn/relattn.h"
+
+namespace {
+
+namespace rnn = relattn::nn;
+using torch::Tensor;
+using torch::indexing::None;
+using torch::indexing::Slice;
+
+constexpr int64_t E = 32, H = 4;
+const std::vector<std::string> kSchemes = {"shaw", "t5", "clip_bias", "alibi", "none"};
+
+double max_abs(const Tensor& t) { return t.numel() ? t.abs().max().item<double>() : 0.0; }
+
+template <typename F>
+void expect_error(F&& f, const std::string& substring) {
+  try {
+    f();
+    ADD_FAILURE() << "expected a c10::Error containing \"" << substring << "\"";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what_without_backtrace()).find(substring), std::string::npos)
+        << "message: " << e.what_without_backtrace();
+  }
+}
+
+std::set<std::string> keys(const torch::OrderedDict<std::string, Tensor>& dict) {
+  std::set<std::string> out;
+  for (const auto& item : dict) out.insert(item.key());
+  return out;
+}
+
+// Every parameter got a finite gradient that is not all zero.
+void expect_gradients_everywhere(const torch::nn::Module& module) {
+  for (const auto& p : module.named_parameters()) {
+    ASSERT_TRUE(p.value().grad().defined()) << p.key() << " has no gradient";
+    EXPECT_GT(max_abs(p.value().grad()), 0.0) << p.key() << " has an all-zero gradient";
+    EXPECT_TRUE(torch::isfinite(p.value().grad()).all().item<bool>()) << p.key();
+  }
+}
+
+// Small tables, so short test sequences reach the clipped / log-spaced buckets. Works for the options
+// of the attention and of the encoder layer alike (they share these setters).
+template <typename Options>
+Options with_scheme(Options o, const std::string& scheme) {
+  o.position(scheme);
+  if (scheme == "shaw" || scheme == "clip_bias") o.max_distance(4);
+  if (scheme == "t5") o.num_buckets(8).max_distance(12);
+  return o;
+}
+
+rnn::RelativeMultiheadAttention make_attention(const std::string& scheme, rnn::RelativeMultiheadAttentionOptions o =
+                                                                              rnn::RelativeMultiheadAttentionOptions(E, H)) {
+  torch::manual_seed(0);
+  rnn::RelativeMultiheadAttention m(with_scheme(o, scheme));
+  // Non-zero tables and biases, so every term is exercised.
+  torch::NoGradGuard no_grad;
+  for (auto& p : m->parameters()) p.add_(0.1 * torch::randn_like(p));
+  return m;
+}
+
+rnn::RelativeTransformerEncoderLayerOptions small_layer(const std::string& scheme) {
+  return with_scheme(rnn::RelativeTransformerEncoderLayerOptions(E, H).dim_feedforward(64).dropout(0.0), scheme);
+}
+
+// ---------------------------------------------------------------------------------------- schemes
+
+TEST(PositionScheme, Names) {
+  for (const std::string& name : kSchemes) EXPECT_EQ(rnn::to_string(rnn::position_scheme_from_string(name)), name);
+  expect_error([] { rnn::position_scheme_from_string("rope"); }, "position must be one of");
+  expect_error([] { rnn::activation_from_string("tanh"); }, "activation should be \"relu\", \"gelu\" or a callable");
+}
+
+// ----------------------------------------------------------------------------- RelativeMultiheadAttention
+
+class AttentionScheme : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(AttentionScheme, ShapesParametersAndBuffers) {
+  const std::string scheme = GetParam();
+  rnn::RelativeMultiheadAttention attn = make_attention(scheme, rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(2));
+  const Tensor q = torch::randn({2, 7, E});
+  const Tensor kv = torch::randn({2, 11, E});
+  EXPECT_EQ(attn(q, kv, kv).sizes(), q.sizes());
+  EXPECT_EQ(attn(q).sizes(), q.sizes());  // self-attention: key and value default to query
+
+  std::set<std::string> expected = {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+                                    "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias"};
+  if (scheme == "shaw") expected.insert({"rel_k", "rel_v"});
+  if (scheme == "t5" || scheme == "clip_bias") expected.insert("rel_bias");
+  EXPECT_EQ(keys(attn->named_parameters()), expected);
+  EXPECT_EQ(attn->relative_tables().size(), scheme == "shaw" ? 2u : (scheme == "t5" || scheme == "clip_bias") ? 1u : 0u);
+
+  const std::set<std::string> buffers = keys(attn->named_buffers());
+  if (scheme == "alibi") {
+    EXPECT_EQ(buffers, std::set<std::string>{"alibi_slopes"});
+    EXPECT_TRUE(torch::equal(attn->alibi_slopes, relattn::alibi_slopes(H)));
+  } else if (scheme == "none") {
+    EXPECT_TRUE(buffers.empty());
+  } else {
+    EXPECT_EQ(buffers, std::set<std::string>{"buckets"});
+  }
+  if (scheme == "shaw") {
+    EXPECT_EQ(attn->rel_k.sizes(), (std::vector<int64_t>{9, 8}));
+    EXPECT_EQ(attn->rel_v.sizes(), (std::vector<int64_t>{9, 8}));
+    EXPECT_TRUE(torch::equal(attn->buckets, relattn::clip_buckets(4)));
+  }
+  if (scheme == "t5") {
+    EXPECT_EQ(attn->rel_bias.sizes(), (std::vector<int64_t>{H, 8}));
+    EXPECT_TRUE(torch::equal(attn->buckets, relattn::t5_buckets(8, 12, true)));
+  }
+  if (scheme == "clip_bias") EXPECT_EQ(attn->rel_bias.sizes(), (std::vector<int64_t>{H, 9}));
+}
+
+TEST_P(AttentionScheme, MatchesFunctionalAttention) {
+  const std::string scheme = GetParam();
+  rnn::RelativeMultiheadAttention attn =
+      make_attention(scheme, rnn::RelativeMultiheadAttentionOptions(24, 6).num_kv_heads(2).per_head_tables(true));
+  const int64_t B = 2, L = 9, hd = 4;
+  const Tensor x = torch::randn({B, L, 24});
+  Tensor mask = torch::zeros({B, L}, torch::kBool);
+  mask.index_put_({0, Slice(6, None)}, true);
+
+  const Tensor q = attn->q_proj(x).view({B, L, 6, hd}).permute({0, 2, 1, 3});
+  const Tensor k = attn->k_proj(x).view({B, L, 2, hd}).permute({0, 2, 1, 3});
+  const Tensor v = attn->v_proj(x).view({B, L, 2, hd}).permute({0, 2, 1, 3});
+  relattn::AttentionOptions o;
+  o.key_padding_mask(mask).causal(true);
+  if (scheme == "shaw") o.rel_k(attn->rel_k).rel_v(attn->rel_v).buckets(relattn::clip_buckets(4));
+  if (scheme == "t5") o.rel_bias(attn->rel_bias).buckets(relattn::t5_buckets(8, 12, true));
+  if (scheme == "clip_bias") o.rel_bias(attn->rel_bias).buckets(relattn::clip_buckets(4));
+  if (scheme == "alibi") o.alibi_slopes(relattn::alibi_slopes(6));
+  if (scheme == "shaw") EXPECT_EQ(attn->rel_k.sizes(), (std::vector<int64_t>{6, 9, hd}));
+  const Tensor heads = relattn::attention(q, k, v, o);
+  const Tensor expected = attn->out_proj(heads.permute({0, 2, 1, 3}).reshape({B, L, 24}));
+  EXPECT_TRUE(torch::allclose(attn(x, Tensor(), Tensor(), mask, /*is_causal=*/true), expected, 1e-5, 1e-6));
+}
+
+TEST_P(AttentionScheme, GradientsReachEveryParameter) {
+  rnn::RelativeMultiheadAttention attn = make_attention(GetParam(), rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(2));
+  Tensor mask = torch::zeros({2, 12}, torch::kBool);
+  mask.index_put_({1, Slice(9, None)}, true);
+  (attn(torch::randn({2, 12, E}), Tensor(), Tensor(), mask) * torch::randn({2, 12, E})).sum().backward();
+  expect_gradients_everywhere(*attn);
+}
+
+TEST_P(AttentionScheme, BatchFirstFalse) {
+  rnn::RelativeMultiheadAttention first = make_attention(GetParam());
+  rnn::RelativeMultiheadAttention second = make_attention(GetParam(), rnn::RelativeMultiheadAttentionOptions(E, H).batch_first(false));
+  const Tensor x = torch::randn({2, 7, E});
+  const Tensor y = second(x.transpose(0, 1));
+  EXPECT_EQ(y.sizes(), (std::vector<int64_t>{7, 2, E}));
+  EXPECT_TRUE(torch::allclose(y.transpose(0, 1), first(x), 1e-5, 1e-6));
+}
+
+INSTANTIATE_TEST_SUITE_P(Schemes, AttentionScheme, ::testing::ValuesIn(kSchemes),
+                         [](const ::testing::TestParamInfo<std::string>& info) { return info.param; });
+
+TEST(RelativeMultiheadAttention, KdimVdimGroupedQueryAndScale) {
+  rnn::RelativeMultiheadAttention attn(
+      rnn::RelativeMultiheadAttentionOptions(E, 8).kdim(12).vdim(20).num_kv_heads(2).bias(false).position("t5"));
+  EXPECT_EQ(attn->k_proj->weight.sizes(), (std::vector<int64_t>{8, 12}));
+  EXPECT_EQ(attn->v_proj->weight.sizes(), (std::vector<int64_t>{8, 20}));
+  EXPECT_FALSE(attn->q_proj->bias.defined());
+  EXPECT_EQ(attn->num_kv_heads(), 2);
+  EXPECT_EQ(attn->head_dim(), 4);
+  EXPECT_EQ(attn->max_distance(), 128);  // T5's default
+  EXPECT_EQ(attn->num_buckets(), 32);
+  EXPECT_EQ(attn(torch::randn({3, 5, E}), torch::randn({3, 9, 12}), torch::randn({3, 9, 20})).sizes(),
+            (std::vector<int64_t>{3, 5, E}));
+
+  // An explicit scale reaches the op.
+  rnn::RelativeMultiheadAttention scaled = make_attention("none", rnn::RelativeMultiheadAttentionOptions(E, H).scale(0.05));
+  rnn::RelativeMultiheadAttention plain = make_attention("none");
+  const Tensor x = torch::randn({1, 6, E});
+  EXPECT_FALSE(torch::allclose(scaled(x), plain(x)));
+  const Tensor q = plain->q_proj(x).view({1, 6, H, 8}).transpose(1, 2);
+  const Tensor k = plain->k_proj(x).view({1, 6, H, 8}).transpose(1, 2);
+  const Tensor v = plain->v_proj(x).view({1, 6, H, 8}).transpose(1, 2);
+  const Tensor expected = plain->out_proj(
+      relattn::attention(q, k, v, relattn::AttentionOptions().scale(0.05)).transpose(1, 2).reshape({1, 6, E}));
+  EXPECT_TRUE(torch::allclose(scaled(x), expected, 1e-5, 1e-6));
+}
+
+TEST(RelativeMultiheadAttention, RelIndexReplacesDistanceBuckets) {
+  rnn::RelativeMultiheadAttention attn = make_attention("shaw");
+  const Tensor x = torch::randn({2, 6, E});
+  // The index of plain distances gives the same result as the buckets.
+  const Tensor i = torch::arange(6).view({-1, 1});
+  const Tensor j = torch::arange(6).view({1, -1});
+  const Tensor distance_index = (j - i).clamp(-4, 4) + 4;
+  EXPECT_TRUE(torch::allclose(attn(x, Tensor(), Tensor(), Tensor(), false, distance_index), attn(x), 1e-5, 1e-6));
+  const Tensor tree_index = torch::randint(0, 9, {2, 6, 6}, torch::kLong);
+  EXPECT_FALSE(torch::allclose(attn(x, Tensor(), Tensor(), Tensor(), false, tree_index), attn(x)));
+  expect_error([&] { make_attention("alibi")(x, Tensor(), Tensor(), Tensor(), false, distance_index); },
+               "rel_index needs a relative table");
+  expect_error([&] { attn(x, Tensor(), Tensor(), Tensor(), false, distance_index + 9); }, "every id must lie in [0, R)");
+}
+
+TEST(RelativeMultiheadAttention, FullyPaddedRowIsFinite) {
+  rnn::RelativeMultiheadAttention attn = make_attention("shaw");
+  Tensor mask = torch::zeros({2, 5}, torch::kBool);
+  mask.index_put_({1}, true);
+  const Tensor y = attn(torch::randn({2, 5, E}), Tensor(), Tensor(), mask);
+  // No key to attend to: zero attention, so the output is out_proj's bias.
+  EXPECT_TRUE(torch::allclose(y[1], attn->out_proj->bias.expand({5, E})));
+}
+
+TEST(RelativeMultiheadAttention, ExternalTables) {
+  rnn::RelativeMultiheadAttention owner = make_attention("shaw");
+  rnn::RelativeMultiheadAttention user = make_attention("shaw");
+  user->set_relative_tables(owner->relative_tables());
+  EXPECT_TRUE(user->uses_external_tables());
+  EXPECT_TRUE(user->rel_k.is_same(owner->rel_k));
+  EXPECT_EQ(keys(user->named_parameters()).count("rel_k"), 0u);
+  EXPECT_EQ(user->parameters().size(), owner->parameters().size() - 2);
+  user(torch::randn({2, 6, E})).pow(2).sum().backward();
+  EXPECT_GT(max_abs(owner->rel_k.grad()), 0.0);
+
+  rnn::RelativeMultiheadAttention t5 = make_attention("t5");
+  expect_error([&] { t5->set_relative_tables(owner->relative_tables()); },
+               "position \"t5\" uses the tables [\"rel_bias\"], got [\"rel_k\", \"rel_v\"]");
+  rnn::RelativeTables wrong;
+  wrong.insert("rel_bias", torch::zeros({H, 5}));
+  expect_error([&] { t5->set_relative_tables(wrong); }, "table \"rel_bias\" must have shape [4, 8]");
+}
+
+TEST(RelativeMultiheadAttention, CastKeepsBucketsAndSlopes) {
+  for (const std::string& scheme : {std::string("shaw"), std::string("t5"), std::string("alibi")}) {
+    rnn::RelativeMultiheadAttention attn = make_attention(scheme);
+    const Tensor x = torch::randn({2, 5, E});
+    const Tensor y = attn(x);
+    attn->to(torch::kDouble);
+    if (attn->buckets.defined()) EXPECT_EQ(attn->buckets.scalar_type(), torch::kLong) << scheme;
+    if (attn->alibi_slopes.defined()) EXPECT_EQ(attn->alibi_slopes.scalar_type(), torch::kFloat) << scheme;
+    EXPECT_EQ(attn->q_proj->weight.scalar_type(), torch::kDouble);
+    const Tensor y64 = attn(x.to(torch::kDouble));
+    EXPECT_EQ(y64.scalar_type(), torch::kDouble);
+    EXPECT_TRUE(torch::allclose(y64.to(torch::kFloat), y, 1e-4, 1e-5)) << scheme;
+    attn->to(torch::kCPU, torch::kFloat);
+    if (attn->buckets.defined()) EXPECT_EQ(attn->buckets.scalar_type(), torch::kLong) << scheme;
+  }
+}
+
+TEST(RelativeMultiheadAttention, BadOptionsAndInputs) {
+  using O = rnn::RelativeMultiheadAttentionOptions;
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).dropout(0.1)); }, "dropout=0.1 on the attention weights is not supported");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(30, H)); }, "must be divisible by num_heads");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).num_kv_heads(3)); }, "must be a positive multiple of num_kv_heads");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).rel_k(false).rel_v(false)); }, "needs rel_k and/or rel_v");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).position("shaw").max_distance(-1)); }, "max_distance must be >= 0");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).position("t5").num_buckets(2)); }, "num_buckets must be >= 4");
+  expect_error([] { O(E, H).position("sinusoidal"); }, "position must be one of");
+  rnn::RelativeMultiheadAttention attn(O(E, H));
+  expect_error([&] { attn(torch::randn({2, 5, 31})); }, "query's features must be embed_dim = 32");
+  expect_error([&] { attn(torch::randn({5, E})); }, "query, key and value must be 3-D");
+  expect_error([&] { attn(torch::randn({2, 5, E}), torch::randn({3, 5, E})); }, "must share the batch size");
+  expect_error([&] { attn(torch::randn({2, 5, E}), Tensor(), Tensor(), torch::zeros({2, 5})); },
+               "key_padding_mask must be a bool tensor");
+  expect_error([&] { attn(torch::randn({2, 5, E}), Tensor(), Tensor(), torch::zeros({2, 4}, torch::kBool)); },
+               "key_padding_mask must be [B, Lk]");
+}
+
+// --------------------------------------------------------------------- encoder layer and encoder stack
+
+TEST(RelativeTransformerEncoderLayer, ShapesAndActivations) {
+  for (bool norm_first : {false, true}) {
+    for (const char* activation : {"relu", "gelu"}) {
+      rnn::RelativeTransformerEncoderLayer layer(small_layer("shaw").norm_first(norm_first).activation(activation));
+      const Tensor x = torch::randn({2, 11, E});
+      EXPECT_EQ(layer(x).sizes(), x.sizes());
+      EXPECT_EQ(layer(x, torch::zeros({2, 11}, torch::kBool), /*is_causal=*/true).sizes(), x.sizes());
+    }
+  }
+  rnn::RelativeTransformerEncoderLayer layer(small_layer("alibi").activation([](const Tensor& t) { return torch::silu(t); }));
+  EXPECT_EQ(layer(torch::randn({1, 4, E})).sizes(), (std::vector<int64_t>{1, 4, E}));
+  rnn::RelativeTransformerEncoderLayer seq_first(small_layer("t5").batch_first(false));
+  EXPECT_EQ(seq_first(torch::randn({9, 2, E})).sizes(), (std::vector<int64_t>{9, 2, E}));
+  expect_error([] { rnn::RelativeTransformerEncoderLayer(small_layer("shaw").attention_dropout(0.1)); },
+               "on the attention weights is not supported");
+  expect_error([] { small_layer("shaw").activation("tanh"); }, "activation should be");
+}
+
+TEST(RelativeTransformerEncoderLayer, GradientsReachEveryParameter) {
+  for (const std::string& scheme : kSchemes) {
+    for (bool norm_first : {false, true}) {
+      SCOPED_TRACE(scheme + (norm_first ? " pre-LN" : " post-LN"));
+      torch::manual_seed(0);
+      rnn::RelativeTransformerEncoderLayer layer(small_layer(scheme).norm_first(norm_first));
+      Tensor mask = torch::zeros({2, 12}, torch::kBool);
+      mask.index_put_({1, Slice(9, None)}, true);
+      // A loss that LayerNorm's normalisation does not make constant.
+      (layer(torch::randn({2, 12, E}), mask) * torch::randn({2, 12, E})).sum().backward();
+      expect_gradients_everywhere(*layer);
+    }
+  }
+}
+
+TEST(RelativeTransformerEncoder, LayersAreCopiesOfTheGivenLayer) {
+  rnn::RelativeTransformerEncoderLayer prototype(small_layer("shaw"));
+  rnn::RelativeTransformerEncoder encoder(prototype, 3);
+  ASSERT_EQ(encoder->layers->size(), 3u);
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_TRUE(torch::equal(encoder->layer(i)->linear1->weight, prototype->linear1->weight));
+    EXPECT_FALSE(encoder->layer(i)->linear1->weight.is_same(prototype->linear1->weight));
+    EXPECT_TRUE(torch::equal(encoder->layer(i)->self_attn->rel_k, prototype->self_attn->rel_k));
+  }
+  expect_error([] { rnn::RelativeTransformerEncoder(small_layer("shaw"), 0); }, "num_layers must be positive");
+}
+
+TEST(RelativeTransformerEncoder, PaddingKeysAreIgnored) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(small_layer("shaw"), 2);
+  const Tensor x = torch::randn({2, 10, E});
+  Tensor mask = torch::zeros({2, 10}, torch::kBool);
+  mask.index_put_({0, Slice(7, None)}, true);
+  mask.index_put_({1, Slice(4, None)}, true);
+  // Change only the padded positions: every real position's output stays the same.
+  const Tensor x2 = torch::where(mask.unsqueeze(-1), torch::randn_like(x), x);
+  const Tensor real = (~mask).unsqueeze(-1).expand_as(x);
+  EXPECT_TRUE(torch::allclose(encoder(x, mask).masked_select(real), encoder(x2, mask).masked_select(real), 1e-5, 1e-6));
+  // Without the mask the padded content does leak in.
+  EXPECT_FALSE(torch::allclose(encoder(x).masked_select(real), encoder(x2).masked_select(real), 1e-5, 1e-6));
+}
+
+TEST(RelativeTransformerEncoder, CausalIgnoresTheFuture) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(small_layer("t5"), 2);
+  const Tensor x = torch::randn({2, 10, E});
+  Tensor x2 = x.clone();
+  x2.index_put_({Slice(), Slice(6, None)}, torch::randn({2, 4, E}));
+  const Tensor y = encoder(x, Tensor(), /*is_causal=*/true);
+  const Tensor y2 = encoder(x2, Tensor(), /*is_causal=*/true);
+  EXPECT_TRUE(torch::allclose(y.index({Slice(), Slice(0, 6)}), y2.index({Slice(), Slice(0, 6)}), 1e-5, 1e-6));
+  EXPECT_FALSE(torch::allclose(y.index({Slice(), Slice(6, None)}), y2.index({Slice(), Slice(6, None)})));
+}
+
+TEST(RelativeTransformerEncoder, FinalNormAndGradients) {
+  EXPECT_TRUE(rnn::RelativeTransformerEncoder(small_layer("shaw"), 2)->norm.is_empty());
+  rnn::RelativeTransformerEncoder encoder(
+      rnn::RelativeTransformerEncoderOptions(small_layer("clip_bias").norm_first(true), 3)
+          .norm(torch::nn::AnyModule(torch::nn::LayerNorm(torch::nn::LayerNormOptions({E})))));
+  ASSERT_FALSE(encoder->norm.is_empty());
+  EXPECT_EQ(keys(encoder->named_parameters()).count("norm.weight"), 1u);
+  const Tensor y = encoder(torch::randn({2, 6, E}));
+  // The final LayerNorm (weight 1, bias 0) leaves every row with mean 0.
+  EXPECT_LT(max_abs(y.mean(-1)), 1e-5);
+  (y * torch::randn({2, 6, E})).sum().backward();
+  expect_gradients_everywhere(*encoder);
+}
+
+TEST(RelativeTransformerEncoder, SharedTablesAreOneParameter) {
+  for (const std::string& scheme : {std::string("shaw"), std::string("t5"), std::string("clip_bias")}) {
+    SCOPED_TRACE(scheme);
+    torch::manual_seed(0);
+    rnn::RelativeTransformerEncoder shared(
+        rnn::RelativeTransformerEncoderOptions(small_layer(scheme), 3).share_relative_tables(true));
+    rnn::RelativeTransformerEncoder separate(small_layer(scheme), 3);
+    const size_t tables_per_layer = scheme == "shaw" ? 2 : 1;
+    EXPECT_EQ(separate->parameters().size() - shared->parameters().size(), 2 * tables_per_layer);
+    const rnn::RelativeTables first = shared->layer(0)->self_attn->relative_tables();
+    for (size_t i = 1; i < 3; ++i) {
+      EXPECT_TRUE(shared->layer(i)->self_attn->uses_external_tables());
+      for (const auto& t : shared->layer(i)->self_attn->relative_tables()) EXPECT_TRUE(t.value().is_same(first[t.key()]));
+    }
+
+    // Give the separate stack the shared stack's weights (every layer the first layer's tables): the
+    // outputs agree, and each shared table's gradient is the sum of the separate tables' gradients.
+    {
+      torch::NoGradGuard no_grad;
+      const auto src = shared->named_parameters();
+      for (auto& p : separate->named_parameters()) {
+        std::string name = p.key();
+        if (!src.contains(name)) name = "layers.0" + name.substr(name.find(".self_attn."));
+        p.value().copy_(src[name]);
+      }
+    }
+    const Tensor x = torch::randn({2, 9, E});
+    const Tensor w = torch::randn({2, 9, E});
+    const Tensor y_shared = shared(x);
+    const Tensor y_separate = separate(x);
+    EXPECT_TRUE(torch::allclose(y_shared, y_separate, 1e-5, 1e-6));
+    (y_shared * w).sum().backward();
+    (y_separate * w).sum().backward();
+    const auto separate_params = separate->named_parameters();
+    for (const auto& t : first) {
+      Tensor sum = torch::zeros_like(t.value());
+      for (int i = 0; i < 3; ++i) sum += separate_params["layers." + std::to_string(i) + ".self_attn." + t.key()].grad();
+      EXPECT_TRUE(torch::allclose(t.value().grad(), sum, 1e-4, 1e-6)) << t.key();
+    }
+  }
+}
+
+TEST(RelativeTransformerEncoder, SharedTablesSurviveOptimizerCloneAndCast) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(
+      rnn::RelativeTransformerEncoderOptions(small_layer("shaw"), 3).share_relative_tables(true));
+  torch::optim::Adam opt(encoder->parameters(), torch::optim::AdamOptions(1e-2));
+  const Tensor before = encoder->layer(0)->self_attn->rel_k.detach().clone();
+  encoder(torch::randn({2, 8, E})).pow(2).sum().backward();
+  opt.step();
+  EXPECT_FALSE(torch::equal(before, encoder->layer(0)->self_attn->rel_k));
+  EXPECT_TRUE(encoder->layer(2)->self_attn->rel_k.is_same(encoder->layer(0)->self_attn->rel_k));
+
+  // A deep copy shares its own first-layer tables, not the original's.
+  auto copy = std::dynamic_pointer_cast<rnn::RelativeTransformerEncoderImpl>(encoder->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_EQ(copy->parameters().size(), encoder->parameters().size());
+  EXPECT_FALSE(copy->layer(0)->self_attn->rel_k.is_same(encoder->layer(0)->self_attn->rel_k));
+  EXPECT_TRUE(copy->layer(1)->self_attn->rel_k.is_same(copy->layer(0)->self_attn->rel_k));
+  EXPECT_TRUE(copy->layer(2)->self_attn->rel_v.is_same(copy->layer(0)->self_attn->rel_v));
+  const Tensor x = torch::randn({2, 8, E});
+  EXPECT_TRUE(torch::allclose(copy->forward(x), encoder(x), 1e-5, 1e-6));
+
+  // Casting converts the shared tables for every layer at once; bucket ids stay integers.
+  encoder->to(torch::kDouble);
+  EXPECT_EQ(encoder->layer(2)->self_attn->rel_k.scalar_type(), torch::kDouble);
+  EXPECT_EQ(encoder->named_buffers()["layers.1.self_attn.buckets"].scalar_type(), torch::kLong);
+  EXPECT_EQ(encoder(x.to(torch::kDouble)).scalar_type(), torch::kDouble);
+}
+
+TEST(RelativeTransformerEncoder, DeepNormConstantsAndInit) {
+  rnn::RelativeTransformerEncoder encoder(rnn::RelativeTransformerEncoderOptions(small_layer("shaw"), 12).deepnorm(true));
+  const double alpha = std::pow(24.0, 0.25);
+  const double beta = std::pow(96.0, -0.25);
+  EXPECT_DOUBLE_EQ(rnn::RelativeTransformerEncoderImpl::deepnorm_alpha(12), alpha);
+  EXPECT_DOUBLE_EQ(rnn::RelativeTransformerEncoderImpl::deepnorm_beta(12), beta);
+  std::vector<Tensor> v_weights, q_weights;
+  for (size_t i = 0; i < 12; ++i) {
+    EXPECT_DOUBLE_EQ(encoder->layer(i)->residual_alpha, alpha);
+    v_weights.push_back(encoder->layer(i)->self_attn->v_proj->weight);
+    q_weights.push_back(encoder->layer(i)->self_attn->q_proj->weight);
+  }
+  // Xavier-normal: std = gain * sqrt(2 / (fan_in + fan_out)) with fan_in = fan_out = 32.
+  const double xavier = std::sqrt(2.0 / 64.0);
+  EXPECT_NEAR(torch::stack(v_weights).std().item<double>(), beta * xavier, 0.05 * beta * xavier);
+  EXPECT_NEAR(torch::stack(q_weights).std().item<double>(), xavier, 0.05 * xavier);
+  // The residual really is scaled: alpha = 1 gives another output.
+  const Tensor x = torch::randn({1, 5, E});
+  const Tensor y = encoder->layer(0)(x);
+  encoder->layer(0)->residual_alpha = 1.0;
+  EXPECT_FALSE(torch::allclose(y, encoder->layer(0)(x)));
+  expect_error([] { rnn::RelativeTransformerEncoder(rnn::RelativeTransformerEncoderOptions(small_layer("shaw").norm_first(true), 4).deepnorm(true)); },
+               "deepnorm is defined for post-LN layers");
+}
+
+TEST(RelativeTransformerEncoder, DeepStackTrainsWithoutNaN) {
+  torch::manual_seed(0);
+  const int64_t vocab = 8, B = 8, L = 16;
+  rnn::RelativeTransformerEncoder encoder(
+      rnn::RelativeTransformerEncoderOptions(small_layer("shaw"), 12).deepnorm(true).share_relative_tables(true));
+  torch::nn::Embedding embed(vocab, E);
+  torch::nn::Linear head(E, vocab);
+  std::vector<Tensor> params = encoder->parameters();
+  for (const auto& m : {embed->parameters(), head->parameters()}) params.insert(params.end(), m.begin(), m.end());
+  torch::optim::Adam opt(params, torch::optim::AdamOptions(1e-3));
+  // Predict the token one position back.
+  double first = 0.0, last = 0.0;
+  for (int step = 0; step < 30; ++step) {
+    const Tensor tokens = torch::randint(0, vocab, {B, L}, torch::kLong);
+    const Tensor logits = head(encoder(embed(tokens)));
+    const Tensor loss = torch::cross_entropy_loss(logits.index({Slice(), Slice(1, None)}).reshape({-1, vocab}),
+                                                  tokens.index({Slice(), Slice(0, L - 1)}).reshape({-1}));
+    opt.zero_grad();
+    loss.backward();
+    for (const auto& p : params) ASSERT_TRUE(torch::isfinite(p.grad()).all().item<bool>());
+    opt.step();
+    const double value = loss.item<double>();
+    ASSERT_TRUE(std::isfinite(value)) << "step " << step;
+    if (step == 0) first = value;
+    last = value;
+  }
+  EXPECT_LT(last, first) << "first " << first << ", last " << last;
+}
+
+// ------------------------------------------------------------------------- absolute positional encodings
+
+TEST(SinusoidalPositionalEncoding, Values) {
+  for (int64_t d : {8, 7}) {
+    rnn::SinusoidalPositionalEncoding pe(d);
+    const Tensor y = pe(torch::zeros({2, 5, d}));
+    EXPECT_EQ(y.sizes(), (std::vector<int64_t>{2, 5, d}));
+    EXPECT_TRUE(torch::equal(y[0], y[1]));
+    for (int64_t p = 0; p < 5; ++p) {
+      for (int64_t f = 0; f < d; ++f) {
+        const double angle = static_cast<double>(p) / std::pow(10000.0, static_cast<double>(f - f % 2) / d);
+        EXPECT_NEAR(y[0][p][f].item<double>(), f % 2 ? std::cos(angle) : std::sin(angle), 1e-6);
+      }
+    }
+    EXPECT_TRUE(pe->parameters().empty());
+  }
+  // A precomputed table, and longer inputs past it.
+  rnn::SinusoidalPositionalEncoding cached(rnn::SinusoidalPositionalEncodingOptions(8).max_len(4));
+  rnn::SinusoidalPositionalEncoding fresh(8);
+  EXPECT_EQ(cached->table.sizes(), (std::vector<int64_t>{4, 8}));
+  for (int64_t L : {3, 6}) {
+    EXPECT_TRUE(torch::allclose(cached(torch::zeros({1, L, 8})), fresh(torch::zeros({1, L, 8}))));
+  }
+  EXPECT_EQ(fresh(torch::zeros({1, 3, 8}, torch::kDouble)).scalar_type(), torch::kDouble);
+  expect_error([&] { fresh(torch::zeros({1, 3, 6})); }, "expected input [B, L, 8]");
+}
+
+TEST(LearnedPositionalEncoding, AddsRowsAndRejectsLongInputs) {
+  rnn::LearnedPositionalEncoding pe(10, 8);
+  EXPECT_EQ(pe->weight.sizes(), (std::vector<int64_t>{10, 8}));
+  const Tensor x = torch::randn({2, 6, 8});
+  const Tensor y = pe(x);
+  EXPECT_TRUE(torch::allclose(y - x, pe->weight.slice(0, 0, 6).unsqueeze(0).expand_as(x), 1e-5, 1e-6));
+  y.sum().backward();
+  EXPECT_EQ(pe->weight.grad().slice(0, 0, 6).sum().item<double>(), 2.0 * 6 * 8);
+  EXPECT_EQ(max_abs(pe->weight.grad().slice(0, 6, 10)), 0.0);
+  EXPECT_NO_THROW(pe(torch::randn({1, 10, 8})));
+  expect_error([&] { pe(torch::randn({1, 11, 8})); }, "sequence length 11 exceeds the table's max_len=10");
+}
+
+TEST(MLPPositionalEncoding, LearnsAFunctionOfThePosition) {
+  rnn::MLPPositionalEncoding pe(rnn::MLPPositionalEncodingOptions(8).hidden(16));
+  EXPECT_EQ(pe->fc1->weight.sizes(), (std::vector<int64_t>{16, 1}));
+  EXPECT_EQ(pe->fc2->weight.sizes(), (std::vector<int64_t>{8, 16}));
+  // Normalised positions i / (L - 1).
+  EXPECT_TRUE(torch::allclose(pe->positions(5).squeeze(1), torch::tensor({0.0f, 0.25f, 0.5f, 0.75f, 1.0f})));
+  EXPECT_TRUE(torch::equal(pe->positions(1), torch::zeros({1, 1})));
+  const Tensor x = torch::randn({2, 40, 8});
+  const Tensor y = pe(x);
+  EXPECT_EQ(y.sizes(), x.sizes());
+  EXPECT_TRUE(torch::allclose(y[0] - x[0], y[1] - x[1], 1e-5, 1e-6));
+  (y * torch::randn_like(y)).sum().backward();
+  expect_gradients_everywhere(*pe);
+
+  rnn::MLPPositionalEncoding raw(rnn::MLPPositionalEncodingOptions(8).scale(1.0).activation("relu"));
+  EXPECT_TRUE(torch::allclose(raw->positions(4).squeeze(1), torch::arange(4, torch::kFloat)));
+}
+
+TEST(Modules, ComposeInSequential) {
+  // forward's default arguments work through AnyModule.
+  torch::nn::Sequential model(rnn::SinusoidalPositionalEncoding(E), rnn::RelativeTransformerEncoderLayer(small_layer("alibi")),
+                              rnn::RelativeTransformerEncoder(small_layer("t5"), 2));
+  EXPECT_EQ(model->forward(torch::randn({2, 7, E})).sizes(), (std::vector<int64_t>{2, 7, E}));
+  std::ostringstream printed;
+  printed << *model;
+  EXPECT_NE(printed.str().find("relattn::nn::RelativeMultiheadAttention(embed_dim=32, num_heads=4, position=t5"),
+            std::string::npos)
+      << printed.str();
+}
+
+}  // namespace
