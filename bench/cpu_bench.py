@@ -118,10 +118,10 @@ def child(impl, L, mode, repeat):
                       "peak_mb": peak / 2**20}))
 
 
-def estimate_naive_gb(L, mode):
-    # two [L, L, D] gathers and a handful of [B, H, L, L] score-sized tensors, float32; backward ~3x
-    fwd = (2 * L * L * D + 6 * B * H * L * L) * 4 / 2**30
-    return fwd * (3 if mode == "fwd+bwd" else 1)
+def estimate_eager_gb(impl, L, mode):
+    # score-sized [B, H, L, L] tensors (and for naive two [L, L, D] gathers), float32; backward ~3x
+    elems = 6 * B * H * L * L + (2 * L * L * D if impl == "naive" else 0)
+    return elems * 4 / 2**30 * (3 if mode == "fwd+bwd" else 1)
 
 
 def main():
@@ -141,9 +141,9 @@ def main():
     for L in a.lengths:
         for mode in ("fwd", "fwd+bwd"):
             for impl in a.impls:
-                if impl != "relattn" and estimate_naive_gb(L, mode) > a.max_gb:
+                if impl != "relattn" and estimate_eager_gb(impl, L, mode) > a.max_gb:
                     rows.append({"impl": impl, "L": L, "mode": mode, "ms": None, "peak_mb": None,
-                                 "note": f"skipped: needs ~{estimate_naive_gb(L, mode):.0f} GB"})
+                                 "note": f"skipped: needs ~{estimate_eager_gb(impl, L, mode):.0f} GB"})
                     print(rows[-1], flush=True)
                     continue
                 repeat = a.repeat if L <= 2048 else max(1, a.repeat - 1)
