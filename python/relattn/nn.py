@@ -1,0 +1,707 @@
+"""Modules built on :func:`relattn.attention`: an attention layer, an encoder layer and an encoder stack
+with the positional scheme chosen by argument, plus the absolute encodings a model may still add to its
+input.
+
+Positional schemes (``position=``) of :class:`RelativeMultiheadAttention` and the layers above it:
+
+============  ===========================================================================================
+``"shaw"``    Shaw et al. (2018): learned relative key (``rel_k``) and/or value (``rel_v``) embeddings over
+              distances clipped to ``±max_distance`` (``R = 2·max_distance + 1``), shared by all heads or
+              one table per head (``per_head_tables``).
+``"t5"``      Raffel et al. (2020): a learned scalar bias per head over T5's log-spaced buckets
+              (``num_buckets``, ``max_distance``, ``bidirectional``).
+``"clip_bias"`` a learned scalar bias per head over clipped distances (``R = 2·max_distance + 1``).
+``"alibi"``   Press et al. (2022): the fixed linear penalty ``-m_h·|j - i|``; nothing is learned.
+``"none"``    no positional information inside attention (add an absolute encoding to the input).
+============  ===========================================================================================
+
+Learned tables are :class:`torch.nn.Parameter` s named ``rel_k``, ``rel_v`` and ``rel_bias`` (SPEC names);
+pass ``tables={...}`` to use tables owned elsewhere (sharing across layers). The bucket map and ALiBi slopes
+are derived from the constructor's arguments, so they are non-persistent buffers: a ``state_dict`` holds
+only what was learned.
+
+Every module here is batch-first by default, works under ``torch.compile(fullgraph=True)`` and
+round-trips through ``state_dict``.
+"""
+import copy
+import math
+from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import Tensor, nn
+
+from .functional import alibi_slopes, attention, clip_buckets, t5_buckets
+
+__all__ = [
+    "POSITION_SCHEMES",
+    "RelativeMultiheadAttention",
+    "RelativeTransformerEncoderLayer",
+    "RelativeTransformerEncoder",
+    "SinusoidalPositionalEncoding",
+    "LearnedPositionalEncoding",
+    "MLPPositionalEncoding",
+]
+
+#: The values ``position=`` accepts.
+POSITION_SCHEMES = ("shaw", "t5", "clip_bias", "alibi", "none")
+
+_DEFAULT_MAX_DISTANCE = {"shaw": 16, "clip_bias": 16, "t5": 128}
+
+
+def _check_attn_mask(attn_mask: Optional[Tensor], is_causal: bool, name: str) -> None:
+    """The fused kernels take no arbitrary score mask; one is accepted only as the causal hint."""
+    if attn_mask is not None and not is_causal:
+        raise ValueError(
+            f"relattn.nn: {name} is only accepted together with is_causal=True (it is then taken to be "
+            "the causal mask and not read); the fused kernels support causal masking and "
+            "key_padding_mask, not arbitrary attention masks")
+
+
+class RelativeMultiheadAttention(nn.Module):
+    r"""Multi-head attention with relative positions, computed by the fused :func:`relattn.attention`.
+
+    Mirrors :class:`torch.nn.MultiheadAttention` where that makes sense (projections, ``kdim``/``vdim``,
+    ``batch_first``, ``key_padding_mask`` with ``True`` = padding, a ``(output, weights)`` return), and
+    differs where the fused kernels do: it is batch-first by default, returns no attention weights
+    (they are never materialised), accepts no arbitrary ``attn_mask``, and has no attention dropout yet.
+
+    Args:
+        embed_dim: model width ``E``; the output has this width too.
+        num_heads: query heads ``H``; ``embed_dim`` must be divisible by it (head dim ``E / H``).
+        dropout: dropout on the attention weights. Must be 0: the fused kernels do not support it yet,
+            and a non-zero value raises ``ValueError`` rather than being silently ignored.
+        bias: add biases to the query, key, value and output projections.
+        kdim, vdim: feature sizes of ``key`` and ``value`` (default ``embed_dim``).
+        batch_first: inputs and output are ``[B, L, E]`` (default) rather than ``[L, B, E]``.
+        num_kv_heads: key/value heads ``Hk`` for grouped-query (``1 < Hk < H``) or multi-query
+            (``Hk = 1``) attention; ``num_heads`` must be a multiple of it. Default ``num_heads``.
+        position: the positional scheme, one of :data:`POSITION_SCHEMES` (see the module docstring).
+        max_distance: clipping distance of ``"shaw"`` / ``"clip_bias"`` (default 16), or T5's
+            ``max_distance`` for ``"t5"`` (default 128). Ignored by ``"alibi"`` and ``"none"``.
+        rel_k, rel_v: for ``"shaw"``, whether to learn relative key and value embeddings
+            (at least one must be True).
+        per_head_tables: for ``"shaw"``, one table per head (``[H, R, E/H]``) instead of one shared by
+            all heads (``[R, E/H]``).
+        num_buckets: for ``"t5"``, the number of buckets ``R``.
+        bidirectional: for ``"t5"``, separate buckets for keys before and after the query.
+        tables: relative tables to use instead of creating new ones, e.g. another layer's
+            :meth:`relative_tables` to share them; keys among ``"rel_k"``, ``"rel_v"``, ``"rel_bias"``,
+            exactly those the scheme uses. A :class:`~torch.nn.Parameter` is used as is (shared); a plain
+            tensor becomes a new Parameter on the same storage.
+        scale: softmax scale, default ``1/sqrt(E/H)``.
+        device, dtype: factory arguments for parameters.
+
+    Shapes (batch-first): ``query [B, Lq, E]``, ``key [B, Lk, kdim]``, ``value [B, Lk, vdim]``,
+    output ``[B, Lq, E]``. The relative distance of query ``i`` and key ``j`` is ``j - i``.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        kdim: Optional[int] = None,
+        vdim: Optional[int] = None,
+        batch_first: bool = True,
+        num_kv_heads: Optional[int] = None,
+        position: str = "shaw",
+        max_distance: Optional[int] = None,
+        rel_k: bool = True,
+        rel_v: bool = True,
+        per_head_tables: bool = False,
+        num_buckets: int = 32,
+        bidirectional: bool = True,
+        tables: Optional[Mapping[str, Tensor]] = None,
+        scale: Optional[float] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"RelativeMultiheadAttention: embed_dim ({embed_dim}) and num_heads "
+                             f"({num_heads}) must be positive")
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"RelativeMultiheadAttention: embed_dim ({embed_dim}) must be divisible by "
+                             f"num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
+            raise ValueError(f"RelativeMultiheadAttention: num_heads ({num_heads}) must be a positive "
+                             f"multiple of num_kv_heads ({num_kv_heads})")
+        if dropout != 0.0:
+            raise ValueError(f"RelativeMultiheadAttention: dropout={dropout} on the attention weights is "
+                             "not supported by the fused relattn kernels yet; use dropout=0.0")
+        if position not in POSITION_SCHEMES:
+            raise ValueError(f"RelativeMultiheadAttention: position must be one of {POSITION_SCHEMES}, "
+                             f"got {position!r}")
+        if position == "shaw" and not (rel_k or rel_v):
+            raise ValueError("RelativeMultiheadAttention: position='shaw' needs rel_k=True and/or rel_v=True")
+
+        self.embed_dim = embed_dim
+        self.kdim = embed_dim if kdim is None else kdim
+        self.vdim = embed_dim if vdim is None else vdim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.position = position
+        self.scale = scale
+        self.per_head_tables = per_head_tables
+
+        kv_dim = num_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.k_proj = nn.Linear(self.kdim, kv_dim, bias=bias, **factory)
+        self.v_proj = nn.Linear(self.vdim, kv_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+
+        # The bucket map and the slopes follow from the arguments: buffers, but not part of state_dict.
+        self.max_distance: Optional[int] = None
+        self.num_buckets: Optional[int] = None
+        if position in ("shaw", "clip_bias", "t5"):
+            self.max_distance = _DEFAULT_MAX_DISTANCE[position] if max_distance is None else int(max_distance)
+            if self.max_distance < 0:
+                raise ValueError(f"RelativeMultiheadAttention: max_distance must be >= 0, got {max_distance}")
+        if position in ("shaw", "clip_bias"):
+            buckets = clip_buckets(self.max_distance)
+            self.num_buckets = 2 * self.max_distance + 1
+        elif position == "t5":
+            if num_buckets <= 0:
+                raise ValueError(f"RelativeMultiheadAttention: num_buckets must be positive, got {num_buckets}")
+            buckets = t5_buckets(num_buckets, self.max_distance, bidirectional)
+            self.num_buckets = num_buckets
+        else:
+            buckets = None
+        self.bidirectional = bidirectional
+        self.register_buffer("buckets", None if buckets is None else buckets.to(device), persistent=False)
+        slopes = alibi_slopes(num_heads).to(device=device, dtype=dtype) if position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
+
+        # Which learned tables the scheme uses, and their shapes.
+        self._table_shapes: Dict[str, Tuple[int, ...]] = {}
+        R = self.num_buckets
+        lead = (num_heads,) if per_head_tables else ()
+        if position == "shaw":
+            if rel_k:
+                self._table_shapes["rel_k"] = lead + (R, self.head_dim)
+            if rel_v:
+                self._table_shapes["rel_v"] = lead + (R, self.head_dim)
+        elif position in ("t5", "clip_bias"):
+            self._table_shapes["rel_bias"] = (num_heads, R)
+        for name in ("rel_k", "rel_v", "rel_bias"):
+            self.register_parameter(name, None)
+
+        self._reset_projections()
+        if tables is not None:
+            self.set_relative_tables(tables)
+        else:
+            for name, shape in self._table_shapes.items():
+                setattr(self, name, nn.Parameter(torch.empty(shape, **factory)))
+            self._reset_tables()
+
+    # -- parameters ------------------------------------------------------------------------------------
+
+    def _reset_projections(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            nn.init.xavier_uniform_(proj.weight)
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def _reset_tables(self) -> None:
+        # Small embeddings; biases start at zero so training begins from position-free attention.
+        if self.rel_k is not None:
+            nn.init.normal_(self.rel_k, std=0.02)
+        if self.rel_v is not None:
+            nn.init.normal_(self.rel_v, std=0.02)
+        if self.rel_bias is not None:
+            nn.init.zeros_(self.rel_bias)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise the projections (Xavier-uniform weights, zero biases) and the relative tables."""
+        self._reset_projections()
+        self._reset_tables()
+
+    def relative_tables(self) -> Dict[str, nn.Parameter]:
+        """The learned relative tables this scheme uses, by SPEC name (empty for "alibi"/"none")."""
+        return {name: getattr(self, name) for name in self._table_shapes}
+
+    def set_relative_tables(self, tables: Mapping[str, Tensor]) -> None:
+        """Use ``tables`` (name -> tensor) as this layer's relative tables, e.g. to share another layer's.
+
+        The names must be exactly those :meth:`relative_tables` returns, with the same shapes.
+        A :class:`~torch.nn.Parameter` is stored as is, so every layer holding it trains the same tensor.
+        """
+        expected = set(self._table_shapes)
+        if set(tables) != expected:
+            raise ValueError(f"RelativeMultiheadAttention: position={self.position!r} uses the tables "
+                             f"{sorted(expected)}, got {sorted(tables)}")
+        for name, table in tables.items():
+            shape = self._table_shapes[name]
+            if tuple(table.shape) != shape:
+                raise ValueError(f"RelativeMultiheadAttention: table {name!r} must have shape {list(shape)}, "
+                                 f"got {list(table.shape)}")
+            setattr(self, name, table if isinstance(table, nn.Parameter) else nn.Parameter(table))
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Optional[Tensor] = None,
+        value: Optional[Tensor] = None,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = False,
+        attn_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+        *,
+        causal: bool = False,
+        rel_index: Optional[Tensor] = None,
+    ) -> Tuple[Tensor, None]:
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: ``[B, Lq, E]`` (``[Lq, B, E]`` when not ``batch_first``).
+            key: ``[B, Lk, kdim]``; default ``query`` (self-attention).
+            value: ``[B, Lk, vdim]``; default ``key``.
+            key_padding_mask: bool ``[B, Lk]``, ``True`` marks padding keys to ignore. A query whose
+                keys are all masked outputs the output projection's bias (zero attention), not NaN.
+            need_weights: must be False: the fused kernels never form the attention weights, so the
+                second returned value is always ``None`` (as :class:`torch.nn.MultiheadAttention`
+                returns with ``need_weights=False``).
+            attn_mask: accepted only with ``is_causal=True``, as :class:`torch.nn.MultiheadAttention`'s
+                hint that it is the causal mask (it is not read); any other mask raises ``ValueError``.
+            is_causal: mask keys after the query's position (``j > i``); unlike
+                :class:`torch.nn.MultiheadAttention` no ``attn_mask`` is needed.
+            causal: alias of ``is_causal`` (the name :func:`relattn.attention` uses).
+            rel_index: optional integer ``[Lq, Lk]`` or ``[B, Lq, Lk]`` bucket of every pair
+                (structural positions), replacing the distance buckets of "shaw"/"t5"/"clip_bias";
+                every id must lie in ``[0, R)``.
+
+        Returns:
+            ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
+        """
+        if need_weights:
+            raise ValueError("RelativeMultiheadAttention: need_weights=True is not supported; the fused "
+                             "relattn kernels never materialise the attention weights")
+        is_causal = bool(is_causal or causal)
+        _check_attn_mask(attn_mask, is_causal, "attn_mask")
+        key = query if key is None else key
+        value = key if value is None else value
+        if not self.batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
+            raise ValueError("RelativeMultiheadAttention: query, key and value must be 3-D "
+                             f"([B, L, E] when batch_first), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
+        if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
+            raise ValueError("RelativeMultiheadAttention: key_padding_mask must be a bool tensor "
+                             f"(True = padding), got {key_padding_mask.dtype}")
+        B, Lq, _ = query.shape
+        Lk = key.shape[1]
+
+        # [B, L, heads*Dh] -> [B, heads, L, Dh]: a view whose last dimension stays contiguous.
+        q = self.q_proj(query).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(key).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(value).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        uses_buckets = self.buckets is not None
+        if rel_index is not None and not uses_buckets:
+            raise ValueError(f"RelativeMultiheadAttention: rel_index needs a relative table, but "
+                             f"position={self.position!r} has none")
+        out = attention(
+            q, k, v,
+            rel_k=self.rel_k, rel_v=self.rel_v, rel_bias=self.rel_bias,
+            buckets=self.buckets if uses_buckets and rel_index is None else None,
+            rel_index=rel_index,
+            alibi_slopes=self.alibi_slopes,
+            key_padding_mask=key_padding_mask,
+            causal=is_causal,
+            scale=self.scale,
+        )
+        out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.embed_dim))
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+    def extra_repr(self) -> str:
+        parts = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}"]
+        if self.num_kv_heads != self.num_heads:
+            parts.append(f"num_kv_heads={self.num_kv_heads}")
+        parts.append(f"position={self.position!r}")
+        if self.max_distance is not None:
+            parts.append(f"max_distance={self.max_distance}")
+        if self.position == "t5":
+            parts += [f"num_buckets={self.num_buckets}", f"bidirectional={self.bidirectional}"]
+        if self.position == "shaw":
+            parts.append(f"per_head_tables={self.per_head_tables}")
+        if not self.batch_first:
+            parts.append("batch_first=False")
+        return ", ".join(parts)
+
+
+def _activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[[Tensor], Tensor]:
+    if callable(activation):
+        return activation
+    if activation == "relu":
+        return F.relu
+    if activation == "gelu":
+        return F.gelu
+    raise ValueError(f"activation should be 'relu', 'gelu' or a callable, got {activation!r}")
+
+
+class RelativeTransformerEncoderLayer(nn.Module):
+    r"""A Transformer encoder layer (self-attention + feed-forward) using :class:`RelativeMultiheadAttention`.
+
+    Takes :class:`torch.nn.TransformerEncoderLayer`'s arguments, under the same names and with the same
+    submodule names (``self_attn``, ``linear1``, ``linear2``, ``norm1``, ``norm2``, ``dropout``,
+    ``dropout1``, ``dropout2``), plus the positional-scheme arguments of
+    :class:`RelativeMultiheadAttention`. With ``position="none"`` and dropout 0 it computes exactly what
+    ``nn.TransformerEncoderLayer`` computes with the same weights.
+
+    Post-LN (``norm_first=False``)::
+
+        x = norm1(alpha * x + dropout1(self_attn(x)))
+        x = norm2(alpha * x + dropout2(linear2(dropout(activation(linear1(x))))))
+
+    Pre-LN (``norm_first=True``)::
+
+        x = x + dropout1(self_attn(norm1(x)))
+        x = x + dropout2(linear2(dropout(activation(linear1(norm2(x))))))
+
+    ``alpha`` (attribute ``residual_alpha``) is 1 unless :class:`RelativeTransformerEncoder` sets it for
+    DeepNorm.
+
+    Args:
+        d_model: model width.
+        nhead: attention heads.
+        dim_feedforward: hidden width of the feed-forward network.
+        dropout: dropout after the attention block, inside and after the feed-forward block. Unlike
+            ``nn.TransformerEncoderLayer`` it does not apply to the attention weights (see
+            ``attention_dropout``).
+        activation: ``"relu"``, ``"gelu"`` or a callable.
+        layer_norm_eps: epsilon of both layer norms.
+        batch_first: ``[B, L, d_model]`` (default) rather than ``[L, B, d_model]``.
+        norm_first: pre-LN instead of post-LN.
+        bias: biases in the linear layers and layer norms.
+        num_kv_heads: key/value heads for grouped-query attention (default ``nhead``).
+        attention_dropout: dropout on the attention weights; must be 0 (see
+            :class:`RelativeMultiheadAttention`).
+        position, max_distance, rel_k, rel_v, per_head_tables, num_buckets, bidirectional, tables:
+            the positional scheme, passed to :class:`RelativeMultiheadAttention`.
+        device, dtype: factory arguments for parameters.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = "relu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = True,
+        norm_first: bool = False,
+        bias: bool = True,
+        *,
+        num_kv_heads: Optional[int] = None,
+        attention_dropout: float = 0.0,
+        position: str = "shaw",
+        max_distance: Optional[int] = None,
+        rel_k: bool = True,
+        rel_v: bool = True,
+        per_head_tables: bool = False,
+        num_buckets: int = 32,
+        bidirectional: bool = True,
+        tables: Optional[Mapping[str, Tensor]] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.self_attn = RelativeMultiheadAttention(
+            d_model, nhead, dropout=attention_dropout, bias=bias, batch_first=batch_first,
+            num_kv_heads=num_kv_heads, position=position, max_distance=max_distance, rel_k=rel_k,
+            rel_v=rel_v, per_head_tables=per_head_tables, num_buckets=num_buckets,
+            bidirectional=bidirectional, tables=tables, **factory)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.batch_first = batch_first
+        #: Residual scale of the post-LN sub-layers (DeepNorm's alpha); 1 for a plain layer.
+        self.residual_alpha = 1.0
+
+    def forward(
+        self,
+        src: Tensor,
+        src_mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Args:
+            src: ``[B, L, d_model]`` (``[L, B, d_model]`` when not ``batch_first``).
+            src_mask: accepted only with ``is_causal=True`` (the causal-mask hint of
+                ``nn.TransformerEncoderLayer``; not read). Arbitrary masks raise ``ValueError``.
+            src_key_padding_mask: bool ``[B, L]``, ``True`` = padding.
+            is_causal: causal self-attention (no ``src_mask`` needed).
+
+        Returns:
+            a tensor shaped like ``src``.
+        """
+        _check_attn_mask(src_mask, is_causal, "src_mask")
+        x = src
+        if self.norm_first:
+            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal)
+            x = x + self._ff_block(self.norm2(x))
+        else:
+            alpha = self.residual_alpha
+            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal))
+            x = self.norm2(alpha * x + self._ff_block(x))
+        return x
+
+    def _sa_block(self, x: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+        x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
+                           is_causal=is_causal)[0]
+        return self.dropout1(x)
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        x = self.linear2(self.dropout(self.activation(self.linear1(x))))
+        return self.dropout2(x)
+
+
+class RelativeTransformerEncoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of an encoder layer, like :class:`torch.nn.TransformerEncoder`.
+
+    Args:
+        encoder_layer: the layer to copy (a :class:`RelativeTransformerEncoderLayer`); each of the
+            ``num_layers`` layers is a deep copy, so all start from its weights (as in PyTorch).
+        num_layers: number of layers ``N``.
+        norm: optional final module applied to the output (e.g. a ``LayerNorm`` after a pre-LN stack).
+        share_relative_tables: all layers use the first layer's relative tables (``rel_k``/``rel_v``/
+            ``rel_bias``), as T5 shares its bias across layers. The ``state_dict`` still lists the shared
+            tensor under every layer's name; loading writes the same tensor each time.
+        checkpoint: activation checkpointing: while gradients are enabled each layer runs under
+            :func:`torch.utils.checkpoint.checkpoint` (``use_reentrant=False``), keeping only layer inputs
+            and recomputing the rest in the backward pass.
+        deepnorm: DeepNorm (Wang et al., 2022, "DeepNet: Scaling Transformers to 1,000 Layers") for
+            post-LN layers (``norm_first=False``; pre-LN raises ``ValueError``). Each sub-layer computes
+            ``x = LN(alpha * x + f(x))`` with ``alpha = (2N)^(1/4)``, and the weights of the value and
+            output projections and of both feed-forward linears are re-initialised Xavier-normal with
+            gain ``beta = (8N)^(-1/4)`` (query/key projections: Xavier-normal, gain 1). These are the
+            encoder-only constants of the paper.
+    """
+
+    def __init__(
+        self,
+        encoder_layer: RelativeTransformerEncoderLayer,
+        num_layers: int,
+        norm: Optional[nn.Module] = None,
+        *,
+        share_relative_tables: bool = False,
+        checkpoint: bool = False,
+        deepnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"RelativeTransformerEncoder: num_layers must be positive, got {num_layers}")
+        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.num_layers = num_layers
+        self.norm = norm
+        self.checkpoint = checkpoint
+        self.share_relative_tables = share_relative_tables
+        self.deepnorm = deepnorm
+        if share_relative_tables:
+            tables = self.layers[0].self_attn.relative_tables()
+            for layer in self.layers[1:]:
+                layer.self_attn.set_relative_tables(tables)
+        if deepnorm:
+            self._init_deepnorm()
+
+    def _init_deepnorm(self) -> None:
+        if any(layer.norm_first for layer in self.layers):
+            raise ValueError("RelativeTransformerEncoder: deepnorm=True is defined for post-LN layers "
+                             "(norm_first=False)")
+        alpha = (2.0 * self.num_layers) ** 0.25
+        beta = (8.0 * self.num_layers) ** -0.25
+        for layer in self.layers:
+            layer.residual_alpha = alpha
+            attn = layer.self_attn
+            nn.init.xavier_normal_(attn.q_proj.weight, gain=1.0)
+            nn.init.xavier_normal_(attn.k_proj.weight, gain=1.0)
+            for linear in (attn.v_proj, attn.out_proj, layer.linear1, layer.linear2):
+                nn.init.xavier_normal_(linear.weight, gain=beta)
+
+    def forward(
+        self,
+        src: Tensor,
+        mask: Optional[Tensor] = None,
+        src_key_padding_mask: Optional[Tensor] = None,
+        is_causal: bool = False,
+    ) -> Tensor:
+        """Args:
+            src: ``[B, L, d_model]`` (``[L, B, d_model]`` when the layers are not ``batch_first``).
+            mask: accepted only with ``is_causal=True`` (the causal-mask hint; not read).
+            src_key_padding_mask: bool ``[B, L]``, ``True`` = padding.
+            is_causal: causal self-attention in every layer.
+
+        Returns:
+            a tensor shaped like ``src``.
+        """
+        is_causal = bool(is_causal)
+        _check_attn_mask(mask, is_causal, "mask")
+        x = src
+        use_checkpoint = self.checkpoint and torch.is_grad_enabled()
+        for layer in self.layers:
+            if use_checkpoint:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, None, src_key_padding_mask, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+# -- absolute encodings added to the input -----------------------------------------------------------
+
+
+def _check_input(x: Tensor, d_model: int, who: str) -> None:
+    if x.dim() != 3 or x.shape[-1] != d_model:
+        raise ValueError(f"{who}: expected input [B, L, {d_model}], got {list(x.shape)}")
+
+
+def _sinusoid_table(length: int, d_model: int, base: float, device, dtype) -> Tensor:
+    """``[length, d_model]``: sin in even features, cos in odd ones (Vaswani et al., 2017)."""
+    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32)
+                         * (-math.log(base) / d_model))
+    angle = position * inv_freq  # [length, ceil(d_model / 2)]
+    table = torch.stack((torch.sin(angle), torch.cos(angle)), dim=-1).flatten(1)[:, :d_model]
+    return table.to(dtype)
+
+
+class SinusoidalPositionalEncoding(nn.Module):
+    """Adds the fixed sinusoidal encoding of Vaswani et al. (2017) to ``x [B, L, d_model]``.
+
+    ``PE[p, 2i] = sin(p / base^(2i/d_model))``, ``PE[p, 2i+1] = cos(p / base^(2i/d_model))``.
+    Nothing is learned; it is defined for every length.
+
+    Args:
+        d_model: feature size (odd sizes drop the last cosine).
+        max_len: if given, the table for positions ``[0, max_len)`` is precomputed (a non-persistent
+            buffer); longer inputs compute theirs on the fly. ``None`` always computes on the fly.
+        base: the wavelength base (10000 in the paper).
+    """
+
+    def __init__(self, d_model: int, max_len: Optional[int] = None, base: float = 10000.0) -> None:
+        super().__init__()
+        if d_model <= 0:
+            raise ValueError(f"SinusoidalPositionalEncoding: d_model must be positive, got {d_model}")
+        self.d_model = d_model
+        self.max_len = max_len
+        self.base = base
+        table = None if max_len is None else _sinusoid_table(max_len, d_model, base, None, torch.float32)
+        self.register_buffer("table", table, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + PE[:L]``."""
+        _check_input(x, self.d_model, "SinusoidalPositionalEncoding")
+        L = x.shape[1]
+        if self.table is not None and L <= self.table.shape[0]:
+            pe = self.table[:L]
+        else:
+            pe = _sinusoid_table(L, self.d_model, self.base, x.device, torch.float32)
+        return x + pe.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, max_len={self.max_len}"
+
+
+class LearnedPositionalEncoding(nn.Module):
+    """Adds a learned embedding per absolute position (a ``[max_len, d_model]`` table) to ``x``.
+
+    Args:
+        max_len: number of positions the table holds; longer inputs raise ``ValueError``, since
+            positions past the table have no embedding.
+        d_model: feature size.
+        init_std: standard deviation of the table's normal initialisation (0.02, as in BERT and GPT-2;
+            match it to the scale of the token embeddings it is added to).
+        device, dtype: factory arguments for the table.
+    """
+
+    def __init__(self, max_len: int, d_model: int, *, init_std: float = 0.02, device=None, dtype=None) -> None:
+        super().__init__()
+        if max_len <= 0 or d_model <= 0:
+            raise ValueError(f"LearnedPositionalEncoding: max_len ({max_len}) and d_model ({d_model}) "
+                             "must be positive")
+        self.max_len = max_len
+        self.d_model = d_model
+        self.init_std = init_std
+        self.weight = nn.Parameter(torch.empty(max_len, d_model, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + weight[:L]``; raises ``ValueError`` when ``L > max_len``."""
+        _check_input(x, self.d_model, "LearnedPositionalEncoding")
+        L = x.shape[1]
+        if L > self.max_len:
+            raise ValueError(f"LearnedPositionalEncoding: sequence length {L} exceeds the table's "
+                             f"max_len={self.max_len}")
+        return x + self.weight[:L].to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"max_len={self.max_len}, d_model={self.d_model}"
+
+
+class MLPPositionalEncoding(nn.Module):
+    """Adds ``MLP(p)`` to ``x``, an MLP (``Linear(1, hidden) -> activation -> Linear(hidden, d_model)``) of
+    each position's scalar coordinate ``p``.
+
+    Args:
+        d_model: feature size.
+        hidden: hidden width of the MLP.
+        scale: ``None`` (default) feeds the normalised position ``p = i / (L - 1)`` in ``[0, 1]``
+            (0 for ``L = 1``), so every length spans the same range; a float feeds the raw index times
+            it, ``p = i * scale`` (``scale=1.0``: the raw index), which grows with the length.
+        activation: ``"relu"``, ``"gelu"`` (default) or a callable.
+        device, dtype: factory arguments.
+    """
+
+    def __init__(self, d_model: int, hidden: int = 64, *, scale: Optional[float] = None,
+                 activation: Union[str, Callable[[Tensor], Tensor]] = "gelu", device=None, dtype=None) -> None:
+        super().__init__()
+        if d_model <= 0 or hidden <= 0:
+            raise ValueError(f"MLPPositionalEncoding: d_model ({d_model}) and hidden ({hidden}) must be positive")
+        self.d_model = d_model
+        self.hidden = hidden
+        self.scale = scale
+        self.fc1 = nn.Linear(1, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, d_model, device=device, dtype=dtype)
+        self.activation = _activation(activation)
+
+    def positions(self, length: int, device=None, dtype=torch.float32) -> Tensor:
+        """The scalar coordinates ``[length, 1]`` fed to the MLP."""
+        index = torch.arange(length, device=device, dtype=dtype)
+        if self.scale is None:
+            return (index / max(length - 1, 1)).unsqueeze(1)
+        return (index * self.scale).unsqueeze(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + MLP(p)``."""
+        _check_input(x, self.d_model, "MLPPositionalEncoding")
+        p = self.positions(x.shape[1], device=x.device, dtype=self.fc1.weight.dtype)
+        return x + self.fc2(self.activation(self.fc1(p))).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"d_model={self.d_model}, hidden={self.hidden}, scale={self.scale}"
