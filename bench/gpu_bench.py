@@ -9,8 +9,9 @@ Positional schemes and implementations:
     alibi     relattn (alibi_slopes) | FlexAttention score_mod
     shaw_k    relattn (rel_k + clip_buckets(32)) | FlexAttention score_mod gathering a precomputed
               scale·Q·Aᴷᵀ [B,H,L,R] (the precompute is timed too)
-    shaw_kv   relattn (rel_k + rel_v + clip_buckets(32)); nothing else computes the value term without
-              an L×L×D tensor
+    shaw_kv   relattn (rel_k + rel_v + clip_buckets(32)) | relattn_gtab, the same with its per-row tables
+              in global memory (RELATTN_CUDA_TABLES=global; a tuning data point); nothing else computes the
+              value term without an L×L×D tensor
 TFLOP/s use FlashAttention's convention, 4·B·H·Lq·Lk·D per forward, halved for causal. Peak memory is the
 allocator's high-water mark above the inputs during one call. Each implementation's output is compared
 with the first implementation of its scheme (max_err). Times are medians over repeated calls (CUDA events
@@ -43,6 +44,7 @@ SHAPES = {  # name: (B, H, L, D)
 RUNS = [
     ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"),
     ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
+    ("shaw_kv", "relattn_gtab"),
     ("t5", "sdpa_bias"), ("t5", "naive"),
     ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
 ]
@@ -59,7 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--impls", nargs="+", default=None,
-                    help="only these implementations (relattn, sdpa_flash, sdpa_default, sdpa_bias, flex, naive)")
+                    help="only these implementations (relattn, relattn_gtab, sdpa_flash, sdpa_default, sdpa_bias, "
+                         "flex, naive)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="stop starting new runs after this many seconds (the rest are recorded as skipped)")
@@ -78,7 +81,7 @@ def plan(args):
     """[(shape_name, causal, scheme, impl)] in run order: relattn and SDPA over every shape first, then the
     materialising baselines, then FlexAttention (whose compiles are the slowest part)."""
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
-    tiers = ({"relattn", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
+    tiers = ({"relattn", "relattn_gtab", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
     out = []
     for tier in tiers:
         for shape in args.shapes:
@@ -164,12 +167,21 @@ class Bench:
         q, k, v = x["q"], x["k"], x["v"]
         L, D = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(D)
-        if impl == "relattn":
+        if impl in ("relattn", "relattn_gtab"):
             kw = {"plain": {}, "t5": dict(rel_bias=x["t5_bias"], buckets=x["t5_buckets"]),
                   "alibi": dict(alibi_slopes=x["slopes"]),
                   "shaw_k": dict(rel_k=x["rel_k"], buckets=x["clip_buckets"]),
                   "shaw_kv": dict(rel_k=x["rel_k"], rel_v=x["rel_v"], buckets=x["clip_buckets"])}[scheme]
-            return lambda: ra.attention(q, k, v, causal=causal, **kw)
+            if impl == "relattn":
+                return lambda: ra.attention(q, k, v, causal=causal, **kw)
+
+            def run():  # the per-row tables in global scratch instead of shared memory (a tuning data point)
+                os.environ["RELATTN_CUDA_TABLES"] = "global"
+                try:
+                    return ra.attention(q, k, v, causal=causal, **kw)
+                finally:
+                    del os.environ["RELATTN_CUDA_TABLES"]
+            return run
         if impl in ("sdpa_flash", "sdpa_default"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
             if impl == "sdpa_flash":

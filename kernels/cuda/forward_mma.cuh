@@ -332,8 +332,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         }
         row_bucket[mt][hf] = rb;
         // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
+        // (j - pos <= 0  <=>  c < 1 - dj)
         int64_t lim = p.Lk - j0;
-        if (p.causal && dj + lim > 1) lim = 1 - dj;  // j - pos <= 0  <=>  c <= -dj
+        if (p.causal && 1 - dj < lim) lim = 1 - dj;
         const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
         const float tab_row = (has_tab && rb >= 0) ? tab[row * ld + rb] : 0.f;
         const int32_t* ri_row = (use_index && row < rows)

@@ -1,0 +1,319 @@
+"""The CUDA forward against the naive float64 reference (SPEC §6) and against the CPU op.
+
+Every test here is skipped when torch sees no GPU or relattn was built without its CUDA kernels. The
+cases are those of test_accuracy.py plus shapes that matter to the CUDA kernels only: every padded head
+dim of the tensor-core kernel (32, 64, 96, 128, 256) and dims in between, D != Dv, lengths around the
+tile sizes (1, 63, 65, 127, 129, 257), long rows that reach the single-bucket path, many buckets (the
+per-row tables in global scratch), strided and misaligned inputs, and index spaces past 2^31.
+Environment switches of the binding (csrc/cuda/attention_kernel.cpp) force the other code paths:
+RELATTN_CUDA_TABLES=global|smem and RELATTN_CUDA_KERNEL=simt.
+"""
+import math
+
+import pytest
+import torch
+
+import relattn
+from cases import ALL_DTYPES, HALF_DTYPES, Case, Inputs, assert_accurate, case_id, make_inputs, \
+    max_abs_error, error_bound
+from reference import reference_attention
+from test_accuracy import CASES as ACCURACY_CASES
+
+HAS_CUDA = torch.cuda.is_available() and relattn.cuda_kernels_built()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels")
+
+F32 = torch.float32
+
+# Shapes that only the CUDA kernels care about (tile edges, padded head dims, table placement).
+CUDA_CASES = [
+    Case("hd32_plain_odd", B=2, H=3, Lq=65, Lk=127, D=32),
+    Case("hd64_shaw_clip", rel_k="shared", rel_v="shared", positions="clip", M=16, Lq=129, Lk=257, D=64),
+    Case("hd96_t5_causal", rel_bias=True, positions="t5", causal=True, Lq=127, Lk=127, D=96),
+    Case("hd128_everything", rel_k="per_head", rel_v="shared", rel_bias=True, positions="clip", M=8,
+         alibi=True, padding="random", causal=True, H=4, Hk=2, q_offset=3, Lq=129, Lk=200, D=128,
+         table_dtype=F32),
+    Case("hd256_shaw_index3d", rel_k="shared", rel_v="per_head", positions="index3d", R_index=11, Lq=65,
+         Lk=63, D=256),
+    Case("hd128_alibi_long", alibi=True, causal=True, B=1, H=2, Lq=257, Lk=257, D=128),
+    Case("d16_dv48", rel_v="shared", rel_bias=True, positions="clip", M=5, Lq=63, Lk=65, D=16, Dv=48),
+    Case("d80_dv8", rel_k="per_head", positions="t5", Lq=33, Lk=130, D=80, Dv=8),
+    Case("d200_dv136", rel_k="shared", rel_v="shared", positions="clip", M=3, B=1, Lq=70, Lk=90, D=200,
+         Dv=136),
+    Case("d17_odd", rel_k="shared", rel_v="shared", rel_bias=True, positions="clip", M=4, Lq=31, Lk=45, D=17,
+         Dv=9),
+    Case("single_row_decode", rel_k="shared", rel_v="shared", rel_bias=True, positions="t5", causal=True,
+         q_offset=300, B=3, H=4, Hk=1, Lq=1, Lk=301, D=64),
+    Case("beyond_M_both_sides", rel_k="per_head", rel_v="per_head", rel_bias=True, positions="clip", M=3,
+         B=1, H=2, Lq=300, Lk=300, D=64),
+    # R = 301: the per-row tables exceed the shared-memory budget and live in global scratch.
+    Case("many_buckets_global_tables", rel_k="shared", rel_v="shared", rel_bias=True, positions="clip", M=150,
+         B=1, H=2, Lq=200, Lk=333, D=64),
+    Case("many_buckets_index2d", rel_k="shared", rel_v="shared", rel_bias=True, positions="index2d",
+         R_index=700, B=1, H=2, Lq=70, Lk=90, D=32),
+    Case("q_offset_far_negative", rel_bias=True, rel_v="shared", positions="clip", M=4, alibi=True,
+         q_offset=-1000, Lq=65, Lk=65, D=32),
+    Case("causal_no_keys_for_many_rows", rel_k="shared", rel_v="shared", positions="clip", M=4, causal=True,
+         q_offset=-100, Lq=150, Lk=60, D=64),
+]
+
+ALL_CASES = ACCURACY_CASES + CUDA_CASES
+
+
+def to_device(inp, device):
+    def mv(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+    return Inputs(mv(inp.q), mv(inp.k), mv(inp.v), {n: mv(t) for n, t in inp.kwargs.items()})
+
+
+def run(inp):
+    return relattn.attention(inp.q, inp.k, inp.v, **inp.kwargs, return_lse=True)
+
+
+def check_against_reference(inp_cpu, dtype, *, compare_cpu=True):
+    """CUDA out/lse within SPEC §6 of the float64 reference; within twice that of the CPU op."""
+    inp = to_device(inp_cpu, "cuda")
+    out, lse = run(inp)
+    torch.cuda.synchronize()
+    B, H, Lq = inp.q.shape[:3]
+    Dv = inp.v.shape[-1]
+    assert out.is_cuda and lse.is_cuda
+    assert out.dtype == dtype and out.shape == (B, H, Lq, Dv)
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lse.shape == (B, H, Lq)
+
+    ref_out, ref_lse = reference_attention(inp.q, inp.k, inp.v, **inp.kwargs, dtype=torch.float64)
+    naive_out = naive_lse = None
+    if dtype in HALF_DTYPES:  # on the CPU, exactly as test_accuracy.py evaluates the SPEC §6 rule
+        low = inp_cpu.as_dtype(dtype)
+        naive_out, naive_lse = reference_attention(low.q, low.k, low.v, **low.kwargs, dtype=dtype)
+    out_c, lse_c, ref_out, ref_lse = out.cpu(), lse.cpu(), ref_out.cpu(), ref_lse.cpu()
+    assert_accurate("out", out_c, ref_out, dtype, naive_out)
+    assert_accurate("lse", lse_c, ref_lse, dtype, naive_lse)
+    if compare_cpu:
+        cpu_out, cpu_lse = run(inp_cpu)
+        for what, got, cpu, ref, naive in (("out", out_c, cpu_out, ref_out, naive_out),
+                                           ("lse", lse_c, cpu_lse, ref_lse, naive_lse)):
+            bound = 2 * error_bound(dtype, ref, naive)
+            err = max_abs_error(got, cpu)
+            assert err <= bound, f"{what}: CUDA vs CPU op differ by {err:.3g} > {bound:.3g}"
+    return out, lse
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
+def test_cuda_forward_matches_reference_and_cpu(case, dtype):
+    check_against_reference(make_inputs(case, dtype), dtype)
+
+
+# The other code paths of the binding, on a subset of cases that touch every feature.
+PATH_CASES = [c for c in ALL_CASES if c.name in (
+    "everything_clip_gqa", "everything_t5_mqa", "structural_index3d_all_tables_gqa", "fully_padded_batch",
+    "long_rows_beyond_minus_M_causal", "hd128_everything", "d17_odd", "many_buckets_index2d",
+    "causal_no_keys_for_many_rows", "hd256_shaw_index3d")]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", PATH_CASES, ids=case_id)
+@pytest.mark.parametrize("env", ["tables=global", "tables=smem", "kernel=simt"])
+def test_cuda_forward_other_paths(case, dtype, env, monkeypatch):
+    if env == "kernel=simt" and dtype not in HALF_DTYPES:
+        pytest.skip("float32/float64 always run the SIMT kernel")
+    name, value = env.split("=")
+    monkeypatch.setenv({"tables": "RELATTN_CUDA_TABLES", "kernel": "RELATTN_CUDA_KERNEL"}[name], value)
+    check_against_reference(make_inputs(case, dtype), dtype, compare_cpu=False)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_cuda_strided_and_misaligned_inputs(dtype):
+    """Views with transposed heads (strided rows) and a one-element offset (no 16-byte loads)."""
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D = 2, 4, 77, 64
+    base = torch.randn(B, L, H, D + 1, generator=g, dtype=torch.float64).to(dtype)
+    q = base[..., 1:].transpose(1, 2)  # [B, H, L, D], rows strided by H*(D+1), misaligned start
+    k = torch.randn(B, L, H, D, generator=g, dtype=torch.float64).to(dtype).transpose(1, 2)
+    v = torch.randn(B, H, D, L, generator=g, dtype=torch.float64).to(dtype).transpose(2, 3)  # last dim stride L
+    kw = dict(rel_k=torch.randn(9, D, generator=g).to(dtype), rel_v=torch.randn(9, D, generator=g).to(dtype),
+              rel_bias=torch.randn(H, 9, generator=g).to(dtype), buckets=relattn.clip_buckets(4), causal=True)
+    inp = Inputs(q, k, v, kw)
+    check_against_reference(inp, dtype)
+
+
+def test_cuda_fully_masked_rows_are_zero_not_nan():
+    g = torch.Generator().manual_seed(4)
+    B, H, Lq, Lk, D = 2, 2, 70, 90, 64
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(torch.bfloat16).cuda() for n in (Lq, Lk, Lk))
+    mask = torch.zeros(B, Lk, dtype=torch.bool)
+    mask[1] = True  # batch 1: every key is padding
+    kw = dict(rel_k=torch.randn(9, D).cuda(), rel_v=torch.randn(9, D).cuda(), buckets=relattn.clip_buckets(4).cuda(),
+              key_padding_mask=mask.cuda(), causal=True, q_offset=-20)  # rows 0..19 of batch 0 see no key
+    out, lse = relattn.attention(q, k, v, **kw, return_lse=True)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    assert torch.all(out[1] == 0) and torch.all(lse[1] == float("-inf"))
+    assert torch.all(out[0, :, :20] == 0) and torch.all(lse[0, :, :20] == float("-inf"))
+    assert torch.isfinite(lse[0, :, 20:]).all()
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32), ids=str)
+def test_cuda_empty_inputs(dtype):
+    def t(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+    out, lse = relattn.attention(t(0, 2, 5, 32), t(0, 2, 7, 32), t(0, 2, 7, 32), return_lse=True)
+    assert out.shape == (0, 2, 5, 32) and lse.shape == (0, 2, 5)
+    out, lse = relattn.attention(t(1, 2, 0, 32), t(1, 2, 7, 32), t(1, 2, 7, 32), return_lse=True)
+    assert out.shape == (1, 2, 0, 32)
+    # No keys at all: out 0, lse -inf.
+    out, lse = relattn.attention(t(1, 2, 5, 32), t(1, 2, 0, 32), t(1, 2, 0, 32), return_lse=True)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+def test_cuda_head_dim_limit_is_a_clear_error():
+    q = torch.randn(1, 1, 4, 264, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="head dims up to 256"):
+        relattn.attention(q, q, q)
+
+
+def test_cuda_backward_is_not_implemented():
+    q = torch.randn(1, 2, 8, 32, device="cuda", requires_grad=True)
+    out = relattn.attention(q, q, q)
+    with pytest.raises(NotImplementedError, match="CUDA backward is not implemented"):
+        out.sum().backward()
+
+
+def test_cuda_runs_on_the_current_stream():
+    """Inputs written on a side stream after a delay: a kernel on any other stream would read zeros."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 4, 100, 64, generator=g).half() for _ in range(3))
+    expected, _ = run(Inputs(q, k, v, {}))
+    src = [t.cuda() for t in (q, k, v)]
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        dst = [torch.zeros_like(t) for t in src]
+        torch.cuda._sleep(100_000_000)
+        for d, t in zip(dst, src):
+            d.copy_(t)
+        out = relattn.attention(*dst).cpu()
+    s.synchronize()
+    assert (out.float() - expected.float()).abs().max().item() < 2e-2
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_second_device():
+    q = torch.randn(1, 2, 64, 64, device="cuda:1", dtype=torch.bfloat16)
+    out = relattn.attention(q, q, q, causal=True)
+    assert out.device == q.device
+    ref, _ = reference_attention(q, q, q, causal=True, dtype=torch.float64)
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+
+# ---- index spaces past 2^31 ------------------------------------------------------------------------------
+
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def _chunked_reference(q, k, v, *, rel_bias=None, rel_k=None, rel_v=None, bucket_of=None, alibi=None, causal=False,
+                       q_offset=0, chunk=1024):
+    """float32 reference on the GPU, one block of query rows at a time. Query row i sits at position
+    i + q_offset; bucket_of(p0, p1) -> [p1 - p0, Lk] bucket ids of the rows at positions [p0, p1)."""
+    B, H, Lq, D = q.shape
+    Hk, Lk = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D)
+    out = torch.empty(B, H, Lq, v.shape[-1], device=q.device, dtype=torch.float32)
+    lse = torch.empty(B, H, Lq, device=q.device, dtype=torch.float32)
+    j = torch.arange(Lk, device=q.device)
+    for b in range(B):
+        for h in range(H):
+            kh, vh = k[b, h // (H // Hk)].float(), v[b, h // (H // Hk)].float()
+            for i0 in range(0, Lq, chunk):
+                i1 = min(Lq, i0 + chunk)
+                qc = q[b, h, i0:i1].float()
+                s = (qc @ kh.T) * scale
+                idx = bucket_of(i0 + q_offset, i1 + q_offset) if bucket_of is not None else None
+                if rel_k is not None:
+                    s += torch.gather((qc @ rel_k.float().T) * scale, 1, idx)
+                if rel_bias is not None:
+                    s += rel_bias[h].float()[idx]
+                d = (j.view(1, -1) - torch.arange(i0 + q_offset, i1 + q_offset, device=q.device).view(-1, 1)).float()
+                if alibi is not None:
+                    s -= alibi[h].float() * d.abs()
+                if causal:
+                    s.masked_fill_(d > 0, float("-inf"))
+                lse[b, h, i0:i1] = torch.logsumexp(s, dim=-1)
+                p = torch.softmax(s, dim=-1)
+                o = p @ vh
+                if rel_v is not None:
+                    psum = torch.zeros(i1 - i0, rel_v.shape[0], device=q.device).scatter_add_(1, idx, p)
+                    o += psum @ rel_v.float()
+                out[b, h, i0:i1] = o
+                del s, p
+    return out, lse
+
+
+def _assert_close_bf16(out, lse, ref_out, ref_lse):
+    err = (out.float() - ref_out).abs().max().item()
+    assert err <= 2e-2 * ref_out.abs().max().item() + 1e-3, f"out error {err:.3g}"
+    lerr = (lse - ref_lse).abs().max().item()
+    assert lerr <= 1e-2 * (1 + ref_lse.abs().max().item()), f"lse error {lerr:.3g}"
+
+
+def test_cuda_pairs_past_2_31_t5_alibi_causal():
+    """B·H·Lq·Lk = 2·8·16384² ≈ 4.3e9 pairs."""
+    if _free_gib() < 8:
+        pytest.skip("needs 8 GiB of free GPU memory")
+    torch.manual_seed(0)
+    B, H, L, D, M = 2, 8, 16384, 64, 128
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    buckets = relattn.t5_buckets(32, M, True).cuda()
+    rel_bias = torch.randn(H, 32, device="cuda")
+    alibi = relattn.alibi_slopes(H).cuda()
+    out, lse = relattn.attention(q, k, v, rel_bias=rel_bias, buckets=buckets, alibi_slopes=alibi, causal=True,
+                                 return_lse=True)
+    jj = torch.arange(L, device="cuda")
+
+    def bucket_of(p0, p1):
+        d = (jj.view(1, -1) - torch.arange(p0, p1, device="cuda").view(-1, 1)).clamp(-M, M) + M
+        return buckets.long()[d]
+
+    # The first rows of heads 0-1 and the last rows of heads 6-7, in both batches.
+    for heads, r0, r1 in ((slice(0, 2), 0, 2048), (slice(6, 8), L - 1024, L)):
+        ref_out, ref_lse = _chunked_reference(q[:, heads, r0:r1], k[:, heads], v[:, heads], rel_bias=rel_bias[heads],
+                                              bucket_of=bucket_of, alibi=alibi[heads], causal=True, q_offset=r0)
+        _assert_close_bf16(out[:, heads, r0:r1], lse[:, heads, r0:r1], ref_out, ref_lse)
+
+
+def test_cuda_rel_index_offsets_past_2_31():
+    """A 2-D rel_index of Lq·Lk ≈ 2.2e9 ids (8.7 GB): per-pair offsets need 64 bits."""
+    if _free_gib() < 16:
+        pytest.skip("needs 16 GiB of free GPU memory")
+    torch.manual_seed(1)
+    B, H, Lq, Lk, D, R = 1, 2, 33000, 66000, 64, 13
+    q = torch.randn(B, H, Lq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, H, Lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    rel_index = torch.randint(0, R, (Lq, Lk), device="cuda", dtype=torch.int32)
+    rel_k, rel_v = torch.randn(R, D, device="cuda") * 0.5, torch.randn(R, D, device="cuda") * 0.5
+    rel_bias = torch.randn(H, R, device="cuda")
+    out, lse = relattn.attention(q, k, v, rel_k=rel_k, rel_v=rel_v, rel_bias=rel_bias, rel_index=rel_index,
+                                 return_lse=True)
+    rows = slice(Lq - 600, Lq)  # the last rows: offsets i*Lk past 2^31
+    ref_out, ref_lse = _chunked_reference(q[:, :, rows], k, v, rel_k=rel_k, rel_v=rel_v, rel_bias=rel_bias,
+                                          bucket_of=lambda p0, p1: rel_index[p0:p1].long(), q_offset=Lq - 600,
+                                          chunk=300)
+    _assert_close_bf16(out[:, :, rows], lse[:, :, rows], ref_out, ref_lse)
+    del rel_index
+
+
+def test_cuda_output_offsets_past_2_31():
+    """B·H·Lq·Dv = 16·64·16400·128 > 2^31 output (and query) elements."""
+    if _free_gib() < 24:
+        pytest.skip("needs 24 GiB of free GPU memory")
+    torch.manual_seed(2)
+    B, H, Lq, Lk, D = 16, 64, 16400, 48, 128
+    q = torch.randn(B, H, Lq, D, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(B, 8, Lk, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    alibi = relattn.alibi_slopes(H).cuda()
+    out, lse = relattn.attention(q, k, v, alibi_slopes=alibi, return_lse=True)
+    for b in (0, B - 1):
+        ref_out, ref_lse = _chunked_reference(q[b:b + 1, -4:], k[b:b + 1, -1:], v[b:b + 1, -1:],
+                                              alibi=alibi[-4:], chunk=8192)
+        _assert_close_bf16(out[b:b + 1, -4:], lse[b:b + 1, -4:], ref_out, ref_lse)
