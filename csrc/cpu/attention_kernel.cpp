@@ -328,18 +328,25 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
   }
 }
 
+// Runs fn(outer index, block start, tiles) for every (outer, block of `block` along `length`) task in
+// parallel, each thread with its own tiles and BLAS kept on that thread.
+template <typename acc_t, typename Fn>
+void parallel_over_blocks(const AttentionParams& p, bool backward, int64_t outer, int64_t length, int64_t block,
+                          const Fn& fn) {
+  const int64_t nb = (length + block - 1) / block;
+  at::parallel_for(0, outer * nb, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas blas_on_this_thread;
+    Tiles<acc_t> t(p, backward);
+    for (int64_t task = begin; task < end; ++task) fn(task % outer, zigzag(task / outer, nb) * block, t);
+  });
+}
+
 template <typename scalar_t, typename acc_t>
 void forward(const AttentionParams& p) {
-  const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
-  const int64_t BH = p.B * p.H;
-  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_on_this_thread;
-    Tiles<acc_t> t(p, /*backward=*/false);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
-      forward_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, qb * kBlockQ, t);
-    }
-  });
+  parallel_over_blocks<acc_t>(p, /*backward=*/false, p.B * p.H, p.Lq, kBlockQ,
+                              [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
+                                forward_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, i0, t);
+                              });
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -498,26 +505,14 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
 
 template <typename scalar_t, typename acc_t>
 void backward(const AttentionBwdParams& p) {
-  const int64_t nqb = (p.Lq + kBlockQ - 1) / kBlockQ;
-  const int64_t BH = p.B * p.H;
-  at::parallel_for(0, BH * nqb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_on_this_thread;
-    Tiles<acc_t> t(p, /*backward=*/true);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task % BH, qb = zigzag(task / BH, nqb);
-      backward_query_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, qb * kBlockQ, t);
-    }
-  });
-  const int64_t nkb = (p.Lk + kBlockK - 1) / kBlockK;
-  const int64_t BG = p.B * p.Hk;
-  at::parallel_for(0, BG * nkb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_on_this_thread;
-    Tiles<acc_t> t(p, /*backward=*/true);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bg = task % BG, kb = zigzag(task / BG, nkb);
-      backward_key_block<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, kb * kBlockK, t);
-    }
-  });
+  parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.H, p.Lq, kBlockQ,
+                              [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
+                                backward_query_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, i0, t);
+                              });
+  parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.Hk, p.Lk, kBlockK,
+                              [&](int64_t bg, int64_t j0, Tiles<acc_t>& t) {
+                                backward_key_block<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, j0, t);
+                              });
 }
 
 }  // namespace
