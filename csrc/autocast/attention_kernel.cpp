@@ -19,18 +19,15 @@ ForwardResult attention_forward_autocast(const Tensor& q, const Tensor& k, const
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
+  const Tensor qc = cast(q), kc = cast(k), vc = cast(v);  // float64 stays float64, as in torch's own ops
+  // A table must then have q's dtype or float32: others (e.g. float64 beside a cast q) become float32.
   auto table = [&](const OptTensor& t) -> OptTensor {
     if (!t.has_value() || !t->defined() || !t->is_floating_point()) return t;
-    if (t->scalar_type() == dt || t->scalar_type() == at::kFloat) return t;
-    return t->to(at::kFloat);  // e.g. a float64 table (cached_cast leaves float64 alone)
+    if (t->scalar_type() == qc.scalar_type() || t->scalar_type() == at::kFloat) return t;
+    return t->to(at::kFloat);
   };
-  const bool eligible = at::autocast::is_autocast_eligible(q, device);
-  if (!eligible) {
-    return attention_forward(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                             causal, scale, q_offset);
-  }
-  return attention_forward(cast(q), cast(k), cast(v), table(rel_k), table(rel_v), table(rel_bias), buckets,
-                           rel_index, table(alibi_slopes), key_padding_mask, causal, scale, q_offset);
+  return attention_forward(qc, kc, vc, table(rel_k), table(rel_v), table(rel_bias), buckets, rel_index,
+                           table(alibi_slopes), key_padding_mask, causal, scale, q_offset);
 }
 
 }  // namespace
