@@ -7,7 +7,8 @@
 #   3. every CUDA test: pytest tests/python -k cuda
 #   4. compute-sanitizer memcheck and racecheck (then synccheck, initcheck if time is left) on
 #      bench/gpu_sanitize_case.py
-#   5. bench/gpu_bench.py: relattn vs SDPA / FlexAttention / eager, CSV + markdown + PNG
+#   5. bench/gpu_bench.py: relattn vs SDPA / FlexAttention / eager, forward and forward+backward (with the
+#      targets of the backward issue), CSV + markdown + PNG
 #
 # Every step runs under a time limit cut from one overall budget and the script goes on after a failing
 # step; a summary of all steps comes last. Everything lands in $OUT (the device tool brings it back; at
@@ -27,6 +28,9 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 T0=$SECONDS
 export PYTHONUNBUFFERED=1
+# cuBLAS (the table-gradient GEMMs) is deterministic only with a fixed workspace; torch insists on it under
+# torch.use_deterministic_algorithms(True), which the determinism tests turn on.
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 
 remaining() { echo $((BUDGET - (SECONDS - T0))); }
 declare -a STEP_NAMES=() STEP_RESULTS=()
@@ -177,7 +181,10 @@ fi
   echo
   echo "## benchmark (bench.md)"
   if [ -f "$OUT/bench.md" ]; then
-    grep -E "^\|" "$OUT/bench.md" | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' | head -n 45
+    # The forward+backward targets (their verdicts and ratio table), then relattn's and SDPA-flash's runs.
+    sed -n '/^## Targets/,/^## All runs/p' "$OUT/bench.md" | grep -v "^## All runs"
+    sed -n '/^## All runs/,$p' "$OUT/bench.md" | grep -E "^\|" | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' \
+      | head -n 120
   else
     echo "(no results)"
   fi

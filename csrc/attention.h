@@ -85,5 +85,16 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
 // Shape of a gradient for an absent table: an empty tensor (the schema returns Tensor, not Tensor?).
 Tensor absent_grad(const Tensor& like);
 
+// Checks grad_out / out / lse / grad_lse of a backward call against the prepared forward arguments
+// (shapes, dtype, device); returns whether grad_lse is given.
+bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                         const OptTensor& grad_lse);
+
+// d rel_k, d rel_v, d rel_bias (empty tensors for absent tables) from the per-row bucket sums that every
+// backend's kernels leave behind: ds_sum [B,H,Lq,R] (Σ_β dS) and p_sum [B,H,Lq,R] (Σ_β P).
+std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& ds_sum, const Tensor& p_sum,
+                                               const Tensor& grad_out, const OptTensor& rel_k,
+                                               const OptTensor& rel_v, const OptTensor& rel_bias);
+
 }  // namespace ops
 }  // namespace relattn

@@ -1,6 +1,8 @@
 // Argument checks and normalisation shared by every backend (SPEC §1, §5).
 #include <cmath>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 
@@ -275,6 +277,47 @@ Tensor table_grad_from_row_sums(const Tensor& row_sums, const Tensor& rows, int6
 }
 
 Tensor absent_grad(const Tensor& like) { return at::empty({0}, like.options()); }
+
+bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                         const OptTensor& grad_lse) {
+  const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.Dv};
+  const std::vector<int64_t> lse_shape{a.B, a.H, a.Lq};
+  const at::ScalarType dtype = a.q.scalar_type();
+  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == dtype,
+              "relattn.attention_backward: grad_out must be ", dtype, " of shape ", at::IntArrayRef(out_shape),
+              ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
+  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.scalar_type() == dtype,
+              "relattn.attention_backward: out must be ", dtype, " of shape ", at::IntArrayRef(out_shape), ", got ",
+              out.scalar_type(), " ", out.sizes());
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: lse must have shape ",
+              at::IntArrayRef(lse_shape), ", got ", lse.sizes());
+  check_same_device(a.q, grad_out, "grad_out");
+  check_same_device(a.q, lse, "lse");
+  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
+  if (has_glse) {
+    TORCH_CHECK(grad_lse->sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: grad_lse must have shape ",
+                at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
+    check_same_device(a.q, *grad_lse, "grad_lse");
+  }
+  return has_glse;
+}
+
+std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& ds_sum, const Tensor& p_sum,
+                                               const Tensor& grad_out, const OptTensor& rel_k, const OptTensor& rel_v,
+                                               const OptTensor& rel_bias) {
+  const auto acc_opts = a.q.options().dtype(a.acc_dtype);
+  Tensor d_rel_k = absent_grad(a.q), d_rel_v = absent_grad(a.q), d_rel_bias = absent_grad(a.q);
+  if (a.rel_k.defined()) {
+    d_rel_k = table_grad_from_row_sums(ds_sum, a.q.to(acc_opts), a.H, rel_k->dim() == 3, a.scale,
+                                       rel_k->scalar_type());
+  }
+  if (a.rel_v.defined()) {
+    d_rel_v = table_grad_from_row_sums(p_sum, grad_out.to(acc_opts), a.H, rel_v->dim() == 3, 1.0,
+                                       rel_v->scalar_type());
+  }
+  if (a.rel_bias.defined()) d_rel_bias = ds_sum.sum({0, 2}).to(rel_bias->scalar_type());
+  return {d_rel_k, d_rel_v, d_rel_bias};
+}
 
 }  // namespace ops
 }  // namespace relattn

@@ -549,21 +549,7 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       bool causal, std::optional<double> scale, int64_t q_offset) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset);
-  const std::vector<int64_t> out_shape{a.B, a.H, a.Lq, a.Dv};
-  const std::vector<int64_t> lse_shape{a.B, a.H, a.Lq};
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef(out_shape) && grad_out.scalar_type() == q.scalar_type(),
-              "relattn.attention_backward: grad_out must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape),
-              ", got ", grad_out.scalar_type(), " ", grad_out.sizes());
-  TORCH_CHECK(out.sizes() == at::IntArrayRef(out_shape) && out.scalar_type() == q.scalar_type(),
-              "relattn.attention_backward: out must be ", q.scalar_type(), " of shape ", at::IntArrayRef(out_shape),
-              ", got ", out.scalar_type(), " ", out.sizes());
-  TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: lse must have shape ",
-              at::IntArrayRef(lse_shape), ", got ", lse.sizes());
-  const bool has_glse = grad_lse.has_value() && grad_lse->defined();
-  if (has_glse) {
-    TORCH_CHECK(grad_lse->sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: grad_lse must have shape ",
-                at::IntArrayRef(lse_shape), ", got ", grad_lse->sizes());
-  }
+  const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
   const auto acc_opts = q.options().dtype(a.acc_dtype);
   Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
   Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());
@@ -604,16 +590,7 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
     });
   }
 
-  Tensor d_rel_k = absent_grad(q), d_rel_v = absent_grad(q), d_rel_bias = absent_grad(q);
-  if (a.rel_k.defined()) {
-    d_rel_k = table_grad_from_row_sums(ds_sum, a.q.to(acc_opts), a.H, rel_k->dim() == 3, a.scale,
-                                       rel_k->scalar_type());
-  }
-  if (a.rel_v.defined()) {
-    d_rel_v = table_grad_from_row_sums(p_sum, grad_out.to(acc_opts), a.H, rel_v->dim() == 3, 1.0,
-                                       rel_v->scalar_type());
-  }
-  if (a.rel_bias.defined()) d_rel_bias = ds_sum.sum({0, 2}).to(rel_bias->scalar_type());
+  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, ds_sum, p_sum, grad_out, rel_k, rel_v, rel_bias);
   return {dq, dk, dv, d_rel_k, d_rel_v, d_rel_bias};
 }
 

@@ -16,7 +16,9 @@
 //   RELATTN_CUDA_TABLES=smem|global   force where the per-row tables live (smem falls back to global
 //                                     when the device has too little shared memory)
 //
-// The backward has no CUDA kernel yet: it raises NotImplementedError rather than return a wrong gradient.
+// The backward (kernels/cuda/backward.h) runs two kernels (per query tile, then per key tile) that never
+// write the same element from two blocks, and leaves the table gradients to GEMMs of per-row bucket sums:
+// deterministic by construction, so there is no non-deterministic fast path to alert about.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -32,6 +34,7 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include "../../kernels/cuda/backward.h"
 #include "../../kernels/cuda/forward.h"
 #include "../attention.h"
 
@@ -194,12 +197,114 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
   return {out, lse};
 }
 
-BackwardResult attention_backward_cuda(const Tensor&, const OptTensor&, const Tensor& q, const Tensor&,
-                                       const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                       const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                                       const OptTensor&, const OptTensor&, bool, std::optional<double>, int64_t) {
-  TORCH_CHECK_NOT_IMPLEMENTED(false, "relattn.attention: the CUDA backward is not implemented yet (tensors on ",
-                              q.device(), "); for gradients, run the op on the CPU");
+// The backward kernel family for a call: tensor cores for fp16/bf16 up to padded head dim 128, else SIMT.
+bool backward_uses_mma(const Prepared& a, at::ScalarType dtype) {
+  const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
+  return half && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim && env_str("RELATTN_CUDA_KERNEL") != "simt";
+}
+
+BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
+                                       const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                                       const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
+                                       const OptTensor& buckets, const OptTensor& rel_index,
+                                       const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
+                                       bool causal, std::optional<double> scale, int64_t q_offset) {
+  Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
+                       causal, scale, q_offset);
+  const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
+  TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
+              "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
+              " and Dv = ", a.Dv, "; run this call on the CPU");
+  c10::cuda::CUDAGuard device_guard(q.device());
+  const at::ScalarType dtype = q.scalar_type();
+  const auto acc_opts = q.options().dtype(a.acc_dtype);
+  const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
+  const bool has_doa = a.rel_v.defined();
+  const bool empty = a.B * a.H * a.Lq == 0 || a.B * a.Hk * a.Lk == 0;
+
+  // Every element of dq, dk, dv is written by the kernels (rows and keys nobody sees get zeros).
+  auto grad = [&](int64_t heads, int64_t len, int64_t d) {
+    return empty ? at::zeros({a.B, heads, len, d}, q.options()) : at::empty({a.B, heads, len, d}, q.options());
+  };
+  Tensor dq = grad(a.H, a.Lq, a.D), dk = grad(a.Hk, a.Lk, a.D), dv = grad(a.Hk, a.Lk, a.Dv);
+  Tensor delta = at::empty({a.B, a.H, a.Lq}, acc_opts);
+  Tensor row_tab = has_tab ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor ds_sum = has_tab ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor row_doa = has_doa ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+  Tensor p_sum = has_doa ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
+
+  if (!empty) {
+    Tensor go = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
+    Tensor lse_acc = lse.to(acc_opts).contiguous();
+    Tensor glse_acc = has_glse ? grad_lse->to(acc_opts).contiguous() : Tensor();
+    kc::BackwardParams p;
+    fill_params(a, p);
+    p.grad_out = go.data_ptr();
+    for (int d = 0; d < 3; ++d) p.grad_out_stride[d] = go.stride(d);
+    p.lse = lse_acc.data_ptr();
+    p.grad_lse = has_glse ? glse_acc.data_ptr() : nullptr;
+    p.dq = dq.data_ptr();
+    p.dk = dk.data_ptr();
+    p.dv = dv.data_ptr();
+    p.delta = delta.data_ptr();
+    if (has_tab) {
+      p.row_tab = row_tab.data_ptr();
+      p.ds_sum = ds_sum.data_ptr();
+    }
+    if (has_doa) {
+      p.row_doa = row_doa.data_ptr();
+      p.p_sum = p_sum.data_ptr();
+    }
+    p.q_vec_ok = rows_16b_aligned(a.q);
+    p.k_vec_ok = rows_16b_aligned(a.k);
+    p.v_vec_ok = rows_16b_aligned(a.v);
+    p.do_vec_ok = rows_16b_aligned(go);
+
+    // Launch sizes: one CTA per query tile of 16 (SIMT) or 64 (tensor cores) rows, and per key tile.
+    const int64_t grid_rows = std::max((a.Lq + 15) / 16 * a.B * a.H, (a.Lk + 15) / 16 * a.B * a.Hk);
+    TORCH_CHECK(grid_rows <= std::numeric_limits<int32_t>::max(), "relattn.attention: the CUDA backward of B = ",
+                a.B, ", H = ", a.H, ", Lq = ", a.Lq, ", Lk = ", a.Lk,
+                " needs more CUDA blocks than one launch can take; split the batch");
+    int smem_optin_attr = 0;
+    C10_CUDA_CHECK(
+        cudaDeviceGetAttribute(&smem_optin_attr, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index()));
+    cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
+    cudaError_t err = cudaSuccess;
+    if (backward_uses_mma(a, dtype)) {
+      with_mma_head_dim(kc::mma_head_dim_for(std::max(a.D, a.Dv)), [&](auto hd) {
+        constexpr int HD = decltype(hd)::value;
+        if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {
+          using Cfg = kc::BwdMmaConfig<HD>;
+          TORCH_CHECK(std::max(Cfg::kABytes, Cfg::kBBytes) <= smem_optin_attr, "relattn.attention: the CUDA backward needs ",
+                      std::max(Cfg::kABytes, Cfg::kBBytes), " bytes of shared memory per block but the device allows ",
+                      smem_optin_attr, "; run it on the CPU");
+          if (dtype == at::kHalf) {
+            err = kc::launch_backward_mma<__half, HD>(p, stream);
+          } else {
+            err = kc::launch_backward_mma<__nv_bfloat16, HD>(p, stream);
+          }
+        }
+      });
+    } else {
+      const int64_t need = a.acc_dtype == at::kDouble ? kc::BwdSimtConfig<double>::smem_bytes(a.D, a.Dv)
+                                                      : kc::BwdSimtConfig<float>::smem_bytes(a.D, a.Dv);
+      TORCH_CHECK(need <= smem_optin_attr, "relattn.attention: the CUDA backward needs ", need,
+                  " bytes of shared memory per block (D = ", a.D, ", Dv = ", a.Dv, ", ", dtype,
+                  ") but the device allows ", smem_optin_attr, "; run it on the CPU");
+      switch (dtype) {
+        case at::kDouble: err = kc::launch_backward_simt<double>(p, stream); break;
+        case at::kFloat: err = kc::launch_backward_simt<float>(p, stream); break;
+        case at::kHalf: err = kc::launch_backward_simt<__half>(p, stream); break;
+        case at::kBFloat16: err = kc::launch_backward_simt<__nv_bfloat16>(p, stream); break;
+        default: TORCH_CHECK(false, "relattn.attention: no CUDA kernel for dtype ", dtype);
+      }
+    }
+    C10_CUDA_CHECK(err);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, ds_sum, p_sum, grad_out, rel_k, rel_v, rel_bias);
+  return {dq, dk, dv, d_rel_k, d_rel_v, d_rel_bias};
 }
 
 }  // namespace

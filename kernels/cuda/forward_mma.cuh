@@ -410,37 +410,48 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
           }
         }
       __syncwarp();
+      // Single-bucket rows add their row sum; the other rows' elements are added by the quad's 4 lanes in
+      // turn, so the order of the additions is fixed (bit-identical results run to run; no atomics).
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const float row_total = quad_sum(psum[mt][hf]);  // outside the branch: every lane shuffles
           const int row = warp_row0 + mt * 16 + g + hf * 8;
-          float* br = bsum + row * ld;
-          const int rb = row_bucket[mt][hf];
-          if (rb >= 0) {
-            if (tq == 0) atomicAdd(br + rb, row_total);
-          } else {
-            const int32_t* ri_row =
-                (use_index && row < rows)
-                    ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
-                          j0 * p.rel_index_stride[2]
-                    : nullptr;
-#pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-              for (int e1 = 0; e1 < 2; ++e1) {
-                const float pv = acc_s[mt][nt][hf * 2 + e1];
-                if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
-                  const int c = nt * 8 + 2 * tq + e1;
-                  int beta = 0;
-                  if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                  else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                  atomicAdd(br + beta, pv);
-                }
-              }
-          }
+          if (row_bucket[mt][hf] >= 0 && tq == 0) bsum[row * ld + row_bucket[mt][hf]] += row_total;
         }
+      __syncwarp();
+      for (int turn = 0; turn < 4; ++turn) {
+        if (tq == turn) {
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              if (row_bucket[mt][hf] >= 0) continue;
+              const int row = warp_row0 + mt * 16 + g + hf * 8;
+              float* br = bsum + row * ld;
+              const int32_t* ri_row =
+                  (use_index && row < rows)
+                      ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
+                            j0 * p.rel_index_stride[2]
+                      : nullptr;
+#pragma unroll
+              for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e1 = 0; e1 < 2; ++e1) {
+                  const float pv = acc_s[mt][nt][hf * 2 + e1];
+                  if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
+                    const int c = nt * 8 + 2 * tq + e1;
+                    int beta = 0;
+                    if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                    else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
+                    br[beta] += pv;
+                  }
+                }
+            }
+        }
+        __syncwarp();
+      }
     }
 
     // O += P V, P in the input dtype straight from the S accumulators.

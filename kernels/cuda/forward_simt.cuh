@@ -174,13 +174,19 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       l[rr] = l[rr] * corr + warp_sum(pv);
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) acc[rr][e] *= corr;
+      sP[warp * BN + lane] = pv;
       if (has_bsum) {
         if (corr != acc_t(1))
           for (int64_t r = lane; r < R; r += 32) bsum[row * ld + r] *= corr;
         __syncwarp();
-        if (pv != acc_t(0)) atomicAdd(bsum + row * ld + beta, pv);
+        // Lanes of one bucket: the lowest adds the group's p in lane order (fixed order, no atomics).
+        const unsigned grp = __match_any_sync(0xffffffffu, pv != acc_t(0) ? beta : -1);
+        if (pv != acc_t(0) && (grp & ((1u << lane) - 1u)) == 0u) {
+          acc_t sum = 0;
+          for (unsigned m = grp; m != 0u; m &= m - 1u) sum += sP[warp * BN + __ffs(static_cast<int>(m)) - 1];
+          bsum[row * ld + beta] += sum;
+        }
       }
-      sP[warp * BN + lane] = pv;
       __syncwarp();
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) {

@@ -1,10 +1,12 @@
-"""A NumPy model of the CUDA forward kernels' tile algorithm (kernels/cuda/forward_mma.cuh), written
+"""A NumPy model of the CUDA kernels' tile algorithm (kernels/cuda/forward_mma.cuh and, for the
+backward, the two kernels of kernels/cuda/backward_mma.cuh), written
 with the kernel's own index arithmetic: CTA order, query/key tiles, zero-filled padding, the causal key
 limit, the per-tile bucket window, the single-bucket rows, the per-row tables in log2 units, the online
 softmax with rescaled bucket sums and the final (bsum / l)·aV. It runs on the CPU in float64, so that the
 kernel's bookkeeping can be checked against the naive reference without a GPU:
 
     python kernels/cuda/tile_model.py          # every case of tests/python/test_accuracy.py, several tile shapes
+    python kernels/cuda/tile_model.py --backward   # the backward model: every gradient vs the reference
 
 When the CUDA kernel and this model disagree on a GPU, the kernel's lane-level code is at fault; when
 this model and the reference disagree, the algorithm is.
@@ -158,6 +160,274 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
     return out, lse
 
 
+def _row_tables(q, do, rel_k, rel_v, rel_bias, scale, R, HD, D, Dv):
+    """Natural-unit row tables of one (b, h) as kernel A computes them: tab = scale*q·aK + bias, doa = do·aV."""
+    Lq = q.shape[0]
+    tab = np.zeros((Lq, R))
+    doa = np.zeros((Lq, R))
+    if rel_k is not None:
+        tab += scale * (q @ rel_k.T)
+    if rel_bias is not None:
+        tab += rel_bias[None, :]
+    if rel_v is not None:
+        doa = do @ rel_v.T
+    return tab, doa
+
+
+def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel_v=None, rel_bias=None,
+                       buckets=None, rel_index=None, alibi_slopes=None, key_padding_mask=None, causal=False,
+                       scale=None, q_offset=0, block_m=64, block_n=64, block_keys=64, block_q=32):
+    """Every gradient (dq, dk, dv, d rel_k, d rel_v, d rel_bias) as numpy float64 arrays, computed with
+    the index arithmetic of backward_mma_query_kernel (A: block_m x block_n tiles, two sweeps) and
+    backward_mma_key_kernel (B: block_keys x block_q tiles, causal skipping, one-bucket tiles)."""
+    B, H, Lq, D = q.shape
+    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    group = H // Hk
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    R = 0
+    for t, ax in ((rel_k, -2), (rel_v, -2), (rel_bias, -1)):
+        if t is not None:
+            R = t.shape[ax]
+    has_tab = rel_k is not None or rel_bias is not None
+    has_doa = rel_v is not None
+    M = (len(buckets) - 1) // 2 if buckets is not None else 0
+
+    def table(t, h):
+        return None if t is None else (t if t.ndim == 2 else t[h])
+
+    def bucket_window(d0, n):
+        return np.array([buckets[min(max(d0 + w, -M), M) + M] for w in range(n)])
+
+    def index_of(b, i, j):
+        ri = rel_index if rel_index.ndim == 2 else rel_index[b]
+        return ri[i, j]
+
+    dq = np.full((B, H, Lq, D), np.nan)
+    dk = np.full((B, Hk, Lk, D), np.nan)
+    dv = np.full((B, Hk, Lk, Dv), np.nan)
+    row_tab = np.zeros((B, H, Lq, R))
+    row_doa = np.zeros((B, H, Lq, R))
+    ds_sum = np.zeros((B, H, Lq, R))
+    p_sum = np.zeros((B, H, Lq, R))
+    delta_all = np.zeros((B, H, Lq))
+    glse = np.zeros((B, H, Lq)) if grad_lse is None else grad_lse
+    lse2_all = np.where(lse == -np.inf, np.inf, lse * LOG2E)
+
+    # ---- kernel A --------------------------------------------------------------------------------------
+    BM, BN = block_m, block_n
+    nqb = (Lq + BM - 1) // BM
+    for slot in range(nqb * B * H):
+        qb = nqb - 1 - slot % nqb
+        bh = slot // nqb
+        b, h = bh // H, bh % H
+        kv = h // group
+        i0 = qb * BM
+        rows = min(BM, Lq - i0)
+        Q = np.zeros((BM, D))
+        Do = np.zeros((BM, Dv))
+        Q[:rows] = q[b, h, i0:i0 + rows]
+        Do[:rows] = grad_out[b, h, i0:i0 + rows]
+        tab, doa = _row_tables(Q, Do, table(rel_k, h), table(rel_v, h),
+                               None if rel_bias is None else rel_bias[h], scale, R, None, D, Dv)
+        row_tab[b, h, i0:i0 + rows] = tab[:rows]
+        row_doa[b, h, i0:i0 + rows] = doa[:rows]
+        lse2 = np.full(BM, np.inf)
+        lse2[:rows] = lse2_all[b, h, i0:i0 + rows]
+        slope2 = float(alibi_slopes[h]) * LOG2E if alibi_slopes is not None else 0.0
+        j_end = Lk
+        if causal:
+            last = i0 + rows - 1 + q_offset + 1
+            j_end = 0 if last < 0 else min(last, Lk)
+        n_tiles = (j_end + BN - 1) // BN
+        rowacc = np.zeros(BM)
+        delta = np.zeros(BM)
+        dsb = np.zeros((BM, R))
+        psb = np.zeros((BM, R))
+        acc_dq = np.zeros((BM, D))
+        for sweep in (0, 1):
+            for t in range(n_tiles):
+                j0 = t * BN
+                cols = min(BN, Lk - j0)
+                K = np.zeros((BN, D))
+                V = np.zeros((BN, Dv))
+                K[:cols] = k[b, kv, j0:j0 + cols]
+                V[:cols] = v[b, kv, j0:j0 + cols]
+                kpm_s = np.ones(BN, dtype=bool)
+                kpm_s[:cols] = key_padding_mask[b, j0:j0 + cols] if key_padding_mask is not None else False
+                win = bucket_window(j0 - (i0 + BM - 1 + q_offset), BM + BN - 1) if buckets is not None else None
+                S = Q @ K.T
+                dP = Do @ V.T
+                X = np.zeros((BM, BN))
+                for row in range(BM):
+                    row_ok = row < rows
+                    dj = j0 - (i0 + row + q_offset)
+                    rb = -1
+                    if buckets is not None:
+                        if dj + BN - 1 <= -M:
+                            rb = buckets[0]
+                        elif dj >= M:
+                            rb = buckets[2 * M]
+                    lim = Lk - j0
+                    if causal and 1 - dj < lim:
+                        lim = 1 - dj
+                    col_lim = min(max(lim, 0), BN)
+                    for c in range(BN):
+                        beta = rb if rb >= 0 else 0
+                        if rb < 0:
+                            if win is not None:
+                                beta = win[c - row + BM - 1]
+                            elif rel_index is not None and row_ok and c < col_lim:
+                                beta = index_of(b, i0 + row, j0 + c)
+                        s = S[row, c] * scale * LOG2E
+                        if has_tab and row_ok:
+                            s += tab[row, beta] * LOG2E
+                        if slope2 != 0:
+                            s -= slope2 * abs(dj + c)
+                        masked = c >= col_lim or kpm_s[c]
+                        pv = 0.0 if masked else np.exp2(s - lse2[row])
+                        dp = dP[row, c] + (doa[row, beta] if has_doa and row_ok else 0.0)
+                        if sweep == 0:
+                            rowacc[row] += pv * dp
+                            X[row, c] = pv
+                        else:
+                            X[row, c] = pv * (dp - delta[row])
+                        val = X[row, c]
+                        if val != 0 and row_ok and ((sweep == 0 and has_doa) or (sweep == 1 and has_tab)):
+                            (psb if sweep == 0 else dsb)[row, beta] += val
+                if sweep == 1:
+                    acc_dq += X @ K
+            if sweep == 0:
+                delta = rowacc - np.concatenate([glse[b, h, i0:i0 + rows], np.zeros(BM - rows)])
+                delta_all[b, h, i0:i0 + rows] = delta[:rows]
+        if rel_k is not None:
+            acc_dq += dsb @ table(rel_k, h)
+        dq[b, h, i0:i0 + rows] = scale * acc_dq[:rows]
+        ds_sum[b, h, i0:i0 + rows] = dsb[:rows]
+        p_sum[b, h, i0:i0 + rows] = psb[:rows]
+
+    # ---- kernel B --------------------------------------------------------------------------------------
+    BK, BQ = block_keys, block_q
+    nkb = (Lk + BK - 1) // BK
+    nq = (Lq + BQ - 1) // BQ
+    for slot in range(nkb * B * Hk):
+        kb = slot % nkb
+        bg = slot // nkb
+        b, g = bg // Hk, bg % Hk
+        j0 = kb * BK
+        keys = min(BK, Lk - j0)
+        K = np.zeros((BK, D))
+        V = np.zeros((BK, Dv))
+        K[:keys] = k[b, g, j0:j0 + keys]
+        V[:keys] = v[b, g, j0:j0 + keys]
+        kpm_s = np.ones(BK, dtype=bool)
+        kpm_s[:keys] = key_padding_mask[b, j0:j0 + keys] if key_padding_mask is not None else False
+        i_first = max(0, j0 - q_offset) if causal else 0
+        qt_first = nq if i_first >= Lq else i_first // BQ
+        n_vis = nq - qt_first
+        acc_dk = np.zeros((BK, D))
+        acc_dv = np.zeros((BK, Dv))
+        for it in range(group * n_vis):
+            h = g * group + it // n_vis
+            i0 = (qt_first + it % n_vis) * BQ
+            rows = min(BQ, Lq - i0)
+            Q = np.zeros((BQ, D))
+            Do = np.zeros((BQ, Dv))
+            Q[:rows] = q[b, h, i0:i0 + rows]
+            Do[:rows] = grad_out[b, h, i0:i0 + rows]
+            lse2 = np.full(BQ, np.inf)
+            lse2[:rows] = lse2_all[b, h, i0:i0 + rows]
+            dl = np.zeros(BQ)
+            dl[:rows] = delta_all[b, h, i0:i0 + rows]
+            win = bucket_window(j0 - i0 - q_offset - (BQ - 1), BK + BQ - 1) if buckets is not None else None
+            slope2 = float(alibi_slopes[h]) * LOG2E if alibi_slopes is not None else 0.0
+            tb = -1
+            if buckets is not None:
+                if (j0 + BK - 1) - (i0 + q_offset) <= -M:
+                    tb = buckets[0]
+                elif j0 - (i0 + BQ - 1 + q_offset) >= M:
+                    tb = buckets[2 * M]
+            St = K @ Q.T
+            dPt = V @ Do.T
+            P = np.zeros((BK, BQ))
+            dS = np.zeros((BK, BQ))
+            for kr in range(BK):
+                for c in range(BQ):
+                    col_ok = c < rows
+                    d = (j0 + kr) - (i0 + c + q_offset)
+                    beta = tb if tb >= 0 else 0
+                    if tb < 0:
+                        if win is not None:
+                            beta = win[kr - c + BQ - 1]
+                        elif rel_index is not None and col_ok and kr < keys:
+                            beta = index_of(b, i0 + c, j0 + kr)
+                    s = St[kr, c] * scale * LOG2E
+                    if has_tab and col_ok:
+                        s += row_tab[b, h, i0 + c, beta] * LOG2E
+                    if slope2 != 0:
+                        s -= slope2 * abs(d)
+                    masked = kpm_s[kr] or not col_ok or (causal and d > 0)
+                    pv = 0.0 if masked else np.exp2(s - lse2[c])
+                    dp = dPt[kr, c] + (row_doa[b, h, i0 + c, beta] if has_doa and col_ok else 0.0)
+                    P[kr, c] = pv
+                    dS[kr, c] = pv * (dp - dl[c])
+            acc_dv += P @ Do
+            acc_dk += dS @ Q
+        dk[b, g, j0:j0 + keys] = scale * acc_dk[:keys]
+        dv[b, g, j0:j0 + keys] = acc_dv[:keys]
+
+    # ---- table gradients (the binding's GEMMs) ---------------------------------------------------------
+    grads = {"q": dq, "k": dk, "v": dv}
+    if rel_k is not None:
+        g_ = scale * np.einsum("bhir,bhid->hrd", ds_sum, q)
+        grads["rel_k"] = g_ if rel_k.ndim == 3 else g_.sum(0)
+    if rel_v is not None:
+        g_ = np.einsum("bhir,bhid->hrd", p_sum, grad_out)
+        grads["rel_v"] = g_ if rel_v.ndim == 3 else g_.sum(0)
+    if rel_bias is not None:
+        grads["rel_bias"] = ds_sum.sum(axis=(0, 2))
+    return grads
+
+
+def _main_backward():
+    import torch
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root / "tests" / "python"))
+    from cases import gradients, make_grad_outputs, make_inputs, run_reference  # noqa: E402
+    import test_accuracy  # noqa: E402
+
+    def np_(t):
+        return None if t is None else (t.detach().numpy() if isinstance(t, torch.Tensor) else t)
+
+    worst = 0.0
+    for case in test_accuracy.CASES:
+        inp = make_inputs(case, torch.float64, requires_grad=True)
+        ref_out, ref_lse = run_reference(inp, torch.float64)
+        grad_out, grad_lse = make_grad_outputs(case, torch.float64)
+        ref = gradients(ref_out, ref_lse, inp.leaves(), grad_out, grad_lse)
+        kw = {n: (np_(t) if isinstance(t, torch.Tensor) else t) for n, t in inp.kwargs.items()}
+        for bm, bn, bk, bq in ((64, 64, 64, 64), (64, 32, 64, 32)):
+            got = mma_backward_model(np_(inp.q), np_(inp.k), np_(inp.v), np_(grad_out), np_(ref_lse),
+                                     np_(grad_lse), block_m=bm, block_n=bn, block_keys=bk, block_q=bq, **kw)
+            errs, bad = {}, []
+            for name, r in ref.items():
+                # a float32 table's reference gradient is rounded to float32: the float32 rule applies
+                tol = 1e-9 if r is None or r.dtype == torch.float64 else 1e-5 * (1 + r.abs().max().item())
+                r = np.zeros(tuple(inp.leaves()[name].shape)) if r is None else r.double().numpy()
+                gv = got[name]
+                assert not np.isnan(gv).any(), (case.name, name, "NaN or unwritten")
+                errs[name] = np.abs(gv - r).max() if r.size else 0.0
+                if errs[name] > tol:
+                    bad.append(name)
+                elif tol == 1e-9:
+                    worst = max(worst, errs[name])
+            e = max(errs.values()) if errs else 0.0
+            status = "ok" if not bad else "MISMATCH " + str({n: f"{errs[n]:.1e}" for n in bad})
+            print(f"{case.name:45s} A {bm}x{bn} B {bk}x{bq}: worst gradient error {e:.2e} {status}")
+            assert not bad
+    print(f"backward model: every gradient of every case agrees with the reference (worst {worst:.2e})")
+
+
 def _main():
     import torch
     root = Path(__file__).resolve().parents[2]
@@ -188,4 +458,4 @@ def _main():
 
 
 if __name__ == "__main__":
-    _main()
+    _main_backward() if "--backward" in sys.argv else _main()

@@ -1,0 +1,623 @@
+// relattn backward on tensor cores (fp16 / bf16 inputs, fp32 accumulation). backward.h holds the math and
+// the split into two kernels; this file reuses the forward's tile loaders and mma routines
+// (forward_mma.cuh, mma_detail), so that the scores the backward recomputes are bit-identical to the
+// forward's (same table GEMM, same order of the additions in log2 units).
+//
+// Kernel A (backward_mma_query_kernel): one CTA of 4 warps per (query tile of 64 rows, b, h); each warp
+// owns 16 rows. Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, twice:
+//   sweep 0: S = Q Kᵀ, dP = dO Vᵀ (+doa), P = 2^(S2 - lse2)  ->  Δ = Σ P∘dP - glse, psb += P by bucket
+//   sweep 1: the same, dS = P∘(dP - Δ)                       ->  dsb += dS by bucket, dq += dS K
+// then dq += dsb·aK and dq *= scale. Bucket sums go straight into this CTA's rows of the global scratch
+// (ds_sum / p_sum): a row whose tile distances all lie beyond ±M adds one row sum; otherwise the 4 lanes
+// holding a row add their elements in turn (lane order fixed: deterministic).
+//
+// Kernel B (backward_mma_key_kernel): one CTA per (key tile of 64, b, kv head); each warp owns 16 keys,
+// with dk and dv accumulators in registers for the whole kernel. Over the heads of the group and the
+// query tiles that can see the tile (causal skipping), Q/dO tiles stream through two cp.async stages:
+//   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (+doa), Pᵀ, dSᵀ = Pᵀ∘(dPᵀ - Δ); dv += Pᵀ dO, dk += dSᵀ Q (P and dS go from the
+// accumulators straight into A fragments, as P does in the forward).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "backward.h"
+#include "device_utils.cuh"
+#include "forward_mma.cuh"
+
+namespace relattn {
+namespace kernels {
+namespace cuda {
+namespace bwd_detail {
+
+// Rows [0, rows) x cols [0, cols) of an fp32 register tile staged in shared memory (row stride
+// kHeadDim + 8, type T) to global memory rows of `ld` elements.
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void store_tile(T* dst, int64_t ld, const T* s, int rows, int cols, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  const bool vec_ok = ld % 8 == 0 && (reinterpret_cast<uintptr_t>(dst) % 16) == 0;
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (r >= rows || col >= cols) continue;
+    const T* src = s + r * kLd + col;
+    T* out = dst + int64_t(r) * ld + col;
+    if (vec_ok) {
+      *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && col + e < cols; ++e) out[e] = src[e];
+    }
+  }
+}
+
+// A 16 x kHeadDim fp32 accumulator (one m16 tile per warp), times `mul`, into the warp's 16 rows of a
+// shared tile (row stride kHeadDim + 8).
+template <typename T, int kHeadDim>
+RELATTN_DEVICE void stage_acc(T* s_warp, const float (&acc)[1][kHeadDim / 8][4], float mul, int lane) {
+  constexpr int kLd = kHeadDim + 8;
+  const int g = lane >> 2, tq = lane & 3;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+    for (int dt = 0; dt < kHeadDim / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(s_warp + (g + hf * 8) * kLd + dt * 8 + 2 * tq) =
+          TypeInfo<T>::pack(acc[0][dt][hf * 2] * mul, acc[0][dt][hf * 2 + 1] * mul);
+}
+
+// Score-tile values (kNT n8 tiles of one m16 tile) as A fragments of the next GEMM, in T.
+template <typename T, int kNT>
+RELATTN_DEVICE void pack_a(uint32_t (&pa)[1][kNT / 2][4], const float (&acc)[1][kNT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk) {
+    pa[0][kk][0] = TypeInfo<T>::pack(acc[0][2 * kk][0], acc[0][2 * kk][1]);
+    pa[0][kk][1] = TypeInfo<T>::pack(acc[0][2 * kk][2], acc[0][2 * kk][3]);
+    pa[0][kk][2] = TypeInfo<T>::pack(acc[0][2 * kk + 1][0], acc[0][2 * kk + 1][1]);
+    pa[0][kk][3] = TypeInfo<T>::pack(acc[0][2 * kk + 1][2], acc[0][2 * kk + 1][3]);
+  }
+}
+
+}  // namespace bwd_detail
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(const __grid_constant__ BackwardParams p) {
+  using namespace mma_detail;
+  using namespace bwd_detail;
+  using Cfg = BwdMmaConfig<kHeadDim>;
+  constexpr int BM = Cfg::kBlockM;
+  constexpr int BN = Cfg::kBlockN;
+  constexpr int LD = Cfg::kLd;
+  constexpr int kWin = Cfg::kWinA;
+  constexpr int kThreads = kBwdMmaThreads;
+  constexpr int kNT = BN / 8;
+  constexpr int kDT = kHeadDim / 8;
+  constexpr float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sDo = reinterpret_cast<T*>(smem + Cfg::kAOffDo);
+  T* sK = reinterpret_cast<T*>(smem + Cfg::kAOffK);
+  T* sV = reinterpret_cast<T*>(smem + Cfg::kAOffV);
+  int32_t* sWin = reinterpret_cast<int32_t*>(smem + Cfg::kAOffWin);
+  uint8_t* sKpm = smem + Cfg::kAOffKpm;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int warp_row0 = warp * 16;
+
+  const int64_t nqb = (p.Lq + BM - 1) / BM;
+  const int64_t slot = blockIdx.x;
+  const int64_t qb = nqb - 1 - slot % nqb;
+  const int64_t bh = slot / nqb;
+  const int64_t b = bh / p.H;
+  const int64_t h = bh % p.H;
+  const int64_t kv_head = h / (p.H / p.Hk);
+  const int64_t i0 = qb * BM;
+  const int rows = static_cast<int>(p.Lq - i0 < BM ? p.Lq - i0 : BM);
+  const int D = static_cast<int>(p.D);
+  const int Dv = static_cast<int>(p.Dv);
+  const int64_t R = p.R;
+  const int64_t M = p.max_distance;
+  const bool use_window = p.buckets != nullptr;
+  const bool use_index = p.rel_index != nullptr;
+  const bool has_tab = p.has_tab();
+  const bool has_doa = p.has_doa();
+  const int64_t row0 = bh * p.Lq + i0;  // first row of the tile in [B, H, Lq]
+
+  const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  const T* dog = static_cast<const T*>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[1] +
+                 i0 * p.grad_out_stride[2];
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1];
+  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] : nullptr;
+  float* tab_g = has_tab ? static_cast<float*>(p.row_tab) + row0 * R : nullptr;
+  float* doa_g = has_doa ? static_cast<float*>(p.row_doa) + row0 * R : nullptr;
+  float* dsb_g = has_tab ? static_cast<float*>(p.ds_sum) + row0 * R : nullptr;
+  float* psb_g = has_doa ? static_cast<float*>(p.p_sum) + row0 * R : nullptr;
+
+  int64_t j_end = p.Lk;
+  if (p.causal) {
+    const int64_t last = i0 + rows - 1 + p.q_offset + 1;
+    j_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+  }
+  const int64_t n_tiles = (j_end + BN - 1) / BN;
+
+  auto issue_tile = [&](int64_t t, int stage) {
+    const int64_t j0 = t * BN;
+    const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
+    load_tile<T, BN, kHeadDim, kThreads>(sK + stage * BN * LD, kg + j0 * p.k_stride[2], p.k_stride[2], cols, D,
+                                         p.k_vec_ok, tid);
+    load_tile<T, BN, kHeadDim, kThreads>(sV + stage * BN * LD, vg + j0 * p.v_stride[2], p.v_stride[2], cols, Dv,
+                                         p.v_vec_ok, tid);
+    if (kpm) {
+      for (int c = tid; c < BN; c += kThreads)
+        sKpm[stage * BN + c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
+    }
+    if (use_window) {
+      const int64_t d0 = j0 - (i0 + BM - 1 + p.q_offset);
+      for (int w = tid; w < BM + BN - 1; w += kThreads) {
+        int64_t d = d0 + w;
+        d = d < -M ? -M : (d > M ? M : d);
+        sWin[stage * kWin + w] = p.buckets[d + M];
+      }
+    }
+  };
+
+  load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
+  load_tile<T, BM, kHeadDim, kThreads>(sDo, dog, p.grad_out_stride[2], rows, Dv, p.do_vec_ok, tid);
+  cp_async_commit();
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const float scale = static_cast<float>(p.scale);
+  float acc_s[1][kNT][4];
+  float acc_dp[1][kNT][4];
+
+  // Row tables (natural units, as the CPU kernel keeps them): tab = scale*Q aKᵀ + bias, doa = dO aVᵀ.
+  // Computed exactly as the forward computes its tab (same GEMM on T-rounded aK, same additions).
+  if (has_tab) {
+    const float* rk = p.rel_k ? static_cast<const float*>(p.rel_k) + h * p.rel_k_head_stride : nullptr;
+    const float* bias = p.rel_bias ? static_cast<const float*>(p.rel_bias) + h * R : nullptr;
+    for (int64_t r0 = 0; r0 < R; r0 += BN) {
+      if (rk) {
+        load_table_tile<T, BN, kHeadDim, kThreads>(sK, rk, r0, R, D, tid);
+        __syncthreads();
+        gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK, lane);
+      }
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp_row0 + g + (e >> 1) * 8;
+          const int64_t r = r0 + nt * 8 + 2 * tq + (e & 1);
+          if (r < R && row < rows) {
+            float v = rk ? acc_s[0][nt][e] * scale : 0.f;
+            if (bias) v += bias[r];
+            tab_g[row * R + r] = v;
+          }
+        }
+      __syncthreads();
+    }
+  }
+  if (has_doa) {
+    const float* rv = static_cast<const float*>(p.rel_v) + h * p.rel_v_head_stride;
+    for (int64_t r0 = 0; r0 < R; r0 += BN) {
+      load_table_tile<T, BN, kHeadDim, kThreads>(sV, rv, r0, R, Dv, tid);
+      __syncthreads();
+      gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV, lane);
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int row = warp_row0 + g + (e >> 1) * 8;
+          const int64_t r = r0 + nt * 8 + 2 * tq + (e & 1);
+          if (r < R && row < rows) doa_g[row * R + r] = acc_dp[0][nt][e];
+        }
+      __syncthreads();
+    }
+  }
+
+  const float scale_log2 = scale * kLog2e;
+  const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
+  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
+  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
+  const float* lse_g = static_cast<const float*>(p.lse) + row0;
+  const float* glse_g = p.grad_lse ? static_cast<const float*>(p.grad_lse) + row0 : nullptr;
+
+  // lse in log2 units; +inf for rows that saw no key (and padding rows), so that P = 2^(s - lse2) = 0.
+  float lse2[2], delta[2] = {0.f, 0.f}, rowacc[2] = {0.f, 0.f};
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = warp_row0 + g + hf * 8;
+    const float L = row < rows ? lse_g[row] : kNegInf;
+    lse2[hf] = L == kNegInf ? INFINITY : L * kLog2e;
+  }
+
+  float acc_dq[1][kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dq[0][dt][e] = 0.f;
+
+  for (int sweep = 0; sweep < 2; ++sweep) {
+    if (n_tiles > 0) issue_tile(0, 0);
+    cp_async_commit();
+    for (int64_t t = 0; t < n_tiles; ++t) {
+      const int stage = static_cast<int>(t & 1);
+      if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+
+      const int64_t j0 = t * BN;
+      gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
+      gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV + stage * BN * LD, lane);
+
+      int row_bucket[2];
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp_row0 + g + hf * 8;
+        const bool row_ok = row < rows;
+        const int64_t pos = i0 + row + p.q_offset;
+        const int64_t dj = j0 - pos;
+        int rb = -1;
+        if (use_window) {
+          if (dj + BN - 1 <= -M) rb = bucket_first;
+          else if (dj >= M) rb = bucket_last;
+        }
+        row_bucket[hf] = rb;
+        int64_t lim = p.Lk - j0;
+        if (p.causal && 1 - dj < lim) lim = 1 - dj;
+        const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
+        const float tab_row = (has_tab && rb >= 0 && row_ok) ? tab_g[row * R + rb] * kLog2e : 0.f;
+        const float doa_row = (has_doa && rb >= 0 && row_ok) ? doa_g[row * R + rb] : 0.f;
+        const int32_t* ri_row = (use_index && row_ok) ? p.rel_index + b * p.rel_index_stride[0] +
+                                                            (i0 + row) * p.rel_index_stride[1] +
+                                                            j0 * p.rel_index_stride[2]
+                                                      : nullptr;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int c = nt * 8 + 2 * tq + e1;
+            const int e = hf * 2 + e1;
+            int beta = 0;
+            if (rb < 0) {
+              if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+              else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
+            }
+            float s = acc_s[0][nt][e] * scale_log2;
+            if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
+            if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
+            const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
+            const float pv = masked ? 0.f : exp2f(s - lse2[hf]);
+            float dp = acc_dp[0][nt][e];
+            if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
+            if (sweep == 0) {
+              rowacc[hf] += pv * dp;
+              acc_s[0][nt][e] = pv;
+            } else {
+              acc_s[0][nt][e] = pv * (dp - delta[hf]);
+            }
+          }
+      }
+
+      // Bucket sums: P in sweep 0 (for d rel_v), dS in sweep 1 (for dq's key term, d rel_k, d rel_bias).
+      float* dst = sweep == 0 ? psb_g : dsb_g;
+      if (dst != nullptr) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float part = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) part += acc_s[0][nt][hf * 2] + acc_s[0][nt][hf * 2 + 1];
+          const float total = quad_sum(part);  // every lane shuffles
+          const int row = warp_row0 + g + hf * 8;
+          if (row_bucket[hf] >= 0 && tq == 0 && row < rows) dst[row * R + row_bucket[hf]] += total;
+        }
+        __syncwarp();
+        // Rows with several buckets in this tile: the quad's lanes take turns (fixed order).
+        for (int turn = 0; turn < 4; ++turn) {
+          if (tq == turn) {
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int row = warp_row0 + g + hf * 8;
+              if (row_bucket[hf] >= 0 || row >= rows) continue;
+              const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
+                                                      (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
+                                                : nullptr;
+#pragma unroll
+              for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                for (int e1 = 0; e1 < 2; ++e1) {
+                  const float val = acc_s[0][nt][hf * 2 + e1];
+                  if (val == 0.f) continue;  // masked keys (p = 0) may have no valid id
+                  const int c = nt * 8 + 2 * tq + e1;
+                  const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
+                                              : ri_row[c * p.rel_index_stride[2]];
+                  dst[row * R + beta] += val;
+                }
+            }
+          }
+          __syncwarp();
+        }
+      }
+
+      if (sweep == 1) {
+        uint32_t pa[1][BN / 16][4];
+        pack_a<T, kNT>(pa, acc_s);
+        gemm_pv<T, kHeadDim, 1, BN / 16>(acc_dq, pa, sK + stage * BN * LD, lane);
+      }
+      __syncthreads();  // this stage is refilled two iterations on
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    if (sweep == 0) {
+      // Δ = Σ_j P dP - glse, kept for kernel B.
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp_row0 + g + hf * 8;
+        float d = quad_sum(rowacc[hf]);
+        if (glse_g && row < rows) d -= glse_g[row];
+        delta[hf] = d;
+        if (tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
+      }
+    }
+  }
+  __syncwarp();  // bucket sums written by the other lanes of this warp
+
+  // dq += dsb · aK (the row sums of dS as A fragments, aK rows through K stage 0), then dq *= scale.
+  if (p.rel_k) {
+    const float* rk = static_cast<const float*>(p.rel_k) + h * p.rel_k_head_stride;
+    for (int64_t r0 = 0; r0 < R; r0 += BN) {
+      load_table_tile<T, BN, kHeadDim, kThreads>(sK, rk, r0, R, D, tid);
+      __syncthreads();
+      uint32_t pa[1][BN / 16][4];
+      const int ra = warp_row0 + g, rb8 = ra + 8;
+      auto at = [&](int row, int64_t kx) { return (kx < R && row < rows) ? dsb_g[row * R + kx] : 0.f; };
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        const int64_t k = r0 + kk * 16 + 2 * tq;
+        pa[0][kk][0] = TypeInfo<T>::pack(at(ra, k), at(ra, k + 1));
+        pa[0][kk][1] = TypeInfo<T>::pack(at(rb8, k), at(rb8, k + 1));
+        pa[0][kk][2] = TypeInfo<T>::pack(at(ra, k + 8), at(ra, k + 9));
+        pa[0][kk][3] = TypeInfo<T>::pack(at(rb8, k + 8), at(rb8, k + 9));
+      }
+      gemm_pv<T, kHeadDim, 1, BN / 16>(acc_dq, pa, sK, lane);
+      __syncthreads();
+    }
+  }
+
+  // dq through shared memory (Q's space) to whole-row stores.
+  stage_acc<T, kHeadDim>(sQ + warp_row0 * LD, acc_dq, scale, lane);
+  __syncthreads();
+  store_tile<T, BM, kHeadDim, kThreads>(static_cast<T*>(p.dq) + row0 * int64_t(D), D, sQ, rows, D, tid);
+}
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const __grid_constant__ BackwardParams p) {
+  using namespace mma_detail;
+  using namespace bwd_detail;
+  using Cfg = BwdMmaConfig<kHeadDim>;
+  constexpr int BK = Cfg::kBlockKeys;
+  constexpr int BQ = Cfg::kBlockQ;
+  constexpr int LD = Cfg::kLd;
+  constexpr int kWin = Cfg::kWinB;
+  constexpr int kThreads = kBwdMmaThreads;
+  constexpr int kNT = BQ / 8;
+  constexpr int kDT = kHeadDim / 8;
+  constexpr float kNegInf = -INFINITY;
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = reinterpret_cast<T*>(smem + Cfg::kBOffV);
+  T* sQ = reinterpret_cast<T*>(smem + Cfg::kBOffQ);
+  T* sDo = reinterpret_cast<T*>(smem + Cfg::kBOffDo);
+  float* sLse = reinterpret_cast<float*>(smem + Cfg::kBOffLse);
+  float* sDelta = reinterpret_cast<float*>(smem + Cfg::kBOffDelta);
+  int32_t* sWin = reinterpret_cast<int32_t*>(smem + Cfg::kBOffWin);
+  uint8_t* sKpm = smem + Cfg::kBOffKpm;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5;
+  const int lane = tid & 31;
+  const int g = lane >> 2;
+  const int tq = lane & 3;
+  const int warp_key0 = warp * 16;
+
+  const int64_t nkb = (p.Lk + BK - 1) / BK;
+  const int64_t slot = blockIdx.x;
+  const int64_t kb = slot % nkb;  // causal: the first key tiles have the most query tiles, and go first
+  const int64_t bg = slot / nkb;
+  const int64_t b = bg / p.Hk;
+  const int64_t kv_head = bg % p.Hk;
+  const int64_t group = p.H / p.Hk;
+  const int64_t j0 = kb * BK;
+  const int keys = static_cast<int>(p.Lk - j0 < BK ? p.Lk - j0 : BK);
+  const int D = static_cast<int>(p.D);
+  const int Dv = static_cast<int>(p.Dv);
+  const int64_t R = p.R;
+  const int64_t M = p.max_distance;
+  const bool use_window = p.buckets != nullptr;
+  const bool use_index = p.rel_index != nullptr;
+  const bool has_tab = p.has_tab();
+  const bool has_doa = p.has_doa();
+
+  // Query rows that can see a key of this tile: with causal masking, i + q_offset >= j0.
+  int64_t i_first = 0;
+  if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
+  const int64_t nq = (p.Lq + BQ - 1) / BQ;
+  const int64_t qt_first = i_first >= p.Lq ? nq : i_first / BQ;
+  const int64_t n_vis = nq - qt_first;
+  const int64_t n_iter = group * n_vis;
+
+  const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1] + j0 * p.k_stride[2];
+  const T* vg = static_cast<const T*>(p.v) + b * p.v_stride[0] + kv_head * p.v_stride[1] + j0 * p.v_stride[2];
+  load_tile<T, BK, kHeadDim, kThreads>(sK, kg, p.k_stride[2], keys, D, p.k_vec_ok, tid);
+  load_tile<T, BK, kHeadDim, kThreads>(sV, vg, p.v_stride[2], keys, Dv, p.v_vec_ok, tid);
+  const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] : nullptr;
+  for (int c = tid; c < BK; c += kThreads)
+    sKpm[c] = c < keys ? (kpm ? kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0 : 0) : 1;
+  cp_async_commit();
+
+  auto issue_iter = [&](int64_t it, int stage) {
+    const int64_t h = kv_head * group + it / n_vis;
+    const int64_t i0 = (qt_first + it % n_vis) * BQ;
+    const int rows = static_cast<int>(p.Lq - i0 < BQ ? p.Lq - i0 : BQ);
+    const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+    const T* dog = static_cast<const T*>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[1] +
+                   i0 * p.grad_out_stride[2];
+    load_tile<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
+    load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv, p.do_vec_ok,
+                                         tid);
+    const int64_t r0 = (b * p.H + h) * p.Lq + i0;
+    for (int c = tid; c < BQ; c += kThreads) {
+      const float L = c < rows ? static_cast<const float*>(p.lse)[r0 + c] : kNegInf;
+      sLse[stage * BQ + c] = L == kNegInf ? INFINITY : L * kLog2e;
+      sDelta[stage * BQ + c] = c < rows ? static_cast<const float*>(p.delta)[r0 + c] : 0.f;
+    }
+    if (use_window) {
+      // entry w holds the bucket of key row kr and query column c with w = kr - c + BQ - 1
+      const int64_t d0 = j0 - i0 - p.q_offset - (BQ - 1);
+      for (int w = tid; w < BK + BQ - 1; w += kThreads) {
+        int64_t d = d0 + w;
+        d = d < -M ? -M : (d > M ? M : d);
+        sWin[stage * kWin + w] = p.buckets[d + M];
+      }
+    }
+  };
+
+  const float scale = static_cast<float>(p.scale);
+  const float scale_log2 = scale * kLog2e;
+  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
+  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
+
+  float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
+#pragma unroll
+  for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      acc_dk[0][dt][e] = 0.f;
+      acc_dv[0][dt][e] = 0.f;
+    }
+  float acc_s[1][kNT][4];
+  float acc_dp[1][kNT][4];
+
+  if (n_iter > 0) issue_iter(0, 0);
+  cp_async_commit();
+  for (int64_t it = 0; it < n_iter; ++it) {
+    const int stage = static_cast<int>(it & 1);
+    if (it + 1 < n_iter) issue_iter(it + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const int64_t h = kv_head * group + it / n_vis;
+    const int64_t i0 = (qt_first + it % n_vis) * BQ;
+    const int rows = static_cast<int>(p.Lq - i0 < BQ ? p.Lq - i0 : BQ);
+    const int64_t r0 = (b * p.H + h) * p.Lq + i0;
+    const float* tab_g = has_tab ? static_cast<const float*>(p.row_tab) + r0 * R : nullptr;
+    const float* doa_g = has_doa ? static_cast<const float*>(p.row_doa) + r0 * R : nullptr;
+    const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
+
+    gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sK + warp_key0 * LD, sQ + stage * BQ * LD, lane);
+    gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sV + warp_key0 * LD, sDo + stage * BQ * LD, lane);
+
+    // A tile whose distances all lie beyond ±M on one side has one bucket: its table values are one
+    // column of the row tables, read once per lane.
+    int tb = -1;
+    if (use_window) {
+      const int64_t d_max = (j0 + BK - 1) - (i0 + p.q_offset);
+      const int64_t d_min = j0 - (i0 + BQ - 1 + p.q_offset);
+      if (d_max <= -M) tb = bucket_first;
+      else if (d_min >= M) tb = bucket_last;
+    }
+    float tcol[kNT][2], dcol[kNT][2];
+#pragma unroll
+    for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+      for (int e1 = 0; e1 < 2; ++e1) {
+        const int c = nt * 8 + 2 * tq + e1;
+        tcol[nt][e1] = (tb >= 0 && has_tab && c < rows) ? tab_g[c * R + tb] * kLog2e : 0.f;
+        dcol[nt][e1] = (tb >= 0 && has_doa && c < rows) ? doa_g[c * R + tb] : 0.f;
+      }
+
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int kr = warp_key0 + g + hf * 8;
+      const bool key_ok = sKpm[kr] == 0;  // inside Lk and not padding
+      const int64_t dk0 = j0 + kr - (i0 + p.q_offset);  // distance to query column 0
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int c = nt * 8 + 2 * tq + e1;
+          const int e = hf * 2 + e1;
+          const bool col_ok = c < rows;
+          const int64_t d = dk0 - c;
+          int beta = 0;
+          if (tb < 0) {
+            if (use_window) beta = sWin[stage * kWin + kr - c + BQ - 1];
+            else if (use_index && col_ok && kr < keys)
+              beta = p.rel_index[b * p.rel_index_stride[0] + (i0 + c) * p.rel_index_stride[1] +
+                                 (j0 + kr) * p.rel_index_stride[2]];
+          }
+          float s = acc_s[0][nt][e] * scale_log2;
+          if (has_tab && col_ok) s += tb >= 0 ? tcol[nt][e1] : tab_g[c * R + beta] * kLog2e;
+          if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(d));
+          const bool masked = !key_ok || !col_ok || (p.causal && d > 0);
+          const float pv = masked ? 0.f : exp2f(s - sLse[stage * BQ + c]);
+          float dp = acc_dp[0][nt][e];
+          if (has_doa && col_ok) dp += tb >= 0 ? dcol[nt][e1] : doa_g[c * R + beta];
+          acc_s[0][nt][e] = pv;
+          acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
+        }
+    }
+
+    uint32_t pa[1][BQ / 16][4];
+    pack_a<T, kNT>(pa, acc_s);
+    gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dv, pa, sDo + stage * BQ * LD, lane);
+    pack_a<T, kNT>(pa, acc_dp);
+    gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dk, pa, sQ + stage * BQ * LD, lane);
+    __syncthreads();  // this stage is refilled two iterations on
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  const int64_t kv0 = (b * p.Hk + kv_head) * p.Lk + j0;
+  stage_acc<T, kHeadDim>(sK + warp_key0 * LD, acc_dk, scale, lane);
+  stage_acc<T, kHeadDim>(sV + warp_key0 * LD, acc_dv, 1.f, lane);
+  __syncthreads();
+  store_tile<T, BK, kHeadDim, kThreads>(static_cast<T*>(p.dk) + kv0 * D, D, sK, keys, D, tid);
+  store_tile<T, BK, kHeadDim, kThreads>(static_cast<T*>(p.dv) + kv0 * Dv, Dv, sV, keys, Dv, tid);
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
+  using Cfg = BwdMmaConfig<kHeadDim>;
+  auto kernel_a = backward_mma_query_kernel<T, kHeadDim>;
+  auto kernel_b = backward_mma_key_kernel<T, kHeadDim>;
+  cudaError_t err = cudaFuncSetAttribute(kernel_a, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(Cfg::kABytes));
+  if (err != cudaSuccess) return err;
+  err = cudaFuncSetAttribute(kernel_b, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kBBytes));
+  if (err != cudaSuccess) return err;
+  const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
+  const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
+  if (blocks_a > 0) {
+    kernel_a<<<static_cast<unsigned>(blocks_a), kBwdMmaThreads, static_cast<size_t>(Cfg::kABytes), stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (blocks_b > 0) {
+    kernel_b<<<static_cast<unsigned>(blocks_b), kBwdMmaThreads, static_cast<size_t>(Cfg::kBBytes), stream>>>(p);
+  }
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn
