@@ -1,8 +1,11 @@
-"""GPU benchmark of relattn's CUDA forward against the ways PyTorch users get the same attention.
+"""GPU benchmark: relattn's CUDA forward and forward+backward vs the ways PyTorch users get that attention.
 
 Shapes (bf16, each without and with causal masking):
     B4·H16·L4096·D128, B2·H16·L8192·D128, B8·H32·L2048·D64, B1·H16·L16384·D128
-Positional schemes and implementations:
+Modes: fwd (the forward alone) and fwdbwd (forward, then torch.autograd.grad of <out, grad_out> with respect
+to q, k, v and every table that requires grad: a training step of the attention).
+
+Positional schemes and implementations, forward:
     plain     relattn (no relative terms) | SDPA, flash backend | SDPA, default backend
     t5        relattn (rel_bias + t5_buckets) | SDPA with the [1,H,L,L] float bias materialised per call
               (causal folded in as -inf) | FlexAttention score_mod (bias-table gather) | naive eager
@@ -12,12 +15,33 @@ Positional schemes and implementations:
     shaw_kv   relattn (rel_k + rel_v + clip_buckets(32)) | relattn_gtab, the same with its per-row tables
               in global memory (RELATTN_CUDA_TABLES=global; a tuning data point); nothing else computes the
               value term without an L×L×D tensor
-TFLOP/s use FlashAttention's convention, 4·B·H·Lq·Lk·D per forward, halved for causal. Peak memory is the
-allocator's high-water mark above the inputs during one call. Each implementation's output is compared
-with the first implementation of its scheme (max_err). Times are medians over repeated calls (CUDA events
-via triton.testing.do_bench when Triton is present).
+Forward+backward (tables float32 and learnable, i.e. requires_grad; Shaw clipping k=64, R = 129):
+    plain     SDPA, flash backend | relattn
+    t5        relattn (learnable rel_bias) | FlexAttention with a score_mod reading the bias table, a parameter
+              that requires grad (bias gradient on) | SDPA with the [1,H,L,L] bias materialised from the
+              table per call, requiring grad | naive eager
+    alibi     relattn | FlexAttention score_mod
+    shaw_k    relattn (learnable rel_k) | FlexAttention gathering scale·Q·Aᴷᵀ computed per call (gradient to
+              q and rel_k through it)
+    shaw_kv   relattn (learnable rel_k and rel_v)
+The targets (of the issue that asked for the backward), reported with ratio columns in bench.md:
+    Shaw K+V (clip k=64) forward+backward >= 0.6x SDPA-flash plain forward+backward on B4·H16·L4096·D128;
+    learnable T5 bias forward+backward >= 1.5x FlexAttention's (speed, every shape measured).
+The materialising baselines are skipped where they would not fit: naive eager and the materialised bias in
+forward+backward when their estimated peak memory exceeds the free GPU memory, or past 2^31 score entries
+(the L16384 shape). Any run that still runs out of memory is recorded as OOM.
 
-    python bench/gpu_bench.py [--out DIR] [--shapes NAME ...] [--schemes ...] [--budget-s 300] [--quick]
+TFLOP/s use FlashAttention's convention, 4·B·H·Lq·Lk·D per forward and 2.5x that per backward (3.5x for
+forward+backward), halved for causal. Peak memory is the allocator's high-water mark above the inputs during
+one call (forward+backward: including the gradients). Each implementation's output (and, in fwdbwd, its
+dq, dk, dv; max_err_table: the table gradient, relative) is compared with the first implementation of its
+scheme (max_err). Times are medians over repeated calls (CUDA events via triton.testing.do_bench when Triton
+is present). Runs go in tiers: the two forward+backward targets on their shape first, then relattn and SDPA
+over every shape, then the materialising baselines, then FlexAttention (whose compiles are the slowest
+part); once --budget-s is spent, the rest are recorded as skipped.
+
+    python bench/gpu_bench.py [--out DIR] [--mode fwd|fwdbwd|both] [--shapes NAME ...] [--schemes ...]
+                              [--budget-s 300] [--quick]
     python bench/gpu_bench.py --dry-run        # the plan only; no GPU needed
 
 Writes DIR/bench.csv (one row per run, with commit, GPU and torch version), DIR/bench.md and DIR/bench.png.
@@ -40,29 +64,54 @@ SHAPES = {  # name: (B, H, L, D)
     "B8_H32_L2048_D64": (8, 32, 2048, 64),
     "B1_H16_L16384_D128": (1, 16, 16384, 128),
 }
-# (scheme, impl) in the order they run; the first impl of a scheme is its reference for max_err.
-RUNS = [
-    ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"),
-    ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
-    ("shaw_kv", "relattn_gtab"),
-    ("t5", "sdpa_bias"), ("t5", "naive"),
-    ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
-]
+MODES = ("fwd", "fwdbwd")
+# mode: [(scheme, impl)] in the order they run; the first impl of a scheme is its reference for max_err.
+RUNS = {
+    "fwd": [
+        ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"),
+        ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
+        ("shaw_kv", "relattn_gtab"),
+        ("t5", "sdpa_bias"), ("t5", "naive"),
+        ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
+    ],
+    "fwdbwd": [
+        ("plain", "sdpa_flash"), ("plain", "relattn"),
+        ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
+        ("t5", "sdpa_bias"), ("t5", "naive"),
+        ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
+    ],
+}
 SCHEMES = ("plain", "t5", "alibi", "shaw_k", "shaw_kv")
+IMPLS = ("relattn", "relattn_gtab", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
 T5 = (32, 128, True)  # num_buckets, max_distance, bidirectional
-CLIP_K = 32           # Shaw clipping distance, R = 65
-CSV_FIELDS = ["commit", "gpu", "torch", "date", "shape", "B", "H", "L", "D", "causal", "scheme", "impl", "ms",
-              "tflops", "peak_mib", "max_err", "status"]
+CLIP_K = {"fwd": 32, "fwdbwd": 64}  # Shaw clipping distance per mode: R = 65 (forward), 129 (fwd+bwd target)
+# The tables that are learnable (requires_grad) in fwdbwd, by scheme; q, k and v always are.
+TRAINED_TABLES = {"plain": (), "t5": ("t5_bias",), "alibi": (), "shaw_k": ("rel_k",), "shaw_kv": ("rel_k", "rel_v")}
+# Targets of the forward+backward issue: (name, text, shape or None for every shape, scheme, impl,
+# baseline scheme, baseline impl, needed speed ratio = baseline ms / relattn ms).
+TARGET_SHAPE = "B4_H16_L4096_D128"
+TARGETS = [
+    ("shaw_kv_vs_sdpa_flash", "Shaw K+V (clip k=64) forward+backward >= 0.6x SDPA-flash plain forward+backward "
+     "on B4·H16·L4096·D128", TARGET_SHAPE, "shaw_kv", "relattn", "plain", "sdpa_flash", 0.6),
+    ("t5_vs_flex", "learnable T5 bias forward+backward >= 1.5x FlexAttention's (bias gradient on)", None, "t5",
+     "relattn", "t5", "flex", 1.5),
+]
+# Runs the targets need, on the target shape: they go first so that a short budget still measures them.
+TARGET_RUNS = [("plain", "sdpa_flash"), ("shaw_kv", "relattn"), ("t5", "relattn"), ("t5", "flex")]
+BWD_FACTOR = 2.5  # FlashAttention's convention: backward FLOPs = 2.5x forward
+CSV_FIELDS = ["commit", "gpu", "torch", "date", "mode", "shape", "B", "H", "L", "D", "causal", "scheme", "impl",
+              "ms", "tflops", "peak_mib", "max_err", "max_err_table", "vs_sdpa_flash", "status"]
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "gpu"), help="output directory")
+    ap.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
+                    help="forward only, forward+backward, or both (default)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
-    ap.add_argument("--impls", nargs="+", default=None,
-                    help="only these implementations (relattn, relattn_gtab, sdpa_flash, sdpa_default, sdpa_bias, "
-                         "flex, naive)")
+    ap.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS),
+                    help="only these implementations (relattn_gtab and sdpa_default run in fwd mode only)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="stop starting new runs after this many seconds (the rest are recorded as skipped)")
@@ -77,24 +126,75 @@ def parse_args(argv=None):
     return args
 
 
+def modes_of(args):
+    return MODES if args.mode == "both" else (args.mode,)
+
+
 def plan(args):
-    """[(shape_name, causal, scheme, impl)] in run order: relattn and SDPA over every shape first, then the
-    materialising baselines, then FlexAttention (whose compiles are the slowest part)."""
+    """[(mode, shape_name, causal, scheme, impl)] in run order: the forward+backward targets on their shape
+    first, then relattn and SDPA over every shape (forward, then forward+backward), then the materialising
+    baselines, then FlexAttention (whose compiles are the slowest part)."""
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
+    modes = modes_of(args)
+
+    def wanted(scheme, impl):
+        return scheme in args.schemes and (args.impls is None or impl in args.impls)
+    out, seen = [], set()
+
+    def add(run):
+        if run not in seen:
+            seen.add(run)
+            out.append(run)
+    if "fwdbwd" in modes and TARGET_SHAPE in args.shapes:
+        for causal in causals:
+            for scheme, impl in TARGET_RUNS:
+                if wanted(scheme, impl):
+                    add(("fwdbwd", TARGET_SHAPE, causal, scheme, impl))
     tiers = ({"relattn", "relattn_gtab", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
-    out = []
     for tier in tiers:
-        for shape in args.shapes:
-            for causal in causals:
-                for scheme, impl in RUNS:
-                    if impl in tier and scheme in args.schemes and (args.impls is None or impl in args.impls):
-                        out.append((shape, causal, scheme, impl))
+        for mode in modes:
+            for shape in args.shapes:
+                for causal in causals:
+                    for scheme, impl in RUNS[mode]:
+                        if impl in tier and wanted(scheme, impl):
+                            add((mode, shape, causal, scheme, impl))
     return out
 
 
-def flops(B, H, L, D, causal):
+def flops(B, H, L, D, causal, mode="fwd"):
+    """FlashAttention's convention: 4·B·H·L²·D per forward, 2.5x that per backward, halved for causal."""
     f = 4.0 * B * H * L * L * D
+    if mode == "fwdbwd":
+        f *= 1.0 + BWD_FACTOR
     return f / 2 if causal else f
+
+
+def estimated_peak_bytes(mode, impl, B, H, L, D):
+    """A rough upper estimate of the peak memory of the materialising baselines (None: O(L·D), no concern).
+    fwdbwd naive: ~6 float32 B·H·L² tensors alive at once (scores, bias sum, masked copy, softmax saved for
+    backward, their gradients); fwdbwd sdpa_bias: the gathered float32 [H,L,L] bias, its masked and bf16
+    copies and their gradients, a [B,H,L,L] bias gradient, the [L,L] int64 bucket ids."""
+    if mode != "fwdbwd":
+        return None
+    if impl == "naive":
+        return 24 * B * H * L * L
+    if impl == "sdpa_bias":
+        return 18 * H * L * L + 2 * B * H * L * L + 9 * L * L
+    return None
+
+
+def skip_reason(mode, impl, B, H, L, D, free_bytes):
+    """Why a run is not attempted (None: run it). Only the materialising baselines in fwdbwd are ever
+    skipped: past 2^31 score entries (their time and memory) or when the estimate exceeds 85% of free memory."""
+    est = estimated_peak_bytes(mode, impl, B, H, L, D)
+    if est is None:
+        return None
+    entries = (B if impl == "naive" else 1) * H * L * L  # of the score (naive) or bias (sdpa_bias) tensors
+    if entries > 2**31:
+        return f"skipped (L={L}: {impl} fwd+bwd materialises {entries / 2**30:.0f}Gi-entry score/bias tensors)"
+    if free_bytes is not None and est > 0.85 * free_bytes:
+        return f"skipped (memory: needs ~{est / 2**30:.0f} GiB, {free_bytes / 2**30:.0f} GiB free)"
+    return None
 
 
 def commit_id():
@@ -131,11 +231,40 @@ class Bench:
         x = dict(q=randn(B, H, L, D), k=randn(B, H, L, D), v=randn(B, H, L, D))
         x["t5_buckets"] = self.relattn.t5_buckets(*T5).cuda()
         x["t5_bias"] = randn(H, T5[0], dtype=torch.float32)
-        x["clip_buckets"] = self.relattn.clip_buckets(CLIP_K).cuda()
-        x["rel_k"] = randn(2 * CLIP_K + 1, D, dtype=torch.float32, std=0.5)
-        x["rel_v"] = randn(2 * CLIP_K + 1, D, dtype=torch.float32, std=0.5)
         x["slopes"] = self.relattn.alibi_slopes(H).cuda()
+        x["grad_out"] = randn(B, H, L, D)
+        for mode, clip_k in CLIP_K.items():  # the Shaw tables of each mode (clipping distance)
+            x[f"clip_k:{mode}"] = clip_k
+            x[f"clip_buckets:{mode}"] = self.relattn.clip_buckets(clip_k).cuda()
+            x[f"rel_k:{mode}"] = randn(2 * clip_k + 1, D, dtype=torch.float32, std=0.5)
+            x[f"rel_v:{mode}"] = randn(2 * clip_k + 1, D, dtype=torch.float32, std=0.5)
         return x
+
+    def for_mode(self, x, mode):
+        """The inputs one mode's implementations read: the Shaw tables of its clipping distance, and in
+        fwdbwd q, k, v and the learnable tables as leaves that require grad (views of the same storage)."""
+        y = {n: t for n, t in x.items() if ":" not in n}
+        for n in ("clip_k", "clip_buckets", "rel_k", "rel_v"):
+            y[n] = x[f"{n}:{mode}"]
+        if mode == "fwdbwd":
+            for n in ("q", "k", "v", "t5_bias", "rel_k", "rel_v"):
+                y[n] = y[n].detach().requires_grad_()
+        return y
+
+    def train_fn(self, scheme, impl, x, causal):
+        """A zero-argument callable computing forward+backward: (out, {name: gradient}) for q, k, v and the
+        scheme's learnable tables (x from for_mode(..., "fwdbwd"))."""
+        torch = self.torch
+        forward = self.fn(scheme, impl, x, causal)
+        names = ["q", "k", "v", *TRAINED_TABLES[scheme]]
+        leaves = [x[n] for n in names]
+        grad_out = x["grad_out"]
+
+        def run():
+            out = forward()
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            return out, dict(zip(names, grads))
+        return run
 
     def pair_buckets(self, table, L):
         torch = self.torch
@@ -146,7 +275,13 @@ class Bench:
 
     def flex(self):
         if self._flex is None:
+            import torch._dynamo
             from torch.nn.attention.flex_attention import flex_attention
+            # One compile per shape, causal, score_mod and grad mode: far more than dynamo's default of 8
+            # recompiles, past which it would silently fall back to eager (unfused) flex_attention.
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
             self._flex = self.torch.compile(flex_attention, dynamic=False)
         return self._flex
 
@@ -162,7 +297,7 @@ class Bench:
         return self._block_masks[L]
 
     def fn(self, scheme, impl, x, causal):
-        """A zero-argument callable computing the forward."""
+        """A zero-argument callable computing the forward (x from for_mode)."""
         torch, F, ra = self.torch, self.F, self.relattn
         q, k, v = x["q"], x["k"], x["v"]
         L, D = q.shape[2], q.shape[3]
@@ -228,7 +363,7 @@ class Bench:
                 return lambda: flex(q, k, v, score_mod=score_mod, block_mask=bm)
             if scheme == "shaw_k":
                 table, rel_k = x["clip_buckets"].int(), x["rel_k"]
-                M = CLIP_K
+                M = x["clip_k"]
 
                 def run():
                     qa = (q.float() @ rel_k.T) * scale  # [B, H, L, R]
@@ -262,23 +397,106 @@ class Bench:
         return times[len(times) // 2]
 
 
-def write_reports(rows, out_dir, meta):
+def _ms(r):
+    try:
+        return float(r["ms"]) if r.get("status") == "ok" else None
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _find(rows, mode, shape, causal, scheme, impl):
+    for r in rows:
+        if (r["mode"], r["shape"], r["causal"], r["scheme"], r["impl"]) == (mode, shape, causal, scheme, impl):
+            return r
+    return None
+
+
+def add_ratios(rows):
+    """vs_sdpa_flash: SDPA-flash plain time / this run's time, same mode, shape and causal (>1: faster)."""
+    for r in rows:
+        base = _find(rows, r["mode"], r["shape"], r["causal"], "plain", "sdpa_flash")
+        ms, base_ms = _ms(r), _ms(base) if base else None
+        r["vs_sdpa_flash"] = f"{base_ms / ms:.2f}" if ms and base_ms else ""
+
+
+def target_results(rows, shapes):
+    """[(target, shape, causal, relattn ms, baseline ms, ratio or None, met or None)] for the fwdbwd targets."""
+    out = []
+    causals = sorted({r["causal"] for r in rows})
+    for target in TARGETS:
+        name, text, tshape, scheme, impl, bscheme, bimpl, need = target
+        for shape in ([tshape] if tshape else shapes):
+            if shape not in shapes:
+                continue
+            for causal in causals:
+                r = _find(rows, "fwdbwd", shape, causal, scheme, impl)
+                b = _find(rows, "fwdbwd", shape, causal, bscheme, bimpl)
+                if r is None and b is None:
+                    continue
+                ms, bms = _ms(r) if r else None, _ms(b) if b else None
+                ratio = bms / ms if ms and bms else None
+                out.append((target, shape, causal, ms, bms, ratio, None if ratio is None else ratio >= need))
+    return out
+
+
+def target_lines(rows, shapes):
+    results = target_results(rows, shapes)
+    lines = ["## Targets (forward+backward, bf16)", ""]
+    for target in TARGETS:
+        name, text, _, scheme, impl, bscheme, bimpl, need = target
+        mine = [t for t in results if t[0] is target]
+        measured = [t for t in mine if t[6] is not None]
+        if not measured:
+            verdict = "not measured"
+        elif all(t[6] for t in measured):
+            verdict = "MET" + ("" if len(measured) == len(mine) else " (where measured)")
+        elif any(t[6] for t in measured):
+            verdict = "partly met"
+        else:
+            verdict = "NOT met"
+        lines.append(f"- **{text}**: {verdict} — ratio = {bimpl} ({bscheme}) ms / {impl} ({scheme}) ms, "
+                     f"needed >= {need}")
+    lines += ["", "| target | shape | causal | relattn ms | baseline | baseline ms | ratio | needed | met |",
+              "|---|---|---|---:|---|---:|---:|---:|---|"]
+    for target, shape, causal, ms, bms, ratio, met in results:
+        name, _, _, _, _, bscheme, bimpl, need = target
+        lines.append(f"| {name} | {shape} | {causal} | {'' if ms is None else f'{ms:.3f}'} | {bimpl} ({bscheme}) | "
+                     f"{'' if bms is None else f'{bms:.3f}'} | {'' if ratio is None else f'{ratio:.2f}x'} | "
+                     f"{need}x | {'-' if met is None else ('yes' if met else 'NO')} |")
+    return lines
+
+
+def write_reports(rows, out_dir, meta, plot=True):
+    """bench.csv and bench.md; bench.png too with `plot` (seconds of matplotlib: not after every run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    add_ratios(rows)
     with open(out_dir / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
-    lines = [f"# relattn GPU benchmark (forward, bf16)", "",
-             f"commit `{meta['commit']}` · GPU {meta['gpu']} · torch {meta['torch']} · {meta['date']}", "",
+    modes = meta["modes"]
+    lines = [f"# relattn GPU benchmark ({' and '.join({'fwd': 'forward', 'fwdbwd': 'forward+backward'}[m] for m in modes)}, bf16)",
+             "", f"commit `{meta['commit']}` · GPU {meta['gpu']} · torch {meta['torch']} · {meta['date']}", "",
              "Shapes: " + ", ".join(f"{n} (B,H,L,D)={SHAPES[n]}" for n in meta["shapes"]), "",
-             "TFLOP/s = 4·B·H·L²·D / time (halved for causal); peak = allocator high-water mark above the inputs.",
-             "", "| shape | causal | scheme | impl | ms | TFLOP/s | peak MiB | max err | status |",
-             "|---|---|---|---|---:|---:|---:|---:|---|"]
+             "TFLOP/s = 4·B·H·L²·D / time for the forward (fwd), 3.5·4·B·H·L²·D / time for forward+backward "
+             "(fwdbwd: backward = 2.5x forward, FlashAttention's convention), halved for causal; peak = allocator "
+             "high-water mark above the inputs (fwdbwd: including the gradients); vs SDPA-flash = SDPA-flash "
+             "plain time / this time (same mode, shape, causal). fwdbwd: gradients of q, k, v and the learnable "
+             f"float32 tables; Shaw clipping k={CLIP_K['fwdbwd']} (fwd: k={CLIP_K['fwd']}). max err: out (and "
+             "dq, dk, dv) against the scheme's first impl; table: the table gradient's relative error.", ""]
+    if "fwdbwd" in modes:
+        lines += target_lines(rows, meta["shapes"]) + [""]
+    lines += ["## All runs", "",
+              "| shape | causal | scheme | impl | mode | ms | TFLOP/s | peak MiB | max err | table err | vs SDPA-flash | status |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['causal']} | {r['scheme']} | {r['impl']} | {r.get('ms', '')} | "
-                     f"{r.get('tflops', '')} | {r.get('peak_mib', '')} | {r.get('max_err', '')} | {r['status']} |")
+        lines.append(f"| {r['shape']} | {r['causal']} | {r['scheme']} | {r['impl']} | {r['mode']} | {r.get('ms', '')} | "
+                     f"{r.get('tflops', '')} | {r.get('peak_mib', '')} | {r.get('max_err', '')} | "
+                     f"{r.get('max_err_table', '')} | {r.get('vs_sdpa_flash', '')} | {r['status']} |")
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
+    if not plot:
+        return
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -286,40 +504,74 @@ def write_reports(rows, out_dir, meta):
         ok = [r for r in rows if r["status"] == "ok"]
         if not ok:
             return
+        panels = [m for m in modes if any(r["mode"] == m for r in ok)]
         configs = sorted({(r["shape"], r["causal"]) for r in ok}, key=lambda c: (meta["shapes"].index(c[0]), c[1]))
-        impls = []
+        n_impls = max(len({(r["impl"], r["scheme"]) for r in ok if r["mode"] == m}) for m in panels)
+        colors = {}  # one colour per impl:scheme across both panels
         for r in ok:
-            key = f"{r['impl']}:{r['scheme']}"
-            if key not in impls:
-                impls.append(key)
-        fig, ax = plt.subplots(figsize=(max(10, 1.2 * len(configs) * len(impls) / 4), 6))
-        width = 0.8 / len(impls)
-        for n, key in enumerate(impls):
-            vals = []
-            for c in configs:
-                match = [r for r in ok if (r["shape"], r["causal"]) == c and f"{r['impl']}:{r['scheme']}" == key]
-                vals.append(float(match[0]["tflops"]) if match else 0.0)
-            ax.bar([i + n * width for i in range(len(configs))], vals, width, label=key, color=plt.cm.tab20(n % 20))
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
-        ax.set_xticklabels([f"{s}\n{'causal' if c else 'full'}" for s, c in configs], fontsize=7)
-        ax.set_ylabel("TFLOP/s (forward, bf16)")
-        ax.set_title(f"relattn vs PyTorch attention · {meta['gpu']} · torch {meta['torch']} · {meta['commit']}",
-                     fontsize=9)
-        ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))
+            colors.setdefault(f"{r['impl']}:{r['scheme']}", plt.cm.tab20(len(colors) % 20))
+        fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                                 figsize=(max(10, 1.2 * len(configs) * n_impls / 4), 6 * len(panels)))
+        for ax, mode in zip(axes[:, 0], panels):
+            mine = [r for r in ok if r["mode"] == mode]
+            impls = []
+            for r in mine:
+                key = f"{r['impl']}:{r['scheme']}"
+                if key not in impls:
+                    impls.append(key)
+            width = 0.8 / len(impls)
+            for n, key in enumerate(impls):
+                vals = []
+                for c in configs:
+                    match = [r for r in mine if (r["shape"], r["causal"]) == c and f"{r['impl']}:{r['scheme']}" == key]
+                    vals.append(float(match[0]["tflops"]) if match else 0.0)
+                ax.bar([i + n * width for i in range(len(configs))], vals, width, label=key, color=colors[key])
+            ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))])
+            ax.set_xticklabels([f"{s}\n{'causal' if c else 'full'}" for s, c in configs], fontsize=7)
+            what = {"fwd": "forward", "fwdbwd": "forward+backward"}[mode]
+            ax.set_ylabel(f"TFLOP/s ({what}, bf16)")
+            ax.set_title(f"{what}: relattn vs PyTorch attention · {meta['gpu']} · torch {meta['torch']} · "
+                         f"{meta['commit']}", fontsize=9)
+            ax.legend(fontsize=7, ncol=6, loc="upper center", bbox_to_anchor=(0.5, -0.12))
         fig.tight_layout()
         fig.savefig(out_dir / "bench.png", dpi=120)
+        plt.close(fig)
     except Exception as e:  # the plot is a convenience; the CSV and table are the record
         print(f"gpu_bench: no plot ({e})", file=sys.stderr)
+
+
+def _max_abs_diff(a, b):
+    return (a.float() - b.float()).abs().max().item()
+
+
+def compare(result, ref, mode):
+    """max_err (out; fwdbwd: and dq, dk, dv) and max_err_table (fwdbwd: table gradients, relative)."""
+    if mode == "fwd":
+        return f"{_max_abs_diff(result, ref):.3g}", ""
+    out, grads = result
+    ref_out, ref_grads = ref
+    err = max([_max_abs_diff(out, ref_out)] + [_max_abs_diff(grads[n], ref_grads[n]) for n in ("q", "k", "v")])
+    tables = [n for n in grads if n not in ("q", "k", "v") and n in ref_grads]
+    terr = ""
+    if tables:
+        terr = f"{max(_max_abs_diff(grads[n], ref_grads[n]) / max(ref_grads[n].abs().max().item(), 1e-30) for n in tables):.3g}"
+    return f"{err:.3g}", terr
 
 
 def main(argv=None):
     args = parse_args(argv)
     runs = plan(args)
     if args.dry_run:
-        print(f"gpu_bench plan: {len(runs)} runs, budget {args.budget_s:.0f}s, out {args.out}")
-        for shape, causal, scheme, impl in runs:
+        print(f"gpu_bench plan: {len(runs)} runs ({', '.join(modes_of(args))}), budget {args.budget_s:.0f}s, "
+              f"out {args.out}")
+        for mode, shape, causal, scheme, impl in runs:
             B, H, L, D = SHAPES[shape]
-            print(f"  {shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} {flops(B, H, L, D, causal) / 1e12:8.2f} TFLOP")
+            why = skip_reason(mode, impl, B, H, L, D, None)
+            print(f"  {mode:6s} {shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} "
+                  f"{flops(B, H, L, D, causal, mode) / 1e12:8.2f} TFLOP" + (f"  [{why}]" if why else ""))
+        print("targets (forward+backward):")
+        for target in TARGETS:
+            print(f"  {target[1]}")
         return 0
 
     import torch
@@ -332,57 +584,79 @@ def main(argv=None):
         return 2
     bench = Bench(args)
     meta = dict(commit=commit_id(), gpu=torch.cuda.get_device_name(), torch=torch.__version__,
-                date=datetime.datetime.now().isoformat(timespec="seconds"), shapes=args.shapes)
+                date=datetime.datetime.now().isoformat(timespec="seconds"), shapes=args.shapes, modes=modes_of(args))
     out_dir = Path(args.out)
     rows = []
-    refs = {}  # (shape, causal, scheme) -> the scheme's first output (kept on the GPU, a few GB at most)
+    refs = {}  # (mode, shape, causal, scheme) -> the scheme's first result, kept on the GPU until its last use
+    last_use = {}
+    for n, (mode, shape, causal, scheme, impl) in enumerate(runs):
+        last_use[(mode, shape, causal, scheme)] = n
     t_start = time.time()
-    current_shape, x = None, None
-    for shape, causal, scheme, impl in runs:
+    last_plot = t_start
+    state = {"shape": None, "x": None}
+
+    def run_one(n, mode, shape, causal, scheme, impl, row):
         B, H, L, D = SHAPES[shape]
-        row = dict(commit=meta["commit"], gpu=meta["gpu"], torch=meta["torch"], date=meta["date"], shape=shape,
-                   B=B, H=H, L=L, D=D, causal=causal, scheme=scheme, impl=impl)
+        key = (mode, shape, causal, scheme)
+        if shape != state["shape"]:  # tiers revisit shapes; the inputs are seeded, so they are the same
+            state["x"] = None
+            torch.cuda.empty_cache()
+            state["x"] = bench.inputs(B, H, L, D)
+            state["shape"] = shape
+        torch.cuda.empty_cache()
+        why = skip_reason(mode, impl, B, H, L, D, torch.cuda.mem_get_info()[0])
+        if why:
+            row["status"] = why
+            return
+        xm = bench.for_mode(state["x"], mode)
+        fn = bench.fn(scheme, impl, xm, causal) if mode == "fwd" else bench.train_fn(scheme, impl, xm, causal)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        torch.cuda.synchronize()
+        row["peak_mib"] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
+        if key in refs:
+            row["max_err"], row["max_err_table"] = compare(result, refs[key], mode)
+        else:
+            refs[key] = result
+            row["max_err"] = "ref"
+        del result
+        ms = bench.time_ms(fn)
+        row["ms"] = f"{ms:.3f}"
+        row["tflops"] = f"{flops(B, H, L, D, causal, mode) / (ms * 1e-3) / 1e12:.1f}"
+        row["status"] = "ok"
+
+    for n, (mode, shape, causal, scheme, impl) in enumerate(runs):
+        B, H, L, D = SHAPES[shape]
+        row = dict(commit=meta["commit"], gpu=meta["gpu"], torch=meta["torch"], date=meta["date"], mode=mode,
+                   shape=shape, B=B, H=H, L=L, D=D, causal=causal, scheme=scheme, impl=impl)
         if time.time() - t_start > args.budget_s:
             row["status"] = "skipped (budget)"
             rows.append(row)
             continue
-        if shape != current_shape:  # tiers revisit shapes; the inputs are seeded, so they are the same
-            x = None
-            torch.cuda.empty_cache()
-            x = bench.inputs(B, H, L, D)
-            current_shape = shape
         try:
-            fn = bench.fn(scheme, impl, x, causal)
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            out = fn()
-            torch.cuda.synchronize()
-            row["peak_mib"] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
-            key = (shape, causal, scheme)
-            if key in refs:
-                row["max_err"] = f"{(out.float() - refs[key].float()).abs().max().item():.3g}"
-            else:
-                refs[key] = out
-                row["max_err"] = "ref"
-            del out
-            ms = bench.time_ms(fn)
-            row["ms"] = f"{ms:.3f}"
-            row["tflops"] = f"{flops(B, H, L, D, causal) / (ms * 1e-3) / 1e12:.1f}"
-            row["status"] = "ok"
+            run_one(n, mode, shape, causal, scheme, impl, row)
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
         except Exception as e:  # one failing baseline must not stop the others
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
         finally:
-            fn = None
+            if last_use.get((mode, shape, causal, scheme)) == n:
+                refs.pop((mode, shape, causal, scheme), None)
             torch.cuda.empty_cache()
         rows.append(row)
-        print(f"{shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} {row.get('ms', '-'):>9s} ms "
+        print(f"{mode:6s} {shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} {row.get('ms', '-'):>9s} ms "
               f"{row.get('tflops', '-'):>7s} TFLOP/s {row.get('peak_mib', '-'):>7s} MiB err {row.get('max_err', '-'):>8s} "
               f"{row['status']}", flush=True)
-        write_reports(rows, out_dir, meta)  # after every run: a timeout still leaves the results so far
+        # After every run, so that a timeout still leaves the results so far (the plot at most once a minute).
+        plot = time.time() - last_plot > 60
+        write_reports(rows, out_dir, meta, plot=plot)
+        if plot:
+            last_plot = time.time()
     write_reports(rows, out_dir, meta)
+    if "fwdbwd" in meta["modes"]:
+        print("\n".join(target_lines(rows, args.shapes)))
     print(f"gpu_bench: wrote {out_dir}/bench.csv, bench.md, bench.png ({time.time() - t_start:.0f}s)")
     return 0
 

@@ -1,12 +1,19 @@
-"""Small CUDA forward calls that touch every code path, for compute-sanitizer (memcheck, racecheck, ...):
+"""Small CUDA forward and backward calls that touch every code path, for compute-sanitizer (memcheck,
+racecheck, ...):
 
-    compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/gpu_sanitize_case.py
+    compute-sanitizer --tool memcheck --error-exitcode 9 python3 bench/gpu_sanitize_case.py [--forward-only]
 
-Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Covered: the tensor-core kernel at
-every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
-distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in
-global scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32,
-float64 and (forced) bf16. Exits non-zero if a result has a NaN.
+Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Forward, covered: the tensor-core
+kernel at every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
+distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in global
+scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32, float64
+and (forced) bf16.
+
+Backward (loss through out and lse; gradients of q, k, v and every table): every bf16 call (tensor-core
+kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
+every float32 call (SIMT kernels, rel_index included) and the SIMT-forced bf16 call; fp16 and float64 run
+the same kernel templates and stay forward-only to keep racecheck short. Rows that see no key get a
+non-zero grad_lse (the op must ignore it). Exits non-zero if a result or a gradient is not finite.
 """
 import os
 import sys
@@ -15,12 +22,18 @@ import torch
 
 import relattn
 
+BACKWARD_DTYPES = (torch.bfloat16, torch.float32)
+_backward = True
+
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
-         alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0):
+         alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
+    if backward is None:
+        backward = dtype in BACKWARD_DTYPES
+    backward = backward and _backward
 
     def randn(*shape, dt=dtype):
         return torch.randn(*shape, generator=g, device="cuda").to(dt)
@@ -45,12 +58,29 @@ def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="
         kw["alibi_slopes"] = relattn.alibi_slopes(H).cuda()
     if padding:
         kw["key_padding_mask"] = torch.rand(B, Lk, generator=g, device="cuda") < 0.3
+        if padding == "last_batch":
+            kw["key_padding_mask"][-1] = True
+    leaves = [t for t in (q, k, v, kw.get("rel_k"), kw.get("rel_v"), kw.get("rel_bias")) if t is not None]
+    if backward:
+        for t in leaves:
+            t.requires_grad_()
     out, lse = relattn.attention(q, k, v, **kw, return_lse=True)
     torch.cuda.synchronize()
     assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "NaN in the result"
+    if backward:
+        grad_out = randn(*out.shape)
+        grad_lse = torch.randn(lse.shape, generator=g, device="cuda", dtype=lse.dtype)
+        grads = torch.autograd.grad([out, lse], leaves, [grad_out, grad_lse])
+        torch.cuda.synchronize()
+        names = ["q", "k", "v"] + [n for n in ("rel_k", "rel_v", "rel_bias") if n in kw]
+        for name, t in zip(names, grads):
+            assert torch.isfinite(t).all(), f"non-finite d{name} ({dtype}, D={D}, Dv={Dv})"
 
 
-def main():
+def main(argv=None):
+    global _backward
+    argv = sys.argv[1:] if argv is None else argv
+    _backward = "--forward-only" not in argv
     assert torch.cuda.is_available() and relattn.cuda_kernels_built()
     for dtype in (torch.bfloat16, torch.float16):
         for D in (32, 64, 96, 128, 256):
@@ -58,6 +88,8 @@ def main():
         call(dtype, D=40, Dv=24, positions="index", R=7, Hk=1, H=2, padding=True)
         call(dtype, D=64, Lq=33, Lk=200, R=7, q_offset=-50)  # single-bucket rows on both sides
         call(dtype, D=64, misaligned=True, causal=True)
+    # Rows that see no key (causal with a negative offset, and a fully padded batch): zero gradients, never NaN.
+    call(torch.bfloat16, B=2, D=64, Lq=40, Lk=50, causal=True, q_offset=-8, padding="last_batch", Hk=1)
     os.environ["RELATTN_CUDA_TABLES"] = "global"
     call(torch.bfloat16, D=128, R=301, Lq=70, Lk=130, causal=True)
     call(torch.float32, D=64, R=301, Lq=20, Lk=40, alibi=True)
@@ -65,10 +97,12 @@ def main():
     for dtype in (torch.float32, torch.float64):
         call(dtype, D=40, Dv=72, alibi=True, padding=True, causal=True, q_offset=5, Hk=1)
         call(dtype, D=64, positions="index", R=5)
+    call(torch.float32, D=256, Dv=200, Lq=20, Lk=33, R=5, causal=True)  # SIMT at the largest head dim
     os.environ["RELATTN_CUDA_KERNEL"] = "simt"
     call(torch.bfloat16, D=48, Lq=20, Lk=40, alibi=True, padding=True)
+    call(torch.bfloat16, D=256, Lq=20, Lk=40, positions="index", R=5, Hk=1)  # SIMT-forced hd=256, rel_index, MQA
     del os.environ["RELATTN_CUDA_KERNEL"]
-    print("gpu_sanitize_case: all calls finished")
+    print(f"gpu_sanitize_case: all calls finished ({'forward and backward' if _backward else 'forward only'})")
     return 0
 
 

@@ -302,6 +302,50 @@ bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor
   return has_glse;
 }
 
+BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
+                                 const OptTensor& grad_lse) {
+  const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
+  const auto acc_opts = a.q.options().dtype(a.acc_dtype);
+  const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
+  const bool has_doa = a.rel_v.defined();
+  const std::vector<int64_t> rows{a.B, a.H, a.Lq}, row_tables{a.B, a.H, a.Lq, a.R};
+  BackwardBuffers s;
+  s.grad_out = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
+  s.lse = lse.to(acc_opts).contiguous();
+  if (has_glse) s.grad_lse = grad_lse->to(acc_opts).contiguous();
+  s.delta = at::empty(rows, acc_opts);
+  if (has_tab) {
+    s.row_tab = at::empty(row_tables, acc_opts);
+    s.ds_sum = at::zeros(row_tables, acc_opts);
+  }
+  if (has_doa) {
+    s.row_doa = at::empty(row_tables, acc_opts);
+    s.p_sum = at::zeros(row_tables, acc_opts);
+  }
+  return s;
+}
+
+void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Tensor& dq, const Tensor& dk,
+                          const Tensor& dv, kernels::AttentionBwdParams& p) {
+  fill_params(a, p);
+  p.grad_out = s.grad_out.data_ptr();
+  for (int d = 0; d < 3; ++d) p.grad_out_stride[d] = s.grad_out.stride(d);
+  p.lse = s.lse.data_ptr();
+  p.grad_lse = s.grad_lse.defined() ? s.grad_lse.data_ptr() : nullptr;
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = s.delta.data_ptr();
+  if (s.row_tab.defined()) {
+    p.row_tab = s.row_tab.data_ptr();
+    p.ds_sum = s.ds_sum.data_ptr();
+  }
+  if (s.row_doa.defined()) {
+    p.row_doa = s.row_doa.data_ptr();
+    p.p_sum = s.p_sum.data_ptr();
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& ds_sum, const Tensor& p_sum,
                                                const Tensor& grad_out, const OptTensor& rel_k, const OptTensor& rel_v,
                                                const OptTensor& rel_bias) {

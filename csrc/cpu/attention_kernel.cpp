@@ -549,48 +549,21 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       bool causal, std::optional<double> scale, int64_t q_offset) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset);
-  const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
-  const auto acc_opts = q.options().dtype(a.acc_dtype);
+  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
   Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());
   Tensor dv = at::zeros({a.B, a.Hk, a.Lk, a.Dv}, q.options());
-  const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
-  const int64_t rows = a.B * a.H * a.Lq;
-  Tensor delta = at::empty({a.B, a.H, a.Lq}, acc_opts);
-  Tensor row_tab = has_tab ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor ds_sum = has_tab ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor row_doa = a.rel_v.defined() ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor p_sum = a.rel_v.defined() ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
 
-  if (rows > 0) {
-    Tensor go = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
-    Tensor lse_acc = lse.to(acc_opts).contiguous();
-    Tensor glse_acc = has_glse ? grad_lse->to(acc_opts).contiguous() : Tensor();
+  if (a.B * a.H * a.Lq > 0) {
     kernels::AttentionBwdParams p;
-    fill_params(a, p);
-    p.grad_out = go.data_ptr();
-    for (int d = 0; d < 3; ++d) p.grad_out_stride[d] = go.stride(d);
-    p.lse = lse_acc.data_ptr();
-    p.grad_lse = has_glse ? glse_acc.data_ptr() : nullptr;
-    p.dq = dq.data_ptr();
-    p.dk = dk.data_ptr();
-    p.dv = dv.data_ptr();
-    p.delta = delta.data_ptr();
-    if (has_tab) {
-      p.row_tab = row_tab.data_ptr();
-      p.ds_sum = ds_sum.data_ptr();
-    }
-    if (a.rel_v.defined()) {
-      p.row_doa = row_doa.data_ptr();
-      p.p_sum = p_sum.data_ptr();
-    }
+    fill_backward_params(a, s, dq, dk, dv, p);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       cpu::backward<scalar_t, acc_t>(p);
     });
   }
 
-  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, ds_sum, p_sum, grad_out, rel_k, rel_v, rel_bias);
+  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, s.ds_sum, s.p_sum, grad_out, rel_k, rel_v, rel_bias);
   return {dq, dk, dv, d_rel_k, d_rel_v, d_rel_bias};
 }
 

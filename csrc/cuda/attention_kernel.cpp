@@ -211,15 +211,12 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        bool causal, std::optional<double> scale, int64_t q_offset) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset);
-  const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
+  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
   c10::cuda::CUDAGuard device_guard(q.device());
   const at::ScalarType dtype = q.scalar_type();
-  const auto acc_opts = q.options().dtype(a.acc_dtype);
-  const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
-  const bool has_doa = a.rel_v.defined();
   const bool empty = a.B * a.H * a.Lq == 0 || a.B * a.Hk * a.Lk == 0;
 
   // Every element of dq, dk, dv is written by the kernels (rows and keys nobody sees get zeros).
@@ -227,38 +224,14 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
     return empty ? at::zeros({a.B, heads, len, d}, q.options()) : at::empty({a.B, heads, len, d}, q.options());
   };
   Tensor dq = grad(a.H, a.Lq, a.D), dk = grad(a.Hk, a.Lk, a.D), dv = grad(a.Hk, a.Lk, a.Dv);
-  Tensor delta = at::empty({a.B, a.H, a.Lq}, acc_opts);
-  Tensor row_tab = has_tab ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor ds_sum = has_tab ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor row_doa = has_doa ? at::empty({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
-  Tensor p_sum = has_doa ? at::zeros({a.B, a.H, a.Lq, a.R}, acc_opts) : Tensor();
 
   if (!empty) {
-    Tensor go = grad_out.stride(-1) == 1 || a.Dv <= 1 ? grad_out : grad_out.contiguous();
-    Tensor lse_acc = lse.to(acc_opts).contiguous();
-    Tensor glse_acc = has_glse ? grad_lse->to(acc_opts).contiguous() : Tensor();
     kc::BackwardParams p;
-    fill_params(a, p);
-    p.grad_out = go.data_ptr();
-    for (int d = 0; d < 3; ++d) p.grad_out_stride[d] = go.stride(d);
-    p.lse = lse_acc.data_ptr();
-    p.grad_lse = has_glse ? glse_acc.data_ptr() : nullptr;
-    p.dq = dq.data_ptr();
-    p.dk = dk.data_ptr();
-    p.dv = dv.data_ptr();
-    p.delta = delta.data_ptr();
-    if (has_tab) {
-      p.row_tab = row_tab.data_ptr();
-      p.ds_sum = ds_sum.data_ptr();
-    }
-    if (has_doa) {
-      p.row_doa = row_doa.data_ptr();
-      p.p_sum = p_sum.data_ptr();
-    }
+    fill_backward_params(a, s, dq, dk, dv, p);
     p.q_vec_ok = rows_16b_aligned(a.q);
     p.k_vec_ok = rows_16b_aligned(a.k);
     p.v_vec_ok = rows_16b_aligned(a.v);
-    p.do_vec_ok = rows_16b_aligned(go);
+    p.do_vec_ok = rows_16b_aligned(s.grad_out);
 
     // Launch sizes: one CTA per query tile of 16 (SIMT) or 64 (tensor cores) rows, and per key tile.
     const int64_t grid_rows = std::max((a.Lq + 15) / 16 * a.B * a.H, (a.Lk + 15) / 16 * a.B * a.Hk);
@@ -303,7 +276,7 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, ds_sum, p_sum, grad_out, rel_k, rel_v, rel_bias);
+  auto [d_rel_k, d_rel_v, d_rel_bias] = table_grads(a, s.ds_sum, s.p_sum, grad_out, rel_k, rel_v, rel_bias);
   return {dq, dk, dv, d_rel_k, d_rel_v, d_rel_bias};
 }
 

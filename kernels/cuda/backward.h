@@ -115,8 +115,7 @@ struct BwdSimtConfig {
 };
 
 // ---- launchers (explicit instantiations in kernels/cuda/instantiations) ---------------------------------
-// Each launches kernel A then kernel B on `stream`; they return the error of cudaFuncSetAttribute or of
-// the first launch, if any (the caller checks the last launch too).
+// Each launches kernel A then kernel B on `stream` and returns the first error, if any.
 
 template <typename T, int kHeadDim>
 cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream);

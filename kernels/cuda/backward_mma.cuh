@@ -146,24 +146,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const int64_t n_tiles = (j_end + BN - 1) / BN;
 
   auto issue_tile = [&](int64_t t, int stage) {
-    const int64_t j0 = t * BN;
-    const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
-    load_tile<T, BN, kHeadDim, kThreads>(sK + stage * BN * LD, kg + j0 * p.k_stride[2], p.k_stride[2], cols, D,
-                                         p.k_vec_ok, tid);
-    load_tile<T, BN, kHeadDim, kThreads>(sV + stage * BN * LD, vg + j0 * p.v_stride[2], p.v_stride[2], cols, Dv,
-                                         p.v_vec_ok, tid);
-    if (kpm) {
-      for (int c = tid; c < BN; c += kThreads)
-        sKpm[stage * BN + c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
-    }
-    if (use_window) {
-      const int64_t d0 = j0 - (i0 + BM - 1 + p.q_offset);
-      for (int w = tid; w < BM + BN - 1; w += kThreads) {
-        int64_t d = d0 + w;
-        d = d < -M ? -M : (d > M ? M : d);
-        sWin[stage * kWin + w] = p.buckets[d + M];
-      }
-    }
+    stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
+                                                  sWin + stage * kWin, kg, vg, kpm, i0, t * BN, tid);
   };
 
   load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
@@ -598,24 +582,12 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
 template <typename T, int kHeadDim>
 cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdMmaConfig<kHeadDim>;
-  auto kernel_a = backward_mma_query_kernel<T, kHeadDim>;
-  auto kernel_b = backward_mma_key_kernel<T, kHeadDim>;
-  cudaError_t err = cudaFuncSetAttribute(kernel_a, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(Cfg::kABytes));
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel_b, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(Cfg::kBBytes));
-  if (err != cudaSuccess) return err;
   const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
-  if (blocks_a > 0) {
-    kernel_a<<<static_cast<unsigned>(blocks_a), kBwdMmaThreads, static_cast<size_t>(Cfg::kABytes), stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (blocks_b > 0) {
-    kernel_b<<<static_cast<unsigned>(blocks_b), kBwdMmaThreads, static_cast<size_t>(Cfg::kBBytes), stream>>>(p);
-  }
-  return cudaSuccess;
+  cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim>, blocks_a, kBwdMmaThreads, Cfg::kABytes,
+                                  stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(backward_mma_key_kernel<T, kHeadDim>, blocks_b, kBwdMmaThreads, Cfg::kBBytes, stream, p);
 }
 
 }  // namespace cuda

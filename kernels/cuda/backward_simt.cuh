@@ -371,26 +371,12 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
 template <typename T>
 cudaError_t launch_backward_simt(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdSimtConfig<bwd_simt_acc_t<T>>;
-  auto kernel_a = backward_simt_query_kernel<T>;
-  auto kernel_b = backward_simt_key_kernel<T>;
-  const int64_t smem_a = Cfg::a_bytes(p.D, p.Dv);
-  const int64_t smem_b = Cfg::b_bytes(p.D, p.Dv);
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel_a, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_a));
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(kernel_b, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_b));
-  if (err != cudaSuccess) return err;
   const int64_t blocks_a = (p.Lq + Cfg::kRowsA - 1) / Cfg::kRowsA * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kKeysB - 1) / Cfg::kKeysB * p.B * p.Hk;
-  if (blocks_a > 0) {
-    kernel_a<<<static_cast<unsigned>(blocks_a), kBwdSimtThreads, static_cast<size_t>(smem_a), stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  if (blocks_b > 0) {
-    kernel_b<<<static_cast<unsigned>(blocks_b), kBwdSimtThreads, static_cast<size_t>(smem_b), stream>>>(p);
-  }
-  return cudaSuccess;
+  cudaError_t err = launch_kernel(backward_simt_query_kernel<T>, blocks_a, kBwdSimtThreads,
+                                  Cfg::a_bytes(p.D, p.Dv), stream, p);
+  if (err != cudaSuccess) return err;
+  return launch_kernel(backward_simt_key_kernel<T>, blocks_b, kBwdSimtThreads, Cfg::b_bytes(p.D, p.Dv), stream, p);
 }
 
 }  // namespace cuda

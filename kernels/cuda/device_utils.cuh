@@ -6,6 +6,7 @@
 #include <type_traits>
 
 #include <cuda_bf16.h>
+#include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
 namespace relattn {
@@ -169,6 +170,21 @@ RELATTN_DEVICE acc_t warp_sum(acc_t x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
+}
+
+// ---- launches ----------------------------------------------------------------------------------------
+
+// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes and launches it on `blocks` CTAs of
+// `threads` on `stream` (nothing for an empty grid). Returns the first error, if any.
+template <typename Kernel, typename Params>
+cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
+                          const Params& p) {
+  if (blocks <= 0) return cudaSuccess;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(p);
+  return cudaGetLastError();
 }
 
 RELATTN_DEVICE float exp_acc(float x) { return expf(x); }

@@ -110,7 +110,7 @@ inline int64_t table_ld_for(int64_t R) { return R % 2 == 1 ? R : R + 1; }
 
 // ---- launchers (one explicit instantiation per dtype and head dim, in kernels/cuda/instantiations) ----
 // `smem_bytes` is the dynamic shared memory of the launch (base + tables when they live there). They
-// return the error of cudaFuncSetAttribute, if any; the launch itself is checked by the caller.
+// return the first error of the launch, if any.
 
 template <typename T, int kHeadDim>
 cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream);

@@ -87,6 +87,34 @@ RELATTN_DEVICE void load_table_tile(T* s, const float* table, int64_t r0, int64_
   }
 }
 
+// Stages the key tile [j0, j0 + kBlockN) of a query tile starting at row i0 (kBlockM rows) into one
+// shared-memory stage: K and V rows (cp.async where allowed), the padding bytes (1 beyond Lk) and the window
+// of bucket ids, entry w holding the bucket of distance j0 - (i0 + kBlockM-1 + q_offset) + w. `kg`/`vg`
+// point at key 0 of this (b, kv head); `kpm` at this batch's mask row or null. The metadata is written
+// with plain stores; like the cp.async data, it is read only after the next __syncthreads.
+template <typename T, int kBlockM, int kBlockN, int kHeadDim, int kThreads, typename Params>
+RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm, int32_t* sWin, const T* kg,
+                                   const T* vg, const uint8_t* kpm, int64_t i0, int64_t j0, int tid) {
+  const int cols = static_cast<int>(p.Lk - j0 < kBlockN ? p.Lk - j0 : kBlockN);
+  load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
+                                            static_cast<int>(p.D), p.k_vec_ok, tid);
+  load_tile<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], cols,
+                                            static_cast<int>(p.Dv), p.v_vec_ok, tid);
+  if (kpm) {
+    for (int c = tid; c < kBlockN; c += kThreads)
+      sKpm[c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
+  }
+  if (p.buckets) {
+    const int64_t M = p.max_distance;
+    const int64_t d0 = j0 - (i0 + kBlockM - 1 + p.q_offset);
+    for (int w = tid; w < kBlockM + kBlockN - 1; w += kThreads) {
+      int64_t d = d0 + w;
+      d = d < -M ? -M : (d > M ? M : d);
+      sWin[w] = p.buckets[d + M];
+    }
+  }
+}
+
 // acc[kMT][kNT] = Q_warp (kMT*16 x kHeadDim, from shared) · B (kNT*8 x kHeadDim rows, from shared)ᵀ.
 template <typename T, int kHeadDim, int kMT, int kNT>
 RELATTN_DEVICE void gemm_qk(float (&acc)[kMT][kNT][4], const T* sQ_warp, const T* sB, int lane) {
@@ -204,28 +232,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   }
   const int64_t n_tiles = (j_end + BN - 1) / BN;
 
-  // Stage a K/V tile and its per-tile metadata (padding bytes, bucket window). Metadata is written with
-  // plain stores; like the cp.async data it is read only after the next __syncthreads.
   auto issue_tile = [&](int64_t t, int stage) {
-    const int64_t j0 = t * BN;
-    const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
-    load_tile<T, BN, kHeadDim, kThreads>(sK + stage * BN * LD, kg + j0 * p.k_stride[2], p.k_stride[2], cols, D,
-                                         p.k_vec_ok, tid);
-    load_tile<T, BN, kHeadDim, kThreads>(sV + stage * BN * LD, vg + j0 * p.v_stride[2], p.v_stride[2], cols, Dv,
-                                         p.v_vec_ok, tid);
-    if (kpm) {
-      for (int c = tid; c < BN; c += kThreads)
-        sKpm[stage * BN + c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
-    }
-    if (use_window) {
-      // window entry w holds the bucket of distance d = j0 - (i0 + BM-1 + q_offset) + w
-      const int64_t d0 = j0 - (i0 + BM - 1 + p.q_offset);
-      for (int w = tid; w < BM + BN - 1; w += kThreads) {
-        int64_t d = d0 + w;
-        d = d < -M ? -M : (d > M ? M : d);
-        sWin[stage * kWin + w] = p.buckets[d + M];
-      }
-    }
+    stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
+                                                  sWin + stage * kWin, kg, vg, kpm, i0, t * BN, tid);
   };
 
   load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
@@ -549,15 +558,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
 template <typename T, int kHeadDim>
 cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
-  using Cfg = MmaConfig<kHeadDim>;
-  auto kernel = forward_mma_kernel<T, kHeadDim>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return err;
-  const int64_t nqb = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM;
-  const int64_t blocks = nqb * p.B * p.H;
-  kernel<<<static_cast<unsigned>(blocks), kMmaThreads, static_cast<size_t>(smem_bytes), stream>>>(p);
-  return cudaSuccess;
+  const int64_t blocks = (p.Lq + MmaConfig<kHeadDim>::kBlockM - 1) / MmaConfig<kHeadDim>::kBlockM * p.B * p.H;
+  return launch_kernel(forward_mma_kernel<T, kHeadDim>, blocks, kMmaThreads, smem_bytes, stream, p);
 }
 
 }  // namespace cuda

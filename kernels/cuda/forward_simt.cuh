@@ -230,14 +230,8 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
 template <typename T>
 cudaError_t launch_forward_simt(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
   using Cfg = SimtConfig<simt_acc_t<T>>;
-  auto kernel = forward_simt_kernel<T>;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) return err;
-  const int64_t nqb = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM;
-  const int64_t blocks = nqb * p.B * p.H;
-  kernel<<<static_cast<unsigned>(blocks), kSimtThreads, static_cast<size_t>(smem_bytes), stream>>>(p);
-  return cudaSuccess;
+  const int64_t blocks = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
+  return launch_kernel(forward_simt_kernel<T>, blocks, kSimtThreads, smem_bytes, stream, p);
 }
 
 }  // namespace cuda

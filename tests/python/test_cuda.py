@@ -1,4 +1,4 @@
-"""The CUDA forward against the naive float64 reference (SPEC §6) and against the CPU op.
+"""The CUDA forward and backward against the naive float64 reference (SPEC §6) and against the CPU op.
 
 Every test here is skipped when torch sees no GPU or relattn was built without its CUDA kernels. The
 cases are those of test_accuracy.py plus shapes that matter to the CUDA kernels only: every padded head
@@ -7,17 +7,27 @@ tile sizes (1, 63, 65, 127, 129, 257), long rows that reach the single-bucket pa
 per-row tables in global scratch), strided and misaligned inputs, and index spaces past 2^31.
 Environment switches of the binding (csrc/cuda/attention_kernel.cpp) force the other code paths:
 RELATTN_CUDA_TABLES=global|smem and RELATTN_CUDA_KERNEL=simt.
+
+The backward is held to the same rule for every gradient (dq, dk, dv, d rel_k, d rel_v, d rel_bias), on the
+same cases, and must be deterministic: bit-identical gradients run to run, with or without
+torch.use_deterministic_algorithms(True) (no atomics across blocks).
 """
 import math
+import os
 
 import pytest
 import torch
 
 import relattn
-from cases import ALL_DTYPES, HALF_DTYPES, Case, Inputs, assert_accurate, case_id, make_inputs, \
-    max_abs_error, error_bound
+from cases import ALL_DTYPES, HALF_DTYPES, Case, Inputs, assert_accurate, case_id, gradients, make_grad_outputs, \
+    make_inputs, max_abs_error, error_bound, run_op, run_reference
 from reference import reference_attention
 from test_accuracy import CASES as ACCURACY_CASES
+from test_empty import CASES as EMPTY_CASES
+
+# Older torch builds refuse cuBLAS calls under torch.use_deterministic_algorithms(True) unless this is set
+# before the first cuBLAS call (the float64 reference uses cuBLAS); harmless where it is not needed.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 HAS_CUDA = torch.cuda.is_available() and relattn.cuda_kernels_built()
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels")
@@ -50,8 +60,12 @@ CUDA_CASES = [
          B=1, H=2, Lq=200, Lk=333, D=64),
     Case("many_buckets_index2d", rel_k="shared", rel_v="shared", rel_bias=True, positions="index2d",
          R_index=700, B=1, H=2, Lq=70, Lk=90, D=32),
-    Case("q_offset_far_negative", rel_bias=True, rel_v="shared", positions="clip", M=4, alibi=True,
-         q_offset=-1000, Lq=65, Lk=65, D=32),
+    # Every pair lies beyond -M: one bucket per row. A key-side table (rel_k, rel_bias) would then have an
+    # exactly-zero gradient (a per-row constant leaves softmax unchanged) that float32 can only approximate
+    # as rounding noise (~1e-5, the naive float32 formula too), so the case carries rel_v alone; the
+    # single-bucket rows of the key-side tables are covered by beyond_M_both_sides.
+    Case("q_offset_far_negative", rel_v="shared", positions="clip", M=4, alibi=True, q_offset=-100, Lq=65,
+         Lk=65, D=32),
     Case("causal_no_keys_for_many_rows", rel_k="shared", rel_v="shared", positions="clip", M=4, causal=True,
          q_offset=-100, Lq=150, Lk=60, D=64),
 ]
@@ -60,8 +74,11 @@ ALL_CASES = ACCURACY_CASES + CUDA_CASES
 
 
 def to_device(inp, device):
+    """A copy on `device`; tensors that require grad become leaves there (so gradients can be taken)."""
     def mv(t):
-        return t.to(device) if isinstance(t, torch.Tensor) else t
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.detach().to(device).requires_grad_(t.requires_grad)
     return Inputs(mv(inp.q), mv(inp.k), mv(inp.v), {n: mv(t) for n, t in inp.kwargs.items()})
 
 
@@ -171,13 +188,6 @@ def test_cuda_head_dim_limit_is_a_clear_error():
         relattn.attention(q, q, q)
 
 
-def test_cuda_backward_is_not_implemented():
-    q = torch.randn(1, 2, 8, 32, device="cuda", requires_grad=True)
-    out = relattn.attention(q, q, q)
-    with pytest.raises(NotImplementedError, match="CUDA backward is not implemented"):
-        out.sum().backward()
-
-
 def test_cuda_runs_on_the_current_stream():
     """Inputs written on a side stream after a delay: a kernel on any other stream would read zeros."""
     g = torch.Generator().manual_seed(5)
@@ -203,6 +213,241 @@ def test_cuda_second_device():
     assert out.device == q.device
     ref, _ = reference_attention(q, q, q, causal=True, dtype=torch.float64)
     assert (out.double() - ref).abs().max().item() < 2e-2
+
+
+# ---- backward ---------------------------------------------------------------------------------------------
+
+def _cuda(t):
+    return None if t is None else t.cuda()
+
+
+def _rule_dtype(dtype, grad):
+    """The dtype whose SPEC §6 rule holds `grad`: a float32 table beside float64 inputs is a float32 result."""
+    return torch.float32 if dtype == torch.float64 and grad.dtype == torch.float32 else dtype
+
+
+def check_gradients(inp_cpu, inp, dtype, grad_out, grad_lse, *, compare_cpu=True, lse_only=False):
+    """Every CUDA gradient of <out, grad_out> + <lse, grad_lse> within SPEC §6 of the float64 reference, and
+    within twice that of the CPU op's. `inp_cpu`: the inputs on the CPU (leaves that require grad); `inp`:
+    the same values on the GPU (any layout). `grad_out`, `grad_lse`: CPU tensors. With `lse_only` the op's
+    `out` is left out of the graph (autograd hands the backward an undefined grad_out) and grad_out must be
+    zero. Returns the CUDA gradients."""
+    out, lse = run(inp)
+    leaves = inp.leaves()
+    if lse_only:
+        assert not grad_out.any()
+        names = list(leaves)
+        got = dict(zip(names, torch.autograd.grad([lse], [leaves[n] for n in names], [grad_lse.cuda().to(lse.dtype)],
+                                                  allow_unused=True)))
+    else:
+        got = gradients(out, lse, leaves, grad_out.cuda(), _cuda(grad_lse))
+    torch.cuda.synchronize()
+
+    ref_inp = inp.as_dtype(torch.float64)  # on the GPU: the float64 reference is the slow part on the CPU
+    ref = gradients(*run_reference(ref_inp, torch.float64), ref_inp.leaves(), grad_out.cuda(), _cuda(grad_lse))
+    naive = dict.fromkeys(ref)
+    if dtype in HALF_DTYPES:  # on the CPU, exactly as test_accuracy.py evaluates the SPEC §6 rule
+        low = inp_cpu.as_dtype(dtype)
+        naive = gradients(*run_reference(low, dtype), low.leaves(), grad_out, grad_lse)
+    cpu = gradients(*run_op(inp_cpu), inp_cpu.leaves(), grad_out, grad_lse) if compare_cpu else None
+
+    for name, leaf in leaves.items():
+        g = got[name]
+        if g is None and lse_only and name == "rel_v":  # rel_v does not reach lse
+            g = torch.zeros_like(leaf)
+        assert g is not None, f"no gradient for {name}"
+        assert g.is_cuda and g.device == leaf.device, f"d{name} is on {g.device}"
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, \
+            f"d{name}: {g.dtype} {tuple(g.shape)} for a {leaf.dtype} {tuple(leaf.shape)} input"
+        g_c, r_c = g.cpu(), ref[name].cpu()
+        assert torch.isfinite(g_c).all(), f"d{name} has non-finite entries"
+        assert_accurate(f"d{name}", g_c, r_c, dtype, naive[name])
+        if cpu is not None:
+            bound = 2 * error_bound(_rule_dtype(dtype, g_c), r_c, naive[name])
+            err = max_abs_error(g_c, cpu[name])
+            assert err <= bound, f"d{name}: CUDA vs CPU op differ by {err:.3g} > {bound:.3g}"
+    return got
+
+
+def check_case_gradients(case, dtype, *, compare_cpu=True):
+    inp_cpu = make_inputs(case, dtype, requires_grad=True)
+    grad_out, grad_lse = make_grad_outputs(case, dtype)
+    return check_gradients(inp_cpu, to_device(inp_cpu, "cuda"), dtype, grad_out, grad_lse, compare_cpu=compare_cpu)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", ALL_CASES, ids=case_id)
+def test_cuda_gradients_match_reference_and_cpu(case, dtype):
+    check_case_gradients(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("case", PATH_CASES, ids=case_id)
+def test_cuda_gradients_simt_kernel(case, dtype, monkeypatch):
+    """RELATTN_CUDA_KERNEL=simt: fp16/bf16 forward and backward through the SIMT kernels."""
+    monkeypatch.setenv("RELATTN_CUDA_KERNEL", "simt")
+    check_case_gradients(case, dtype, compare_cpu=False)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)
+def test_cuda_strided_and_misaligned_inputs_backward(dtype):
+    """Gradients of strided, misaligned views (element-wise loads in the backward kernels too)."""
+    g = torch.Generator().manual_seed(3)
+    B, H, L, D = 2, 4, 77, 64
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+    q_base, k_base, v_base = rnd(B, L, H, D + 1), rnd(B, L, H, D), rnd(B, H, D, L)
+    tables = dict(rel_k=rnd(9, D) * 0.5, rel_v=rnd(9, D) * 0.5, rel_bias=rnd(H, 9))
+    flags = dict(buckets=relattn.clip_buckets(4), causal=True)
+
+    def views(qb, kb, vb):  # q: strided rows, misaligned start; k: heads transposed; v: last dim stride L
+        return qb[..., 1:].transpose(1, 2), kb.transpose(1, 2), vb.transpose(2, 3)
+    q, k, v = (t.requires_grad_() for t in views(q_base.cuda(), k_base.cuda(), v_base.cuda()))
+    assert q.stride(-1) == 1 and v.stride(-1) != 1
+    inp = Inputs(q, k, v, {**{n: t.cuda().requires_grad_() for n, t in tables.items()},
+                           **{n: _cuda(t) if isinstance(t, torch.Tensor) else t for n, t in flags.items()}})
+    qc, kc, vc = (t.contiguous().requires_grad_() for t in views(q_base, k_base, v_base))
+    inp_cpu = Inputs(qc, kc, vc, {**{n: t.clone().requires_grad_() for n, t in tables.items()}, **flags})
+    grad_out = torch.randn(B, H, L, D, generator=g, dtype=torch.float64).to(dtype)
+    grad_lse = torch.randn(B, H, L, generator=g)
+    check_gradients(inp_cpu, inp, dtype, grad_out, grad_lse)
+
+
+# Rows that see no key: the last batch is all padding (and batch 0 has ~30% padding keys); causal with
+# q_offset=-20 leaves rows 0..19 of every batch without keys. grad_lse is non-zero on those rows too: the op
+# must ignore it (lse is -inf there).
+MASKED_ROWS_CASE = Case("cuda_fully_masked_rows", rel_k="shared", rel_v="per_head", rel_bias=True, positions="clip",
+                        M=4, alibi=True, padding="last_batch", causal=True, q_offset=-20, H=4, Hk=2, Lq=70, Lk=90,
+                        D=64, grad_lse=True, table_dtype=F32)
+
+
+@pytest.mark.parametrize("kernel,dtype", [("default", d) for d in ALL_DTYPES] + [("simt", d) for d in HALF_DTYPES],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_cuda_fully_masked_rows_backward(kernel, dtype, monkeypatch):
+    if kernel == "simt":  # float32/float64 always run the SIMT kernels
+        monkeypatch.setenv("RELATTN_CUDA_KERNEL", "simt")
+    case = MASKED_ROWS_CASE
+    inp_cpu = make_inputs(case, dtype, requires_grad=True)
+    inp = to_device(inp_cpu, "cuda")
+    grad_out, grad_lse = make_grad_outputs(case, dtype)
+    out, lse = run(inp)
+    dead = torch.isinf(lse).cpu()  # [B, H, Lq]: rows with no key
+    assert dead[-1].all() and dead[:, :, :20].all() and not dead.all(), "the case lost its fully masked rows"
+    assert torch.all(out.cpu()[dead] == 0)
+
+    got = check_gradients(inp_cpu, inp, dtype, grad_out, grad_lse, compare_cpu=False)
+    for name, g in got.items():
+        assert torch.isfinite(g).all(), f"d{name} is not finite"
+    dq = got["q"].cpu()
+    assert torch.all(dq[dead] == 0), "dq of rows that see no key must be exactly 0"
+    padded = inp_cpu.kwargs["key_padding_mask"]  # [B, Lk]: padding keys get no gradient
+    for name in ("k", "v"):
+        g = got[name].cpu().transpose(1, 2)  # [B, Lk, Hk, D]
+        assert torch.all(g[padded] == 0), f"d{name} of padding keys must be exactly 0"
+
+
+def _deterministic_runs(case, dtype, runs, deterministic):
+    inp = to_device(make_inputs(case, dtype, requires_grad=True), "cuda")
+    grad_out, grad_lse = (_cuda(t) for t in make_grad_outputs(case, dtype))
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        first = None
+        for n in range(runs):
+            out, lse = run(inp)
+            result = {"out": out.detach(), "lse": lse.detach(),
+                      **{f"d{k}": g for k, g in gradients(out, lse, inp.leaves(), grad_out, grad_lse).items()}}
+            if first is None:
+                first = result
+                assert all(torch.isfinite(t[~torch.isinf(t)]).all() for t in first.values())
+                continue
+            for name, t in result.items():
+                assert torch.equal(t, first[name]), f"{name} of run {n} differs from run 0"
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+DETERMINISM_CASE = Case("cuda_determinism", rel_k="shared", rel_v="shared", rel_bias=True, positions="clip", M=16,
+                        causal=True, padding="random", B=2, H=8, Hk=2, Lq=300, D=64, grad_lse=True)
+
+
+@pytest.mark.parametrize("kernel,dtype,deterministic,runs", [
+    ("default", torch.bfloat16, True, 50),
+    ("default", torch.bfloat16, False, 50),
+    ("default", torch.float16, True, 20),
+    ("simt", torch.bfloat16, True, 20),
+    ("default", torch.float32, True, 20),
+], ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, bool) else ("deterministic" if v else "default_mode"))
+def test_cuda_backward_is_deterministic(kernel, dtype, deterministic, runs, monkeypatch):
+    """Bit-identical out, lse and every gradient over many runs (the shared tables sum over heads, batches
+    and query tiles; dk/dv over the 4 heads of each kv head)."""
+    if kernel == "simt":
+        monkeypatch.setenv("RELATTN_CUDA_KERNEL", "simt")
+    _deterministic_runs(DETERMINISM_CASE, dtype, runs, deterministic)
+
+
+def test_cuda_backward_race():
+    """A large bf16 call with every feature (about a thousand CTAs per kernel, several per SM): any race or
+    order-dependent reduction between blocks shows up as a bit difference in 20 repeats."""
+    case = Case("cuda_race", rel_k="shared", rel_v="per_head", rel_bias=True, positions="clip", M=64, alibi=True,
+                padding="random", causal=True, q_offset=7, B=16, H=8, Hk=2, Lq=512, D=128, grad_lse=True,
+                table_dtype=F32)
+    _deterministic_runs(case, torch.bfloat16, 20, True)
+
+
+LSE_CASES = [c for c in ALL_CASES if c.name in (
+    "plain_gqa_multi_tile", "t5_bias_unidirectional_causal", "structural_index2d_causal_negative_offset",
+    "fully_padded_batch", "everything_t5_mqa", "hd128_everything", "hd256_shaw_index3d")]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", LSE_CASES, ids=case_id)
+def test_cuda_lse_gradient(case, dtype):
+    """Gradients through lse alone (out unused: autograd passes no grad_out), against the reference and the
+    CPU op. The grid above covers lse and out together."""
+    case = case.with_(grad_lse=True)
+    inp_cpu = make_inputs(case, dtype, requires_grad=True)
+    grad_out, grad_lse = make_grad_outputs(case, dtype)
+    check_gradients(inp_cpu, to_device(inp_cpu, "cuda"), dtype, torch.zeros_like(grad_out), grad_lse, lse_only=True)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", EMPTY_CASES, ids=case_id)
+def test_cuda_empty_inputs_backward(case, dtype):
+    inp = to_device(make_inputs(case, dtype, requires_grad=True), "cuda")
+    out, lse = run(inp)
+    assert out.is_cuda and out.shape == (case.B, case.H, case.Lq, case.Dv) and out.dtype == dtype
+    assert lse.shape == (case.B, case.H, case.Lq) and lse.dtype == torch.float32
+    if case.Lk == 0:
+        assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+    grad_out, grad_lse = (_cuda(t) for t in make_grad_outputs(case, dtype))
+    grads = gradients(out, lse, inp.leaves(), grad_out, grad_lse)
+    torch.cuda.synchronize()
+    for name, leaf in inp.leaves().items():
+        g = grads[name]
+        assert g is not None and g.shape == leaf.shape and g.dtype == leaf.dtype and g.device == leaf.device, f"d{name}"
+        assert torch.equal(g, torch.zeros_like(g)), f"d{name} must be zero: nothing attends to anything"
+
+
+@pytest.mark.parametrize("dims", [(264, 264), (64, 300), (300, 64)], ids=lambda d: f"D{d[0]}_Dv{d[1]}")
+def test_cuda_backward_head_dim_limit_is_a_clear_error(dims):
+    D, Dv = dims
+    q = torch.randn(1, 2, 8, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, 2, 8, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 2, 8, Dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with pytest.raises(RuntimeError, match="head dim"):
+        relattn.attention(q, k, v, causal=True).sum().backward()
+    # The backward op itself, called directly (as a saved graph from elsewhere would): the same clear error.
+    out = torch.zeros(1, 2, 8, Dv, device="cuda", dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="head dim"):
+        torch.ops.relattn.attention_backward(torch.ones_like(out), None, q.detach(), k.detach(), v.detach(), out, lse,
+                                             None, None, None, None, None, None, None, True, None, 0)
+    torch.cuda.synchronize()  # and the context is still usable
+    x = torch.randn(1, 2, 8, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    relattn.attention(x, x, x).sum().backward()
+    assert torch.isfinite(x.grad).all()
 
 
 # ---- index spaces past 2^31 ------------------------------------------------------------------------------
