@@ -24,7 +24,9 @@ Forward+backward (tables float32 and learnable, i.e. requires_grad; Shaw clippin
     shaw_k    relattn (learnable rel_k) | FlexAttention gathering scale·Q·Aᴷᵀ computed per call (gradient to
               q and rel_k through it)
     shaw_kv   relattn (learnable rel_k and rel_v)
-The targets (of the issue that asked for the backward), reported with ratio columns in bench.md:
+The targets (of the CUDA forward and backward issues), reported with ratio columns in bench.md:
+    Shaw K+V (clip k=64) forward >= 0.7x SDPA-flash plain forward on B4·H16·L4096·D128;
+    relattn with no positional terms, forward >= 0.85x SDPA-flash (same shape);
     Shaw K+V (clip k=64) forward+backward >= 0.6x SDPA-flash plain forward+backward on B4·H16·L4096·D128;
     learnable T5 bias forward+backward >= 1.5x FlexAttention's (speed, every shape measured).
 The materialising baselines are skipped where they would not fit: naive eager and the materialised bias in
@@ -36,7 +38,7 @@ forward+backward), halved for causal. Peak memory is the allocator's high-water 
 one call (forward+backward: including the gradients). Each implementation's output (and, in fwdbwd, its
 dq, dk, dv; max_err_table: the table gradient, relative) is compared with the first implementation of its
 scheme (max_err). Times are medians over repeated calls (CUDA events via triton.testing.do_bench when Triton
-is present). Runs go in tiers: the two forward+backward targets on their shape first, then relattn and SDPA
+is present). Runs go in tiers: the runs the targets need, on their shape, first, then relattn and SDPA
 over every shape, then the materialising baselines, then FlexAttention (whose compiles are the slowest
 part); once --budget-s is spent, the rest are recorded as skipped.
 
@@ -84,20 +86,26 @@ RUNS = {
 SCHEMES = ("plain", "t5", "alibi", "shaw_k", "shaw_kv")
 IMPLS = ("relattn", "relattn_gtab", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
 T5 = (32, 128, True)  # num_buckets, max_distance, bidirectional
-CLIP_K = {"fwd": 32, "fwdbwd": 64}  # Shaw clipping distance per mode: R = 65 (forward), 129 (fwd+bwd target)
+CLIP_K = {"fwd": 64, "fwdbwd": 64}  # Shaw clipping distance per mode (k=64, R = 129: both targets' setting)
 # The tables that are learnable (requires_grad) in fwdbwd, by scheme; q, k and v always are.
 TRAINED_TABLES = {"plain": (), "t5": ("t5_bias",), "alibi": (), "shaw_k": ("rel_k",), "shaw_kv": ("rel_k", "rel_v")}
-# Targets of the forward+backward issue: (name, text, shape or None for every shape, scheme, impl,
-# baseline scheme, baseline impl, needed speed ratio = baseline ms / relattn ms).
+# Targets of the CUDA issues: (name, text, shape or None for every shape, scheme, impl, baseline scheme,
+# baseline impl, needed speed ratio = baseline ms / relattn ms, mode).
 TARGET_SHAPE = "B4_H16_L4096_D128"
 TARGETS = [
+    ("shaw_kv_fwd_vs_sdpa_flash", "Shaw K+V (clip k=64) forward >= 0.7x SDPA-flash plain forward on "
+     "B4·H16·L4096·D128", TARGET_SHAPE, "shaw_kv", "relattn", "plain", "sdpa_flash", 0.7, "fwd"),
+    ("plain_fwd_vs_sdpa_flash", "relattn with no positional terms, forward >= 0.85x SDPA-flash on "
+     "B4·H16·L4096·D128", TARGET_SHAPE, "plain", "relattn", "plain", "sdpa_flash", 0.85, "fwd"),
     ("shaw_kv_vs_sdpa_flash", "Shaw K+V (clip k=64) forward+backward >= 0.6x SDPA-flash plain forward+backward "
-     "on B4·H16·L4096·D128", TARGET_SHAPE, "shaw_kv", "relattn", "plain", "sdpa_flash", 0.6),
+     "on B4·H16·L4096·D128", TARGET_SHAPE, "shaw_kv", "relattn", "plain", "sdpa_flash", 0.6, "fwdbwd"),
     ("t5_vs_flex", "learnable T5 bias forward+backward >= 1.5x FlexAttention's (bias gradient on)", None, "t5",
-     "relattn", "t5", "flex", 1.5),
+     "relattn", "t5", "flex", 1.5, "fwdbwd"),
 ]
 # Runs the targets need, on the target shape: they go first so that a short budget still measures them.
-TARGET_RUNS = [("plain", "sdpa_flash"), ("shaw_kv", "relattn"), ("t5", "relattn"), ("t5", "flex")]
+TARGET_RUNS = [("fwdbwd", "plain", "sdpa_flash"), ("fwdbwd", "shaw_kv", "relattn"), ("fwdbwd", "t5", "relattn"),
+               ("fwdbwd", "t5", "flex"), ("fwd", "plain", "sdpa_flash"), ("fwd", "shaw_kv", "relattn"),
+               ("fwd", "plain", "relattn")]
 BWD_FACTOR = 2.5  # FlashAttention's convention: backward FLOPs = 2.5x forward
 CSV_FIELDS = ["commit", "gpu", "torch", "date", "mode", "shape", "B", "H", "L", "D", "causal", "scheme", "impl",
               "ms", "tflops", "peak_mib", "max_err", "max_err_table", "vs_sdpa_flash", "status"]
@@ -145,11 +153,11 @@ def plan(args):
         if run not in seen:
             seen.add(run)
             out.append(run)
-    if "fwdbwd" in modes and TARGET_SHAPE in args.shapes:
+    if TARGET_SHAPE in args.shapes:
         for causal in causals:
-            for scheme, impl in TARGET_RUNS:
-                if wanted(scheme, impl):
-                    add(("fwdbwd", TARGET_SHAPE, causal, scheme, impl))
+            for mode, scheme, impl in TARGET_RUNS:
+                if mode in modes and wanted(scheme, impl):
+                    add((mode, TARGET_SHAPE, causal, scheme, impl))
     tiers = ({"relattn", "relattn_gtab", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
     for tier in tiers:
         for mode in modes:
@@ -420,17 +428,17 @@ def add_ratios(rows):
 
 
 def target_results(rows, shapes):
-    """[(target, shape, causal, relattn ms, baseline ms, ratio or None, met or None)] for the fwdbwd targets."""
+    """[(target, shape, causal, relattn ms, baseline ms, ratio or None, met or None)] for every target."""
     out = []
     causals = sorted({r["causal"] for r in rows})
     for target in TARGETS:
-        name, text, tshape, scheme, impl, bscheme, bimpl, need = target
+        name, text, tshape, scheme, impl, bscheme, bimpl, need, mode = target
         for shape in ([tshape] if tshape else shapes):
             if shape not in shapes:
                 continue
             for causal in causals:
-                r = _find(rows, "fwdbwd", shape, causal, scheme, impl)
-                b = _find(rows, "fwdbwd", shape, causal, bscheme, bimpl)
+                r = _find(rows, mode, shape, causal, scheme, impl)
+                b = _find(rows, mode, shape, causal, bscheme, bimpl)
                 if r is None and b is None:
                     continue
                 ms, bms = _ms(r) if r else None, _ms(b) if b else None
@@ -441,9 +449,9 @@ def target_results(rows, shapes):
 
 def target_lines(rows, shapes):
     results = target_results(rows, shapes)
-    lines = ["## Targets (forward+backward, bf16)", ""]
+    lines = ["## Targets (bf16)", ""]
     for target in TARGETS:
-        name, text, _, scheme, impl, bscheme, bimpl, need = target
+        name, text, _, scheme, impl, bscheme, bimpl, need, _ = target
         mine = [t for t in results if t[0] is target]
         measured = [t for t in mine if t[6] is not None]
         if not measured:
@@ -459,7 +467,7 @@ def target_lines(rows, shapes):
     lines += ["", "| target | shape | causal | relattn ms | baseline | baseline ms | ratio | needed | met |",
               "|---|---|---|---:|---|---:|---:|---:|---|"]
     for target, shape, causal, ms, bms, ratio, met in results:
-        name, _, _, _, _, bscheme, bimpl, need = target
+        name, _, _, _, _, bscheme, bimpl, need, _ = target
         lines.append(f"| {name} | {shape} | {causal} | {'' if ms is None else f'{ms:.3f}'} | {bimpl} ({bscheme}) | "
                      f"{'' if bms is None else f'{bms:.3f}'} | {'' if ratio is None else f'{ratio:.2f}x'} | "
                      f"{need}x | {'-' if met is None else ('yes' if met else 'NO')} |")
@@ -483,7 +491,7 @@ def write_reports(rows, out_dir, meta, plot=True):
              "(fwdbwd: backward = 2.5x forward, FlashAttention's convention), halved for causal; peak = allocator "
              "high-water mark above the inputs (fwdbwd: including the gradients); vs SDPA-flash = SDPA-flash "
              "plain time / this time (same mode, shape, causal). fwdbwd: gradients of q, k, v and the learnable "
-             f"float32 tables; Shaw clipping k={CLIP_K['fwdbwd']} (fwd: k={CLIP_K['fwd']}). max err: out (and "
+             f"float32 tables; Shaw clipping k={CLIP_K['fwdbwd']}. max err: out (and "
              "dq, dk, dv) against the scheme's first impl; table: the table gradient's relative error.", ""]
     if "fwdbwd" in modes:
         lines += target_lines(rows, meta["shapes"]) + [""]
@@ -569,7 +577,7 @@ def main(argv=None):
             why = skip_reason(mode, impl, B, H, L, D, None)
             print(f"  {mode:6s} {shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} "
                   f"{flops(B, H, L, D, causal, mode) / 1e12:8.2f} TFLOP" + (f"  [{why}]" if why else ""))
-        print("targets (forward+backward):")
+        print("targets:")
         for target in TARGETS:
             print(f"  {target[1]}")
         return 0
