@@ -17,6 +17,9 @@
 #
 #   bash bench/gpu_check.sh                 # OUT defaults to bench/results/gpu/check-<date>
 #   RELATTN_CHECK_BUDGET_S=570 PYTHON=python3 bash bench/gpu_check.sh
+#   RELATTN_CHECK_STEPS="smoke bench" bash bench/gpu_check.sh   # only these steps (the build always runs);
+#                                           # steps: smoke pytest sanitizer bench (default: all)
+#   RELATTN_PYTEST_K="cuda and backward" bash bench/gpu_check.sh  # a narrower test selection (default: cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -33,6 +36,8 @@ export PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 
 remaining() { echo $((BUDGET - (SECONDS - T0))); }
+STEPS=" ${RELATTN_CHECK_STEPS:-smoke pytest sanitizer bench} "
+wants() { [[ "$STEPS" == *" $1 "* ]]; }
 declare -a STEP_NAMES=() STEP_RESULTS=()
 # step NAME MAX_SECONDS CMD...: runs CMD under min(MAX_SECONDS, time left), logs and records its result.
 step() {
@@ -89,7 +94,9 @@ grep -E "error|FAILED" "$OUT/build.log" | head -n 20
 export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 2. smoke -----------------------------------------------------------------------------------------
-if (( BUILD_OK )); then
+if ! wants smoke; then
+  skip smoke "not asked for"
+elif (( BUILD_OK )); then
   step smoke 120 $PY - <<'EOF'
 import torch, relattn
 print("relattn", relattn.__version__, "CUDA kernels built:", relattn.cuda_kernels_built())
@@ -111,10 +118,12 @@ else
 fi
 
 # ---- 3. tests -----------------------------------------------------------------------------------------
-if (( BUILD_OK )); then
+if ! wants pytest; then
+  skip pytest-cuda "not asked for"
+elif (( BUILD_OK )); then
   TIMEOUT_OPT=()
   $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout 120)
-  step pytest-cuda 240 $PY -m pytest tests/python -k cuda -q -rfEs -p no:cacheprovider "${TIMEOUT_OPT[@]}" \
+  step pytest-cuda 240 $PY -m pytest tests/python -k "${RELATTN_PYTEST_K:-cuda}" -q -rfEs -p no:cacheprovider "${TIMEOUT_OPT[@]}" \
     > "$OUT/pytest.log" 2>&1
   tail -n 30 "$OUT/pytest.log"
 else
@@ -124,7 +133,9 @@ fi
 # ---- 4. compute-sanitizer ------------------------------------------------------------------------------
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer \
      /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
-if (( BUILD_OK )) && [ -n "$CS" ]; then
+if ! wants sanitizer; then
+  skip sanitizers "not asked for"
+elif (( BUILD_OK )) && [ -n "$CS" ]; then
   : > "$OUT/sanitizer.log"
   for tool in memcheck racecheck synccheck initcheck; do
     max=90
@@ -143,7 +154,9 @@ else
 fi
 
 # ---- 5. benchmark --------------------------------------------------------------------------------------
-if (( BUILD_OK )); then
+if ! wants bench; then
+  skip bench "not asked for"
+elif (( BUILD_OK )); then
   left=$(remaining)
   step bench $((left - 25)) $PY bench/gpu_bench.py --out "$OUT" --budget-s $((left - 60))
   mkdir -p bench/results/gpu
