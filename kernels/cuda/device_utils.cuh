@@ -79,6 +79,20 @@ RELATTN_DEVICE T from_acc(acc_t x) {
   }
 }
 
+// 16 zero bytes into shared memory (16-byte aligned).
+RELATTN_DEVICE void st_shared_zero_16(void* smem_dst) {
+  *reinterpret_cast<uint4*>(smem_dst) = make_uint4(0, 0, 0, 0);
+}
+
+#if defined(RELATTN_CUDA_EMULATION)
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn
+#include "emulation/cuda_emulation.h"  // CPU versions of everything in the #else branch
+namespace relattn {
+namespace kernels {
+namespace cuda {
+#else
 // ---- shared-memory addresses and asynchronous copies -------------------------------------------------
 
 RELATTN_DEVICE uint32_t smem_addr(const void* p) {
@@ -98,9 +112,6 @@ RELATTN_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
-RELATTN_DEVICE void st_shared_zero_16(void* smem_dst) {
-  *reinterpret_cast<uint4*>(smem_dst) = make_uint4(0, 0, 0, 0);
-}
 
 // ---- tensor cores: ldmatrix and mma.sync m16n8k16 (fp32 accumulation) ----------------------------------
 
@@ -144,6 +155,23 @@ RELATTN_DEVICE void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ---- launches ----------------------------------------------------------------------------------------
+
+// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes and launches it on `blocks` CTAs of
+// `threads` on `stream` (nothing for an empty grid). Returns the first error, if any.
+template <typename Kernel, typename Params>
+cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
+                          const Params& p) {
+  if (blocks <= 0) return cudaSuccess;
+  cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(p);
+  return cudaGetLastError();
+}
+
+#endif  // RELATTN_CUDA_EMULATION
+
 // ---- warp reductions ----------------------------------------------------------------------------------
 
 // Over the 4 lanes of a quad (the lanes holding one row of an mma C fragment).
@@ -170,21 +198,6 @@ RELATTN_DEVICE acc_t warp_sum(acc_t x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
   return x;
-}
-
-// ---- launches ----------------------------------------------------------------------------------------
-
-// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes and launches it on `blocks` CTAs of
-// `threads` on `stream` (nothing for an empty grid). Returns the first error, if any.
-template <typename Kernel, typename Params>
-cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
-                          const Params& p) {
-  if (blocks <= 0) return cudaSuccess;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(p);
-  return cudaGetLastError();
 }
 
 RELATTN_DEVICE float exp_acc(float x) { return expf(x); }

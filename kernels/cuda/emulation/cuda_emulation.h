@@ -1,0 +1,233 @@
+// Runs relattn's CUDA kernels on the CPU, for tests on machines without a GPU (CI among them).
+//
+// Compiled with a host compiler and -DRELATTN_CUDA_EMULATION, kernels/cuda/*.cuh build as plain C++ against
+// this header: a launch runs the grid one CTA at a time, one std::thread per CUDA thread, and
+//   __syncthreads / __syncwarp        std::barrier of the CTA / of the warp
+//   __shfl_xor_sync, __match_any_sync  an exchange through a per-warp buffer between two warp barriers
+//   cp.async                            a synchronous 16-byte copy (commit / wait do nothing)
+//   ldmatrix (.x4, .x4.trans)           each lane publishes its row address; each lane then reads the
+//                                       elements the PTX ISA assigns to it from the other lanes' rows
+//   mma.sync m16n8k16 (f16/bf16 -> f32) each lane publishes its A/B fragments; each lane computes its four
+//                                       C elements from the whole warp's fragments (fp32 sums)
+// with the fragment layouts of the PTX ISA (the same ones device_utils.cuh documents). Dynamic shared
+// memory is one buffer, filled with 0xFF bytes (NaN in every float type) before each CTA so that a read of
+// a location no thread wrote shows up in the results. What emulation cannot show: real concurrency
+// between cp.async and compute, timing, and any behaviour that differs from the documented layouts.
+#pragma once
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+// Kernel qualifiers the host compiler does not know.
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+#ifndef __grid_constant__
+#define __grid_constant__
+#endif
+
+namespace relattn {
+namespace kernels {
+namespace cuda {
+
+// Dynamic shared memory of the CTA in flight (the kernels declare `extern __shared__ ... smem[]` or
+// `smem_raw[]` at block scope, which names these).
+constexpr int64_t kEmulatedSmemBytes = 232448;  // an H100's opt-in limit per block
+alignas(16) inline unsigned char smem[kEmulatedSmemBytes];
+alignas(16) inline unsigned char smem_raw[kEmulatedSmemBytes];
+
+namespace emu {
+
+struct Dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+struct ThreadState {
+  Dim3 thread, block;
+  int warp = 0, lane = 0;
+};
+inline thread_local ThreadState tls;
+
+struct Cta {
+  explicit Cta(int threads) : block(threads), n_warps(threads / 32) {
+    for (int w = 0; w < n_warps; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
+    exchange.resize(static_cast<size_t>(n_warps) * 32 * 8);
+  }
+  std::barrier<> block;
+  int n_warps;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<uint64_t> exchange;  // [warp][lane][8]
+
+  uint64_t* slot(int warp, int lane) { return exchange.data() + (static_cast<size_t>(warp) * 32 + lane) * 8; }
+};
+inline Cta* cta = nullptr;
+
+inline uint64_t* my_slot() { return cta->slot(tls.warp, tls.lane); }
+inline uint64_t* lane_slot(int lane) { return cta->slot(tls.warp, lane); }
+
+}  // namespace emu
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn
+
+#define threadIdx (::relattn::kernels::cuda::emu::tls.thread)
+#define blockIdx (::relattn::kernels::cuda::emu::tls.block)
+
+inline void __syncthreads() { ::relattn::kernels::cuda::emu::cta->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  namespace e = ::relattn::kernels::cuda::emu;
+  e::cta->warps[e::tls.warp]->arrive_and_wait();
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T x, int mask) {
+  namespace e = ::relattn::kernels::cuda::emu;
+  static_assert(sizeof(T) <= 8, "exchange slot");
+  std::memcpy(e::my_slot(), &x, sizeof(T));
+  __syncwarp();
+  T y;
+  std::memcpy(&y, e::lane_slot(e::tls.lane ^ mask), sizeof(T));
+  __syncwarp();
+  return y;
+}
+
+inline unsigned __match_any_sync(unsigned, int value) {
+  namespace e = ::relattn::kernels::cuda::emu;
+  e::my_slot()[0] = static_cast<uint64_t>(static_cast<int64_t>(value));
+  __syncwarp();
+  unsigned m = 0;
+  for (int l = 0; l < 32; ++l)
+    if (e::lane_slot(l)[0] == static_cast<uint64_t>(static_cast<int64_t>(value))) m |= 1u << l;
+  __syncwarp();
+  return m;
+}
+
+inline int __ffs(int x) { return __builtin_ffs(x); }
+
+namespace relattn {
+namespace kernels {
+namespace cuda {
+namespace emu {
+
+// The 16-bit element `bits` of a fragment register as float.
+template <typename T>
+inline float half_bits_to_float(uint16_t bits) {
+  T h;
+  std::memcpy(&h, &bits, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(h);
+  else return __bfloat162float(h);
+}
+
+// Runs `body` as `threads` CUDA threads of CTA `block` (joins before returning).
+template <typename F>
+void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
+  std::memset(smem, 0xFF, static_cast<size_t>(smem_bytes));
+  std::memset(smem_raw, 0xFF, static_cast<size_t>(smem_bytes));
+  Cta c(threads);
+  cta = &c;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      tls.thread = Dim3{static_cast<unsigned>(t), 0, 0};
+      tls.block = Dim3{static_cast<unsigned>(block), 0, 0};
+      tls.warp = t / 32;
+      tls.lane = t % 32;
+      body();
+    });
+  }
+  for (auto& th : pool) th.join();
+  cta = nullptr;
+}
+
+}  // namespace emu
+
+// ---- the PTX wrappers of device_utils.cuh ----------------------------------------------------------
+
+inline void cp_async_16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
+inline void cp_async_commit() {}
+template <int N>
+inline void cp_async_wait() {}
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  emu::my_slot()[0] = reinterpret_cast<uint64_t>(smem_row);
+  __syncwarp();
+  const int l = emu::tls.lane;
+  for (int m = 0; m < 4; ++m) {
+    // matrix m, row l/4 (its address came from lane 8m + l/4), columns 2(l%4), 2(l%4)+1
+    const auto* row = reinterpret_cast<const unsigned char*>(emu::lane_slot(8 * m + l / 4)[0]);
+    std::memcpy(&r[m], row + (l % 4) * 4, 4);
+  }
+  __syncwarp();
+}
+
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  emu::my_slot()[0] = reinterpret_cast<uint64_t>(smem_row);
+  __syncwarp();
+  const int l = emu::tls.lane;
+  for (int m = 0; m < 4; ++m) {
+    // (row 2(l%4), column l/4) and (row 2(l%4)+1, column l/4) of matrix m
+    const auto* r0 = reinterpret_cast<const unsigned char*>(emu::lane_slot(8 * m + 2 * (l % 4))[0]);
+    const auto* r1 = reinterpret_cast<const unsigned char*>(emu::lane_slot(8 * m + 2 * (l % 4) + 1)[0]);
+    uint16_t lo, hi;
+    std::memcpy(&lo, r0 + (l / 4) * 2, 2);
+    std::memcpy(&hi, r1 + (l / 4) * 2, 2);
+    r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+  }
+  __syncwarp();
+}
+
+// C[16x8] += A[16x16] B[16x8] with the m16n8k16 fragments (g = lane/4, t = lane%4):
+//   a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..);  b0 (k 2t..2t+1, n g)  b1 (k 2t+8.., n g)
+//   c0 c1 (g, 2t..2t+1)  c2 c3 (g+8, 2t..2t+1)
+template <typename T>
+inline void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint64_t* mine = emu::my_slot();
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  __syncwarp();
+  auto a_at = [](int row, int k) {
+    const uint64_t* src = emu::lane_slot((row % 8) * 4 + (k % 8) / 2);
+    const uint32_t reg = static_cast<uint32_t>(src[(row >= 8 ? 1 : 0) + (k >= 8 ? 2 : 0)]);
+    return emu::half_bits_to_float<T>(static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xFFFFu));
+  };
+  auto b_at = [](int k, int n) {
+    const uint64_t* src = emu::lane_slot(n * 4 + (k % 8) / 2);
+    const uint32_t reg = static_cast<uint32_t>(src[k >= 8 ? 5 : 4]);
+    return emu::half_bits_to_float<T>(static_cast<uint16_t>(k % 2 ? reg >> 16 : reg & 0xFFFFu));
+  };
+  const int g = emu::tls.lane / 4, t = emu::tls.lane % 4;
+  float out[4];
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + (e >> 1) * 8, col = 2 * t + (e & 1);
+    float s = 0.f;
+    for (int k = 0; k < 16; ++k) s += a_at(row, k) * b_at(k, col);
+    out[e] = s;
+  }
+  __syncwarp();
+  for (int e = 0; e < 4; ++e) c[e] += out[e];
+}
+
+// ---- launches ----------------------------------------------------------------------------------------
+
+template <typename Kernel, typename Params>
+cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t, const Params& p) {
+  if (blocks <= 0) return cudaSuccess;
+  if (smem > kEmulatedSmemBytes || threads % 32 != 0) return cudaErrorInvalidValue;
+  for (int64_t b = 0; b < blocks; ++b) emu::run_cta(b, threads, smem, [&] { kernel(p); });
+  return cudaSuccess;
+}
+
+}  // namespace cuda
+}  // namespace kernels
+}  // namespace relattn

@@ -1,0 +1,300 @@
+// relattn's CUDA kernels, run on the CPU (kernels/cuda/emulation/cuda_emulation.h: a std::thread per CUDA
+// thread, warp intrinsics, ldmatrix and mma.sync emulated with the PTX ISA's fragment layouts), against
+// the CPU op. This is how CI executes the lane-level code of the tensor-core and SIMT kernels, forward and
+// backward, without a GPU: a wrong fragment index, a missed barrier, a read of shared memory nobody wrote
+// (the emulator fills it with NaN bytes) or an unwritten output shows up as a large error or a NaN.
+//
+// The parameter set-up mirrors csrc/cuda/attention_kernel.cpp (which needs a CUDA device to run).
+#include <cmath>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include "../../../csrc/attention.h"
+#include "../../../kernels/cuda/backward_mma.cuh"
+#include "../../../kernels/cuda/backward_simt.cuh"
+#include "../../../kernels/cuda/forward_mma.cuh"
+#include "../../../kernels/cuda/forward_simt.cuh"
+
+namespace {
+
+using at::Tensor;
+using relattn::ops::OptTensor;
+using relattn::ops::Prepared;
+namespace kc = relattn::kernels::cuda;
+
+struct Config {
+  std::string name;
+  at::ScalarType dtype = at::kBFloat16;
+  int64_t B = 1, H = 2, Hk = 1, Lq = 40, Lk = 50, D = 32, Dv = 32;
+  std::string positions = "clip";  // clip | t5 | index | none
+  int64_t M = 6;
+  bool rel_k = true, rel_v = true, rel_bias = true, per_head = false, alibi = false, padding = false;
+  bool causal = false;
+  int64_t q_offset = 0;
+  bool tables_in_global = false;  // forward only
+  bool with_grad_lse = true;
+};
+
+struct Call {
+  Tensor q, k, v;
+  OptTensor rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask;
+  bool causal = false;
+  int64_t q_offset = 0;
+};
+
+Call make_call(const Config& c) {
+  at::manual_seed(0);
+  const auto opts = at::TensorOptions().dtype(c.dtype);
+  const auto topts = at::TensorOptions().dtype(c.dtype == at::kDouble ? at::kDouble : at::kFloat);
+  Call call;
+  call.q = at::randn({c.B, c.H, c.Lq, c.D}, opts);
+  call.k = at::randn({c.B, c.Hk, c.Lk, c.D}, opts);
+  call.v = at::randn({c.B, c.Hk, c.Lk, c.Dv}, opts);
+  int64_t R = 0;
+  if (c.positions == "clip") {
+    R = 2 * c.M + 1;
+    call.buckets = at::arange(R, at::kInt);
+  } else if (c.positions == "t5") {
+    // a bidirectional log-bucket table of 16 buckets over |d| <= 40 (any table of ids in [0, R) will do)
+    const int64_t M = 40;
+    std::vector<int32_t> ids;
+    for (int64_t d = -M; d <= M; ++d) {
+      const int64_t a = d < 0 ? -d : d;
+      const int64_t b = a < 4 ? a : std::min<int64_t>(7, 4 + static_cast<int64_t>(std::log2(double(a) / 4) * 1.3));
+      ids.push_back(static_cast<int32_t>((d > 0 ? 8 : 0) + b));
+    }
+    R = 16;
+    call.buckets = at::tensor(ids, at::kInt);
+  } else if (c.positions == "index") {
+    R = 9;
+    call.rel_index = at::randint(0, R, {c.B, c.Lq, c.Lk}, at::kInt);
+  }
+  if (R > 0) {
+    if (c.rel_k) call.rel_k = c.per_head ? at::randn({c.H, R, c.D}, topts) * 0.5 : at::randn({R, c.D}, topts) * 0.5;
+    if (c.rel_v) call.rel_v = at::randn({c.H, R, c.Dv}, topts) * 0.5;
+    if (c.rel_bias) call.rel_bias = at::randn({c.H, R}, topts);
+  }
+  if (c.alibi) call.alibi_slopes = at::linspace(0.5, 0.05, c.H, topts);
+  if (c.padding) {
+    Tensor m = at::rand({c.B, c.Lk}) < 0.25;
+    m.select(0, c.B - 1).fill_(true);  // the last batch sees no key at all
+    call.key_padding_mask = m;
+  }
+  call.causal = c.causal;
+  call.q_offset = c.q_offset;
+  return call;
+}
+
+Prepared prepare(const Call& c) {
+  return relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
+                               c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
+}
+
+bool aligned16(const Tensor& t) {
+  if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
+  for (int d = 0; d < t.dim() - 1; ++d)
+    if (t.size(d) > 1 && (t.stride(d) * int64_t(t.element_size())) % 16 != 0) return false;
+  return true;
+}
+
+template <typename T>
+void set_vec_flags(T& p, const Prepared& a) {
+  p.q_vec_ok = aligned16(a.q);
+  p.k_vec_ok = aligned16(a.k);
+  p.v_vec_ok = aligned16(a.v);
+}
+
+// ---- the emulated forward (as the binding sets it up) ----------------------------------------------------
+
+template <typename T, int HD>
+std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
+  Prepared a = prepare(c);
+  Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, a.q.options());
+  Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(at::kFloat));
+  kc::ForwardParams p;
+  relattn::ops::fill_params(a, p);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  set_vec_flags(p, a);
+  using Cfg = kc::MmaConfig<HD>;
+  p.table_ld = kc::table_ld_for(a.R);
+  const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
+  Tensor tab, bsum;
+  const int64_t blocks = (a.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * a.B * a.H;
+  if (tables_in_global && n_tables > 0) {
+    if (p.has_tab()) tab = at::empty({blocks * Cfg::kBlockM, p.table_ld}, at::kFloat);
+    if (p.has_bsum()) bsum = at::empty({blocks * Cfg::kBlockM, p.table_ld}, at::kFloat);
+    p.tab_scratch = tab.defined() ? tab.data_ptr() : nullptr;
+    p.bsum_scratch = bsum.defined() ? bsum.data_ptr() : nullptr;
+    p.tables_in_global = true;
+  }
+  const int64_t smem = Cfg::kBaseBytes + (p.tables_in_global ? 0 : n_tables * Cfg::table_bytes(p.table_ld));
+  EXPECT_EQ((kc::launch_forward_mma<T, HD>(p, smem, nullptr)), cudaSuccess);
+  return {out, lse};
+}
+
+template <typename T>
+std::tuple<Tensor, Tensor> forward_simt(const Call& c) {
+  Prepared a = prepare(c);
+  Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, a.q.options());
+  Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(a.acc_dtype));
+  kc::ForwardParams p;
+  relattn::ops::fill_params(a, p);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr();
+  set_vec_flags(p, a);
+  using Cfg = kc::SimtConfig<kc::simt_acc_t<T>>;
+  p.table_ld = kc::table_ld_for(a.R);
+  const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
+  const int64_t smem = Cfg::base_bytes(a.D, a.Dv) + n_tables * Cfg::table_bytes(p.table_ld);
+  EXPECT_EQ(kc::launch_forward_simt<T>(p, smem, nullptr), cudaSuccess);
+  return {out, lse};
+}
+
+// ---- the emulated backward -------------------------------------------------------------------------------
+
+using Grads = std::vector<Tensor>;  // dq, dk, dv, d rel_k, d rel_v, d rel_bias
+
+template <typename Launch>
+Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor& grad_out, const OptTensor& grad_lse,
+               Launch launch) {
+  Prepared a = prepare(c);
+  relattn::ops::BackwardBuffers s = relattn::ops::backward_buffers(a, grad_out, out, lse, grad_lse);
+  Tensor dq = at::full({a.B, a.H, a.Lq, a.D}, NAN, a.q.options());  // every element must be written
+  Tensor dk = at::full({a.B, a.Hk, a.Lk, a.D}, NAN, a.q.options());
+  Tensor dv = at::full({a.B, a.Hk, a.Lk, a.Dv}, NAN, a.q.options());
+  kc::BackwardParams p;
+  relattn::ops::fill_backward_params(a, s, dq, dk, dv, p);
+  set_vec_flags(p, a);
+  p.do_vec_ok = aligned16(s.grad_out);
+  EXPECT_EQ(launch(p), cudaSuccess);
+  auto [gk, gv, gb] = relattn::ops::table_grads(a, s.ds_sum, s.p_sum, grad_out, c.rel_k, c.rel_v, c.rel_bias);
+  return {dq, dk, dv, gk, gv, gb};
+}
+
+// ---- comparison with the CPU op ------------------------------------------------------------------------
+
+double tolerance(at::ScalarType dtype, const Tensor& ref) {
+  const double big = ref.numel() ? ref.abs().max().item<double>() : 0.0;
+  if (dtype == at::kDouble) return 1e-10 * (1 + big);
+  if (dtype == at::kFloat) return 1e-4 * (1 + big);
+  return 3e-2 * (1 + big);  // both sides round to half precision at different points
+}
+
+void expect_close(const std::string& what, const Tensor& got, const Tensor& ref, at::ScalarType dtype) {
+  ASSERT_EQ(got.sizes(), ref.sizes()) << what;
+  if (ref.numel() == 0) return;
+  Tensor g = got.to(at::kDouble), r = ref.to(at::kDouble);
+  ASSERT_FALSE(g.isnan().any().item<bool>()) << what << ": NaN (unwritten element or garbage read)";
+  const Tensor fin = r.isfinite();
+  ASSERT_TRUE(at::equal(g.isfinite(), fin)) << what << ": the -inf pattern differs";
+  const double err = (g - r).masked_fill(fin.logical_not(), 0).abs().max().item<double>();
+  EXPECT_LE(err, tolerance(dtype, r.masked_fill(fin.logical_not(), 0))) << what;
+}
+
+template <typename Fwd, typename Bwd>
+void check(const Config& cfg, Fwd fwd, Bwd bwd) {
+  SCOPED_TRACE(cfg.name);
+  Call c = make_call(cfg);
+  auto [ref_out, ref_lse] = relattn::ops::attention_forward(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets,
+                                                            c.rel_index, c.alibi_slopes, c.key_padding_mask,
+                                                            c.causal, std::nullopt, c.q_offset);
+  auto [out, lse] = fwd(c);
+  expect_close("out", out, ref_out, cfg.dtype);
+  expect_close("lse", lse, ref_lse, cfg.dtype);
+
+  at::manual_seed(1);
+  Tensor grad_out = at::randn(ref_out.sizes(), ref_out.options());
+  OptTensor grad_lse;
+  if (cfg.with_grad_lse) grad_lse = at::randn(ref_lse.sizes(), ref_lse.options());
+  auto ref = relattn::ops::attention_backward(grad_out, grad_lse, c.q, c.k, c.v, ref_out, ref_lse, c.rel_k, c.rel_v,
+                                              c.rel_bias, c.buckets, c.rel_index, c.alibi_slopes,
+                                              c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
+  const Grads want{std::get<0>(ref), std::get<1>(ref), std::get<2>(ref),
+                   std::get<3>(ref), std::get<4>(ref), std::get<5>(ref)};
+  const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
+  const char* names[] = {"dq", "dk", "dv", "d rel_k", "d rel_v", "d rel_bias"};
+  for (int i = 0; i < 6; ++i) expect_close(names[i], got[i], want[i], cfg.dtype);
+}
+
+template <typename T, int HD>
+void check_mma(const Config& cfg) {
+  check(
+      cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
+      [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
+        if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {
+          return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
+        } else {
+          return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
+        }
+      });
+}
+
+template <typename T>
+void check_simt(const Config& cfg) {
+  check(
+      cfg, [&](const Call& c) { return forward_simt<T>(c); },
+      [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
+        return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
+      });
+}
+
+}  // namespace
+
+// Tensor-core kernels: one case per padded head dim the backward has, features crossed between them.
+TEST(CudaEmulation, TensorCoresHd32ClipCausalPaddingGqa) {
+  Config c{.name = "hd32", .B = 2, .H = 4, .Hk = 2, .Lq = 70, .Lk = 45, .D = 32, .Dv = 32, .M = 6,
+           .alibi = true, .padding = true, .causal = true, .q_offset = 5};
+  check_mma<__nv_bfloat16, 32>(c);
+}
+
+TEST(CudaEmulation, TensorCoresHd64T5PerHeadTablesInGlobal) {
+  Config c{.name = "hd64", .dtype = at::kHalf, .H = 2, .Hk = 2, .Lq = 33, .Lk = 80, .D = 64, .Dv = 64,
+           .positions = "t5", .per_head = true, .tables_in_global = true};
+  check_mma<__half, 64>(c);
+}
+
+TEST(CudaEmulation, TensorCoresHd128RelIndexOddDims) {
+  Config c{.name = "hd128 (D 100, Dv 72)", .Lq = 20, .Lk = 37, .D = 100, .Dv = 72, .positions = "index"};
+  check_mma<__nv_bfloat16, 128>(c);
+}
+
+TEST(CudaEmulation, TensorCoresHd96BeyondM) {
+  Config c{.name = "hd96 single-bucket rows", .H = 1, .Lq = 80, .Lk = 140, .D = 96, .Dv = 96, .M = 3,
+           .q_offset = -20};
+  check_mma<__nv_bfloat16, 96>(c);
+}
+
+TEST(CudaEmulation, TensorCoresHd32OddDimsElementwiseLoads) {
+  Config c{.name = "D 17, Dv 9", .dtype = at::kHalf, .Lq = 19, .Lk = 23, .D = 17, .Dv = 9, .M = 4,
+           .causal = true};
+  check_mma<__half, 32>(c);
+}
+
+// Head dim 256: tensor-core forward, SIMT backward (as the binding chooses).
+TEST(CudaEmulation, Hd256ForwardTensorCoresBackwardSimt) {
+  Config c{.name = "hd256", .H = 1, .Lq = 17, .Lk = 21, .D = 256, .Dv = 256, .M = 4, .rel_bias = false};
+  check_mma<__nv_bfloat16, 256>(c);
+}
+
+// SIMT kernels in float32 and float64 (and bf16, as RELATTN_CUDA_KERNEL=simt runs them).
+TEST(CudaEmulation, SimtFloat) {
+  Config c{.name = "simt f32", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 37, .Lk = 41, .D = 24, .Dv = 40,
+           .positions = "t5", .alibi = true, .padding = true, .causal = true, .q_offset = 3};
+  check_simt<float>(c);
+}
+
+TEST(CudaEmulation, SimtDouble) {
+  Config c{.name = "simt f64", .dtype = at::kDouble, .Lq = 21, .Lk = 35, .D = 16, .Dv = 16, .positions = "index",
+           .per_head = true};
+  check_simt<double>(c);
+}
+
+TEST(CudaEmulation, SimtBf16) {
+  Config c{.name = "simt bf16", .Lq = 25, .Lk = 30, .D = 32, .Dv = 32, .M = 5, .causal = true};
+  check_simt<__nv_bfloat16>(c);
+}
