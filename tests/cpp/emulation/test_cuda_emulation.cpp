@@ -219,6 +219,9 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd) {
   const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
   const char* names[] = {"dq", "dk", "dv", "d rel_k", "d rel_v", "d rel_bias"};
   for (int i = 0; i < 6; ++i) expect_close(names[i], got[i], want[i], cfg.dtype);
+  // Deterministic: a second run (other thread interleavings in the emulator) gives the same bits.
+  const Grads again = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
+  for (int i = 0; i < 6; ++i) EXPECT_TRUE(at::equal(got[i], again[i])) << names[i] << " differs between runs";
 }
 
 template <typename T, int HD>
