@@ -30,27 +30,6 @@ namespace kernels {
 namespace cuda {
 namespace bwd_detail {
 
-// Rows [0, rows) x cols [0, cols) of an fp32 register tile staged in shared memory (row stride
-// kHeadDim + 8, type T) to global memory rows of `ld` elements.
-template <typename T, int kRows, int kHeadDim, int kThreads>
-RELATTN_DEVICE void store_tile(T* dst, int64_t ld, const T* s, int rows, int cols, int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  constexpr int kLd = kHeadDim + 8;
-  const bool vec_ok = ld % 8 == 0 && (reinterpret_cast<uintptr_t>(dst) % 16) == 0;
-  for (int c = tid; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    if (r >= rows || col >= cols) continue;
-    const T* src = s + r * kLd + col;
-    T* out = dst + int64_t(r) * ld + col;
-    if (vec_ok) {
-      *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int e = 0; e < 8 && col + e < cols; ++e) out[e] = src[e];
-    }
-  }
-}
-
 // A 16 x kHeadDim fp32 accumulator (one m16 tile per warp), times `mul`, into the warp's 16 rows of a
 // shared tile (row stride kHeadDim + 8).
 template <typename T, int kHeadDim>

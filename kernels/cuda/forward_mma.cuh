@@ -87,6 +87,27 @@ RELATTN_DEVICE void load_table_tile(T* s, const float* table, int64_t r0, int64_
   }
 }
 
+// Rows [0, rows) x cols [0, cols) of a tile staged in shared memory (row stride kHeadDim + 8) to global
+// memory rows of `ld` elements: whole 16-byte chunks where the destination allows, else element-wise.
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void store_tile(T* dst, int64_t ld, const T* s, int rows, int cols, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  const bool vec_ok = ld % 8 == 0 && (reinterpret_cast<uintptr_t>(dst) % 16) == 0;
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    if (r >= rows || col >= cols) continue;
+    const T* src = s + r * kLd + col;
+    T* out = dst + int64_t(r) * ld + col;
+    if (vec_ok) {
+      *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int e = 0; e < 8 && col + e < cols; ++e) out[e] = src[e];
+    }
+  }
+}
+
 // Stages the key tile [j0, j0 + kBlockN) of a query tile starting at row i0 (kBlockM rows) into one
 // shared-memory stage: K and V rows (cp.async where allowed), the padding bytes (1 beyond Lk) and the window
 // of bucket ids, entry w holding the bucket of distance j0 - (i0 + kBlockM-1 + q_offset) + w. `kg`/`vg`
@@ -539,21 +560,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
       if (tq == 0 && row < rows) static_cast<float*>(p.lse)[bh * p.Lq + i0 + row] = lse_row[mt][hf];
     }
   __syncthreads();
-  T* og = static_cast<T*>(p.out) + (bh * p.Lq + i0) * int64_t(Dv);
-  const bool out_vec_ok = Dv % 8 == 0 && (reinterpret_cast<uintptr_t>(p.out) % 16) == 0;
-  constexpr int kChunks = kHeadDim / 8;
-  for (int c = tid; c < BM * kChunks; c += kThreads) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    if (r >= rows || col >= Dv) continue;
-    const T* src = sO + r * LD + col;
-    T* dst = og + int64_t(r) * Dv + col;
-    if (out_vec_ok) {
-      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
-    } else {
-      for (int e = 0; e < 8 && col + e < Dv; ++e) dst[e] = src[e];
-    }
-  }
+  store_tile<T, BM, kHeadDim, kThreads>(static_cast<T*>(p.out) + (bh * p.Lq + i0) * int64_t(Dv), Dv, sO, rows, Dv,
+                                        tid);
 }
 
 template <typename T, int kHeadDim>

@@ -6,7 +6,7 @@ softmax with rescaled bucket sums and the final (bsum / l)·aV. It runs on the C
 kernel's bookkeeping can be checked against the naive reference without a GPU:
 
     python kernels/cuda/tile_model.py          # every case of tests/python/test_accuracy.py, several tile shapes
-    python kernels/cuda/tile_model.py --backward   # the backward model: every gradient vs the reference
+    pytest tests/python/test_tile_model.py     # forward and backward models (every gradient) on chosen cases
 
 When the CUDA kernel and this model disagree on a GPU, the kernel's lane-level code is at fault; when
 this model and the reference disagree, the algorithm is.
@@ -389,45 +389,6 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel
     return grads
 
 
-def _main_backward():
-    import torch
-    root = Path(__file__).resolve().parents[2]
-    sys.path.insert(0, str(root / "tests" / "python"))
-    from cases import gradients, make_grad_outputs, make_inputs, run_reference  # noqa: E402
-    import test_accuracy  # noqa: E402
-
-    def np_(t):
-        return None if t is None else (t.detach().numpy() if isinstance(t, torch.Tensor) else t)
-
-    worst = 0.0
-    for case in test_accuracy.CASES:
-        inp = make_inputs(case, torch.float64, requires_grad=True)
-        ref_out, ref_lse = run_reference(inp, torch.float64)
-        grad_out, grad_lse = make_grad_outputs(case, torch.float64)
-        ref = gradients(ref_out, ref_lse, inp.leaves(), grad_out, grad_lse)
-        kw = {n: (np_(t) if isinstance(t, torch.Tensor) else t) for n, t in inp.kwargs.items()}
-        for bm, bn, bk, bq in ((64, 64, 64, 64), (64, 32, 64, 32)):
-            got = mma_backward_model(np_(inp.q), np_(inp.k), np_(inp.v), np_(grad_out), np_(ref_lse),
-                                     np_(grad_lse), block_m=bm, block_n=bn, block_keys=bk, block_q=bq, **kw)
-            errs, bad = {}, []
-            for name, r in ref.items():
-                # a float32 table's reference gradient is rounded to float32: the float32 rule applies
-                tol = 1e-9 if r is None or r.dtype == torch.float64 else 1e-5 * (1 + r.abs().max().item())
-                r = np.zeros(tuple(inp.leaves()[name].shape)) if r is None else r.double().numpy()
-                gv = got[name]
-                assert not np.isnan(gv).any(), (case.name, name, "NaN or unwritten")
-                errs[name] = np.abs(gv - r).max() if r.size else 0.0
-                if errs[name] > tol:
-                    bad.append(name)
-                elif tol == 1e-9:
-                    worst = max(worst, errs[name])
-            e = max(errs.values()) if errs else 0.0
-            status = "ok" if not bad else "MISMATCH " + str({n: f"{errs[n]:.1e}" for n in bad})
-            print(f"{case.name:45s} A {bm}x{bn} B {bk}x{bq}: worst gradient error {e:.2e} {status}")
-            assert not bad
-    print(f"backward model: every gradient of every case agrees with the reference (worst {worst:.2e})")
-
-
 def _main():
     import torch
     root = Path(__file__).resolve().parents[2]
@@ -458,4 +419,4 @@ def _main():
 
 
 if __name__ == "__main__":
-    _main_backward() if "--backward" in sys.argv else _main()
+    _main()
