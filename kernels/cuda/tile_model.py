@@ -20,22 +20,29 @@ import numpy as np
 LOG2E = 1.4426950408889634
 
 
-def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
-                      alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
-                      block_m=64, block_n=64):
-    """(out, lse) as numpy float64 arrays; inputs are numpy arrays (tables [R,X] or [H,R,X])."""
+def _sizes(q, k, v, rel_k, rel_v, rel_bias, buckets, scale):
+    """(B, H, Lq, D, Hk, Lk, Dv, scale, R, M) of a call: the default scale, the bucket count of the tables,
+    the clipping distance of the distance table."""
     B, H, Lq, D = q.shape
     Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    HD = max(D, Dv)
     if scale is None:
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
     R = 0
     for t, ax in ((rel_k, -2), (rel_v, -2), (rel_bias, -1)):
         if t is not None:
             R = t.shape[ax]
+    M = (len(buckets) - 1) // 2 if buckets is not None else 0
+    return B, H, Lq, D, Hk, Lk, Dv, scale, R, M
+
+
+def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
+                      alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
+                      block_m=64, block_n=64):
+    """(out, lse) as numpy float64 arrays; inputs are numpy arrays (tables [R,X] or [H,R,X])."""
+    B, H, Lq, D, Hk, Lk, Dv, scale, R, M = _sizes(q, k, v, rel_k, rel_v, rel_bias, buckets, scale)
+    HD = max(D, Dv)
     has_tab = rel_k is not None or rel_bias is not None
     has_bsum = rel_v is not None
-    M = (len(buckets) - 1) // 2 if buckets is not None else 0
     BM, BN = block_m, block_n
     out = np.full((B, H, Lq, Dv), np.nan)
     lse = np.full((B, H, Lq), np.nan)
@@ -160,7 +167,7 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
     return out, lse
 
 
-def _row_tables(q, do, rel_k, rel_v, rel_bias, scale, R, HD, D, Dv):
+def _row_tables(q, do, rel_k, rel_v, rel_bias, scale, R):
     """Natural-unit row tables of one (b, h) as kernel A computes them: tab = scale*q·aK + bias, doa = do·aV."""
     Lq = q.shape[0]
     tab = np.zeros((Lq, R))
@@ -180,18 +187,10 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel
     """Every gradient (dq, dk, dv, d rel_k, d rel_v, d rel_bias) as numpy float64 arrays, computed with
     the index arithmetic of backward_mma_query_kernel (A: block_m x block_n tiles, two sweeps) and
     backward_mma_key_kernel (B: block_keys x block_q tiles, causal skipping, one-bucket tiles)."""
-    B, H, Lq, D = q.shape
-    Hk, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    B, H, Lq, D, Hk, Lk, Dv, scale, R, M = _sizes(q, k, v, rel_k, rel_v, rel_bias, buckets, scale)
     group = H // Hk
-    if scale is None:
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    R = 0
-    for t, ax in ((rel_k, -2), (rel_v, -2), (rel_bias, -1)):
-        if t is not None:
-            R = t.shape[ax]
     has_tab = rel_k is not None or rel_bias is not None
     has_doa = rel_v is not None
-    M = (len(buckets) - 1) // 2 if buckets is not None else 0
 
     def table(t, h):
         return None if t is None else (t if t.ndim == 2 else t[h])
@@ -229,7 +228,7 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel
         Q[:rows] = q[b, h, i0:i0 + rows]
         Do[:rows] = grad_out[b, h, i0:i0 + rows]
         tab, doa = _row_tables(Q, Do, table(rel_k, h), table(rel_v, h),
-                               None if rel_bias is None else rel_bias[h], scale, R, None, D, Dv)
+                               None if rel_bias is None else rel_bias[h], scale, R)
         row_tab[b, h, i0:i0 + rows] = tab[:rows]
         row_doa[b, h, i0:i0 + rows] = doa[:rows]
         lse2 = np.full(BM, np.inf)
