@@ -105,6 +105,12 @@ BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, cons
 void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Tensor& dq, const Tensor& dk,
                           const Tensor& dv, kernels::AttentionBwdParams& p);
 
+// What a backward kernel that sweeps the keys once needs beyond fill_backward_params (the CUDA tensor-core
+// backward): `out` itself (the centre Δ0 = do·out of dS, see kernels/cuda/backward.h) and the P bucket sums
+// also when only rel_k / rel_bias are given. Returns the tensors behind the new pointers, which must live
+// until the kernels are done.
+std::vector<Tensor> single_sweep_backward_inputs(const Prepared& a, const Tensor& out, kernels::AttentionBwdParams& p);
+
 // d rel_k, d rel_v, d rel_bias (empty tensors for absent tables) from the per-row bucket sums that every
 // backend's kernels leave behind: ds_sum [B,H,Lq,R] (Σ_β dS) and p_sum [B,H,Lq,R] (Σ_β P).
 std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& ds_sum, const Tensor& p_sum,

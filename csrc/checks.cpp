@@ -346,6 +346,16 @@ void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Ten
   }
 }
 
+std::vector<Tensor> single_sweep_backward_inputs(const Prepared& a, const Tensor& out, kernels::AttentionBwdParams& p) {
+  std::vector<Tensor> keep{out.contiguous()};
+  p.out = keep[0].data_ptr();
+  if (p.p_sum == nullptr && p.ds_sum != nullptr) {
+    keep.push_back(at::zeros({a.B, a.H, a.Lq, a.R}, a.q.options().dtype(a.acc_dtype)));
+    p.p_sum = keep.back().data_ptr();
+  }
+  return keep;
+}
+
 std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& ds_sum, const Tensor& p_sum,
                                                const Tensor& grad_out, const OptTensor& rel_k, const OptTensor& rel_v,
                                                const OptTensor& rel_bias) {

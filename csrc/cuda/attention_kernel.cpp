@@ -243,7 +243,9 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
         cudaDeviceGetAttribute(&smem_optin_attr, cudaDevAttrMaxSharedMemoryPerBlockOptin, q.device().index()));
     cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
     cudaError_t err = cudaSuccess;
+    std::vector<Tensor> single_sweep_inputs;  // alive until the kernels are done (stream-ordered frees)
     if (backward_uses_mma(a, dtype)) {
+      single_sweep_inputs = single_sweep_backward_inputs(a, out, p);
       with_mma_head_dim(kc::mma_head_dim_for(std::max(a.D, a.Dv)), [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
         if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {

@@ -3,15 +3,16 @@
 //
 // The math (kernels/params.h, SPEC §2), with P = exp(S - lse) recomputed from the forward's lse:
 //   dP_ij = do_i·v_j + doa[i,β]            doa[i,r] = do_i·aV[r]
-//   Δ_i   = Σ_j P_ij dP_ij - glse_i         (accumulated in fp32/fp64, never from the rounded `out`)
+//   Δ_i   = Σ_j P_ij dP_ij - glse_i         (accumulated in fp32/fp64; the rounded `out` only centres dS)
 //   dS_ij = P_ij (dP_ij - Δ_i)
 //   dq_i  = scale (Σ_j dS_ij k_j + Σ_r dsb[i,r] aK[r])     dk_j = scale Σ_i dS_ij q_i     dv_j = Σ_i P_ij do_i
 //   dsb[i,r] = Σ_{j:β=r} dS_ij   psb[i,r] = Σ_{j:β=r} P_ij   (left in ds_sum / p_sum for the tables)
 //
 // Two kernels, so that no two blocks ever write the same element (deterministic; no atomics anywhere):
-//   A  one CTA per (query tile, b, h): the row tables tab and doa (written to global scratch for B), a
-//      first sweep over the key tiles for Δ and psb, a second for dS, dsb and dq. Writes dq, delta,
-//      row_tab, row_doa, ds_sum, p_sum.
+//   A  one CTA per (query tile, b, h): the row tables tab and doa (written to global scratch for B), then
+//      the key tiles: tensor cores in one sweep (dS centred on Δ0 = do·out - glse, corrected by
+//      (Δ - Δ0)·Σ P K at the end; backward_mma.cuh), SIMT in two (Δ and psb, then dS, dsb and dq).
+//      Writes dq, delta, row_tab, row_doa, ds_sum, p_sum.
 //   B  one CTA per (key tile, b, kv head): over the heads of the group and the query tiles that can see
 //      the keys, Sᵀ = K Qᵀ and dPᵀ = V dOᵀ with the tables of A, then dv += Pᵀ dO and dk += dSᵀ Q in
 //      registers. Writes dk, dv.
@@ -56,7 +57,8 @@ struct BwdMmaConfig {
 
   // Kernel A: a tile of kBlockM query rows, key tiles of kBlockN.
   static constexpr int kBlockM = 64;
-  static constexpr int kBlockN = kHeadDim <= 64 ? 64 : 32;
+  // 32 keys from head dim 64 on: the single sweep keeps dq and Σ P K (2 x 16 x kHeadDim fp32 per warp).
+  static constexpr int kBlockN = kHeadDim <= 32 ? 64 : 32;
   static constexpr int kWinA = kBlockM + kBlockN;
   static constexpr int64_t kATileQ = int64_t(kBlockM) * kLd * 2;
   static constexpr int64_t kAStage = int64_t(kBlockN) * kLd * 2;

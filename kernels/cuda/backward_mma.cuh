@@ -4,12 +4,18 @@
 // forward's (same table GEMM, same order of the additions in log2 units).
 //
 // Kernel A (backward_mma_query_kernel): one CTA of 4 warps per (query tile of 64 rows, b, h); each warp
-// owns 16 rows. Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, twice:
-//   sweep 0: S = Q Kᵀ, dP = dO Vᵀ (+doa), P = 2^(S2 - lse2)  ->  Δ = Σ P∘dP - glse, psb += P by bucket
-//   sweep 1: the same, dS = P∘(dP - Δ)                       ->  dsb += dS by bucket, dq += dS K
-// then dq += dsb·aK and dq *= scale. Bucket sums go straight into this CTA's rows of the global scratch
-// (ds_sum / p_sum): a row whose tile distances all lie beyond ±M adds one row sum; otherwise the 4 lanes
-// holding a row add their elements in turn (lane order fixed: deterministic).
+// owns 16 rows. Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, once:
+//   S = Q Kᵀ, dP = dO Vᵀ (+doa), P = 2^(S2 - lse2), dS0 = P∘(dP - Δ0)
+//   -> Σ P∘dP, dsb0 += dS0 and psb += P by bucket, [dq0; pk] += [dS0; P] K (one GEMM of two m16 tiles)
+// with the centre Δ0 = do·out - glse from the rounded `out`. At the end Δ = Σ P∘dP - glse exactly (fp32,
+// kept for kernel B), c = Δ - Δ0, dq = dq0 - c·pk and dsb = dsb0 - c·psb: the result of dS = P∘(dP - Δ)
+// without a second sweep (FlashAttention takes Δ = do·out and lives with the rounding of `out`; here it
+// only centres dS0, so what rounds to fp16/bf16 on the way into the GEMM is ~dS, not P∘dP). A row with
+// at most one key of P > 0 has dS = glse there exactly and takes that (0, not rounding noise, without an
+// lse gradient). Then dq += dsb·aK and dq *= scale. Bucket sums go straight into this CTA's rows of the
+// global scratch (ds_sum / p_sum; p_sum also without rel_v, for the correction): a row whose tile
+// distances all lie beyond ±M adds one row sum; otherwise the 4 lanes holding a row add their elements
+// in turn (lane order fixed: deterministic).
 //
 // Kernel B (backward_mma_key_kernel): one CTA per (key tile of 64, b, kv head); each warp owns 16 keys,
 // with dk and dv accumulators in registers for the whole kernel. Over the heads of the group and the
@@ -46,13 +52,13 @@ RELATTN_DEVICE void stage_acc(T* s_warp, const float (&acc)[1][kHeadDim / 8][4],
 
 // Score-tile values (kNT n8 tiles of one m16 tile) as A fragments of the next GEMM, in T.
 template <typename T, int kNT>
-RELATTN_DEVICE void pack_a(uint32_t (&pa)[1][kNT / 2][4], const float (&acc)[1][kNT][4]) {
+RELATTN_DEVICE void pack_a(uint32_t (&pa)[kNT / 2][4], const float (&acc)[kNT][4]) {
 #pragma unroll
   for (int kk = 0; kk < kNT / 2; ++kk) {
-    pa[0][kk][0] = TypeInfo<T>::pack(acc[0][2 * kk][0], acc[0][2 * kk][1]);
-    pa[0][kk][1] = TypeInfo<T>::pack(acc[0][2 * kk][2], acc[0][2 * kk][3]);
-    pa[0][kk][2] = TypeInfo<T>::pack(acc[0][2 * kk + 1][0], acc[0][2 * kk + 1][1]);
-    pa[0][kk][3] = TypeInfo<T>::pack(acc[0][2 * kk + 1][2], acc[0][2 * kk + 1][3]);
+    pa[kk][0] = TypeInfo<T>::pack(acc[2 * kk][0], acc[2 * kk][1]);
+    pa[kk][1] = TypeInfo<T>::pack(acc[2 * kk][2], acc[2 * kk][3]);
+    pa[kk][2] = TypeInfo<T>::pack(acc[2 * kk + 1][0], acc[2 * kk + 1][1]);
+    pa[kk][3] = TypeInfo<T>::pack(acc[2 * kk + 1][2], acc[2 * kk + 1][3]);
   }
 }
 
@@ -115,7 +121,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   float* tab_g = has_tab ? static_cast<float*>(p.row_tab) + row0 * R : nullptr;
   float* doa_g = has_doa ? static_cast<float*>(p.row_doa) + row0 * R : nullptr;
   float* dsb_g = has_tab ? static_cast<float*>(p.ds_sum) + row0 * R : nullptr;
-  float* psb_g = has_doa ? static_cast<float*>(p.p_sum) + row0 * R : nullptr;
+  float* psb_g = has_tab || has_doa ? static_cast<float*>(p.p_sum) + row0 * R : nullptr;  // see the header
 
   int64_t j_end = p.Lk;
   if (p.causal) {
@@ -189,145 +195,180 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
   const float* lse_g = static_cast<const float*>(p.lse) + row0;
   const float* glse_g = p.grad_lse ? static_cast<const float*>(p.grad_lse) + row0 : nullptr;
+  const T* out_g = p.out ? static_cast<const T*>(p.out) + row0 * int64_t(Dv) : nullptr;
 
-  // lse in log2 units; +inf for rows that saw no key (and padding rows), so that P = 2^(s - lse2) = 0.
-  float lse2[2], delta[2] = {0.f, 0.f}, rowacc[2] = {0.f, 0.f};
+  // Per row (this thread's rows g and g+8): lse in log2 units, +inf for rows that saw no key (and padding
+  // rows) so that P = 2^(s - lse2) = 0; the centre Δ0 = do·out - glse from the rounded `out`; Σ P∘dP and
+  // a count of the keys with P > 0 (saturating at 2).
+  float lse2[2], glse[2], delta0[2], rowacc[2] = {0.f, 0.f}, seen[2] = {0.f, 0.f};
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int row = warp_row0 + g + hf * 8;
-    const float L = row < rows ? lse_g[row] : kNegInf;
+    const bool row_ok = row < rows;
+    const float L = row_ok ? lse_g[row] : kNegInf;
     lse2[hf] = L == kNegInf ? INFINITY : L * kLog2e;
+    glse[hf] = glse_g && row_ok ? glse_g[row] : 0.f;
+    float d0 = 0.f;
+    if (out_g && row_ok)
+      for (int c = tq; c < Dv; c += 4)
+        d0 += TypeInfo<T>::to_float(sDo[row * LD + c]) * TypeInfo<T>::to_float(out_g[row * int64_t(Dv) + c]);
+    delta0[hf] = quad_sum(d0) - glse[hf];  // every lane shuffles
   }
 
-  float acc_dq[1][kDT][4];
+  // acc_x[0] = Σ dS0 K (then dq), acc_x[1] = Σ P K: one GEMM of two m16 tiles shares the K fragments.
+  float acc_x[2][kDT][4];
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+#pragma unroll
+    for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_x[m][dt][e] = 0.f;
+  auto& acc_dq = *reinterpret_cast<float(*)[1][kDT][4]>(&acc_x[0]);
+
+  if (n_tiles > 0) issue_tile(0, 0);
+  cp_async_commit();
+  for (int64_t t = 0; t < n_tiles; ++t) {
+    const int stage = static_cast<int>(t & 1);
+    if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const int64_t j0 = t * BN;
+    gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
+    gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV + stage * BN * LD, lane);
+
+    // acc_s <- dS0 = P∘(dP - Δ0), acc_dp <- P.
+    int row_bucket[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = warp_row0 + g + hf * 8;
+      const bool row_ok = row < rows;
+      const int64_t pos = i0 + row + p.q_offset;
+      const int64_t dj = j0 - pos;
+      int rb = -1;
+      if (use_window) {
+        if (dj + BN - 1 <= -M) rb = bucket_first;
+        else if (dj >= M) rb = bucket_last;
+      }
+      row_bucket[hf] = rb;
+      int64_t lim = p.Lk - j0;
+      if (p.causal && 1 - dj < lim) lim = 1 - dj;
+      const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
+      const float tab_row = (has_tab && rb >= 0 && row_ok) ? tab_g[row * R + rb] * kLog2e : 0.f;
+      const float doa_row = (has_doa && rb >= 0 && row_ok) ? doa_g[row * R + rb] : 0.f;
+      const int32_t* ri_row = (use_index && row_ok) ? p.rel_index + b * p.rel_index_stride[0] +
+                                                          (i0 + row) * p.rel_index_stride[1] +
+                                                          j0 * p.rel_index_stride[2]
+                                                    : nullptr;
+#pragma unroll
+      for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int c = nt * 8 + 2 * tq + e1;
+          const int e = hf * 2 + e1;
+          int beta = 0;
+          if (rb < 0) {
+            if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+            else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
+          }
+          float s = acc_s[0][nt][e] * scale_log2;
+          if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
+          if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
+          const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
+          const float pv = masked ? 0.f : exp2f(s - lse2[hf]);
+          float dp = acc_dp[0][nt][e];
+          if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
+          rowacc[hf] += pv * dp;
+          seen[hf] = fminf(seen[hf] + (pv != 0.f ? 1.f : 0.f), 2.f);
+          acc_s[0][nt][e] = pv * (dp - delta0[hf]);
+          acc_dp[0][nt][e] = pv;
+        }
+    }
+
+    // Bucket sums of dS0 (for dq's key term, d rel_k, d rel_bias) and of P (for d rel_v, and for the
+    // correction of the dS0 sums at the end), straight into this CTA's rows of the global scratch.
+    if (psb_g != nullptr) {
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        float part_ds = 0.f, part_p = 0.f;
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt) {
+          part_ds += acc_s[0][nt][hf * 2] + acc_s[0][nt][hf * 2 + 1];
+          part_p += acc_dp[0][nt][hf * 2] + acc_dp[0][nt][hf * 2 + 1];
+        }
+        const float total_ds = quad_sum(part_ds);  // every lane shuffles
+        const float total_p = quad_sum(part_p);
+        const int row = warp_row0 + g + hf * 8;
+        if (row_bucket[hf] >= 0 && tq == 0 && row < rows) {
+          if (dsb_g) dsb_g[row * R + row_bucket[hf]] += total_ds;
+          psb_g[row * R + row_bucket[hf]] += total_p;
+        }
+      }
+      __syncwarp();
+      // Rows with several buckets in this tile: the quad's lanes take turns (fixed order).
+      for (int turn = 0; turn < 4; ++turn) {
+        if (tq == turn) {
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp_row0 + g + hf * 8;
+            if (row_bucket[hf] >= 0 || row >= rows) continue;
+            const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
+                                                    (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
+                                              : nullptr;
+#pragma unroll
+            for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+              for (int e1 = 0; e1 < 2; ++e1) {
+                const float pv = acc_dp[0][nt][hf * 2 + e1];
+                if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
+                const int c = nt * 8 + 2 * tq + e1;
+                const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
+                                            : ri_row[c * p.rel_index_stride[2]];
+                if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
+                psb_g[row * R + beta] += pv;
+              }
+          }
+        }
+        __syncwarp();
+      }
+    }
+
+    // acc_x += [dS0; P] K
+    uint32_t pa[2][BN / 16][4];
+    pack_a<T, kNT>(pa[0], acc_s[0]);
+    pack_a<T, kNT>(pa[1], acc_dp[0]);
+    gemm_pv<T, kHeadDim, 2, BN / 16>(acc_x, pa, sK + stage * BN * LD, lane);
+    __syncthreads();  // this stage is refilled two iterations on
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // Δ = Σ P∘dP - glse (kept for kernel B) and the correction c = Δ - Δ0:
+  //   dq = Σ dS0 K - c Σ P K,   dsb = Σ_β dS0 - c Σ_β P.
+  // A row with at most one key of P > 0 has dS = glse on that key exactly (0 without an lse gradient);
+  // it takes that value rather than the general formula's rounding noise.
+  float keep[2], corr[2];
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = warp_row0 + g + hf * 8;
+    const float d = quad_sum(rowacc[hf]) - glse[hf];
+    const bool several = quad_sum(seen[hf]) > 1.5f;
+    keep[hf] = several ? 1.f : 0.f;
+    corr[hf] = several ? d - delta0[hf] : -glse[hf];
+    if (tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
+  }
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dq[0][dt][e] = 0.f;
-
-  for (int sweep = 0; sweep < 2; ++sweep) {
-    if (n_tiles > 0) issue_tile(0, 0);
-    cp_async_commit();
-    for (int64_t t = 0; t < n_tiles; ++t) {
-      const int stage = static_cast<int>(t & 1);
-      if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
-      cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-
-      const int64_t j0 = t * BN;
-      gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
-      gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV + stage * BN * LD, lane);
-
-      int row_bucket[2];
+    for (int e = 0; e < 4; ++e) acc_x[0][dt][e] = keep[e >> 1] * acc_x[0][dt][e] - corr[e >> 1] * acc_x[1][dt][e];
+  if (dsb_g) {
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp_row0 + g + hf * 8;
-        const bool row_ok = row < rows;
-        const int64_t pos = i0 + row + p.q_offset;
-        const int64_t dj = j0 - pos;
-        int rb = -1;
-        if (use_window) {
-          if (dj + BN - 1 <= -M) rb = bucket_first;
-          else if (dj >= M) rb = bucket_last;
-        }
-        row_bucket[hf] = rb;
-        int64_t lim = p.Lk - j0;
-        if (p.causal && 1 - dj < lim) lim = 1 - dj;
-        const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
-        const float tab_row = (has_tab && rb >= 0 && row_ok) ? tab_g[row * R + rb] * kLog2e : 0.f;
-        const float doa_row = (has_doa && rb >= 0 && row_ok) ? doa_g[row * R + rb] : 0.f;
-        const int32_t* ri_row = (use_index && row_ok) ? p.rel_index + b * p.rel_index_stride[0] +
-                                                            (i0 + row) * p.rel_index_stride[1] +
-                                                            j0 * p.rel_index_stride[2]
-                                                      : nullptr;
-#pragma unroll
-        for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-          for (int e1 = 0; e1 < 2; ++e1) {
-            const int c = nt * 8 + 2 * tq + e1;
-            const int e = hf * 2 + e1;
-            int beta = 0;
-            if (rb < 0) {
-              if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-              else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
-            }
-            float s = acc_s[0][nt][e] * scale_log2;
-            if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
-            if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
-            const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
-            const float pv = masked ? 0.f : exp2f(s - lse2[hf]);
-            float dp = acc_dp[0][nt][e];
-            if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
-            if (sweep == 0) {
-              rowacc[hf] += pv * dp;
-              acc_s[0][nt][e] = pv;
-            } else {
-              acc_s[0][nt][e] = pv * (dp - delta[hf]);
-            }
-          }
-      }
-
-      // Bucket sums: P in sweep 0 (for d rel_v), dS in sweep 1 (for dq's key term, d rel_k, d rel_bias).
-      float* dst = sweep == 0 ? psb_g : dsb_g;
-      if (dst != nullptr) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float part = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < kNT; ++nt) part += acc_s[0][nt][hf * 2] + acc_s[0][nt][hf * 2 + 1];
-          const float total = quad_sum(part);  // every lane shuffles
-          const int row = warp_row0 + g + hf * 8;
-          if (row_bucket[hf] >= 0 && tq == 0 && row < rows) dst[row * R + row_bucket[hf]] += total;
-        }
-        __syncwarp();
-        // Rows with several buckets in this tile: the quad's lanes take turns (fixed order).
-        for (int turn = 0; turn < 4; ++turn) {
-          if (tq == turn) {
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const int row = warp_row0 + g + hf * 8;
-              if (row_bucket[hf] >= 0 || row >= rows) continue;
-              const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
-                                                      (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
-                                                : nullptr;
-#pragma unroll
-              for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                for (int e1 = 0; e1 < 2; ++e1) {
-                  const float val = acc_s[0][nt][hf * 2 + e1];
-                  if (val == 0.f) continue;  // masked keys (p = 0) may have no valid id
-                  const int c = nt * 8 + 2 * tq + e1;
-                  const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
-                                              : ri_row[c * p.rel_index_stride[2]];
-                  dst[row * R + beta] += val;
-                }
-            }
-          }
-          __syncwarp();
-        }
-      }
-
-      if (sweep == 1) {
-        uint32_t pa[1][BN / 16][4];
-        pack_a<T, kNT>(pa, acc_s);
-        gemm_pv<T, kHeadDim, 1, BN / 16>(acc_dq, pa, sK + stage * BN * LD, lane);
-      }
-      __syncthreads();  // this stage is refilled two iterations on
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-
-    if (sweep == 0) {
-      // Δ = Σ_j P dP - glse, kept for kernel B.
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp_row0 + g + hf * 8;
-        float d = quad_sum(rowacc[hf]);
-        if (glse_g && row < rows) d -= glse_g[row];
-        delta[hf] = d;
-        if (tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
-      }
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = warp_row0 + g + hf * 8;
+      if (row >= rows) continue;
+      for (int64_t r = tq; r < R; r += 4)
+        dsb_g[row * R + r] = keep[hf] * dsb_g[row * R + r] - corr[hf] * psb_g[row * R + r];
     }
   }
   __syncwarp();  // bucket sums written by the other lanes of this warp
@@ -541,9 +582,9 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
     }
 
     uint32_t pa[1][BQ / 16][4];
-    pack_a<T, kNT>(pa, acc_s);
+    pack_a<T, kNT>(pa[0], acc_s[0]);
     gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dv, pa, sDo + stage * BQ * LD, lane);
-    pack_a<T, kNT>(pa, acc_dp);
+    pack_a<T, kNT>(pa[0], acc_dp[0]);
     gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dk, pa, sQ + stage * BQ * LD, lane);
     __syncthreads();  // this stage is refilled two iterations on
   }

@@ -181,11 +181,12 @@ def _row_tables(q, do, rel_k, rel_v, rel_bias, scale, R):
     return tab, doa
 
 
-def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel_v=None, rel_bias=None,
+def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, out=None, rel_k=None, rel_v=None, rel_bias=None,
                        buckets=None, rel_index=None, alibi_slopes=None, key_padding_mask=None, causal=False,
                        scale=None, q_offset=0, block_m=64, block_n=64, block_keys=64, block_q=32):
     """Every gradient (dq, dk, dv, d rel_k, d rel_v, d rel_bias) as numpy float64 arrays, computed with
-    the index arithmetic of backward_mma_query_kernel (A: block_m x block_n tiles, two sweeps) and
+    the index arithmetic of backward_mma_query_kernel (A: block_m x block_n tiles, one sweep with dS
+    centred on Δ0 = do·out - glse and corrected at the end) and
     backward_mma_key_kernel (B: block_keys x block_q tiles, causal skipping, one-bucket tiles)."""
     B, H, Lq, D, Hk, Lk, Dv, scale, R, M = _sizes(q, k, v, rel_k, rel_v, rel_bias, buckets, scale)
     group = H // Hk
@@ -239,66 +240,78 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, rel_k=None, rel
             last = i0 + rows - 1 + q_offset + 1
             j_end = 0 if last < 0 else min(last, Lk)
         n_tiles = (j_end + BN - 1) // BN
+        # One sweep over the keys with dS0 = P∘(dP - Δ0) centred on Δ0 = do·out - glse (0 without out);
+        # Δ = Σ P∘dP - glse, then dq = Σ dS0 K - (Δ - Δ0) Σ P K and the dS bucket sums likewise. A row
+        # with at most one key of P > 0 takes its exact dS = glse instead.
+        gl = np.zeros(BM)
+        gl[:rows] = glse[b, h, i0:i0 + rows]
+        delta0 = -gl.copy()
+        if out is not None:
+            delta0[:rows] += np.einsum("id,id->i", Do[:rows], out[b, h, i0:i0 + rows])
         rowacc = np.zeros(BM)
-        delta = np.zeros(BM)
+        seen = np.zeros(BM)
         dsb = np.zeros((BM, R))
         psb = np.zeros((BM, R))
         acc_dq = np.zeros((BM, D))
-        for sweep in (0, 1):
-            for t in range(n_tiles):
-                j0 = t * BN
-                cols = min(BN, Lk - j0)
-                K = np.zeros((BN, D))
-                V = np.zeros((BN, Dv))
-                K[:cols] = k[b, kv, j0:j0 + cols]
-                V[:cols] = v[b, kv, j0:j0 + cols]
-                kpm_s = np.ones(BN, dtype=bool)
-                kpm_s[:cols] = key_padding_mask[b, j0:j0 + cols] if key_padding_mask is not None else False
-                win = bucket_window(j0 - (i0 + BM - 1 + q_offset), BM + BN - 1) if buckets is not None else None
-                S = Q @ K.T
-                dP = Do @ V.T
-                X = np.zeros((BM, BN))
-                for row in range(BM):
-                    row_ok = row < rows
-                    dj = j0 - (i0 + row + q_offset)
-                    rb = -1
-                    if buckets is not None:
-                        if dj + BN - 1 <= -M:
-                            rb = buckets[0]
-                        elif dj >= M:
-                            rb = buckets[2 * M]
-                    lim = Lk - j0
-                    if causal and 1 - dj < lim:
-                        lim = 1 - dj
-                    col_lim = min(max(lim, 0), BN)
-                    for c in range(BN):
-                        beta = rb if rb >= 0 else 0
-                        if rb < 0:
-                            if win is not None:
-                                beta = win[c - row + BM - 1]
-                            elif rel_index is not None and row_ok and c < col_lim:
-                                beta = index_of(b, i0 + row, j0 + c)
-                        s = S[row, c] * scale * LOG2E
-                        if has_tab and row_ok:
-                            s += tab[row, beta] * LOG2E
-                        if slope2 != 0:
-                            s -= slope2 * abs(dj + c)
-                        masked = c >= col_lim or kpm_s[c]
-                        pv = 0.0 if masked else np.exp2(s - lse2[row])
-                        dp = dP[row, c] + (doa[row, beta] if has_doa and row_ok else 0.0)
-                        if sweep == 0:
-                            rowacc[row] += pv * dp
-                            X[row, c] = pv
-                        else:
-                            X[row, c] = pv * (dp - delta[row])
-                        val = X[row, c]
-                        if val != 0 and row_ok and ((sweep == 0 and has_doa) or (sweep == 1 and has_tab)):
-                            (psb if sweep == 0 else dsb)[row, beta] += val
-                if sweep == 1:
-                    acc_dq += X @ K
-            if sweep == 0:
-                delta = rowacc - np.concatenate([glse[b, h, i0:i0 + rows], np.zeros(BM - rows)])
-                delta_all[b, h, i0:i0 + rows] = delta[:rows]
+        acc_pk = np.zeros((BM, D))
+        for t in range(n_tiles):
+            j0 = t * BN
+            cols = min(BN, Lk - j0)
+            K = np.zeros((BN, D))
+            V = np.zeros((BN, Dv))
+            K[:cols] = k[b, kv, j0:j0 + cols]
+            V[:cols] = v[b, kv, j0:j0 + cols]
+            kpm_s = np.ones(BN, dtype=bool)
+            kpm_s[:cols] = key_padding_mask[b, j0:j0 + cols] if key_padding_mask is not None else False
+            win = bucket_window(j0 - (i0 + BM - 1 + q_offset), BM + BN - 1) if buckets is not None else None
+            S = Q @ K.T
+            dP = Do @ V.T
+            dS0 = np.zeros((BM, BN))
+            P = np.zeros((BM, BN))
+            for row in range(BM):
+                row_ok = row < rows
+                dj = j0 - (i0 + row + q_offset)
+                rb = -1
+                if buckets is not None:
+                    if dj + BN - 1 <= -M:
+                        rb = buckets[0]
+                    elif dj >= M:
+                        rb = buckets[2 * M]
+                lim = Lk - j0
+                if causal and 1 - dj < lim:
+                    lim = 1 - dj
+                col_lim = min(max(lim, 0), BN)
+                for c in range(BN):
+                    beta = rb if rb >= 0 else 0
+                    if rb < 0:
+                        if win is not None:
+                            beta = win[c - row + BM - 1]
+                        elif rel_index is not None and row_ok and c < col_lim:
+                            beta = index_of(b, i0 + row, j0 + c)
+                    s = S[row, c] * scale * LOG2E
+                    if has_tab and row_ok:
+                        s += tab[row, beta] * LOG2E
+                    if slope2 != 0:
+                        s -= slope2 * abs(dj + c)
+                    masked = c >= col_lim or kpm_s[c]
+                    pv = 0.0 if masked else np.exp2(s - lse2[row])
+                    dp = dP[row, c] + (doa[row, beta] if has_doa and row_ok else 0.0)
+                    rowacc[row] += pv * dp
+                    seen[row] = min(seen[row] + (pv != 0), 2)
+                    dS0[row, c] = pv * (dp - delta0[row])
+                    P[row, c] = pv
+                    if pv != 0 and row_ok and (has_tab or has_doa):
+                        dsb[row, beta] += dS0[row, c]
+                        psb[row, beta] += pv
+            acc_dq += dS0 @ K
+            acc_pk += P @ K
+        delta = rowacc - gl
+        delta_all[b, h, i0:i0 + rows] = delta[:rows]
+        several = seen > 1
+        corr = np.where(several, delta - delta0, -gl)
+        keep = several.astype(float)
+        acc_dq = keep[:, None] * acc_dq - corr[:, None] * acc_pk
+        dsb = keep[:, None] * dsb - corr[:, None] * psb
         if rel_k is not None:
             acc_dq += dsb @ table(rel_k, h)
         dq[b, h, i0:i0 + rows] = scale * acc_dq[:rows]

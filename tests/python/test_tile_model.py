@@ -62,7 +62,8 @@ def test_backward_tile_model_matches_reference(case, tiles):
     kw = {n: _np(t) for n, t in inp.kwargs.items()}
     bm, bn, bk, bq = tiles
     got = tile_model.mma_backward_model(_np(inp.q), _np(inp.k), _np(inp.v), _np(grad_out), _np(ref_lse),
-                                        _np(grad_lse), block_m=bm, block_n=bn, block_keys=bk, block_q=bq, **kw)
+                                        _np(grad_lse), out=_np(ref_out), block_m=bm, block_n=bn, block_keys=bk,
+                                        block_q=bq, **kw)
     for name, r in ref.items():
         expected = np.zeros(tuple(inp.leaves()[name].shape)) if r is None else r.double().numpy()
         # a float32 table's reference gradient was rounded to float32

@@ -161,7 +161,7 @@ using Grads = std::vector<Tensor>;  // dq, dk, dv, d rel_k, d rel_v, d rel_bias
 
 template <typename Launch>
 Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor& grad_out, const OptTensor& grad_lse,
-               Launch launch) {
+               bool single_sweep, Launch launch) {
   Prepared a = prepare(c);
   relattn::ops::BackwardBuffers s = relattn::ops::backward_buffers(a, grad_out, out, lse, grad_lse);
   Tensor dq = at::full({a.B, a.H, a.Lq, a.D}, NAN, a.q.options());  // every element must be written
@@ -171,6 +171,8 @@ Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor
   relattn::ops::fill_backward_params(a, s, dq, dk, dv, p);
   set_vec_flags(p, a);
   p.do_vec_ok = aligned16(s.grad_out);
+  std::vector<Tensor> keep;
+  if (single_sweep) keep = relattn::ops::single_sweep_backward_inputs(a, out, p);
   EXPECT_EQ(launch(p), cudaSuccess);
   auto [gk, gv, gb] = relattn::ops::table_grads(a, s.ds_sum, s.p_sum, grad_out, c.rel_k, c.rel_v, c.rel_bias);
   return {dq, dk, dv, gk, gv, gb};
@@ -230,9 +232,9 @@ void check_mma(const Config& cfg) {
       cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
         if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {
-          return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
+          return backward(c, o, l, go, gl, true, [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
         } else {
-          return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
+          return backward(c, o, l, go, gl, false, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
         }
       });
 }
@@ -242,7 +244,7 @@ void check_simt(const Config& cfg) {
   check(
       cfg, [&](const Call& c) { return forward_simt<T>(c); },
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
-        return backward(c, o, l, go, gl, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
+        return backward(c, o, l, go, gl, false, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
       });
 }
 
@@ -276,6 +278,37 @@ TEST(CudaEmulation, TensorCoresHd32OddDimsElementwiseLoads) {
   Config c{.name = "D 17, Dv 9", .dtype = at::kHalf, .Lq = 19, .Lk = 23, .D = 17, .Dv = 9, .M = 4,
            .causal = true};
   check_mma<__half, 32>(c);
+}
+
+// Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
+TEST(CudaEmulation, TensorCoresHd64BiasOnlyCausal) {
+  Config c{.name = "T5 bias only", .H = 2, .Lq = 70, .Lk = 70, .D = 64, .Dv = 64, .positions = "t5",
+           .rel_k = false, .rel_v = false, .causal = true};
+  check_mma<__nv_bfloat16, 64>(c);
+}
+
+// A row that sees one key has dS = P(dP - Δ) = 0 exactly (no lse gradient): kernel A must give exact zeros
+// there, not the rounding noise of its centred single-sweep formula. Lk = 1 (every row) and causal row 0.
+TEST(CudaEmulation, TensorCoresOneKeyRowsExactZero) {
+  for (const int64_t Lk : {1, 40}) {
+    Config cfg{.name = "one key", .H = 2, .Lq = 40, .Lk = Lk, .D = 64, .Dv = 64, .M = 4, .causal = Lk > 1,
+               .with_grad_lse = false};
+    SCOPED_TRACE(Lk);
+    Call c = make_call(cfg);
+    auto [out, lse] = forward_mma<__nv_bfloat16, 64>(c, false);
+    at::manual_seed(1);
+    Tensor go = at::randn(out.sizes(), out.options());
+    Grads g = backward(c, out, lse, go, std::nullopt, true, [](const kc::BackwardParams& p) {
+      return kc::launch_backward_mma<__nv_bfloat16, 64>(p, nullptr);
+    });
+    const Tensor dq_row0 = g[0].select(2, 0);
+    EXPECT_TRUE(at::equal(dq_row0, at::zeros_like(dq_row0))) << "dq of a row with one key";
+    if (Lk == 1) {
+      EXPECT_TRUE(at::equal(g[0], at::zeros_like(g[0]))) << "dq";
+      EXPECT_TRUE(at::equal(g[3], at::zeros_like(g[3]))) << "d rel_k";
+      EXPECT_TRUE(at::equal(g[5], at::zeros_like(g[5]))) << "d rel_bias";
+    }
+  }
 }
 
 // Head dim 256: tensor-core forward, SIMT backward (as the binding chooses).
