@@ -93,15 +93,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const int tq = lane & 3;
   const int warp_row0 = warp * 16;
 
-  const int64_t nqb = (p.Lq + BM - 1) / BM;
   const int64_t slot = blockIdx.x;
-  const int64_t qb = nqb - 1 - slot % nqb;
-  const int64_t bh = slot / nqb;
-  const int64_t b = bh / p.H;
-  const int64_t h = bh % p.H;
-  const int64_t kv_head = h / (p.H / p.Hk);
-  const int64_t i0 = qb * BM;
-  const int rows = static_cast<int>(p.Lq - i0 < BM ? p.Lq - i0 : BM);
+  const QueryTile tile = query_tile<BM>(p, slot);
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
   const int Dv = static_cast<int>(p.Dv);
   const int64_t R = p.R;
@@ -123,11 +118,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   float* dsb_g = has_tab ? static_cast<float*>(p.ds_sum) + row0 * R : nullptr;
   float* psb_g = has_tab || has_doa ? static_cast<float*>(p.p_sum) + row0 * R : nullptr;  // see the header
 
-  int64_t j_end = p.Lk;
-  if (p.causal) {
-    const int64_t last = i0 + rows - 1 + p.q_offset + 1;
-    j_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
-  }
+  const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
 
   auto issue_tile = [&](int64_t t, int stage) {

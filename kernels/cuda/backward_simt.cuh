@@ -108,15 +108,10 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
   acc_t* sDl = sL + BM;                            // [BM] Δ
 
   const int tid = threadIdx.x;
-  const int64_t nqb = (p.Lq + BM - 1) / BM;
   const int64_t slot = blockIdx.x;
-  const int64_t qb = nqb - 1 - slot % nqb;
-  const int64_t bh = slot / nqb;
-  const int64_t b = bh / p.H;
-  const int64_t h = bh % p.H;
-  const int64_t kv_head = h / (p.H / p.Hk);
-  const int64_t i0 = qb * BM;
-  const int rows = static_cast<int>(p.Lq - i0 < BM ? p.Lq - i0 : BM);
+  const QueryTile tile = query_tile<BM>(p, slot);
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int rows = tile.rows;
   const int64_t row0 = bh * p.Lq + i0;
   const bool has_tab = p.has_tab();
   const bool has_doa = p.has_doa();
@@ -166,11 +161,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
   }
   __syncthreads();
 
-  int64_t j_end = p.Lk;
-  if (p.causal) {
-    const int64_t last = i0 + rows - 1 + p.q_offset + 1;
-    j_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
-  }
+  const int64_t j_end = tile.key_end;
 
   const int my_row = tid / 8;  // dq: row and columns of this thread
   const int my_col = tid % 8;

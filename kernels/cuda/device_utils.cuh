@@ -205,6 +205,33 @@ RELATTN_DEVICE double exp_acc(double x) { return exp(x); }
 RELATTN_DEVICE float log_acc(float x) { return logf(x); }
 RELATTN_DEVICE double log_acc(double x) { return log(x); }
 
+// The query tile of a CTA in the kernels that give each CTA one (query tile, b, h) (both forwards, the
+// backwards' kernel A). CTAs take the query tiles fastest, the last one (the heaviest under causal
+// masking) first. Keys [0, key_end) can be seen by some row of the tile: with causal masking none after
+// the position of its last row.
+struct QueryTile {
+  int64_t bh, b, h, kv_head, i0, key_end;
+  int rows;
+};
+
+template <int kBlockM, typename Params>
+RELATTN_DEVICE QueryTile query_tile(const Params& p, int64_t slot) {
+  QueryTile t;
+  const int64_t nqb = (p.Lq + kBlockM - 1) / kBlockM;
+  t.bh = slot / nqb;
+  t.b = t.bh / p.H;
+  t.h = t.bh % p.H;
+  t.kv_head = t.h / (p.H / p.Hk);
+  t.i0 = (nqb - 1 - slot % nqb) * kBlockM;
+  t.rows = static_cast<int>(p.Lq - t.i0 < kBlockM ? p.Lq - t.i0 : kBlockM);
+  t.key_end = p.Lk;
+  if (p.causal) {
+    const int64_t last = t.i0 + t.rows + p.q_offset;  // one past the last row's position
+    t.key_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
+  }
+  return t;
+}
+
 }  // namespace cuda
 }  // namespace kernels
 }  // namespace relattn
