@@ -6,7 +6,9 @@ Modes: fwd (the forward alone) and fwdbwd (forward, then torch.autograd.grad of 
 to q, k, v and every table that requires grad: a training step of the attention).
 
 Positional schemes and implementations, forward:
-    plain     relattn (no relative terms) | SDPA, flash backend | SDPA, default backend
+    plain     relattn (no relative terms) | SDPA, flash backend | SDPA, default backend | relattn_tabinst,
+              relattn with its plain kernel instance switched off (RELATTN_CUDA_PLAIN=0: the table
+              instance's tiles; a tuning data point)
     t5        relattn (rel_bias + t5_buckets) | SDPA with the [1,H,L,L] float bias materialised per call
               (causal folded in as -inf) | FlexAttention score_mod (bias-table gather) | naive eager
     alibi     relattn (alibi_slopes) | FlexAttention score_mod
@@ -70,7 +72,7 @@ MODES = ("fwd", "fwdbwd")
 # mode: [(scheme, impl)] in the order they run; the first impl of a scheme is its reference for max_err.
 RUNS = {
     "fwd": [
-        ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"),
+        ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"), ("plain", "relattn_tabinst"),
         ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
         ("shaw_kv", "relattn_gtab"),
         ("t5", "sdpa_bias"), ("t5", "naive"),
@@ -84,7 +86,10 @@ RUNS = {
     ],
 }
 SCHEMES = ("plain", "t5", "alibi", "shaw_k", "shaw_kv")
-IMPLS = ("relattn", "relattn_gtab", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
+IMPLS = ("relattn", "relattn_gtab", "relattn_tabinst", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
+# relattn's implementations: the binding's environment switch each sets (None: none).
+RELATTN_ENV = {"relattn": None, "relattn_gtab": ("RELATTN_CUDA_TABLES", "global"),
+               "relattn_tabinst": ("RELATTN_CUDA_PLAIN", "0")}
 T5 = (32, 128, True)  # num_buckets, max_distance, bidirectional
 CLIP_K = {"fwd": 64, "fwdbwd": 64}  # Shaw clipping distance per mode (k=64, R = 129: both targets' setting)
 # The tables that are learnable (requires_grad) in fwdbwd, by scheme; q, k and v always are.
@@ -119,7 +124,7 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS),
-                    help="only these implementations (relattn_gtab and sdpa_default run in fwd mode only)")
+                    help="only these implementations (relattn_gtab, relattn_tabinst and sdpa_default run in fwd mode only)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="stop starting new runs after this many seconds (the rest are recorded as skipped)")
@@ -158,7 +163,7 @@ def plan(args):
             for mode, scheme, impl in TARGET_RUNS:
                 if mode in modes and wanted(scheme, impl):
                     add((mode, TARGET_SHAPE, causal, scheme, impl))
-    tiers = ({"relattn", "relattn_gtab", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
+    tiers = ({"relattn", "relattn_gtab", "relattn_tabinst", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
     for tier in tiers:
         for mode in modes:
             for shape in args.shapes:
@@ -310,7 +315,7 @@ class Bench:
         q, k, v = x["q"], x["k"], x["v"]
         L, D = q.shape[2], q.shape[3]
         scale = 1.0 / math.sqrt(D)
-        if impl in ("relattn", "relattn_gtab"):
+        if impl in RELATTN_ENV:
             kw = {"plain": {}, "t5": dict(rel_bias=x["t5_bias"], buckets=x["t5_buckets"]),
                   "alibi": dict(alibi_slopes=x["slopes"]),
                   "shaw_k": dict(rel_k=x["rel_k"], buckets=x["clip_buckets"]),
@@ -318,12 +323,14 @@ class Bench:
             if impl == "relattn":
                 return lambda: ra.attention(q, k, v, causal=causal, **kw)
 
-            def run():  # the per-row tables in global scratch instead of shared memory (a tuning data point)
-                os.environ["RELATTN_CUDA_TABLES"] = "global"
+            var, value = RELATTN_ENV[impl]
+
+            def run():  # a tuning data point: the same call with a debug switch of the binding set
+                os.environ[var] = value
                 try:
                     return ra.attention(q, k, v, causal=causal, **kw)
                 finally:
-                    del os.environ["RELATTN_CUDA_TABLES"]
+                    del os.environ[var]
             return run
         if impl in ("sdpa_flash", "sdpa_default"):
             from torch.nn.attention import SDPBackend, sdpa_kernel

@@ -88,6 +88,8 @@ def main(argv=None):
         call(dtype, D=40, Dv=24, positions="index", R=7, Hk=1, H=2, padding=True)
         call(dtype, D=64, Lq=33, Lk=200, R=7, q_offset=-50)  # single-bucket rows on both sides
         call(dtype, D=64, misaligned=True, causal=True)
+        for D in (96, 128):  # no relative tables: the plain forward instance (128-row tiles)
+            call(dtype, D=D, Lq=150, Lk=90, positions="none", tables=(), alibi=True, padding=True, causal=True)
     # Rows that see no key (causal with a negative offset, and a fully padded batch): zero gradients, never NaN.
     call(torch.bfloat16, B=2, D=64, Lq=40, Lk=50, causal=True, q_offset=-8, padding="last_batch", Hk=1)
     os.environ["RELATTN_CUDA_TABLES"] = "global"

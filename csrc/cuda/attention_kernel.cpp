@@ -83,6 +83,7 @@ struct Plan {
   int64_t block_m = 0;   // query rows per CTA
   int64_t base_smem = 0; // shared memory without the tables
   int64_t table_bytes = 0;  // one per-row table in shared memory
+  bool plain = false;       // the plain tensor-core instance (no relative tables)
 };
 
 Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
@@ -103,11 +104,14 @@ Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
     }
   } else {
     plan.head_dim = kc::mma_head_dim_for(std::max(a.D, a.Dv));
+    plan.plain = !a.rel_k.defined() && !a.rel_v.defined() && !a.rel_bias.defined() &&
+                 env_str("RELATTN_CUDA_PLAIN") != "0";
+    const bool plain = plan.plain;
     with_mma_head_dim(plan.head_dim, [&](auto hd) {
-      using Cfg = kc::MmaConfig<decltype(hd)::value>;
-      plan.block_m = Cfg::kBlockM;
-      plan.base_smem = Cfg::kBaseBytes;
-      plan.table_bytes = Cfg::table_bytes(table_ld);
+      const kc::MmaForwardShape shape = kc::mma_forward_shape<decltype(hd)::value>(plain);
+      plan.block_m = shape.block_m;
+      plan.base_smem = shape.base_bytes;
+      plan.table_bytes = shape.table_bytes(table_ld);
     });
   }
   return plan;
@@ -166,6 +170,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
     p.bsum_scratch = bsum_scratch.defined() ? bsum_scratch.data_ptr() : nullptr;
   }
   p.tables_in_global = in_global;
+  p.plain = plan.plain;
   p.table_ld = table_ld;
   p.q_vec_ok = rows_16b_aligned(a.q);
   p.k_vec_ok = rows_16b_aligned(a.k);

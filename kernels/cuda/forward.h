@@ -41,8 +41,13 @@ struct ForwardParams : AttentionParams {
   bool k_vec_ok = false;
   bool v_vec_ok = false;
 
+  // Take the plain tensor-core instance (only honoured without relative tables; the binding sets it then,
+  // unless RELATTN_CUDA_PLAIN=0 asks for the table instance, e.g. to time one against the other).
+  bool plain = false;
+
   RELATTN_HOST_DEVICE bool has_tab() const { return rel_k != nullptr || rel_bias != nullptr; }
   RELATTN_HOST_DEVICE bool has_bsum() const { return rel_v != nullptr; }
+  RELATTN_HOST_DEVICE bool use_plain() const { return plain && !has_tab() && !has_bsum(); }
 };
 
 // ---- tensor-core kernel: tile shapes and the shared-memory layout (host and device agree on them) ----
@@ -58,15 +63,18 @@ RELATTN_HOST_DEVICE constexpr int mma_head_dim_for(int64_t d) {
   return d <= 32 ? 32 : d <= 64 ? 64 : d <= 96 ? 96 : d <= 128 ? 128 : 256;
 }
 
-template <int kHeadDim>
+// kPlain: the kernel instance for calls without relative tables (rel_k, rel_v, rel_bias; ALiBi, masks
+// and padding stay), whose lighter register needs allow 128-row tiles up to head dim 128.
+template <int kHeadDim, bool kPlain = false>
 struct MmaConfig {
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= kMaxHeadDim, "unsupported head dim");
-  // Tile shapes chosen so that ptxas keeps everything in registers (no spills, checked with -Xptxas -v)
-  // with all relative features compiled in: the O accumulator is kBlockM/4 x kHeadDim fp32 per warp and
-  // the score tile kBlockM/4 x kBlockN. 32 rows per warp (two m16 tiles) halve the shared-memory reads
-  // of K and V per flop where the registers allow it (head dims up to 64).
-  static constexpr int kBlockM = kHeadDim <= 64 ? 128 : 64;
-  static constexpr int kBlockN = kHeadDim == 64 || kHeadDim == 256 ? 32 : 64;
+  // Tile shapes chosen so that ptxas keeps everything in registers (checked with -Xptxas -v; NOTES.md has
+  // the table): the O accumulator is kBlockM/4 x kHeadDim fp32 per warp and the score tile kBlockM/4 x
+  // kBlockN. 32 rows per warp (two m16 tiles) halve the shared-memory reads of K and V per flop where the
+  // registers allow it: head dims up to 64 with the relative features compiled in, up to 128 without
+  // (with 32-key tiles from head dim 96 on, FlashAttention-2's rows per warp at hd 128).
+  static constexpr int kBlockM = kHeadDim <= 64 || (kPlain && kHeadDim <= 128) ? 128 : 64;
+  static constexpr int kBlockN = kHeadDim == 64 || kHeadDim == 256 || (kPlain && kHeadDim >= 96) ? 32 : 64;
   // Shared-memory row stride (elements): 16 extra bytes put the 8 rows of an ldmatrix on distinct banks.
   static constexpr int kLd = kHeadDim + 8;
   static constexpr int kWin = kBlockM + kBlockN;  // bucket ids of one tile's distances (per stage)
@@ -83,6 +91,20 @@ struct MmaConfig {
   // Bytes of one per-row table of row stride `ld` (float).
   RELATTN_HOST_DEVICE static constexpr int64_t table_bytes(int64_t ld) { return int64_t(kBlockM) * ld * 4; }
 };
+
+// What the host needs of the tensor-core instance a call takes (the plain one when the call has no
+// relative tables): query rows per CTA and shared memory without the per-row tables.
+struct MmaForwardShape {
+  int64_t block_m = 0;
+  int64_t base_bytes = 0;
+  int64_t table_bytes(int64_t ld) const { return block_m * ld * 4; }
+};
+
+template <int kHeadDim>
+inline MmaForwardShape mma_forward_shape(bool plain) {
+  if (plain) return {MmaConfig<kHeadDim, true>::kBlockM, MmaConfig<kHeadDim, true>::kBaseBytes};
+  return {MmaConfig<kHeadDim>::kBlockM, MmaConfig<kHeadDim>::kBaseBytes};
+}
 
 // ---- SIMT kernel ----------------------------------------------------------------------------------------
 

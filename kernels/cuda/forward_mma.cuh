@@ -20,8 +20,10 @@
 // ±M takes one bucket for the whole row (one table read, bucket sum = row sum). With rel_index the ids
 // are read from memory per element.
 //
-// Features are runtime flags (uniform branches); only the element type and padded head dim are template
-// parameters. Rows and columns beyond Lq/Lk/D/Dv are zero-filled in shared memory, so every tile is full.
+// Features are runtime flags (uniform branches); the template parameters are the element type, the padded
+// head dim and kPlain: calls without relative tables take an instance compiled without the table code,
+// whose lighter register needs allow 128-row tiles (32 rows per warp) up to head dim 128. Rows and columns
+// beyond Lq/Lk/D/Dv are zero-filled in shared memory, so every tile is full.
 // All offsets that can exceed 2^31 (b, h, row, key indices times strides) are int64.
 #pragma once
 
@@ -192,10 +194,10 @@ RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t
 
 }  // namespace mma_detail
 
-template <typename T, int kHeadDim>
+template <typename T, int kHeadDim, bool kPlain>
 __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_constant__ ForwardParams p) {
   using namespace mma_detail;
-  using Cfg = MmaConfig<kHeadDim>;
+  using Cfg = MmaConfig<kHeadDim, kPlain>;
   constexpr int BM = Cfg::kBlockM;
   constexpr int BN = Cfg::kBlockN;
   constexpr int LD = Cfg::kLd;
@@ -230,10 +232,10 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const int Dv = static_cast<int>(p.Dv);
   const int64_t R = p.R;
   const int64_t M = p.max_distance;
-  const bool has_tab = p.has_tab();
-  const bool has_bsum = p.has_bsum();
-  const bool use_window = p.buckets != nullptr;
-  const bool use_index = p.rel_index != nullptr;
+  const bool has_tab = !kPlain && p.has_tab();
+  const bool has_bsum = !kPlain && p.has_bsum();
+  const bool use_window = !kPlain && p.buckets != nullptr;
+  const bool use_index = !kPlain && p.rel_index != nullptr;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
@@ -556,8 +558,14 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
 template <typename T, int kHeadDim>
 cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
-  const int64_t blocks = (p.Lq + MmaConfig<kHeadDim>::kBlockM - 1) / MmaConfig<kHeadDim>::kBlockM * p.B * p.H;
-  return launch_kernel(forward_mma_kernel<T, kHeadDim>, blocks, kMmaThreads, smem_bytes, stream, p);
+  if (p.use_plain()) {  // no relative tables: the plain instance (MmaConfig<hd, true>)
+    constexpr int BM = MmaConfig<kHeadDim, true>::kBlockM;
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, true>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
+                         smem_bytes, stream, p);
+  }
+  constexpr int BM = MmaConfig<kHeadDim>::kBlockM;
+  return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
+                       smem_bytes, stream, p);
 }
 
 }  // namespace cuda

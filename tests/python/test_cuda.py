@@ -37,6 +37,9 @@ F32 = torch.float32
 # Shapes that only the CUDA kernels care about (tile edges, padded head dims, table placement).
 CUDA_CASES = [
     Case("hd32_plain_odd", B=2, H=3, Lq=65, Lk=127, D=32),
+    # no relative tables: the plain forward instance, 128-row tiles at head dims 96 and 128
+    Case("hd96_plain_alibi_causal", alibi=True, causal=True, q_offset=-5, Lq=257, Lk=250, D=96),
+    Case("hd128_plain_padding_gqa", padding="random", H=4, Hk=2, Lq=130, Lk=129, D=100, Dv=128),
     Case("hd64_shaw_clip", rel_k="shared", rel_v="shared", positions="clip", M=16, Lq=129, Lk=257, D=64),
     Case("hd96_t5_causal", rel_bias=True, positions="t5", causal=True, Lq=127, Lk=127, D=96),
     Case("hd128_everything", rel_k="per_head", rel_v="shared", rel_bias=True, positions="clip", M=8,

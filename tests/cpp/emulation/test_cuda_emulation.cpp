@@ -120,19 +120,20 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   set_vec_flags(p, a);
-  using Cfg = kc::MmaConfig<HD>;
   p.table_ld = kc::table_ld_for(a.R);
   const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
+  p.plain = n_tables == 0;
+  const kc::MmaForwardShape shape = kc::mma_forward_shape<HD>(p.plain);
   Tensor tab, bsum;
-  const int64_t blocks = (a.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * a.B * a.H;
+  const int64_t blocks = (a.Lq + shape.block_m - 1) / shape.block_m * a.B * a.H;
   if (tables_in_global && n_tables > 0) {
-    if (p.has_tab()) tab = at::empty({blocks * Cfg::kBlockM, p.table_ld}, at::kFloat);
-    if (p.has_bsum()) bsum = at::empty({blocks * Cfg::kBlockM, p.table_ld}, at::kFloat);
+    if (p.has_tab()) tab = at::empty({blocks * shape.block_m, p.table_ld}, at::kFloat);
+    if (p.has_bsum()) bsum = at::empty({blocks * shape.block_m, p.table_ld}, at::kFloat);
     p.tab_scratch = tab.defined() ? tab.data_ptr() : nullptr;
     p.bsum_scratch = bsum.defined() ? bsum.data_ptr() : nullptr;
     p.tables_in_global = true;
   }
-  const int64_t smem = Cfg::kBaseBytes + (p.tables_in_global ? 0 : n_tables * Cfg::table_bytes(p.table_ld));
+  const int64_t smem = shape.base_bytes + (p.tables_in_global ? 0 : n_tables * shape.table_bytes(p.table_ld));
   EXPECT_EQ((kc::launch_forward_mma<T, HD>(p, smem, nullptr)), cudaSuccess);
   return {out, lse};
 }
@@ -278,6 +279,20 @@ TEST(CudaEmulation, TensorCoresHd32OddDimsElementwiseLoads) {
   Config c{.name = "D 17, Dv 9", .dtype = at::kHalf, .Lq = 19, .Lk = 23, .D = 17, .Dv = 9, .M = 4,
            .causal = true};
   check_mma<__half, 32>(c);
+}
+
+// No relative tables: the plain forward instance (128-row tiles up to head dim 128), with ALiBi, padding,
+// causal masking, a query offset and grouped-query heads.
+TEST(CudaEmulation, TensorCoresHd128PlainAlibiCausalPaddingGqa) {
+  Config c{.name = "hd128 plain", .B = 2, .H = 2, .Hk = 1, .Lq = 136, .Lk = 100, .D = 128, .Dv = 128,
+           .positions = "none", .alibi = true, .padding = true, .causal = true, .q_offset = -7};
+  check_mma<__nv_bfloat16, 128>(c);
+}
+
+TEST(CudaEmulation, TensorCoresHd96PlainOddDims) {
+  Config c{.name = "hd96 plain (D 80, Dv 96)", .dtype = at::kHalf, .Lq = 130, .Lk = 33, .D = 80, .Dv = 96,
+           .positions = "none"};
+  check_mma<__half, 96>(c);
 }
 
 // Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
