@@ -35,6 +35,19 @@ def _sizes(q, k, v, rel_k, rel_v, rel_bias, buckets, scale):
     return B, H, Lq, D, Hk, Lk, Dv, scale, R, M
 
 
+def _key_tile(k, v, key_padding_mask, b, kv, j0, n, width_k, width_v):
+    """A tile of n keys from j0 as the kernels stage it: K [n, width_k] and V [n, width_v] zero-filled beyond
+    Lk and the head dims, and the padding flags (True beyond Lk)."""
+    cols = min(n, k.shape[2] - j0)
+    K = np.zeros((n, width_k))
+    V = np.zeros((n, width_v))
+    K[:cols, :k.shape[3]] = k[b, kv, j0:j0 + cols]
+    V[:cols, :v.shape[3]] = v[b, kv, j0:j0 + cols]
+    kpm = np.ones(n, dtype=bool)
+    kpm[:cols] = key_padding_mask[b, j0:j0 + cols] if key_padding_mask is not None else False
+    return K, V, kpm
+
+
 def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
                       alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
                       block_m=64, block_n=64):
@@ -86,14 +99,7 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
         O = np.zeros((BM, HD))
         for t in range(n_tiles):
             j0 = t * BN
-            cols = min(BN, Lk - j0)
-            K = np.zeros((BN, HD))
-            V = np.zeros((BN, HD))
-            K[:cols, :D] = k[b, kv, j0:j0 + cols]
-            V[:cols, :Dv] = v[b, kv, j0:j0 + cols]
-            kpm_s = np.ones(BN, dtype=bool)
-            if key_padding_mask is not None:
-                kpm_s[:cols] = key_padding_mask[b, j0:j0 + cols]
+            K, V, kpm_s = _key_tile(k, v, key_padding_mask, b, kv, j0, BN, HD, HD)
             win = None
             if buckets is not None:
                 d0 = j0 - (i0 + BM - 1 + q_offset)
@@ -256,13 +262,7 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, out=None, rel_k
         acc_pk = np.zeros((BM, D))
         for t in range(n_tiles):
             j0 = t * BN
-            cols = min(BN, Lk - j0)
-            K = np.zeros((BN, D))
-            V = np.zeros((BN, Dv))
-            K[:cols] = k[b, kv, j0:j0 + cols]
-            V[:cols] = v[b, kv, j0:j0 + cols]
-            kpm_s = np.ones(BN, dtype=bool)
-            kpm_s[:cols] = key_padding_mask[b, j0:j0 + cols] if key_padding_mask is not None else False
+            K, V, kpm_s = _key_tile(k, v, key_padding_mask, b, kv, j0, BN, D, Dv)
             win = bucket_window(j0 - (i0 + BM - 1 + q_offset), BM + BN - 1) if buckets is not None else None
             S = Q @ K.T
             dP = Do @ V.T
@@ -328,12 +328,7 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, out=None, rel_k
         b, g = bg // Hk, bg % Hk
         j0 = kb * BK
         keys = min(BK, Lk - j0)
-        K = np.zeros((BK, D))
-        V = np.zeros((BK, Dv))
-        K[:keys] = k[b, g, j0:j0 + keys]
-        V[:keys] = v[b, g, j0:j0 + keys]
-        kpm_s = np.ones(BK, dtype=bool)
-        kpm_s[:keys] = key_padding_mask[b, j0:j0 + keys] if key_padding_mask is not None else False
+        K, V, kpm_s = _key_tile(k, v, key_padding_mask, b, g, j0, BK, D, Dv)
         i_first = max(0, j0 - q_offset) if causal else 0
         qt_first = nq if i_first >= Lq else i_first // BQ
         n_vis = nq - qt_first
