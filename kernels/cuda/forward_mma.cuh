@@ -223,7 +223,6 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const int tq = lane & 3;   // column pair within an n8 tile
   const int warp_row0 = warp * kRowsPerWarp;
 
-  // Block -> (b, h, query tile): query tiles vary fastest, the last (heaviest under causal masking) first.
   const int64_t slot = blockIdx.x;
   const QueryTile tile = query_tile<BM>(p, slot);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
