@@ -4,19 +4,25 @@
 // this header: a launch runs the grid one CTA at a time, one std::thread per CUDA thread, and
 //   __syncthreads / __syncwarp        std::barrier of the CTA / of the warp
 //   __shfl_xor_sync, __match_any_sync  an exchange through a per-warp buffer between two warp barriers
-//   cp.async                            a synchronous 16-byte copy (commit / wait do nothing)
+//   cp.async                            deferred: the destination's 16 bytes turn to 0xFF (NaN) at the
+//                                       issue and get the data only when the issuing thread's
+//                                       cp.async.wait_group retires that group, so a read before the wait
+//                                       and barrier (RAW), or a refill of a stage other threads still
+//                                       read (WAR), shows up as NaN in the results
 //   ldmatrix (.x4, .x4.trans)           each lane publishes its row address; each lane then reads the
 //                                       elements the PTX ISA assigns to it from the other lanes' rows
 //   mma.sync m16n8k16 (f16/bf16 -> f32) each lane publishes its A/B fragments; each lane computes its four
 //                                       C elements from the whole warp's fragments (fp32 sums)
 // with the fragment layouts of the PTX ISA (the same ones device_utils.cuh documents). Dynamic shared
 // memory is one buffer, filled with 0xFF bytes (NaN in every float type) before each CTA so that a read of
-// a location no thread wrote shows up in the results. What emulation cannot show: real concurrency
-// between cp.async and compute, timing, and any behaviour that differs from the documented layouts.
+// a location no thread wrote shows up in the results. What emulation cannot show: timing, the hardware's
+// own interleavings (the host threads' interleavings are only a sample of them), and any behaviour that
+// differs from the documented layouts.
 #pragma once
 
 #include <barrier>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -51,9 +57,31 @@ struct Dim3 {
   unsigned x = 0, y = 0, z = 0;
 };
 
+// This thread's cp.async copies that have not landed: `copies` in issue order, `group_end[g]` = the
+// number of copies issued before the g-th commit still pending.
+struct AsyncCopies {
+  struct Copy {
+    void* dst;
+    const void* src;
+  };
+  std::vector<Copy> copies;
+  std::vector<size_t> group_end;
+
+  // Lands the oldest `groups` committed groups.
+  void land(size_t groups) {
+    if (groups == 0) return;
+    const size_t n = group_end[groups - 1];
+    for (size_t i = 0; i < n; ++i) std::memcpy(copies[i].dst, copies[i].src, 16);
+    copies.erase(copies.begin(), copies.begin() + static_cast<std::ptrdiff_t>(n));
+    group_end.erase(group_end.begin(), group_end.begin() + static_cast<std::ptrdiff_t>(groups));
+    for (size_t& e : group_end) e -= n;
+  }
+};
+
 struct ThreadState {
   Dim3 thread, block;
   int warp = 0, lane = 0;
+  AsyncCopies async;
 };
 inline thread_local ThreadState tls;
 
@@ -142,7 +170,10 @@ void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
       tls.block = Dim3{static_cast<unsigned>(block), 0, 0};
       tls.warp = t / 32;
       tls.lane = t % 32;
+      tls.async = {};
       body();
+      tls.async.group_end.push_back(tls.async.copies.size());  // what a real GPU lands after the exit
+      tls.async.land(tls.async.group_end.size());
     });
   }
   for (auto& th : pool) th.join();
@@ -153,10 +184,18 @@ void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
 
 // ---- the PTX wrappers of device_utils.cuh ----------------------------------------------------------
 
-inline void cp_async_16(void* smem_dst, const void* gmem_src) { std::memcpy(smem_dst, gmem_src, 16); }
-inline void cp_async_commit() {}
+inline void cp_async_16(void* smem_dst, const void* gmem_src) {
+  std::memset(smem_dst, 0xFF, 16);  // undefined until the copy's group is waited for
+  emu::tls.async.copies.push_back({smem_dst, gmem_src});
+}
+inline void cp_async_commit() { emu::tls.async.group_end.push_back(emu::tls.async.copies.size()); }
+// cp.async.wait_group N: every committed group but the newest N has landed (copies issued after the last
+// commit belong to no group and stay in flight).
 template <int N>
-inline void cp_async_wait() {}
+inline void cp_async_wait() {
+  const size_t groups = emu::tls.async.group_end.size();
+  if (groups > static_cast<size_t>(N)) emu::tls.async.land(groups - N);
+}
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
   emu::my_slot()[0] = reinterpret_cast<uint64_t>(smem_row);
