@@ -13,7 +13,10 @@
 //                                       elements the PTX ISA assigns to it from the other lanes' rows
 //   mma.sync m16n8k16 (f16/bf16 -> f32) each lane publishes its A/B fragments; each lane computes its four
 //                                       C elements from the whole warp's fragments (fp32 sums)
-// with the fragment layouts of the PTX ISA (the same ones device_utils.cuh documents). Dynamic shared
+// with the fragment layouts of the PTX ISA (the same ones device_utils.cuh documents). cp.async and ldmatrix
+// addresses are checked where the hardware faults (16-byte alignment, inside the launch's dynamic shared
+// memory): the launch then returns cudaErrorMisalignedAddress / cudaErrorIllegalAddress and prints the first
+// offender. Dynamic shared
 // memory is one buffer, filled with 0xFF bytes (NaN in every float type) before each CTA so that a read of
 // a location no thread wrote shows up in the results. What emulation cannot show: timing, the hardware's
 // own interleavings (the host threads' interleavings are only a sample of them), and any behaviour that
@@ -25,7 +28,10 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <cstdio>
 #include <memory>
+#include <mutex>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -86,7 +92,7 @@ struct ThreadState {
 inline thread_local ThreadState tls;
 
 struct Cta {
-  explicit Cta(int threads) : block(threads), n_warps(threads / 32) {
+  Cta(int threads, int64_t smem_bytes) : block(threads), n_warps(threads / 32), smem_bytes(smem_bytes) {
     for (int w = 0; w < n_warps; ++w) warps.push_back(std::make_unique<std::barrier<>>(32));
     exchange.resize(static_cast<size_t>(n_warps) * 32 * 8);
   }
@@ -94,12 +100,55 @@ struct Cta {
   int n_warps;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<uint64_t> exchange;  // [warp][lane][8]
+  int64_t smem_bytes;              // the launch's dynamic shared memory
+  // The first bad address a cp.async or ldmatrix of this CTA was given (what a GPU reports as a
+  // misaligned or illegal address); the access itself is skipped.
+  std::mutex fault_mutex;
+  cudaError_t fault = cudaSuccess;
+  std::string fault_message;
+
+  void report(cudaError_t err, const std::string& what) {
+    std::lock_guard<std::mutex> lock(fault_mutex);
+    if (fault != cudaSuccess) return;
+    fault = err;
+    fault_message = what;
+  }
 
   uint64_t* slot(int warp, int lane) { return exchange.data() + (static_cast<size_t>(warp) * 32 + lane) * 8; }
 };
 inline Cta* cta = nullptr;
 
 inline uint64_t* my_slot() { return cta->slot(tls.warp, tls.lane); }
+
+// A 16-byte access of shared memory at `addr` by `op`: aligned, and inside the launch's dynamic shared
+// memory (either name of it). False, with the fault recorded, when not.
+inline bool smem_access_ok(const void* addr, const char* op) {
+  const auto a = reinterpret_cast<uintptr_t>(addr);
+  const char* what = nullptr;
+  cudaError_t err = cudaErrorIllegalAddress;
+  if (a % 16 != 0) {
+    what = "is not 16-byte aligned";
+    err = cudaErrorMisalignedAddress;
+  } else {
+    auto inside = [&](const unsigned char* base) {
+      const auto b = reinterpret_cast<uintptr_t>(base);
+      return a >= b && a + 16 <= b + static_cast<uintptr_t>(cta->smem_bytes);
+    };
+    if (!inside(smem) && !inside(smem_raw)) what = "lies outside the launch's dynamic shared memory";
+  }
+  if (what == nullptr) return true;
+  cta->report(err, std::string(op) + ": shared-memory address " + what + " (thread " + std::to_string(tls.thread.x) +
+                       " of block " + std::to_string(tls.block.x) + ")");
+  return false;
+}
+
+inline bool global_access_ok(const void* addr, const char* op) {
+  if (reinterpret_cast<uintptr_t>(addr) % 16 == 0 && addr != nullptr) return true;
+  cta->report(cudaErrorMisalignedAddress, std::string(op) + ": global address is null or not 16-byte aligned (thread " +
+                                              std::to_string(tls.thread.x) + " of block " +
+                                              std::to_string(tls.block.x) + ")");
+  return false;
+}
 inline uint64_t* lane_slot(int lane) { return cta->slot(tls.warp, lane); }
 
 }  // namespace emu
@@ -156,11 +205,12 @@ inline float half_bits_to_float(uint16_t bits) {
 }
 
 // Runs `body` as `threads` CUDA threads of CTA `block` (joins before returning).
+// Returns the CTA's first fault (cudaSuccess if none).
 template <typename F>
-void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
+cudaError_t run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
   std::memset(smem, 0xFF, static_cast<size_t>(smem_bytes));
   std::memset(smem_raw, 0xFF, static_cast<size_t>(smem_bytes));
-  Cta c(threads);
+  Cta c(threads, smem_bytes);
   cta = &c;
   std::vector<std::thread> pool;
   pool.reserve(threads);
@@ -178,6 +228,8 @@ void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
   }
   for (auto& th : pool) th.join();
   cta = nullptr;
+  if (c.fault != cudaSuccess) std::fprintf(stderr, "relattn CUDA emulation: %s\n", c.fault_message.c_str());
+  return c.fault;
 }
 
 }  // namespace emu
@@ -185,6 +237,7 @@ void run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
 // ---- the PTX wrappers of device_utils.cuh ----------------------------------------------------------
 
 inline void cp_async_16(void* smem_dst, const void* gmem_src) {
+  if (!emu::smem_access_ok(smem_dst, "cp.async") || !emu::global_access_ok(gmem_src, "cp.async")) return;
   std::memset(smem_dst, 0xFF, 16);  // undefined until the copy's group is waited for
   emu::tls.async.copies.push_back({smem_dst, gmem_src});
 }
@@ -198,6 +251,7 @@ inline void cp_async_wait() {
 }
 
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  if (!emu::smem_access_ok(smem_row, "ldmatrix")) smem_row = smem;  // keeps the warp's barriers in step
   emu::my_slot()[0] = reinterpret_cast<uint64_t>(smem_row);
   __syncwarp();
   const int l = emu::tls.lane;
@@ -210,6 +264,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
 }
 
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem_row) {
+  if (!emu::smem_access_ok(smem_row, "ldmatrix")) smem_row = smem;  // keeps the warp's barriers in step
   emu::my_slot()[0] = reinterpret_cast<uint64_t>(smem_row);
   __syncwarp();
   const int l = emu::tls.lane;
@@ -263,7 +318,10 @@ template <typename Kernel, typename Params>
 cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t, const Params& p) {
   if (blocks <= 0) return cudaSuccess;
   if (smem > kEmulatedSmemBytes || threads % 32 != 0) return cudaErrorInvalidValue;
-  for (int64_t b = 0; b < blocks; ++b) emu::run_cta(b, threads, smem, [&] { kernel(p); });
+  for (int64_t b = 0; b < blocks; ++b) {
+    const cudaError_t err = emu::run_cta(b, threads, smem, [&] { kernel(p); });
+    if (err != cudaSuccess) return err;
+  }
   return cudaSuccess;
 }
 
