@@ -208,8 +208,9 @@ inline float half_bits_to_float(uint16_t bits) {
 // Returns the CTA's first fault (cudaSuccess if none).
 template <typename F>
 cudaError_t run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
-  std::memset(smem, 0xFF, static_cast<size_t>(smem_bytes));
-  std::memset(smem_raw, 0xFF, static_cast<size_t>(smem_bytes));
+  // All of it, so that a read past the launch's size gives NaN and a write past it is seen below.
+  std::memset(smem, 0xFF, sizeof(smem));
+  std::memset(smem_raw, 0xFF, sizeof(smem_raw));
   Cta c(threads, smem_bytes);
   cta = &c;
   std::vector<std::thread> pool;
@@ -228,6 +229,13 @@ cudaError_t run_cta(int64_t block, int threads, int64_t smem_bytes, F&& body) {
   }
   for (auto& th : pool) th.join();
   cta = nullptr;
+  for (const unsigned char* buf : {smem, smem_raw})
+    for (int64_t i = smem_bytes; i < kEmulatedSmemBytes; ++i)
+      if (buf[i] != 0xFF) {
+        c.report(cudaErrorIllegalAddress, "a thread wrote shared memory at byte " + std::to_string(i) +
+                                              ", past the launch's " + std::to_string(smem_bytes) + " bytes");
+        break;
+      }
   if (c.fault != cudaSuccess) std::fprintf(stderr, "relattn CUDA emulation: %s\n", c.fault_message.c_str());
   return c.fault;
 }
