@@ -17,8 +17,9 @@
 //
 // Buckets per tile: with the distance table, the bucket ids of the kBlockM+kBlockN-1 distances the tile
 // spans are staged in shared memory (the "window"), and a row whose distances in the tile all lie beyond
-// ±M takes one bucket for the whole row (one table read, bucket sum = row sum). With rel_index the ids
-// are read from memory per element.
+// ±M takes one bucket for the whole row: its table value and its bucket sum (the row sum) live in
+// registers, so such a tile touches no table memory. With rel_index the ids are read from memory per
+// element.
 //
 // Features are runtime flags (uniform branches); the template parameters are the element type, the padded
 // head dim and kPlain: calls without relative tables take an instance compiled without the table code,
@@ -313,6 +314,13 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   float row_max[kMT][2];  // running max of s2 (log2 units), -inf until a key is seen
   float row_sum[kMT][2];  // this thread's part of l (the quad's 4 lanes add up at the end)
+  // Tiles where a row's distances all lie beyond ±M (most tiles of a long sequence) touch no table memory:
+  // the row's two far table values sit in registers, and so do its bucket sums of those tiles (this lane's
+  // part, rescaled with l). The bsum row in memory is rescaled lazily: bscale is the product of the
+  // corrections since the row last added to it, applied before its next window tile and at the end.
+  float tab_far[kMT][2][2];  // [.][.][0]: tab2 of bucket_first, [1]: of bucket_last
+  float bsum_far[kMT][2][2];
+  float bscale[kMT][2];
   float acc_o[kMT][kDT][4];
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
@@ -320,6 +328,13 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     for (int hf = 0; hf < 2; ++hf) {
       row_max[mt][hf] = kNegInf;
       row_sum[mt][hf] = 0.f;
+      bscale[mt][hf] = 1.f;
+      const int row = warp_row0 + mt * 16 + g + hf * 8;
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        tab_far[mt][hf][x] = has_tab && use_window ? tab[row * ld + (x ? bucket_last : bucket_first)] : 0.f;
+        bsum_far[mt][hf][x] = 0.f;
+      }
     }
 #pragma unroll
     for (int dt = 0; dt < kDT; ++dt)
@@ -338,7 +353,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     gemm_qk<T, kHeadDim, kMT, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
 
     // Scores in log2 units with the relative terms and masks.
-    int row_bucket[kMT][2];  // bucket of the whole row in this tile, or -1
+    int row_far[kMT][2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -346,18 +361,18 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         const int row = warp_row0 + mt * 16 + g + hf * 8;
         const int64_t pos = i0 + row + p.q_offset;
         const int64_t dj = j0 - pos;  // distance of the tile's first column
-        int rb = -1;
+        int far = 0;
         if (use_window) {
-          if (dj + BN - 1 <= -M) rb = bucket_first;
-          else if (dj >= M) rb = bucket_last;
+          if (dj + BN - 1 <= -M) far = 1;
+          else if (dj >= M) far = 2;
         }
-        row_bucket[mt][hf] = rb;
+        row_far[mt][hf] = far;
         // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
         // (j - pos <= 0  <=>  c < 1 - dj)
         int64_t lim = p.Lk - j0;
         if (p.causal && 1 - dj < lim) lim = 1 - dj;
         const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
-        const float tab_row = (has_tab && rb >= 0) ? tab[row * ld + rb] : 0.f;
+        const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
         const int32_t* ri_row = (use_index && row < rows)
                                     ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
                                           j0 * p.rel_index_stride[2]
@@ -369,7 +384,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
             const int c = nt * 8 + 2 * tq + e1;
             float s = acc_s[mt][nt][hf * 2 + e1] * scale_log2;
             if (has_tab) {
-              if (rb >= 0) {
+              if (far) {
                 s += tab_row;
               } else {
                 int beta = 0;
@@ -420,58 +435,65 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     }
 
     if (has_bsum) {
-      // Rescale the bucket sums of rows whose max moved (the quad's lanes split the row), then add p̃.
+      // Far rows add their row sum to a register; rows with several buckets in this tile first apply their
+      // pending rescale to the bsum row (the quad's lanes split it), then the quad's 4 lanes add their
+      // elements in turn, so the order of the additions is fixed (bit-identical results run to run; no
+      // atomics). A warp whose rows are all far in this tile skips the memory part.
+      bool any_window = false;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          if (corr[mt][hf] != 1.f) {
-            float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
-            for (int64_t r = tq; r < R; r += 4) br[r] *= corr[mt][hf];
-          }
+          const float c = corr[mt][hf];
+          const int far = row_far[mt][hf];
+          bscale[mt][hf] *= c;
+          bsum_far[mt][hf][0] = bsum_far[mt][hf][0] * c + (far == 1 ? psum[mt][hf] : 0.f);
+          bsum_far[mt][hf][1] = bsum_far[mt][hf][1] * c + (far == 2 ? psum[mt][hf] : 0.f);
+          any_window |= far == 0;
         }
-      __syncwarp();
-      // Single-bucket rows add their row sum; the other rows' elements are added by the quad's 4 lanes in
-      // turn, so the order of the additions is fixed (bit-identical results run to run; no atomics).
+      if (__any_sync(0xffffffffu, any_window)) {
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const float row_total = quad_sum(psum[mt][hf]);  // outside the branch: every lane shuffles
-          const int row = warp_row0 + mt * 16 + g + hf * 8;
-          if (row_bucket[mt][hf] >= 0 && tq == 0) bsum[row * ld + row_bucket[mt][hf]] += row_total;
-        }
-      __syncwarp();
-      for (int turn = 0; turn < 4; ++turn) {
-        if (tq == turn) {
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              if (row_bucket[mt][hf] >= 0) continue;
-              const int row = warp_row0 + mt * 16 + g + hf * 8;
-              float* br = bsum + row * ld;
-              const int32_t* ri_row =
-                  (use_index && row < rows)
-                      ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
-                            j0 * p.rel_index_stride[2]
-                      : nullptr;
-#pragma unroll
-              for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-                for (int e1 = 0; e1 < 2; ++e1) {
-                  const float pv = acc_s[mt][nt][hf * 2 + e1];
-                  if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
-                    const int c = nt * 8 + 2 * tq + e1;
-                    int beta = 0;
-                    if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                    else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                    br[beta] += pv;
-                  }
-                }
+          for (int hf = 0; hf < 2; ++hf) {
+            if (row_far[mt][hf] == 0 && bscale[mt][hf] != 1.f) {
+              float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
+              for (int64_t r = tq; r < R; r += 4) br[r] *= bscale[mt][hf];
+              bscale[mt][hf] = 1.f;
             }
-        }
+          }
         __syncwarp();
+        for (int turn = 0; turn < 4; ++turn) {
+          if (tq == turn) {
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                if (row_far[mt][hf] != 0) continue;
+                const int row = warp_row0 + mt * 16 + g + hf * 8;
+                float* br = bsum + row * ld;
+                const int32_t* ri_row =
+                    (use_index && row < rows)
+                        ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
+                              j0 * p.rel_index_stride[2]
+                        : nullptr;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                  for (int e1 = 0; e1 < 2; ++e1) {
+                    const float pv = acc_s[mt][nt][hf * 2 + e1];
+                    if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
+                      const int c = nt * 8 + 2 * tq + e1;
+                      int beta = 0;
+                      if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                      else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
+                      br[beta] += pv;
+                    }
+                  }
+              }
+          }
+          __syncwarp();
+        }
       }
     }
 
@@ -488,6 +510,31 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
       }
     gemm_pv<T, kHeadDim, kMT, BN / 16>(acc_o, pa, sV + stage * BN * LD, lane);
     __syncthreads();  // this stage is refilled two iterations on
+  }
+  if (has_bsum) {
+    // The pending rescales, then the far tiles' sums.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        if (bscale[mt][hf] != 1.f) {
+          float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
+          for (int64_t r = tq; r < R; r += 4) br[r] *= bscale[mt][hf];
+        }
+      }
+    __syncwarp();
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const float lo = quad_sum(bsum_far[mt][hf][0]);  // every lane shuffles
+        const float hi = quad_sum(bsum_far[mt][hf][1]);
+        if (use_window && tq == 0) {
+          float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
+          br[bucket_first] += lo;
+          br[bucket_last] += hi;
+        }
+      }
   }
   cp_async_wait<0>();
   __syncthreads();

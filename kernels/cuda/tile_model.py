@@ -2,7 +2,7 @@
 backward, the two kernels of kernels/cuda/backward_mma.cuh), written
 with the kernel's own index arithmetic: CTA order, query/key tiles, zero-filled padding, the causal key
 limit, the per-tile bucket window, the single-bucket rows, the per-row tables in log2 units, the online
-softmax with rescaled bucket sums and the final (bsum / l)·aV. It runs on the CPU in float64, so that the
+softmax with rescaled bucket sums (far rows' sums kept apart, the rest rescaled lazily) and the final (bsum / l)·aV. It runs on the CPU in float64, so that the
 kernel's bookkeeping can be checked against the naive reference without a GPU:
 
     python kernels/cuda/tile_model.py          # every case of tests/python/test_accuracy.py, several tile shapes
@@ -93,6 +93,8 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
                             val = val + rel_bias[h, r]
                         tab[:, r] = val * LOG2E
         bsum = np.zeros((BM, R))
+        bscale = np.ones(BM)
+        far_sum = np.zeros((BM, 2))  # bucket sums of the far tiles: [0] distances <= -M, [1] >= M
         slope2 = float(alibi_slopes[h]) * LOG2E if alibi_slopes is not None else 0.0
         row_max = np.full(BM, -np.inf)
         row_sum = np.zeros(BM)
@@ -108,15 +110,16 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
             s2 = np.empty((BM, BN))
             betas = np.zeros((BM, BN), dtype=np.int64)
             row_bucket = np.full(BM, -1)
+            far = np.zeros(BM, dtype=np.int64)  # 1: all distances <= -M, 2: all >= M
             for row in range(BM):
                 pos = i0 + row + q_offset
                 dj = j0 - pos
                 rb = -1
                 if buckets is not None:
                     if dj + BN - 1 <= -M:
-                        rb = buckets[0]
+                        rb, far[row] = buckets[0], 1
                     elif dj >= M:
-                        rb = buckets[2 * M]
+                        rb, far[row] = buckets[2 * M], 2
                 row_bucket[row] = rb
                 lim = Lk - j0
                 if causal and 1 - dj < lim:
@@ -147,15 +150,26 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
             row_sum = row_sum * corr + P.sum(axis=1)
             O *= corr[:, None]
             if has_bsum:
-                bsum *= corr[:, None]
+                # far rows: the row sum into the register of their far bucket; the bsum row in memory is
+                # rescaled lazily (bscale: the corrections since its last window tile)
+                bscale *= corr
+                far_sum *= corr[:, None]
                 for row in range(BM):
                     if row_bucket[row] >= 0:
-                        bsum[row, row_bucket[row]] += P[row].sum()
+                        far_sum[row, far[row] - 1] += P[row].sum()
                     else:
+                        bsum[row] *= bscale[row]
+                        bscale[row] = 1.0
                         for c in range(BN):
                             if P[row, c] != 0:
                                 bsum[row, betas[row, c]] += P[row, c]
             O += P @ V
+        if has_bsum:
+            bsum *= bscale[:, None]
+            if buckets is not None:
+                for row in range(BM):
+                    bsum[row, buckets[0]] += far_sum[row, 0]
+                    bsum[row, buckets[2 * M]] += far_sum[row, 1]
         inv = np.where(row_sum > 0, 1.0 / np.where(row_sum > 0, row_sum, 1.0), 0.0)
         lse_t = np.where(row_sum > 0, (row_max + np.log2(np.where(row_sum > 0, row_sum, 1.0))) / LOG2E, -np.inf)
         O *= inv[:, None]

@@ -3,7 +3,8 @@
 // Compiled with a host compiler and -DRELATTN_CUDA_EMULATION, kernels/cuda/*.cuh build as plain C++ against
 // this header: a launch runs the grid one CTA at a time, one std::thread per CUDA thread, and
 //   __syncthreads / __syncwarp        std::barrier of the CTA / of the warp
-//   __shfl_xor_sync, __match_any_sync  an exchange through a per-warp buffer between two warp barriers
+//   __shfl_xor_sync, __match_any_sync,
+//   __any_sync                          an exchange through a per-warp buffer between two warp barriers
 //   cp.async                            deferred: the destination's 16 bytes turn to 0xFF (NaN) at the
 //                                       issue and get the data only when the issuing thread's
 //                                       cp.async.wait_group retires that group, so a read before the wait
@@ -186,6 +187,16 @@ inline unsigned __match_any_sync(unsigned, int value) {
     if (e::lane_slot(l)[0] == static_cast<uint64_t>(static_cast<int64_t>(value))) m |= 1u << l;
   __syncwarp();
   return m;
+}
+
+inline int __any_sync(unsigned, int predicate) {
+  namespace e = ::relattn::kernels::cuda::emu;
+  e::my_slot()[0] = predicate != 0;
+  __syncwarp();
+  int any = 0;
+  for (int l = 0; l < 32; ++l) any |= e::lane_slot(l)[0] != 0;
+  __syncwarp();
+  return any;
 }
 
 inline int __ffs(int x) { return __builtin_ffs(x); }
