@@ -12,10 +12,11 @@
 // without a second sweep (FlashAttention takes Δ = do·out and lives with the rounding of `out`; here it
 // only centres dS0, so what rounds to fp16/bf16 on the way into the GEMM is ~dS, not P∘dP). A row with
 // at most one key of P > 0 has dS = glse there exactly and takes that (0, not rounding noise, without an
-// lse gradient). Then dq += dsb·aK and dq *= scale. Bucket sums go straight into this CTA's rows of the
-// global scratch (ds_sum / p_sum; p_sum also without rel_v, for the correction): a row whose tile
-// distances all lie beyond ±M adds one row sum; otherwise the 4 lanes holding a row add their elements
-// in turn (lane order fixed: deterministic).
+// lse gradient). Then dq += dsb·aK and dq *= scale. Bucket sums go into this CTA's rows of the global
+// scratch (ds_sum / p_sum; p_sum also without rel_v, for the correction): a row whose tile distances all
+// lie beyond ±M adds its row sums to registers (one pair per far side, flushed after the sweep, so a warp
+// whose rows are all far skips the memory); otherwise the 4 lanes holding a row add their elements in
+// turn (lane order fixed: deterministic).
 //
 // Kernel B (backward_mma_key_kernel): one CTA per (key tile of 64, b, kv head); each warp owns 16 keys,
 // with dk and dv accumulators in registers for the whole kernel. Over the heads of the group and the
@@ -215,6 +216,9 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc_x[m][dt][e] = 0.f;
   auto& acc_dq = *reinterpret_cast<float(*)[1][kDT][4]>(&acc_x[0]);
+  // Bucket sums of the far tiles (a row's distances all <= -M: [0], all >= M: [1]), this lane's part, in
+  // registers until the end: such a tile adds nothing to memory.
+  float dsb_far[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, psb_far[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
   if (n_tiles > 0) issue_tile(0, 0);
   cp_async_commit();
@@ -230,7 +234,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
     gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV + stage * BN * LD, lane);
 
     // acc_s <- dS0 = P∘(dP - Δ0), acc_dp <- P.
-    int row_bucket[2];
+    int row_far[2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = warp_row0 + g + hf * 8;
@@ -238,11 +242,11 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
       const int64_t pos = i0 + row + p.q_offset;
       const int64_t dj = j0 - pos;
       int rb = -1;
+      row_far[hf] = 0;
       if (use_window) {
-        if (dj + BN - 1 <= -M) rb = bucket_first;
-        else if (dj >= M) rb = bucket_last;
+        if (dj + BN - 1 <= -M) rb = bucket_first, row_far[hf] = 1;
+        else if (dj >= M) rb = bucket_last, row_far[hf] = 2;
       }
-      row_bucket[hf] = rb;
       int64_t lim = p.Lk - j0;
       if (p.causal && 1 - dj < lim) lim = 1 - dj;
       const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
@@ -278,8 +282,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
     }
 
     // Bucket sums of dS0 (for dq's key term, d rel_k, d rel_bias) and of P (for d rel_v, and for the
-    // correction of the dS0 sums at the end), straight into this CTA's rows of the global scratch.
+    // correction of the dS0 sums at the end): far rows into registers; rows with several buckets in this
+    // tile straight into this CTA's rows of the global scratch, the quad's lanes taking turns (fixed order).
     if (psb_g != nullptr) {
+      bool any_window = false;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         float part_ds = 0.f, part_p = 0.f;
@@ -288,40 +294,39 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
           part_ds += acc_s[0][nt][hf * 2] + acc_s[0][nt][hf * 2 + 1];
           part_p += acc_dp[0][nt][hf * 2] + acc_dp[0][nt][hf * 2 + 1];
         }
-        const float total_ds = quad_sum(part_ds);  // every lane shuffles
-        const float total_p = quad_sum(part_p);
-        const int row = warp_row0 + g + hf * 8;
-        if (row_bucket[hf] >= 0 && tq == 0 && row < rows) {
-          if (dsb_g) dsb_g[row * R + row_bucket[hf]] += total_ds;
-          psb_g[row * R + row_bucket[hf]] += total_p;
+#pragma unroll
+        for (int x = 0; x < 2; ++x) {
+          dsb_far[hf][x] += row_far[hf] == x + 1 ? part_ds : 0.f;
+          psb_far[hf][x] += row_far[hf] == x + 1 ? part_p : 0.f;
         }
+        any_window |= row_far[hf] == 0 && warp_row0 + g + hf * 8 < rows;
       }
-      __syncwarp();
-      // Rows with several buckets in this tile: the quad's lanes take turns (fixed order).
-      for (int turn = 0; turn < 4; ++turn) {
-        if (tq == turn) {
+      if (__any_sync(0xffffffffu, any_window)) {
+        for (int turn = 0; turn < 4; ++turn) {
+          if (tq == turn) {
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int row = warp_row0 + g + hf * 8;
-            if (row_bucket[hf] >= 0 || row >= rows) continue;
-            const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
-                                                    (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
-                                              : nullptr;
+            for (int hf = 0; hf < 2; ++hf) {
+              const int row = warp_row0 + g + hf * 8;
+              if (row_far[hf] != 0 || row >= rows) continue;
+              const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
+                                                      (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
+                                                : nullptr;
 #pragma unroll
-            for (int nt = 0; nt < kNT; ++nt)
+              for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-              for (int e1 = 0; e1 < 2; ++e1) {
-                const float pv = acc_dp[0][nt][hf * 2 + e1];
-                if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
-                const int c = nt * 8 + 2 * tq + e1;
-                const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
-                                            : ri_row[c * p.rel_index_stride[2]];
-                if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
-                psb_g[row * R + beta] += pv;
-              }
+                for (int e1 = 0; e1 < 2; ++e1) {
+                  const float pv = acc_dp[0][nt][hf * 2 + e1];
+                  if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
+                  const int c = nt * 8 + 2 * tq + e1;
+                  const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
+                                              : ri_row[c * p.rel_index_stride[2]];
+                  if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
+                  psb_g[row * R + beta] += pv;
+                }
+            }
           }
+          __syncwarp();
         }
-        __syncwarp();
       }
     }
 
@@ -334,6 +339,25 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   }
   cp_async_wait<0>();
   __syncthreads();
+
+  // The far tiles' bucket sums join the rest.
+  if (psb_g != nullptr && use_window) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = warp_row0 + g + hf * 8;
+#pragma unroll
+      for (int x = 0; x < 2; ++x) {
+        const float ds = quad_sum(dsb_far[hf][x]);  // every lane shuffles
+        const float pp = quad_sum(psb_far[hf][x]);
+        if (tq == 0 && row < rows) {
+          const int64_t at = row * R + (x ? bucket_last : bucket_first);
+          if (dsb_g) dsb_g[at] += ds;
+          psb_g[at] += pp;
+        }
+      }
+    }
+    __syncwarp();
+  }
 
   // Δ = Σ P∘dP - glse (kept for kernel B) and the correction c = Δ - Δ0:
   //   dq = Σ dS0 K - c Σ P K,   dsb = Σ_β dS0 - c Σ_β P.
