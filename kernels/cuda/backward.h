@@ -80,7 +80,9 @@ struct BwdMmaConfig {
   static constexpr int64_t kBOffDo = kBOffQ + 2 * kBStage;    // dO: 2 stages
   static constexpr int64_t kBOffLse = kBOffDo + 2 * kBStage;  // float [2][kBlockQ]: lse in log2 units
   static constexpr int64_t kBOffDelta = kBOffLse + 2 * kBlockQ * 4;  // float [2][kBlockQ]
-  static constexpr int64_t kBOffWin = kBOffDelta + 2 * kBlockQ * 4;  // int32 [2][kWinB]
+  static constexpr int64_t kBOffFar = kBOffDelta + 2 * kBlockQ * 4;  // float [2][2][kBlockQ]: far tiles' table
+                                                                     // column (log2 units) and doa column
+  static constexpr int64_t kBOffWin = kBOffFar + 4 * kBlockQ * 4;    // int32 [2][kWinB]
   static constexpr int64_t kBOffKpm = kBOffWin + 2 * kWinB * 4;      // uint8 [kBlockKeys]
   static constexpr int64_t kBBytes = (kBOffKpm + kBlockKeys + 15) / 16 * 16;
 };

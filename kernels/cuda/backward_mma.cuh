@@ -20,7 +20,8 @@
 //
 // Kernel B (backward_mma_key_kernel): one CTA per (key tile of 64, b, kv head); each warp owns 16 keys,
 // with dk and dv accumulators in registers for the whole kernel. Over the heads of the group and the
-// query tiles that can see the tile (causal skipping), Q/dO tiles stream through two cp.async stages:
+// query tiles that can see the tile (causal skipping), Q/dO tiles stream through two cp.async stages
+// (with their lse, Δ and, for a pair beyond ±M, the rows' table values of its one bucket):
 //   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (+doa), Pᵀ, dSᵀ = Pᵀ∘(dPᵀ - Δ); dv += Pᵀ dO, dk += dSᵀ Q (P and dS go from the
 // accumulators straight into A fragments, as P does in the forward).
 #pragma once
@@ -437,6 +438,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
   T* sDo = reinterpret_cast<T*>(smem + Cfg::kBOffDo);
   float* sLse = reinterpret_cast<float*>(smem + Cfg::kBOffLse);
   float* sDelta = reinterpret_cast<float*>(smem + Cfg::kBOffDelta);
+  float* sFar = reinterpret_cast<float*>(smem + Cfg::kBOffFar);
   int32_t* sWin = reinterpret_cast<int32_t*>(smem + Cfg::kBOffWin);
   uint8_t* sKpm = smem + Cfg::kBOffKpm;
 
@@ -482,6 +484,16 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
     sKpm[c] = c < keys ? (kpm ? kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0 : 0) : 1;
   cp_async_commit();
 
+  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
+  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
+  // A (key tile, query tile) pair whose distances all lie beyond ±M on one side has one bucket; -1 if not.
+  auto far_bucket = [&](int64_t i0) -> int {
+    if (!use_window) return -1;
+    const int64_t d_max = (j0 + BK - 1) - (i0 + p.q_offset);
+    const int64_t d_min = j0 - (i0 + BQ - 1 + p.q_offset);
+    return d_max <= -M ? bucket_first : (d_min >= M ? bucket_last : -1);
+  };
+
   auto issue_iter = [&](int64_t it, int stage) {
     const int64_t h = kv_head * group + it / n_vis;
     const int64_t i0 = (qt_first + it % n_vis) * BQ;
@@ -493,10 +505,19 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
     load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv, p.do_vec_ok,
                                          tid);
     const int64_t r0 = (b * p.H + h) * p.Lq + i0;
+    // Per query row: lse (log2 units), Δ, and for a far pair the row's table values of its one bucket, so
+    // that the compute reads them from shared memory rather than every lane gathering them.
+    const int tb = far_bucket(i0);
     for (int c = tid; c < BQ; c += kThreads) {
       const float L = c < rows ? static_cast<const float*>(p.lse)[r0 + c] : kNegInf;
       sLse[stage * BQ + c] = L == kNegInf ? INFINITY : L * kLog2e;
       sDelta[stage * BQ + c] = c < rows ? static_cast<const float*>(p.delta)[r0 + c] : 0.f;
+      if (tb >= 0) {
+        sFar[(stage * 2) * BQ + c] =
+            has_tab && c < rows ? static_cast<const float*>(p.row_tab)[(r0 + c) * R + tb] * kLog2e : 0.f;
+        sFar[(stage * 2 + 1) * BQ + c] =
+            has_doa && c < rows ? static_cast<const float*>(p.row_doa)[(r0 + c) * R + tb] : 0.f;
+      }
     }
     if (use_window) {
       // entry w holds the bucket of key row kr and query column c with w = kr - c + BQ - 1
@@ -511,8 +532,6 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
 
   const float scale = static_cast<float>(p.scale);
   const float scale_log2 = scale * kLog2e;
-  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
-  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
 
   float acc_dk[1][kDT][4], acc_dv[1][kDT][4];
 #pragma unroll
@@ -545,24 +564,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
     gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sK + warp_key0 * LD, sQ + stage * BQ * LD, lane);
     gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sV + warp_key0 * LD, sDo + stage * BQ * LD, lane);
 
-    // A tile whose distances all lie beyond ±M on one side has one bucket: its table values are one
-    // column of the row tables, read once per lane.
-    int tb = -1;
-    if (use_window) {
-      const int64_t d_max = (j0 + BK - 1) - (i0 + p.q_offset);
-      const int64_t d_min = j0 - (i0 + BQ - 1 + p.q_offset);
-      if (d_max <= -M) tb = bucket_first;
-      else if (d_min >= M) tb = bucket_last;
-    }
-    float tcol[kNT][2], dcol[kNT][2];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt)
-#pragma unroll
-      for (int e1 = 0; e1 < 2; ++e1) {
-        const int c = nt * 8 + 2 * tq + e1;
-        tcol[nt][e1] = (tb >= 0 && has_tab && c < rows) ? tab_g[c * R + tb] * kLog2e : 0.f;
-        dcol[nt][e1] = (tb >= 0 && has_doa && c < rows) ? doa_g[c * R + tb] : 0.f;
-      }
+    // A far pair (one bucket): its table values are the column staged with the query tile.
+    const int tb = far_bucket(i0);
+    const float* tcol = sFar + (stage * 2) * BQ;
+    const float* dcol = sFar + (stage * 2 + 1) * BQ;
 
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -585,12 +590,12 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
                                  (j0 + kr) * p.rel_index_stride[2]];
           }
           float s = acc_s[0][nt][e] * scale_log2;
-          if (has_tab && col_ok) s += tb >= 0 ? tcol[nt][e1] : tab_g[c * R + beta] * kLog2e;
+          if (has_tab && col_ok) s += tb >= 0 ? tcol[c] : tab_g[c * R + beta] * kLog2e;
           if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(d));
           const bool masked = !key_ok || !col_ok || (p.causal && d > 0);
           const float pv = masked ? 0.f : exp2f(s - sLse[stage * BQ + c]);
           float dp = acc_dp[0][nt][e];
-          if (has_doa && col_ok) dp += tb >= 0 ? dcol[nt][e1] : doa_g[c * R + beta];
+          if (has_doa && col_ok) dp += tb >= 0 ? dcol[c] : doa_g[c * R + beta];
           acc_s[0][nt][e] = pv;
           acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
         }
