@@ -14,9 +14,10 @@ Positional schemes and implementations, forward:
     alibi     relattn (alibi_slopes) | FlexAttention score_mod
     shaw_k    relattn (rel_k + clip_buckets(32)) | FlexAttention score_mod gathering a precomputed
               scale·Q·Aᴷᵀ [B,H,L,R] (the precompute is timed too)
-    shaw_kv   relattn (rel_k + rel_v + clip_buckets(32)) | relattn_gtab, the same with its per-row tables
-              in global memory (RELATTN_CUDA_TABLES=global; a tuning data point); nothing else computes the
-              value term without an L×L×D tensor
+    shaw_kv   relattn (rel_k + rel_v + clip_buckets(32)) | relattn_gtab and relattn_stab, the same with its
+              per-row tables forced into global / shared memory (RELATTN_CUDA_TABLES=global|smem; tuning data
+              points: shared memory costs occupancy, 2 x 64 x 129 x 4 B at hd 128, which is why the default
+              puts them in global memory there); nothing else computes the value term without an L×L×D tensor
 Forward+backward (tables float32 and learnable, i.e. requires_grad; Shaw clipping k=64, R = 129):
     plain     SDPA, flash backend | relattn
     t5        relattn (learnable rel_bias) | FlexAttention with a score_mod reading the bias table, a parameter
@@ -74,7 +75,7 @@ RUNS = {
     "fwd": [
         ("plain", "sdpa_flash"), ("plain", "relattn"), ("plain", "sdpa_default"), ("plain", "relattn_tabinst"),
         ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
-        ("shaw_kv", "relattn_gtab"),
+        ("shaw_kv", "relattn_gtab"), ("shaw_kv", "relattn_stab"),
         ("t5", "sdpa_bias"), ("t5", "naive"),
         ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
     ],
@@ -86,10 +87,10 @@ RUNS = {
     ],
 }
 SCHEMES = ("plain", "t5", "alibi", "shaw_k", "shaw_kv")
-IMPLS = ("relattn", "relattn_gtab", "relattn_tabinst", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
+IMPLS = ("relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
 # relattn's implementations: the binding's environment switch each sets (None: none).
 RELATTN_ENV = {"relattn": None, "relattn_gtab": ("RELATTN_CUDA_TABLES", "global"),
-               "relattn_tabinst": ("RELATTN_CUDA_PLAIN", "0")}
+               "relattn_stab": ("RELATTN_CUDA_TABLES", "smem"), "relattn_tabinst": ("RELATTN_CUDA_PLAIN", "0")}
 T5 = (32, 128, True)  # num_buckets, max_distance, bidirectional
 CLIP_K = {"fwd": 64, "fwdbwd": 64}  # Shaw clipping distance per mode (k=64, R = 129: both targets' setting)
 # The tables that are learnable (requires_grad) in fwdbwd, by scheme; q, k and v always are.
@@ -124,7 +125,8 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     ap.add_argument("--impls", nargs="+", default=None, choices=list(IMPLS),
-                    help="only these implementations (relattn_gtab, relattn_tabinst and sdpa_default run in fwd mode only)")
+                    help="only these implementations (relattn_gtab, relattn_stab, relattn_tabinst and sdpa_default "
+                         "run in fwd mode only)")
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="stop starting new runs after this many seconds (the rest are recorded as skipped)")
@@ -163,7 +165,8 @@ def plan(args):
             for mode, scheme, impl in TARGET_RUNS:
                 if mode in modes and wanted(scheme, impl):
                     add((mode, TARGET_SHAPE, causal, scheme, impl))
-    tiers = ({"relattn", "relattn_gtab", "relattn_tabinst", "sdpa_flash", "sdpa_default"}, {"sdpa_bias", "naive"}, {"flex"})
+    tiers = ({"relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default"},
+             {"sdpa_bias", "naive"}, {"flex"})
     for tier in tiers:
         for mode in modes:
             for shape in args.shapes:
