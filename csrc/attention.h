@@ -22,6 +22,7 @@ struct Prepared {
   Tensor rel_k, rel_v, rel_bias, alibi_slopes;  // undefined when absent
   Tensor buckets, rel_index, key_padding_mask;  // undefined when absent
   int64_t B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0, Dv = 0, R = 0, M = 0;
+  bool buckets_distinct = false;  // no two entries of `buckets` are equal
   double scale = 1.0;
   bool causal = false;
   int64_t q_offset = 0;

@@ -1,7 +1,9 @@
 // Argument checks and normalisation shared by every backend (SPEC §1, §5).
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -180,7 +182,18 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 "got shape ",
                 shape_str(bt));
     if (any_table) {
-      check_bucket_range(bt, a.R, "buckets");
+      // The table is small: one copy to the host checks its range and whether its ids are distinct.
+      const Tensor host = bt.to(at::kCPU, at::kLong).contiguous();
+      const int64_t* ids = host.const_data_ptr<int64_t>();
+      const int64_t n = host.numel();
+      const int64_t lo = *std::min_element(ids, ids + n), hi = *std::max_element(ids, ids + n);
+      TORCH_CHECK(lo >= 0 && hi < a.R, "relattn.attention: buckets holds bucket ids in [", lo, ", ", hi,
+                  "], but every id must lie in [0, R) with R = ", a.R,
+                  " (the bucket dimension of rel_k/rel_v/rel_bias)");
+      std::vector<char> seen(a.R, 0);
+      bool distinct = true;
+      for (int64_t x = 0; x < n && distinct; ++x) distinct = !std::exchange(seen[ids[x]], 1);
+      a.buckets_distinct = distinct;
       a.buckets = bt.to(at::kInt).contiguous();
       a.M = (bt.size(0) - 1) / 2;
     }
@@ -251,6 +264,7 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   if (a.buckets.defined()) {
     p.buckets = a.buckets.data_ptr<int32_t>();
     p.max_distance = a.M;
+    p.buckets_distinct = a.buckets_distinct;
   }
   if (a.rel_index.defined()) {
     p.rel_index = a.rel_index.data_ptr<int32_t>();

@@ -46,6 +46,9 @@ struct AttentionParams {
   // Buckets: either the distance table buckets[2M+1] (clamp(d,-M,M)+M) or rel_index [B?,Lq,Lk].
   const int32_t* buckets = nullptr;
   int64_t max_distance = 0;  // M
+  // No two distances of [-M, M] share a bucket (e.g. clip_buckets): in a tile, the keys of a row whose
+  // distance lies inside (-M, M) then all have distinct buckets, which the CUDA kernels' bucket sums use.
+  bool buckets_distinct = false;
   const int32_t* rel_index = nullptr;
   int64_t rel_index_stride[3] = {0, 0, 0};  // (b, i, j); b stride 0 for a 2-D rel_index
 

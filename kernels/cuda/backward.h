@@ -8,7 +8,8 @@
 //   dq_i  = scale (Σ_j dS_ij k_j + Σ_r dsb[i,r] aK[r])     dk_j = scale Σ_i dS_ij q_i     dv_j = Σ_i P_ij do_i
 //   dsb[i,r] = Σ_{j:β=r} dS_ij   psb[i,r] = Σ_{j:β=r} P_ij   (left in ds_sum / p_sum for the tables)
 //
-// Two kernels, so that no two blocks ever write the same element (deterministic; no atomics anywhere):
+// Two kernels, so that no two blocks ever write the same element (deterministic; no contended atomics: the
+// only atomic instruction, red.global.add, adds to addresses no other thread touches before a barrier):
 //   A  one CTA per (query tile, b, h): the row tables tab and doa (written to global scratch for B), then
 //      the key tiles: tensor cores in one sweep (dS centred on Δ0 = do·out - glse, corrected by
 //      (Δ - Δ0)·Σ P K at the end; backward_mma.cuh), SIMT in two (Δ and psb, then dS, dsb and dq).

@@ -105,6 +105,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const int64_t M = p.max_distance;
   const bool use_window = p.buckets != nullptr;
   const bool use_index = p.rel_index != nullptr;
+  const bool distinct = use_window && p.buckets_distinct;
   const bool has_tab = p.has_tab();
   const bool has_doa = p.has_doa();
   const int64_t row0 = bh * p.Lq + i0;  // first row of the tile in [B, H, Lq]
@@ -284,7 +285,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
 
     // Bucket sums of dS0 (for dq's key term, d rel_k, d rel_bias) and of P (for d rel_v, and for the
     // correction of the dS0 sums at the end): far rows into registers; rows with several buckets in this
-    // tile straight into this CTA's rows of the global scratch, the quad's lanes taking turns (fixed order).
+    // tile straight into this CTA's rows of the global scratch.
     if (psb_g != nullptr) {
       bool any_window = false;
 #pragma unroll
@@ -303,30 +304,63 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
         any_window |= row_far[hf] == 0 && warp_row0 + g + hf * 8 < rows;
       }
       if (__any_sync(0xffffffffu, any_window)) {
-        for (int turn = 0; turn < 4; ++turn) {
-          if (tq == turn) {
+        if (distinct) {
+          // Every key of a window row has its own distance: those beyond ±M go to the far registers, the
+          // others have buckets of their own, added without waiting (red.add: one addition per address in
+          // this tile, so the result is deterministic) by the quad's lanes at once.
 #pragma unroll
-            for (int hf = 0; hf < 2; ++hf) {
-              const int row = warp_row0 + g + hf * 8;
-              if (row_far[hf] != 0 || row >= rows) continue;
-              const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
-                                                      (i0 + row) * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
-                                                : nullptr;
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp_row0 + g + hf * 8;
+            if (row_far[hf] != 0 || row >= rows) continue;
+            const int64_t dj = j0 - (i0 + row + p.q_offset);
 #pragma unroll
-              for (int nt = 0; nt < kNT; ++nt)
+            for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-                for (int e1 = 0; e1 < 2; ++e1) {
-                  const float pv = acc_dp[0][nt][hf * 2 + e1];
-                  if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
-                  const int c = nt * 8 + 2 * tq + e1;
-                  const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
-                                              : ri_row[c * p.rel_index_stride[2]];
-                  if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
-                  psb_g[row * R + beta] += pv;
+              for (int e1 = 0; e1 < 2; ++e1) {
+                const int c = nt * 8 + 2 * tq + e1;
+                const float pv = acc_dp[0][nt][hf * 2 + e1];
+                const float ds = acc_s[0][nt][hf * 2 + e1];
+                const int64_t d = dj + c;
+                const bool lo = d <= -M, hi = d >= M && !lo;
+                dsb_far[hf][0] += lo ? ds : 0.f;
+                psb_far[hf][0] += lo ? pv : 0.f;
+                dsb_far[hf][1] += hi ? ds : 0.f;
+                psb_far[hf][1] += hi ? pv : 0.f;
+                if (pv != 0.f && !lo && !hi) {
+                  const int64_t at = row * R + sWin[stage * kWin + c - row + BM - 1];
+                  if (dsb_g) red_add_global(dsb_g + at, ds);
+                  red_add_global(psb_g + at, pv);
                 }
-            }
+              }
           }
-          __syncwarp();
+        } else {
+          // Keys of a row may share a bucket: the quad's lanes take turns (fixed order).
+          for (int turn = 0; turn < 4; ++turn) {
+            if (tq == turn) {
+#pragma unroll
+              for (int hf = 0; hf < 2; ++hf) {
+                const int row = warp_row0 + g + hf * 8;
+                if (row_far[hf] != 0 || row >= rows) continue;
+                const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
+                                                        (i0 + row) * p.rel_index_stride[1] +
+                                                        j0 * p.rel_index_stride[2]
+                                                  : nullptr;
+#pragma unroll
+                for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                  for (int e1 = 0; e1 < 2; ++e1) {
+                    const float pv = acc_dp[0][nt][hf * 2 + e1];
+                    if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
+                    const int c = nt * 8 + 2 * tq + e1;
+                    const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
+                                                : ri_row[c * p.rel_index_stride[2]];
+                    if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
+                    psb_g[row * R + beta] += pv;
+                  }
+              }
+            }
+            __syncwarp();
+          }
         }
       }
     }

@@ -112,6 +112,11 @@ RELATTN_DEVICE void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+// *addr += v in global memory without waiting for the result (red.global.add.f32; subnormals flush to
+// zero). Deterministic only where no other thread adds to the same address before the next barrier:
+// the bucket sums use it for keys whose buckets are known to be distinct.
+RELATTN_DEVICE void red_add_global(float* addr, float v) { atomicAdd(addr, v); }
+
 
 // ---- tensor cores: ldmatrix and mma.sync m16n8k16 (fp32 accumulation) ----------------------------------
 

@@ -236,6 +236,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const bool has_bsum = !kPlain && p.has_bsum();
   const bool use_window = !kPlain && p.buckets != nullptr;
   const bool use_index = !kPlain && p.rel_index != nullptr;
+  const bool distinct = use_window && p.buckets_distinct;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
@@ -436,9 +437,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
     if (has_bsum) {
       // Far rows add their row sum to a register; rows with several buckets in this tile first apply their
-      // pending rescale to the bsum row (the quad's lanes split it), then the quad's 4 lanes add their
-      // elements in turn, so the order of the additions is fixed (bit-identical results run to run; no
-      // atomics). A warp whose rows are all far in this tile skips the memory part.
+      // pending rescale to the bsum row (the quad's lanes split it), then add their elements. The order of
+      // the additions is fixed (bit-identical results run to run). A warp whose rows are all far in this
+      // tile skips the memory part.
       bool any_window = false;
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
@@ -463,36 +464,82 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
             }
           }
         __syncwarp();
-        for (int turn = 0; turn < 4; ++turn) {
-          if (tq == turn) {
+        if (distinct) {
+          // Every key of a window row has its own distance: those beyond ±M go to the far registers, the
+          // others have buckets of their own, so the quad's lanes add at once: in global memory without
+          // waiting (red.add: one addition per address in this tile, so the result is deterministic), in
+          // shared memory four loads before four stores.
 #pragma unroll
-            for (int mt = 0; mt < kMT; ++mt)
+          for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-              for (int hf = 0; hf < 2; ++hf) {
-                if (row_far[mt][hf] != 0) continue;
-                const int row = warp_row0 + mt * 16 + g + hf * 8;
-                float* br = bsum + row * ld;
-                const int32_t* ri_row =
-                    (use_index && row < rows)
-                        ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
-                              j0 * p.rel_index_stride[2]
-                        : nullptr;
+            for (int hf = 0; hf < 2; ++hf) {
+              if (row_far[mt][hf] != 0) continue;
+              const int row = warp_row0 + mt * 16 + g + hf * 8;
+              const int64_t dj = j0 - (i0 + row + p.q_offset);
+              float* br = bsum + row * ld;
 #pragma unroll
-                for (int nt = 0; nt < kNT; ++nt)
+              for (int nt2 = 0; nt2 < kNT / 2; ++nt2) {
+                int idx[4];
+                float val[4];
 #pragma unroll
-                  for (int e1 = 0; e1 < 2; ++e1) {
-                    const float pv = acc_s[mt][nt][hf * 2 + e1];
-                    if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
-                      const int c = nt * 8 + 2 * tq + e1;
-                      int beta = 0;
-                      if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                      else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                      br[beta] += pv;
-                    }
-                  }
+                for (int u = 0; u < 4; ++u) {
+                  const int nt = 2 * nt2 + (u >> 1), e1 = u & 1;
+                  const int c = nt * 8 + 2 * tq + e1;
+                  const float pv = acc_s[mt][nt][hf * 2 + e1];
+                  const int64_t d = dj + c;
+                  bsum_far[mt][hf][0] += d <= -M ? pv : 0.f;
+                  bsum_far[mt][hf][1] += d >= M && d > -M ? pv : 0.f;
+                  idx[u] = pv != 0.f && d > -M && d < M ? sWin[stage * kWin + c - row + BM - 1] : -1;
+                  val[u] = pv;
+                }
+                if (p.tables_in_global) {
+#pragma unroll
+                  for (int u = 0; u < 4; ++u)
+                    if (idx[u] >= 0) red_add_global(br + idx[u], val[u]);
+                } else {
+                  float old[4];
+#pragma unroll
+                  for (int u = 0; u < 4; ++u) old[u] = idx[u] >= 0 ? br[idx[u]] : 0.f;
+#pragma unroll
+                  for (int u = 0; u < 4; ++u)
+                    if (idx[u] >= 0) br[idx[u]] = old[u] + val[u];
+                }
               }
-          }
+            }
           __syncwarp();
+        } else {
+          // Keys of a row may share a bucket: the quad's 4 lanes add their elements in turn.
+          for (int turn = 0; turn < 4; ++turn) {
+            if (tq == turn) {
+#pragma unroll
+              for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+                for (int hf = 0; hf < 2; ++hf) {
+                  if (row_far[mt][hf] != 0) continue;
+                  const int row = warp_row0 + mt * 16 + g + hf * 8;
+                  float* br = bsum + row * ld;
+                  const int32_t* ri_row =
+                      (use_index && row < rows)
+                          ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
+                                j0 * p.rel_index_stride[2]
+                          : nullptr;
+#pragma unroll
+                  for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+                    for (int e1 = 0; e1 < 2; ++e1) {
+                      const float pv = acc_s[mt][nt][hf * 2 + e1];
+                      if (pv != 0.f) {  // masked keys (p = 0) may have no valid id
+                        const int c = nt * 8 + 2 * tq + e1;
+                        int beta = 0;
+                        if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                        else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
+                        br[beta] += pv;
+                      }
+                    }
+                }
+            }
+            __syncwarp();
+          }
         }
       }
     }

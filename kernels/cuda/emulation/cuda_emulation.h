@@ -10,6 +10,7 @@
 //                                       cp.async.wait_group retires that group, so a read before the wait
 //                                       and barrier (RAW), or a refill of a stage other threads still
 //                                       read (WAR), shows up as NaN in the results
+//   red.global.add (red_add_global)     std::atomic_ref<float>::fetch_add
 //   ldmatrix (.x4, .x4.trans)           each lane publishes its row address; each lane then reads the
 //                                       elements the PTX ISA assigns to it from the other lanes' rows
 //   mma.sync m16n8k16 (f16/bf16 -> f32) each lane publishes its A/B fragments; each lane computes its four
@@ -24,6 +25,7 @@
 // differs from the documented layouts.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
@@ -261,6 +263,7 @@ inline void cp_async_16(void* smem_dst, const void* gmem_src) {
   emu::tls.async.copies.push_back({smem_dst, gmem_src});
 }
 inline void cp_async_commit() { emu::tls.async.group_end.push_back(emu::tls.async.copies.size()); }
+inline void red_add_global(float* addr, float v) { std::atomic_ref<float>(*addr).fetch_add(v); }
 // cp.async.wait_group N: every committed group but the newest N has landed (copies issued after the last
 // commit belong to no group and stay in flight).
 template <int N>

@@ -275,6 +275,14 @@ TEST(CudaEmulation, TensorCoresHd96BeyondM) {
   check_mma<__nv_bfloat16, 96>(c);
 }
 
+// Clip buckets (distinct ids) with the forward's tables in global memory, as Shaw clip 64 runs at hd 128:
+// window keys add to their buckets with red.add, the clamped ones to the far sums.
+TEST(CudaEmulation, TensorCoresHd128ClipTablesInGlobal) {
+  Config c{.name = "hd128 clip, tables in global", .H = 2, .Lq = 70, .Lk = 150, .D = 128, .Dv = 128, .M = 9,
+           .per_head = true, .q_offset = 30, .tables_in_global = true};
+  check_mma<__nv_bfloat16, 128>(c);
+}
+
 TEST(CudaEmulation, TensorCoresHd32OddDimsElementwiseLoads) {
   Config c{.name = "D 17, Dv 9", .dtype = at::kHalf, .Lq = 19, .Lk = 23, .D = 17, .Dv = 9, .M = 4,
            .causal = true};
