@@ -254,10 +254,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
       const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
       const float tab_row = (has_tab && rb >= 0 && row_ok) ? tab_g[row * R + rb] * kLog2e : 0.f;
       const float doa_row = (has_doa && rb >= 0 && row_ok) ? doa_g[row * R + rb] : 0.f;
-      const int32_t* ri_row = (use_index && row_ok) ? p.rel_index + b * p.rel_index_stride[0] +
-                                                          (i0 + row) * p.rel_index_stride[1] +
-                                                          j0 * p.rel_index_stride[2]
-                                                    : nullptr;
+      const int32_t* ri_row = rel_index_row(p, use_index && row_ok, b, i0 + row, j0);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -341,10 +338,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
               for (int hf = 0; hf < 2; ++hf) {
                 const int row = warp_row0 + g + hf * 8;
                 if (row_far[hf] != 0 || row >= rows) continue;
-                const int32_t* ri_row = use_index ? p.rel_index + b * p.rel_index_stride[0] +
-                                                        (i0 + row) * p.rel_index_stride[1] +
-                                                        j0 * p.rel_index_stride[2]
-                                                  : nullptr;
+                const int32_t* ri_row = rel_index_row(p, use_index, b, i0 + row, j0);
 #pragma unroll
                 for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll

@@ -139,6 +139,14 @@ RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm,
   }
 }
 
+// The rel_index ids of query row i from key j0 on (element c at [c * p.rel_index_stride[2]]); null when
+// `ok` is false (no rel_index, or a padding row).
+template <typename Params>
+RELATTN_DEVICE const int32_t* rel_index_row(const Params& p, bool ok, int64_t b, int64_t i, int64_t j0) {
+  return ok ? p.rel_index + b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j0 * p.rel_index_stride[2]
+            : nullptr;
+}
+
 // acc[kMT][kNT] = Q_warp (kMT*16 x kHeadDim, from shared) · B (kNT*8 x kHeadDim rows, from shared)ᵀ.
 template <typename T, int kHeadDim, int kMT, int kNT>
 RELATTN_DEVICE void gemm_qk(float (&acc)[kMT][kNT][4], const T* sQ_warp, const T* sB, int lane) {
@@ -374,10 +382,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         if (p.causal && 1 - dj < lim) lim = 1 - dj;
         const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
         const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
-        const int32_t* ri_row = (use_index && row < rows)
-                                    ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
-                                          j0 * p.rel_index_stride[2]
-                                    : nullptr;
+        const int32_t* ri_row = rel_index_row(p, use_index && row < rows, b, i0 + row, j0);
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -518,11 +523,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                   if (row_far[mt][hf] != 0) continue;
                   const int row = warp_row0 + mt * 16 + g + hf * 8;
                   float* br = bsum + row * ld;
-                  const int32_t* ri_row =
-                      (use_index && row < rows)
-                          ? p.rel_index + b * p.rel_index_stride[0] + (i0 + row) * p.rel_index_stride[1] +
-                                j0 * p.rel_index_stride[2]
-                          : nullptr;
+                  const int32_t* ri_row = rel_index_row(p, use_index && row < rows, b, i0 + row, j0);
 #pragma unroll
                   for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
