@@ -42,15 +42,31 @@ void check_integer(const Tensor& t, const char* name) {
               " must have an integer dtype, got ", t.scalar_type());
 }
 
-// Bucket ids must lie in [0, R): checked on the data (one reduction).
-void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
-  if (ids.numel() == 0) return;
-  auto mm = at::aminmax(ids);
-  const int64_t lo = std::get<0>(mm).item<int64_t>();
-  const int64_t hi = std::get<1>(mm).item<int64_t>();
+// Bucket ids must lie in [0, R); lo and hi are the smallest and largest id of `name`.
+void check_ids_in_range(int64_t lo, int64_t hi, int64_t R, const char* name) {
   TORCH_CHECK(lo >= 0 && hi < R, "relattn.attention: ", name, " holds bucket ids in [", lo, ", ", hi,
               "], but every id must lie in [0, R) with R = ", R,
               " (the bucket dimension of rel_k/rel_v/rel_bias)");
+}
+
+// The range check on the data (one reduction), for rel_index.
+void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
+  if (ids.numel() == 0) return;
+  auto mm = at::aminmax(ids);
+  check_ids_in_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), R, name);
+}
+
+// The distance table is small: one copy to the host checks its range and tells whether its ids are
+// distinct (which the CUDA kernels' bucket sums use).
+bool check_buckets_table(const Tensor& buckets, int64_t R) {
+  const Tensor host = buckets.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* ids = host.const_data_ptr<int64_t>();
+  const auto [lo, hi] = std::minmax_element(ids, ids + host.numel());
+  check_ids_in_range(*lo, *hi, R, "buckets");
+  std::vector<char> seen(R, 0);
+  for (int64_t x = 0; x < host.numel(); ++x)
+    if (std::exchange(seen[ids[x]], 1)) return false;
+  return true;
 }
 
 }  // namespace
@@ -182,18 +198,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 "got shape ",
                 shape_str(bt));
     if (any_table) {
-      // The table is small: one copy to the host checks its range and whether its ids are distinct.
-      const Tensor host = bt.to(at::kCPU, at::kLong).contiguous();
-      const int64_t* ids = host.const_data_ptr<int64_t>();
-      const int64_t n = host.numel();
-      const int64_t lo = *std::min_element(ids, ids + n), hi = *std::max_element(ids, ids + n);
-      TORCH_CHECK(lo >= 0 && hi < a.R, "relattn.attention: buckets holds bucket ids in [", lo, ", ", hi,
-                  "], but every id must lie in [0, R) with R = ", a.R,
-                  " (the bucket dimension of rel_k/rel_v/rel_bias)");
-      std::vector<char> seen(a.R, 0);
-      bool distinct = true;
-      for (int64_t x = 0; x < n && distinct; ++x) distinct = !std::exchange(seen[ids[x]], 1);
-      a.buckets_distinct = distinct;
+      a.buckets_distinct = check_buckets_table(bt, a.R);
       a.buckets = bt.to(at::kInt).contiguous();
       a.M = (bt.size(0) - 1) / 2;
     }

@@ -243,6 +243,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
       const bool row_ok = row < rows;
       const int64_t pos = i0 + row + p.q_offset;
       const int64_t dj = j0 - pos;
+      // (far_side(dj, dj + BN - 1, M) spelled out: that form keeps this kernel out of spills at hd 96/128)
       int rb = -1;
       row_far[hf] = 0;
       if (use_window) {
@@ -317,13 +318,12 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
                 const int c = nt * 8 + 2 * tq + e1;
                 const float pv = acc_dp[0][nt][hf * 2 + e1];
                 const float ds = acc_s[0][nt][hf * 2 + e1];
-                const int64_t d = dj + c;
-                const bool lo = d <= -M, hi = d >= M && !lo;
-                dsb_far[hf][0] += lo ? ds : 0.f;
-                psb_far[hf][0] += lo ? pv : 0.f;
-                dsb_far[hf][1] += hi ? ds : 0.f;
-                psb_far[hf][1] += hi ? pv : 0.f;
-                if (pv != 0.f && !lo && !hi) {
+                const int side = far_side(dj + c, dj + c, M);
+                dsb_far[hf][0] += side == 1 ? ds : 0.f;
+                psb_far[hf][0] += side == 1 ? pv : 0.f;
+                dsb_far[hf][1] += side == 2 ? ds : 0.f;
+                psb_far[hf][1] += side == 2 ? pv : 0.f;
+                if (pv != 0.f && side == 0) {
                   const int64_t at = row * R + sWin[stage * kWin + c - row + BM - 1];
                   if (dsb_g) red_add_global(dsb_g + at, ds);
                   red_add_global(psb_g + at, pv);
@@ -517,9 +517,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
   // A (key tile, query tile) pair whose distances all lie beyond ±M on one side has one bucket; -1 if not.
   auto far_bucket = [&](int64_t i0) -> int {
     if (!use_window) return -1;
-    const int64_t d_max = (j0 + BK - 1) - (i0 + p.q_offset);
-    const int64_t d_min = j0 - (i0 + BQ - 1 + p.q_offset);
-    return d_max <= -M ? bucket_first : (d_min >= M ? bucket_last : -1);
+    const int side = far_side(j0 - (i0 + BQ - 1 + p.q_offset), (j0 + BK - 1) - (i0 + p.q_offset), M);
+    return side == 1 ? bucket_first : (side == 2 ? bucket_last : -1);
   };
 
   auto issue_iter = [&](int64_t it, int stage) {

@@ -139,6 +139,12 @@ RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm,
   }
 }
 
+// Distances [d_lo, d_hi] all beyond ±M on one side share one bucket: 1 when all are <= -M (buckets[0]),
+// 2 when all are >= M (buckets[2M]), 0 otherwise.
+RELATTN_DEVICE int far_side(int64_t d_lo, int64_t d_hi, int64_t M) {
+  return d_hi <= -M ? 1 : (d_lo >= M ? 2 : 0);
+}
+
 // The rel_index ids of query row i from key j0 on (element c at [c * p.rel_index_stride[2]]); null when
 // `ok` is false (no rel_index, or a padding row).
 template <typename Params>
@@ -279,6 +285,11 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const float scale = static_cast<float>(p.scale);
   float acc_s[kMT][kNT][4];
+  // bsum row of this thread's row (mt, hf) times s; the quad's 4 lanes split the row.
+  auto scale_bsum_row = [&](int mt, int hf, float s) {
+    float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
+    for (int64_t r = tq; r < R; r += 4) br[r] *= s;
+  };
 
   if (has_tab) {
     // tab2[i, r] = log2e * (scale * q_i·aK[r] + bias[h, r]); aK rows pass through K stage 1 (stage 0 holds
@@ -370,11 +381,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         const int row = warp_row0 + mt * 16 + g + hf * 8;
         const int64_t pos = i0 + row + p.q_offset;
         const int64_t dj = j0 - pos;  // distance of the tile's first column
-        int far = 0;
-        if (use_window) {
-          if (dj + BN - 1 <= -M) far = 1;
-          else if (dj >= M) far = 2;
-        }
+        const int far = use_window ? far_side(dj, dj + BN - 1, M) : 0;
         row_far[mt][hf] = far;
         // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
         // (j - pos <= 0  <=>  c < 1 - dj)
@@ -463,8 +470,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
             if (row_far[mt][hf] == 0 && bscale[mt][hf] != 1.f) {
-              float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
-              for (int64_t r = tq; r < R; r += 4) br[r] *= bscale[mt][hf];
+              scale_bsum_row(mt, hf, bscale[mt][hf]);
               bscale[mt][hf] = 1.f;
             }
           }
@@ -491,10 +497,10 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                   const int nt = 2 * nt2 + (u >> 1), e1 = u & 1;
                   const int c = nt * 8 + 2 * tq + e1;
                   const float pv = acc_s[mt][nt][hf * 2 + e1];
-                  const int64_t d = dj + c;
-                  bsum_far[mt][hf][0] += d <= -M ? pv : 0.f;
-                  bsum_far[mt][hf][1] += d >= M && d > -M ? pv : 0.f;
-                  idx[u] = pv != 0.f && d > -M && d < M ? sWin[stage * kWin + c - row + BM - 1] : -1;
+                  const int side = far_side(dj + c, dj + c, M);
+                  bsum_far[mt][hf][0] += side == 1 ? pv : 0.f;
+                  bsum_far[mt][hf][1] += side == 2 ? pv : 0.f;
+                  idx[u] = pv != 0.f && side == 0 ? sWin[stage * kWin + c - row + BM - 1] : -1;
                   val[u] = pv;
                 }
                 if (p.tables_in_global) {
@@ -565,10 +571,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        if (bscale[mt][hf] != 1.f) {
-          float* br = bsum + (warp_row0 + mt * 16 + g + hf * 8) * ld;
-          for (int64_t r = tq; r < R; r += 4) br[r] *= bscale[mt][hf];
-        }
+        if (bscale[mt][hf] != 1.f) scale_bsum_row(mt, hf, bscale[mt][hf]);
       }
     __syncwarp();
 #pragma unroll
