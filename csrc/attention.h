@@ -23,6 +23,7 @@ struct Prepared {
   Tensor buckets, rel_index, key_padding_mask;  // undefined when absent
   int64_t B = 0, H = 0, Hk = 0, Lq = 0, Lk = 0, D = 0, Dv = 0, R = 0, M = 0;
   bool buckets_distinct = false;  // no two entries of `buckets` are equal
+  bool buckets_runs = false;      // the entries of each id of `buckets` are consecutive
   double scale = 1.0;
   bool causal = false;
   int64_t q_offset = 0;

@@ -58,15 +58,24 @@ void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
 
 // The distance table is small: one copy to the host checks its range and tells whether its ids are
 // distinct (which the CUDA kernels' bucket sums use).
-bool check_buckets_table(const Tensor& buckets, int64_t R) {
+// Checks the ids of a buckets table and classifies it: distinct (no id twice) and runs (each id's entries
+// consecutive), from one host copy.
+struct BucketsLayout {
+  bool distinct = true, runs = true;
+};
+BucketsLayout check_buckets_table(const Tensor& buckets, int64_t R) {
   const Tensor host = buckets.to(at::kCPU, at::kLong).contiguous();
   const int64_t* ids = host.const_data_ptr<int64_t>();
   const auto [lo, hi] = std::minmax_element(ids, ids + host.numel());
   check_ids_in_range(*lo, *hi, R, "buckets");
+  BucketsLayout layout;
   std::vector<char> seen(R, 0);
-  for (int64_t x = 0; x < host.numel(); ++x)
-    if (std::exchange(seen[ids[x]], 1)) return false;
-  return true;
+  for (int64_t x = 0; x < host.numel(); ++x) {
+    if (!std::exchange(seen[ids[x]], 1)) continue;
+    layout.distinct = false;
+    if (ids[x] != ids[x - 1]) layout.runs = false;
+  }
+  return layout;
 }
 
 }  // namespace
@@ -198,7 +207,9 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 "got shape ",
                 shape_str(bt));
     if (any_table) {
-      a.buckets_distinct = check_buckets_table(bt, a.R);
+      const BucketsLayout layout = check_buckets_table(bt, a.R);
+      a.buckets_distinct = layout.distinct;
+      a.buckets_runs = layout.runs;
       a.buckets = bt.to(at::kInt).contiguous();
       a.M = (bt.size(0) - 1) / 2;
     }
@@ -270,6 +281,7 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
     p.buckets = a.buckets.data_ptr<int32_t>();
     p.max_distance = a.M;
     p.buckets_distinct = a.buckets_distinct;
+    p.buckets_runs = a.buckets_runs;
   }
   if (a.rel_index.defined()) {
     p.rel_index = a.rel_index.data_ptr<int32_t>();

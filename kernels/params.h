@@ -49,6 +49,9 @@ struct AttentionParams {
   // No two distances of [-M, M] share a bucket (e.g. clip_buckets): in a tile, the keys of a row whose
   // distance lies inside (-M, M) then all have distinct buckets, which the CUDA kernels' bucket sums use.
   bool buckets_distinct = false;
+  // Every id of `buckets` fills one run of consecutive entries (T5's log buckets; implied by distinct): in
+  // a row of a tile, each bucket's keys are then consecutive, which the CUDA kernels' bucket sums use.
+  bool buckets_runs = false;
   const int32_t* rel_index = nullptr;
   int64_t rel_index_stride[3] = {0, 0, 0};  // (b, i, j); b stride 0 for a 2-D rel_index
 

@@ -106,6 +106,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const bool use_window = p.buckets != nullptr;
   const bool use_index = p.rel_index != nullptr;
   const bool distinct = use_window && p.buckets_distinct;
+  const bool runs = use_window && p.buckets_runs;
   const bool has_tab = p.has_tab();
   const bool has_doa = p.has_doa();
   const int64_t row0 = bh * p.Lq + i0;  // first row of the tile in [B, H, Lq]
@@ -329,6 +330,27 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
                   red_add_global(psb_g + at, pv);
                 }
               }
+          }
+        } else if (runs) {
+          // Each bucket's keys are consecutive in a row (T5): the quad sums every run with a segmented scan
+          // and the lane holding its last key adds it with red.add, one addition per address in this tile.
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = warp_row0 + g + hf * 8;
+            const bool active = row_far[hf] == 0 && row < rows;
+            const int win = stage * kWin - row + BM - 1;
+            // One channel at a time (fewer live registers); a zero sum adds nothing.
+            if (dsb_g)
+              quad_run_sums<kNT, 1>(
+                  tq, [&](int nt, int e1, int) { return acc_s[0][nt][hf * 2 + e1]; }, [&](int c) { return sWin[win + c]; },
+                  [&](int beta, const float(&sum)[1]) {
+                    if (active && sum[0] != 0.f) red_add_global(dsb_g + row * R + beta, sum[0]);
+                  });
+            quad_run_sums<kNT, 1>(
+                tq, [&](int nt, int e1, int) { return acc_dp[0][nt][hf * 2 + e1]; }, [&](int c) { return sWin[win + c]; },
+                [&](int beta, const float(&sum)[1]) {
+                  if (active && sum[0] != 0.f) red_add_global(psb_g + row * R + beta, sum[0]);
+                });
           }
         } else {
           // Keys of a row may share a bucket: the quad's lanes take turns (fixed order).

@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const bool use_window = !kPlain && p.buckets != nullptr;
   const bool use_index = !kPlain && p.rel_index != nullptr;
   const bool distinct = use_window && p.buckets_distinct;
+  const bool runs = use_window && p.buckets_runs;
 
   const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const T* kg = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
@@ -516,6 +517,27 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                     if (idx[u] >= 0) br[idx[u]] = old[u] + val[u];
                 }
               }
+            }
+          __syncwarp();
+        } else if (runs) {
+          // Each bucket's keys are consecutive in a row (T5): the quad sums every run with a segmented scan
+          // and the lane holding its last key adds it, one addition per address in this tile.
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+            for (int hf = 0; hf < 2; ++hf) {
+              const int row = warp_row0 + mt * 16 + g + hf * 8;
+              const bool active = row_far[mt][hf] == 0;
+              const int win = stage * kWin - row + BM - 1;
+              float* br = bsum + row * ld;
+              quad_run_sums<kNT, 1>(
+                  tq, [&](int nt, int e1, int) { return acc_s[mt][nt][hf * 2 + e1]; },
+                  [&](int c) { return sWin[win + c]; },
+                  [&](int beta, const float(&sum)[1]) {
+                    if (!active || sum[0] == 0.f) return;
+                    if (p.tables_in_global) red_add_global(br + beta, sum[0]);
+                    else br[beta] += sum[0];
+                  });
             }
           __syncwarp();
         } else {

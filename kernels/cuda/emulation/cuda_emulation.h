@@ -3,7 +3,7 @@
 // Compiled with a host compiler and -DRELATTN_CUDA_EMULATION, kernels/cuda/*.cuh build as plain C++ against
 // this header: a launch runs the grid one CTA at a time, one std::thread per CUDA thread, and
 //   __syncthreads / __syncwarp        std::barrier of the CTA / of the warp
-//   __shfl_xor_sync, __match_any_sync,
+//   __shfl_xor_sync, __shfl_sync, __shfl_up_sync, __shfl_down_sync, __match_any_sync,
 //   __any_sync                          an exchange through a per-warp buffer between two warp barriers
 //   cp.async                            deferred: the destination's 16 bytes turn to 0xFF (NaN) at the
 //                                       issue and get the data only when the issuing thread's
@@ -168,16 +168,39 @@ inline void __syncwarp(unsigned = 0xffffffffu) {
   e::cta->warps[e::tls.warp]->arrive_and_wait();
 }
 
+// __shfl_sync / __shfl_up_sync / __shfl_down_sync with CUDA's `width` (a power of two <= 32): lanes in
+// segments of `width`; a source outside the lane's segment returns the lane's own value (up/down).
 template <typename T>
-inline T __shfl_xor_sync(unsigned, T x, int mask) {
+inline T shfl_from(T x, int src_lane) {
   namespace e = ::relattn::kernels::cuda::emu;
   static_assert(sizeof(T) <= 8, "exchange slot");
   std::memcpy(e::my_slot(), &x, sizeof(T));
   __syncwarp();
   T y;
-  std::memcpy(&y, e::lane_slot(e::tls.lane ^ mask), sizeof(T));
+  std::memcpy(&y, e::lane_slot(src_lane), sizeof(T));
   __syncwarp();
   return y;
+}
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T x, int mask) {
+  return shfl_from(x, ::relattn::kernels::cuda::emu::tls.lane ^ mask);
+}
+template <typename T>
+inline T __shfl_sync(unsigned, T x, int src, int width = 32) {
+  const int lane = ::relattn::kernels::cuda::emu::tls.lane;
+  return shfl_from(x, (lane & ~(width - 1)) + (src & (width - 1)));
+}
+template <typename T>
+inline T __shfl_up_sync(unsigned, T x, unsigned delta, int width = 32) {
+  const int lane = ::relattn::kernels::cuda::emu::tls.lane;
+  const int in_seg = lane & (width - 1);
+  return shfl_from(x, in_seg >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : lane);
+}
+template <typename T>
+inline T __shfl_down_sync(unsigned, T x, unsigned delta, int width = 32) {
+  const int lane = ::relattn::kernels::cuda::emu::tls.lane;
+  const int in_seg = lane & (width - 1);
+  return shfl_from(x, in_seg + static_cast<int>(delta) < width ? lane + static_cast<int>(delta) : lane);
 }
 
 inline unsigned __match_any_sync(unsigned, int value) {

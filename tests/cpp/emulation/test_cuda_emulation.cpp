@@ -30,7 +30,7 @@ struct Config {
   std::string name;
   at::ScalarType dtype = at::kBFloat16;
   int64_t B = 1, H = 2, Hk = 1, Lq = 40, Lk = 50, D = 32, Dv = 32;
-  std::string positions = "clip";  // clip | t5 | index | none
+  std::string positions = "clip";  // clip | t5 | periodic | index | none
   int64_t M = 6;
   bool rel_k = true, rel_v = true, rel_bias = true, per_head = false, alibi = false, padding = false;
   bool causal = false;
@@ -69,6 +69,10 @@ Call make_call(const Config& c) {
     }
     R = 16;
     call.buckets = at::tensor(ids, at::kInt);
+  } else if (c.positions == "periodic") {
+    // ids that repeat along the distances (d mod 5): shared and not in one run each (the kernels' turns)
+    R = 5;
+    call.buckets = at::remainder(at::arange(-c.M, c.M + 1, at::kInt), R).to(at::kInt);
   } else if (c.positions == "index") {
     R = 9;
     call.rel_index = at::randint(0, R, {c.B, c.Lq, c.Lk}, at::kInt);
@@ -262,6 +266,34 @@ TEST(CudaEmulation, TensorCoresHd64T5PerHeadTablesInGlobal) {
   Config c{.name = "hd64", .dtype = at::kHalf, .H = 2, .Hk = 2, .Lq = 33, .Lk = 80, .D = 64, .Dv = 64,
            .positions = "t5", .per_head = true, .tables_in_global = true};
   check_mma<__half, 64>(c);
+}
+
+// How the binding classifies bucket tables for the kernels' bucket sums: clip distinct, T5 in runs, the
+// periodic table neither.
+TEST(CudaEmulation, BucketTableLayouts) {
+  for (const char* pos : {"clip", "t5", "periodic"}) {
+    const Prepared a = prepare(make_call(Config{.positions = pos, .M = 12}));
+    const std::string name = pos;
+    EXPECT_EQ(a.buckets_distinct, name == "clip") << pos;
+    EXPECT_EQ(a.buckets_runs, name != "periodic") << pos;
+  }
+}
+
+// T5 ids (each in one run of distances) with the forward's tables in shared memory: the runs path of the
+// forward's value-term sums (plain read-modify-writes) and of kernel A's (red.add), across query offsets
+// that put runs over n8-tile and key-tile boundaries.
+TEST(CudaEmulation, TensorCoresHd32T5TablesInSharedPadding) {
+  Config c{.name = "hd32 t5 smem", .B = 2, .H = 2, .Hk = 2, .Lq = 66, .Lk = 131, .D = 32, .Dv = 32,
+           .positions = "t5", .padding = true, .q_offset = 37};
+  check_mma<__nv_bfloat16, 32>(c);
+}
+
+// Shared ids that do not form runs: the bucket sums take the quad's lanes in turn (forward and kernel A).
+TEST(CudaEmulation, TensorCoresHd64PeriodicBucketsCausal) {
+  Config c{.name = "hd64 periodic buckets", .H = 2, .Lq = 75, .Lk = 90, .D = 64, .Dv = 64, .M = 20,
+           .per_head = true, .causal = true, .q_offset = 10};
+  c.positions = "periodic";
+  check_mma<__nv_bfloat16, 64>(c);
 }
 
 TEST(CudaEmulation, TensorCoresHd128RelIndexOddDims) {
