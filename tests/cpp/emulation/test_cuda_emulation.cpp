@@ -5,7 +5,10 @@
 // (the emulator fills it with NaN bytes) or an unwritten output shows up as a large error or a NaN.
 //
 // The parameter set-up mirrors csrc/cuda/attention_kernel.cpp (which needs a CUDA device to run).
+#include <algorithm>
 #include <cmath>
+#include <numeric>
+#include <random>
 #include <optional>
 #include <string>
 #include <vector>
@@ -266,6 +269,73 @@ TEST(CudaEmulation, TensorCoresHd64T5PerHeadTablesInGlobal) {
   Config c{.name = "hd64", .dtype = at::kHalf, .H = 2, .Hk = 2, .Lq = 33, .Lk = 80, .D = 64, .Dv = 64,
            .positions = "t5", .per_head = true, .tables_in_global = true};
   check_mma<__half, 64>(c);
+}
+
+// quad_run_sums on its own: rows of 8 * kNT columns whose ids come in runs (lengths from 1 to the whole
+// row, boundaries on and off the lane and n8-tile edges), two channels; each warp holds 8 rows (a quad
+// each). Every id present must be flushed exactly once, with its run's sums.
+struct RunSumsParams {
+  const int32_t* ids;  // [rows, 8 kNT]
+  const float* vals;   // [rows, 2, 8 kNT]
+  float* sums;         // [rows, 2, R]
+  float* flushes;      // [rows, R]
+  int R;
+};
+
+template <int kNT>
+__global__ void run_sums_kernel(const RunSumsParams p) {
+  constexpr int kCols = 8 * kNT;
+  const int lane = threadIdx.x & 31, tq = lane & 3;
+  const int row = (threadIdx.x >> 5) * 8 + (lane >> 2);
+  const int32_t* ids = p.ids + row * kCols;
+  const float* v = p.vals + row * 2 * kCols;
+  kc::quad_run_sums<kNT, 2>(
+      tq, [&](int nt, int e1, int ch) { return v[ch * kCols + nt * 8 + 2 * tq + e1]; },
+      [&](int c) { return ids[c]; },
+      [&](int id, const float(&s)[2]) {
+        for (int ch = 0; ch < 2; ++ch) kc::red_add_global(p.sums + (row * 2 + ch) * p.R + id, s[ch]);
+        kc::red_add_global(p.flushes + row * p.R + id, 1.f);
+      });
+}
+
+template <int kNT>
+void check_run_sums(uint64_t seed) {
+  constexpr int kCols = 8 * kNT, kRows = 64, R = kCols;
+  std::mt19937_64 rng(seed);
+  std::vector<int32_t> ids(kRows * kCols);
+  for (int r = 0; r < kRows; ++r) {
+    std::vector<int32_t> perm(R);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    // rows 0-3: one run, all distinct, runs of 2 and of 8 (on the lane and n8 edges); then random lengths
+    const int fixed = r == 0 ? kCols : (r == 1 ? 1 : (r == 2 ? 2 : (r == 3 ? 8 : 0)));
+    int run = 0;
+    for (int c = 0; c < kCols;) {
+      int len = fixed ? fixed : 1 + static_cast<int>(rng() % (rng() % 4 == 0 ? kCols : 6));
+      for (int k = 0; k < len && c < kCols; ++k, ++c) ids[r * kCols + c] = perm[run];
+      ++run;
+    }
+  }
+  at::manual_seed(static_cast<int64_t>(seed));
+  Tensor vals = at::randn({kRows, 2, kCols});
+  vals.masked_fill_(at::rand({kRows, 2, kCols}) < 0.2, 0.);  // masked keys
+  Tensor sums = at::zeros({kRows, 2, R}), flushes = at::zeros({kRows, R});
+  RunSumsParams p{ids.data(), vals.data_ptr<float>(), sums.data_ptr<float>(), flushes.data_ptr<float>(), R};
+  ASSERT_EQ(kc::launch_kernel(run_sums_kernel<kNT>, 1, kRows * 4, 0, nullptr, p), cudaSuccess);
+
+  Tensor want = at::zeros({kRows, 2, R}, at::kDouble), present = at::zeros({kRows, R});
+  Tensor ids_t = at::from_blob(ids.data(), {kRows, 1, kCols}, at::kInt).to(at::kLong);
+  want.scatter_add_(2, ids_t.expand({kRows, 2, kCols}), vals.to(at::kDouble));
+  present.scatter_(1, ids_t.squeeze(1), 1.f);
+  EXPECT_TRUE(at::equal(flushes, present)) << "each id present flushed once, no other";
+  EXPECT_TRUE(at::allclose(sums.to(at::kDouble), want, 0, 1e-5)) << (sums.to(at::kDouble) - want).abs().max();
+}
+
+TEST(CudaEmulation, QuadRunSums) {
+  for (uint64_t seed = 0; seed < 3; ++seed) {
+    check_run_sums<8>(seed);
+    check_run_sums<4>(seed);
+  }
 }
 
 // How the binding classifies bucket tables for the kernels' bucket sums: clip distinct, T5 in runs, the
