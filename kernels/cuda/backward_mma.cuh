@@ -15,8 +15,10 @@
 // lse gradient). Then dq += dsb·aK and dq *= scale. Bucket sums go into this CTA's rows of the global
 // scratch (ds_sum / p_sum; p_sum also without rel_v, for the correction): a row whose tile distances all
 // lie beyond ±M adds its row sums to registers (one pair per far side, flushed after the sweep, so a warp
-// whose rows are all far skips the memory); otherwise the 4 lanes holding a row add their elements in
-// turn (lane order fixed: deterministic).
+// whose rows are all far skips the memory); otherwise, by the table's layout: distinct ids (clip) with
+// red.add at once, ids in runs (T5) with one red.add per run after a segmented scan over the quad
+// (quad_run_sums), any other ids (and rel_index) by the 4 lanes holding a row in turn. Each way the
+// order of the additions to an address is fixed: the sums are the same from run to run.
 //
 // Kernel B (backward_mma_key_kernel): one CTA per (key tile of 64, b, kv head); each warp owns 16 keys,
 // with dk and dv accumulators in registers for the whole kernel. Over the heads of the group and the
@@ -342,12 +344,14 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
             // One channel at a time (fewer live registers); a zero sum adds nothing.
             if (dsb_g)
               quad_run_sums<kNT, 1>(
-                  tq, [&](int nt, int e1, int) { return acc_s[0][nt][hf * 2 + e1]; }, [&](int c) { return sWin[win + c]; },
+                  tq, [&](int nt, int e1, int) { return acc_s[0][nt][hf * 2 + e1]; },
+                  [&](int c) { return sWin[win + c]; },
                   [&](int beta, const float(&sum)[1]) {
                     if (active && sum[0] != 0.f) red_add_global(dsb_g + row * R + beta, sum[0]);
                   });
             quad_run_sums<kNT, 1>(
-                tq, [&](int nt, int e1, int) { return acc_dp[0][nt][hf * 2 + e1]; }, [&](int c) { return sWin[win + c]; },
+                tq, [&](int nt, int e1, int) { return acc_dp[0][nt][hf * 2 + e1]; },
+                [&](int c) { return sWin[win + c]; },
                 [&](int beta, const float(&sum)[1]) {
                   if (active && sum[0] != 0.f) red_add_global(psb_g + row * R + beta, sum[0]);
                 });

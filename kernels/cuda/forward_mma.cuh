@@ -19,7 +19,9 @@
 // spans are staged in shared memory (the "window"), and a row whose distances in the tile all lie beyond
 // ±M takes one bucket for the whole row: its table value and its bucket sum (the row sum) live in
 // registers, so such a tile touches no table memory. With rel_index the ids are read from memory per
-// element.
+// element. The other rows add to their bucket sums by the table's layout: distinct ids (clip) at once,
+// ids in runs (T5) one addition per run after a segmented scan over the quad (quad_run_sums), any other
+// ids and rel_index by the quad's 4 lanes in turn.
 //
 // Features are runtime flags (uniform branches); the template parameters are the element type, the padded
 // head dim and kPlain: calls without relative tables take an instance compiled without the table code,
