@@ -357,7 +357,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
                 });
           }
         } else {
-          // Keys of a row may share a bucket: the quad's lanes take turns (fixed order).
+          // Keys of a row may share a bucket: the quad's lanes take turns, each adding its keys with red.add
+          // without waiting. Additions to one address stay in a fixed order — a lane's in program order, the
+          // turns separated by __syncwarp (which orders memory among the warp's lanes) — so the sums are
+          // the same from run to run, without a chain of dependent read-modify-writes.
           for (int turn = 0; turn < 4; ++turn) {
             if (tq == turn) {
 #pragma unroll
@@ -374,8 +377,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
                     const int c = nt * 8 + 2 * tq + e1;
                     const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
                                                 : ri_row[c * p.rel_index_stride[2]];
-                    if (dsb_g) dsb_g[row * R + beta] += acc_s[0][nt][hf * 2 + e1];
-                    psb_g[row * R + beta] += pv;
+                    if (dsb_g) red_add_global(dsb_g + row * R + beta, acc_s[0][nt][hf * 2 + e1]);
+                    red_add_global(psb_g + row * R + beta, pv);
                   }
               }
             }

@@ -113,8 +113,9 @@ RELATTN_DEVICE void cp_async_wait() {
 }
 
 // *addr += v in global memory without waiting for the result (red.global.add.f32; subnormals flush to
-// zero). Deterministic only where no other thread adds to the same address before the next barrier:
-// the bucket sums use it for keys whose buckets are known to be distinct.
+// zero). Deterministic where the additions to one address are ordered: by one thread in program order,
+// by different threads separated by a barrier (__syncthreads, or __syncwarp within a warp), which orders
+// memory among the threads it joins; the bucket sums use it only so.
 RELATTN_DEVICE void red_add_global(float* addr, float v) { atomicAdd(addr, v); }
 
 

@@ -543,7 +543,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
             }
           __syncwarp();
         } else {
-          // Keys of a row may share a bucket: the quad's 4 lanes add their elements in turn.
+          // Keys of a row may share a bucket: the quad's 4 lanes add their elements in turn (in global memory
+          // with red.add, without waiting: a lane's additions in program order, the turns separated by
+          // __syncwarp, so the order per address is fixed).
           for (int turn = 0; turn < 4; ++turn) {
             if (tq == turn) {
 #pragma unroll
@@ -564,7 +566,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                         int beta = 0;
                         if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
                         else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                        br[beta] += pv;
+                        if (p.tables_in_global) red_add_global(br + beta, pv);
+                        else br[beta] += pv;
                       }
                     }
                 }
