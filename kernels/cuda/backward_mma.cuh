@@ -343,17 +343,17 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
             const int win = stage * kWin - row + BM - 1;
             // One channel at a time (fewer live registers); a zero sum adds nothing.
             if (dsb_g)
-              quad_run_sums<kNT, 1>(
-                  tq, [&](int nt, int e1, int) { return acc_s[0][nt][hf * 2 + e1]; },
+              quad_run_sums<kNT>(
+                  tq, [&](int nt, int e1) { return acc_s[0][nt][hf * 2 + e1]; },
                   [&](int c) { return sWin[win + c]; },
-                  [&](int beta, const float(&sum)[1]) {
-                    if (active && sum[0] != 0.f) red_add_global(dsb_g + row * R + beta, sum[0]);
+                  [&](int beta, float sum) {
+                    if (active && sum != 0.f) red_add_global(dsb_g + row * R + beta, sum);
                   });
-            quad_run_sums<kNT, 1>(
-                tq, [&](int nt, int e1, int) { return acc_dp[0][nt][hf * 2 + e1]; },
+            quad_run_sums<kNT>(
+                tq, [&](int nt, int e1) { return acc_dp[0][nt][hf * 2 + e1]; },
                 [&](int c) { return sWin[win + c]; },
-                [&](int beta, const float(&sum)[1]) {
-                  if (active && sum[0] != 0.f) red_add_global(psb_g + row * R + beta, sum[0]);
+                [&](int beta, float sum) {
+                  if (active && sum != 0.f) red_add_global(psb_g + row * R + beta, sum);
                 });
           }
         } else {

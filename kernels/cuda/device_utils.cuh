@@ -193,18 +193,16 @@ RELATTN_DEVICE float quad_sum(float x) {
 // Bucket sums of one row of a score tile, the row held by a quad in the mma C layout (this lane holds
 // columns 8n + 2tq and 8n + 2tq + 1 of n8 tile n < kNT), for bucket ids of which each fills one run of
 // consecutive columns (the distance window of a table such as T5's log buckets: every id's distances form
-// one interval). value(n, e, ch) is channel ch of column 8n + 2tq + e (0 for masked columns), bucket(c)
-// the id of column c. A segmented scan over the quad adds up every run, carried from one n8 tile to the
-// next, and the lane holding a run's last column calls flush(id, sums[kC]) for it, once: no two flushes of
-// a call share an id, so the lanes flush at once, with no turns and no atomics among them, and the sums
-// are the same from run to run. Every lane of the warp must call it (shuffles).
-template <int kNT, int kC, typename ValueFn, typename BucketFn, typename FlushFn>
+// one interval). value(n, e) is column 8n + 2tq + e's value (0 for masked columns), bucket(c) the id of
+// column c. A segmented scan over the quad adds up every run, carried from one n8 tile to the next, and
+// the lane holding a run's last column calls flush(id, sum) for it, once: no two flushes of a call share
+// an id, so the lanes flush at once, with no turns and no atomics among them, and the sums are the same
+// from run to run. Every lane of the warp must call it (shuffles).
+template <int kNT, typename ValueFn, typename BucketFn, typename FlushFn>
 RELATTN_DEVICE void quad_run_sums(int tq, ValueFn value, BucketFn bucket, FlushFn flush) {
   constexpr unsigned kAll = 0xffffffffu;
-  int carry_id = -1;  // the run open at the end of the previous n8 tile, and its sums so far
-  float carry[kC];
-#pragma unroll
-  for (int ch = 0; ch < kC; ++ch) carry[ch] = 0.f;
+  int carry_id = -1;   // the run open at the end of the previous n8 tile
+  float carry = 0.f;   // and its sum so far
 #pragma unroll
   for (int nt = 0; nt < kNT; ++nt) {
     const int c0 = nt * 8 + 2 * tq;
@@ -214,39 +212,27 @@ RELATTN_DEVICE void quad_run_sums(int tq, ValueFn value, BucketFn bucket, FlushF
     int right_id = __shfl_down_sync(kAll, b0, 1, 4);  // the id of column c0 + 2
     if (tq == 3) right_id = nt + 1 < kNT ? bucket(c0 + 2) : -1;
     const bool whole = b0 == b1;  // both columns in one run
-    float head[kC], tail[kC];     // the run ending at c0 (if not whole), the one ending at c0 + 1
-#pragma unroll
-    for (int ch = 0; ch < kC; ++ch) {
-      head[ch] = value(nt, 0, ch);
-      tail[ch] = value(nt, 1, ch) + (whole ? head[ch] : 0.f);
-    }
+    float head = value(nt, 0);    // the run ending at c0 (if not whole)
+    float tail = value(nt, 1) + (whole ? head : 0.f);  // the run ending at c0 + 1
     // Inclusive segmented scan of the tails: a lane whose tail run began left of it adds the left tails.
     int open = whole && left_id == b0;
 #pragma unroll
     for (int d = 1; d < 4; d *= 2) {
-      float x[kC];
-#pragma unroll
-      for (int ch = 0; ch < kC; ++ch) x[ch] = __shfl_up_sync(kAll, tail[ch], d, 4);
+      const float x = __shfl_up_sync(kAll, tail, d, 4);
       const int left_open = __shfl_up_sync(kAll, open, d, 4);
       if (tq >= d && open) {
-#pragma unroll
-        for (int ch = 0; ch < kC; ++ch) tail[ch] += x[ch];
+        tail += x;
         open = left_open;
       }
     }
-    float left[kC];  // the inclusive sums of the run ending at c0 - 1
-#pragma unroll
-    for (int ch = 0; ch < kC; ++ch) {
-      if (open) tail[ch] += carry[ch];  // the run reaches back into the previous n8 tile
-      left[ch] = __shfl_up_sync(kAll, tail[ch], 1, 4);
-      if (tq == 0) left[ch] = carry[ch];
-      if (left_id == b0 && !whole) head[ch] += left[ch];
-    }
+    if (open) tail += carry;  // the run reaches back into the previous n8 tile
+    float left = __shfl_up_sync(kAll, tail, 1, 4);  // the inclusive sum of the run ending at c0 - 1
+    if (tq == 0) left = carry;
+    if (left_id == b0 && !whole) head += left;
     if (!whole) flush(b0, head);
     if (right_id != b1) flush(b1, tail);
     carry_id = __shfl_sync(kAll, b1, 3, 4);
-#pragma unroll
-    for (int ch = 0; ch < kC; ++ch) carry[ch] = __shfl_sync(kAll, tail[ch], 3, 4);
+    carry = __shfl_sync(kAll, tail, 3, 4);
   }
 }
 

@@ -532,20 +532,19 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
               const bool active = row_far[mt][hf] == 0;
               const int win = stage * kWin - row + BM - 1;
               float* br = bsum + row * ld;
-              quad_run_sums<kNT, 1>(
-                  tq, [&](int nt, int e1, int) { return acc_s[mt][nt][hf * 2 + e1]; },
+              quad_run_sums<kNT>(
+                  tq, [&](int nt, int e1) { return acc_s[mt][nt][hf * 2 + e1]; },
                   [&](int c) { return sWin[win + c]; },
-                  [&](int beta, const float(&sum)[1]) {
-                    if (!active || sum[0] == 0.f) return;
-                    if (p.tables_in_global) red_add_global(br + beta, sum[0]);
-                    else br[beta] += sum[0];
+                  [&](int beta, float sum) {
+                    if (!active || sum == 0.f) return;
+                    if (p.tables_in_global) red_add_global(br + beta, sum);
+                    else br[beta] += sum;
                   });
             }
           __syncwarp();
         } else {
-          // Keys of a row may share a bucket: the quad's 4 lanes add their elements in turn (in global memory
-          // with red.add, without waiting: a lane's additions in program order, the turns separated by
-          // __syncwarp, so the order per address is fixed).
+          // Keys of a row may share a bucket: the quad's 4 lanes add their elements in turn (read-modify-
+          // writes: red.add here made ptxas spill 200 bytes in the hd 96 table instance).
           for (int turn = 0; turn < 4; ++turn) {
             if (tq == turn) {
 #pragma unroll
@@ -566,8 +565,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                         int beta = 0;
                         if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
                         else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                        if (p.tables_in_global) red_add_global(br + beta, pv);
-                        else br[beta] += pv;
+                        br[beta] += pv;
                       }
                     }
                 }

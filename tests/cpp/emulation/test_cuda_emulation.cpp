@@ -272,13 +272,13 @@ TEST(CudaEmulation, TensorCoresHd64T5PerHeadTablesInGlobal) {
 }
 
 // quad_run_sums on its own: rows of 8 * kNT columns whose ids come in runs (lengths from 1 to the whole
-// row, boundaries on and off the lane and n8-tile edges), two channels; each warp holds 8 rows (a quad
-// each). Every id present must be flushed exactly once, with its run's sums.
+// row, boundaries on and off the lane and n8-tile edges), two channels (one call each); each warp holds 8
+// rows (a quad each). Every id present must be flushed exactly once, with its run's sums.
 struct RunSumsParams {
   const int32_t* ids;  // [rows, 8 kNT]
   const float* vals;   // [rows, 2, 8 kNT]
   float* sums;         // [rows, 2, R]
-  float* flushes;      // [rows, R]
+  float* flushes;      // [rows, R] (channel 0's calls)
   int R;
 };
 
@@ -288,14 +288,15 @@ __global__ void run_sums_kernel(const RunSumsParams p) {
   const int lane = threadIdx.x & 31, tq = lane & 3;
   const int row = (threadIdx.x >> 5) * 8 + (lane >> 2);
   const int32_t* ids = p.ids + row * kCols;
-  const float* v = p.vals + row * 2 * kCols;
-  kc::quad_run_sums<kNT, 2>(
-      tq, [&](int nt, int e1, int ch) { return v[ch * kCols + nt * 8 + 2 * tq + e1]; },
-      [&](int c) { return ids[c]; },
-      [&](int id, const float(&s)[2]) {
-        for (int ch = 0; ch < 2; ++ch) kc::red_add_global(p.sums + (row * 2 + ch) * p.R + id, s[ch]);
-        kc::red_add_global(p.flushes + row * p.R + id, 1.f);
-      });
+  for (int ch = 0; ch < 2; ++ch) {
+    const float* v = p.vals + (row * 2 + ch) * kCols;
+    kc::quad_run_sums<kNT>(
+        tq, [&](int nt, int e1) { return v[nt * 8 + 2 * tq + e1]; }, [&](int c) { return ids[c]; },
+        [&](int id, float s) {
+          kc::red_add_global(p.sums + (row * 2 + ch) * p.R + id, s);
+          if (ch == 0) kc::red_add_global(p.flushes + row * p.R + id, 1.f);
+        });
+  }
 }
 
 template <int kNT>
