@@ -36,6 +36,7 @@ class CMakeBuildPy(build_py):
         cfg = ["cmake", "-S", str(ROOT), "-B", str(build_dir),
                f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
                "-DCMAKE_BUILD_TYPE=Release",
+               f"-DRELATTN_PYTHON={sys.executable}",
                f"-DRELATTN_CUDA={os.environ.get('RELATTN_CUDA', 'AUTO')}",
                f"-DRELATTN_BUILD_TESTS={'ON' if tests else 'OFF'}"]
         if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():

@@ -84,7 +84,7 @@ echo "GPU: $GPU | torch: $TORCH | nvcc: $NVCC | compute capability: $CAP"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-${CAP:0:1}.${CAP:1}}"
 TORCH_PREFIX=$($PY -c "import torch; print(torch.utils.cmake_prefix_path)")
 BUILD_DIR=build/gpu-check
-BUILD_CMD="cmake -S . -B $BUILD_DIR -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$TORCH_PREFIX' \
+BUILD_CMD="cmake -S . -B $BUILD_DIR -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH='$TORCH_PREFIX' -DRELATTN_PYTHON='$(command -v $PY)' \
  -DRELATTN_CUDA=ON -DRELATTN_CUDA_ARCHITECTURES=$CAP -DCMAKE_CUDA_FLAGS=-Xptxas=-v \
  && cmake --build $BUILD_DIR -j $JOBS && cmake --install $BUILD_DIR --prefix python/relattn"
 BUILD_OK=0

@@ -400,7 +400,7 @@ std::tuple<Tensor, Tensor, Tensor> table_grads(const Prepared& a, const Tensor& 
     d_rel_v = table_grad_from_row_sums(p_sum, grad_out.to(acc_opts), a.H, rel_v->dim() == 3, 1.0,
                                        rel_v->scalar_type());
   }
-  if (a.rel_bias.defined()) d_rel_bias = ds_sum.sum({0, 2}).to(rel_bias->scalar_type());
+  if (a.rel_bias.defined()) d_rel_bias = ds_sum.sum(at::IntArrayRef{0, 2}).to(rel_bias->scalar_type());
   return {d_rel_k, d_rel_v, d_rel_bias};
 }
 
