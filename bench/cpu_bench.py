@@ -11,6 +11,8 @@ Implementations:
                  rel_k[β] and rel_v[β] gathered to [L, L, D], scores [B, H, L, L]
   eager-gather   a careful eager version: q·rel_kᵀ [B,H,L,R] gathered into the [L, L] scores, and the
                  value term through scatter-added bucket sums; still O(L²) scores and probabilities
+  sdpa-plain     torch's fused scaled_dot_product_attention WITHOUT any relative term: not the same work,
+                 the ceiling (plain fused attention) that relattn's relative positions are measured against
 
     python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--out bench/results/cpu]
 """
@@ -72,7 +74,12 @@ def run_gather(x, idx):
     return p @ v + psum @ x["rel_v"]
 
 
-IMPLS = {"relattn": run_relattn, "naive": run_naive, "eager-gather": run_gather}
+def run_sdpa_plain(x, idx):
+    return torch.nn.functional.scaled_dot_product_attention(x["q"], x["k"], x["v"])
+
+
+IMPLS = {"relattn": run_relattn, "naive": run_naive, "eager-gather": run_gather, "sdpa-plain": run_sdpa_plain}
+EAGER_L2 = ("naive", "eager-gather")  # the implementations that hold [L, L] tensors
 
 
 def rss_hwm_bytes():
@@ -141,7 +148,7 @@ def main():
     for L in a.lengths:
         for mode in ("fwd", "fwd+bwd"):
             for impl in a.impls:
-                if impl != "relattn" and estimate_eager_gb(impl, L, mode) > a.max_gb:
+                if impl in EAGER_L2 and estimate_eager_gb(impl, L, mode) > a.max_gb:
                     rows.append({"impl": impl, "L": L, "mode": mode, "ms": None, "peak_mb": None,
                                  "note": f"skipped: needs ~{estimate_eager_gb(impl, L, mode):.0f} GB"})
                     print(rows[-1], flush=True)

@@ -6,10 +6,15 @@
 //   online softmax:  m_i, l_i, acc_i = Σ p̃_ij v_j,  bsum[i,r] = Σ_{j:β=r} p̃_ij  (all rescaled by
 //                    exp(m_old - m_new) like the output accumulator)
 //   out_i    = (acc_i + bsum_i · aV) / l_i,  lse_i = m_i + log l_i
-// A row whose tile distances all lie beyond ±M sees one bucket, so its gathers are one value and its
-// bucket sums are row sums (the single-bucket fast path).
+// In a row of a tile, the keys at distance <= -M and those at >= M see one bucket each, so their gathers
+// are one value and their bucket sums are row sums; only the window between is gathered key by key
+// (RowBuckets). A row whose tile lies beyond ±M is the single-bucket fast path.
 //
-// Backward, two passes so that nothing is written by two tasks (deterministic, no atomics):
+// Backward, float32/float64 with enough (b, kv head) tasks for the threads: one fused sweep per (b, kv head)
+//   (backward_group_fused): Δ = do·out - glse from the binding, then per tile S, dP, dS and the 5 GEMMs
+//   dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K (and S, dP), bucket sums added in place: the task owns every row.
+// Otherwise (half types, whose rounded `out` would put its error into Δ; or few tasks), two passes, so that
+// nothing is written by two tasks (deterministic, no atomics):
 //   pass A per (b, h, query block): row tables tab and doa[i,r] = do_i·aV[r], P = exp(S - lse),
 //     dP = dO Vᵀ + doa[i,β]; Δ_i = Σ_j P_ij dP_ij - glse_i (= do_i·out_i - glse_i, in acc_t);
 //     dq = scale*(dS K + dsb·aK) with dS = P∘(dP - Δ), and the bucket sums dsb[i,r] = Σ_{β=r} dS_ij and
@@ -19,8 +24,10 @@
 //   The table gradients are then plain GEMMs of those row sums (table_grad_from_row_sums).
 // Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -31,6 +38,12 @@
 #include "../attention.h"
 #include "blas.h"
 #include "vec.h"
+
+// at::parallel_for is inline: without -fopenmp (CMake links OpenMP::OpenMP_CXX) every call below would
+// run on one thread, silently. CMake defines RELATTN_NO_OPENMP, with a warning, where no OpenMP exists.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP) && !defined(RELATTN_NO_OPENMP)
+#error "relattn: the CPU kernels must be compiled with OpenMP (-fopenmp), as torch's parallel_for is"
+#endif
 
 namespace relattn {
 namespace cpu {
@@ -114,12 +127,22 @@ inline std::pair<const acc_t*, int64_t> tile_rows(const scalar_t* src, int64_t s
   return {buf, buf_ld};
 }
 
+// The buckets of one row of a tile: columns [0, a) all lie at distance <= -M (bucket `left`), columns
+// [b, cols) at distance >= M (bucket `right`), and the window [a, b) has an id per column (ids[j]). A row
+// whose tile lies beyond ±M has an empty window and sees one bucket (the single-bucket fast path); a row
+// that straddles the window pays per-column gathers for at most 2M - 1 columns, however wide the tile.
+// rel_index has no "beyond": its window is the whole row.
+struct RowBuckets {
+  int32_t a, b, left, right;
+};
+
 // Per-thread tiles.
 template <typename acc_t>
 struct Tiles {
   int64_t D1, Dv1, R1;
   std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, pk, rowacc, dsb, psum, dk, dv;
-  std::vector<int32_t> ids, row_bucket;
+  std::vector<int32_t> ids;
+  std::vector<RowBuckets> row_buckets;
   Tiles(const AttentionParams& p, bool backward) : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
     q.resize(kBlockQ * D1);
     k.resize(kBlockK * D1);
@@ -128,7 +151,7 @@ struct Tiles {
     tab.resize(kBlockQ * R1);
     bsum.resize(kBlockQ * R1);
     ids.resize(kBlockQ * kBlockK);
-    row_bucket.resize(kBlockQ);
+    row_buckets.resize(kBlockQ);
     if (!backward) {
       acc.resize(kBlockQ * Dv1);
       m.resize(kBlockQ);
@@ -148,64 +171,59 @@ struct Tiles {
   }
 };
 
-// Bucket id of every pair of the tile, or per row the single bucket the whole row falls in (-1: mixed).
 inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
-                       int32_t* ids, int32_t* row_bucket) {
+                       int32_t* ids, RowBuckets* rb) {
   for (int64_t i = 0; i < rows; ++i) {
     int32_t* id = ids + i * kBlockK;
     if (p.rel_index != nullptr) {
       const int32_t* src = p.rel_index + b * p.rel_index_stride[0] + (i0 + i) * p.rel_index_stride[1] + j0;
-      for (int64_t j = 0; j < cols; ++j) id[j] = src[j];
-      row_bucket[i] = -1;
+      for (int64_t j = 0; j < cols; ++j) id[j] = src[j];  // last dim contiguous (prepare)
+      rb[i] = {0, static_cast<int32_t>(cols), 0, 0};
       continue;
     }
     const int64_t M = p.max_distance;
-    const int64_t pos = i0 + i + p.q_offset;
-    const int64_t lo = j0 - pos, hi = j0 + cols - 1 - pos;
-    if (hi <= -M) {
-      row_bucket[i] = p.buckets[0];
-    } else if (lo >= M) {
-      row_bucket[i] = p.buckets[2 * M];
-    } else {
-      row_bucket[i] = -1;
-      for (int64_t j = 0; j < cols; ++j) {
-        const int64_t d = std::min(std::max(lo + j, -M), M);
-        id[j] = p.buckets[d + M];
-      }
-    }
+    const int64_t c = i0 + i + p.q_offset - j0;  // column of distance 0 (may lie outside the tile)
+    // distance of column j is j - c: <= -M for j <= c - M, >= M for j >= c + M
+    const int64_t a = std::clamp<int64_t>(c - M + 1, 0, cols);
+    const int64_t e = std::max(a, std::clamp<int64_t>(c + M, 0, cols));
+    rb[i] = {static_cast<int32_t>(a), static_cast<int32_t>(e), p.buckets[0], p.buckets[2 * M]};
+    const int32_t* bk = p.buckets + (M - c);  // bk[j] = buckets[(j - c) + M]
+    for (int64_t j = a; j < e; ++j) id[j] = bk[j];
   }
 }
 
-// S[i, j] += row_table[i, β(i,j)] for a [rows, R] table with leading dim R1.
+template <typename acc_t>
+inline void add_const(acc_t* s, int64_t n, acc_t c) {
+  for (int64_t j = 0; j < n; ++j) s[j] += c;
+}
+
+// S[i, j] += row_table[i, β(i,j)] for a [rows, R] table with leading dim ldt.
 template <typename acc_t>
 inline void add_row_table(int64_t rows, int64_t cols, acc_t* S, const acc_t* table, int64_t ldt,
-                          const int32_t* ids, const int32_t* row_bucket) {
+                          const int32_t* ids, const RowBuckets* rb) {
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
     const acc_t* t = table + i * ldt;
-    if (row_bucket[i] >= 0) {
-      const acc_t c = t[row_bucket[i]];
-      for (int64_t j = 0; j < cols; ++j) s[j] += c;
-    } else {
-      const int32_t* id = ids + i * kBlockK;
-      for (int64_t j = 0; j < cols; ++j) s[j] += t[id[j]];
-    }
+    const RowBuckets r = rb[i];
+    const int32_t* id = ids + i * kBlockK;
+    add_const(s, r.a, t[r.left]);
+    for (int64_t j = r.a; j < r.b; ++j) s[j] += t[id[j]];
+    add_const(s + r.b, cols - r.b, t[r.right]);
   }
 }
 
 // sums[i, β(i,j)] += X[i, j]
 template <typename acc_t>
 inline void add_bucket_sums(int64_t rows, int64_t cols, const acc_t* X, acc_t* sums, int64_t lds,
-                            const int32_t* ids, const int32_t* row_bucket) {
+                            const int32_t* ids, const RowBuckets* rb) {
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t* x = X + i * kBlockK;
     acc_t* out = sums + i * lds;
-    if (row_bucket[i] >= 0) {
-      out[row_bucket[i]] += row_sum(x, cols);
-    } else {
-      const int32_t* id = ids + i * kBlockK;
-      for (int64_t j = 0; j < cols; ++j) out[id[j]] += x[j];
-    }
+    const RowBuckets r = rb[i];
+    const int32_t* id = ids + i * kBlockK;
+    if (r.a > 0) out[r.left] += row_sum(x, r.a);
+    for (int64_t j = r.a; j < r.b; ++j) out[id[j]] += x[j];
+    if (r.b < cols) out[r.right] += row_sum(x + r.b, cols - r.b);
   }
 }
 
@@ -288,8 +306,8 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     acc_t* S = t.s.data();
     mm_nt<acc_t>(rows, cols, p.D, scale, qt, ldq, kt, ldk, acc_t(0), S, kBlockK);
-    if (buckets) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
-    if (has_tab) add_row_table(rows, cols, S, t.tab.data(), R1, t.ids.data(), t.row_bucket.data());
+    if (buckets) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_buckets.data());
+    if (has_tab) add_row_table(rows, cols, S, t.tab.data(), R1, t.ids.data(), t.row_buckets.data());
     add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
 
     // Online softmax: S becomes p̃ = exp(S - m_new); the accumulators are rescaled to the new max.
@@ -309,7 +327,7 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
         if (p.rel_v) scale_row(t.bsum.data() + i * R1, R, corr);
       }
     }
-    if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_bucket.data());
+    if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_buckets.data());
     mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, vt, ldv, acc_t(1), t.acc.data(), Dv1);
   }
   if (p.rel_v) {
@@ -363,11 +381,11 @@ void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_
   acc_t* S = t.s.data();
   acc_t* dP = t.dp.data();
   mm_nt<acc_t>(rows, cols, p.D, static_cast<acc_t>(p.scale), q, ldq, k, ldk, acc_t(0), S, kBlockK);
-  if (p.has_bucket_terms()) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_bucket.data());
-  if (tab) add_row_table(rows, cols, S, tab, ldt, t.ids.data(), t.row_bucket.data());
+  if (p.has_bucket_terms()) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_buckets.data());
+  if (tab) add_row_table(rows, cols, S, tab, ldt, t.ids.data(), t.row_buckets.data());
   add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
   mm_nt<acc_t>(rows, cols, p.Dv, acc_t(1), dout, lddo, v, ldv, acc_t(0), dP, kBlockK);
-  if (doa) add_row_table(rows, cols, dP, doa, ldd, t.ids.data(), t.row_bucket.data());
+  if (doa) add_row_table(rows, cols, dP, doa, ldd, t.ids.data(), t.row_buckets.data());
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
     acc_t* dp = dP + i * kBlockK;
@@ -422,8 +440,8 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse,
                       static_cast<const acc_t*>(nullptr), t);
     for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(t.dp.data() + i * kBlockK, cols);
-    if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_bucket.data());
-    if (tab || doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_bucket.data());
+    if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_buckets.data());
+    if (tab || doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_buckets.data());
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.s.data(), kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
   }
@@ -503,8 +521,110 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   }
 }
 
+// The fused backward (float32/float64 inputs, where `out` carries no rounding beyond acc_t's): one task per
+// (b, kv head) owns every row and key of its heads, so it can add dq, dk, dv and the bucket sums in place
+// in a single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ comes
+// from the binding as do·out - glse. dq (zeros, acc_t) collects dS K unscaled, then dsb·aK and the scale.
 template <typename scalar_t, typename acc_t>
-void backward(const AttentionBwdParams& p) {
+void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Tiles<acc_t>& t) {
+  static_assert(std::is_same_v<scalar_t, acc_t>, "the fused backward adds into dq in place");
+  const int64_t group = p.H / p.Hk;
+  const int64_t D1 = t.D1, Dv1 = t.Dv1, R = p.R, ldq_out = ld1(p.D);
+  const bool has_tab = p.rel_k || p.rel_bias;
+  auto* dq = static_cast<acc_t*>(p.dq);
+  auto q_rows = [&](int64_t h, int64_t i0, int64_t rows) {
+    const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+    return tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
+  };
+  auto do_rows = [&](int64_t h, int64_t i0, int64_t rows) {
+    const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
+                      h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
+    return tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+  };
+  acc_t* row_tab = static_cast<acc_t*>(p.row_tab);
+  acc_t* row_doa = static_cast<acc_t*>(p.row_doa);
+
+  // Row tables of every query row of the group's heads.
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
+      const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+      if (has_tab) {
+        const auto [qt, ldq] = q_rows(h, i0, rows);
+        row_key_table(p, h, rows, qt, ldq, row_tab + row0 * R, R);
+      }
+      if (p.rel_v) {
+        const auto [dot, lddo] = do_rows(h, i0, rows);
+        const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
+        mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), dot, lddo, rv, Dv1, acc_t(0), row_doa + row0 * R, R);
+      }
+    }
+  }
+
+  const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
+  const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
+  const acc_t scale = static_cast<acc_t>(p.scale);
+  for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, p.Lk - j0);
+    const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+    const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
+    std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
+    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+      for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
+        const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+        if (p.causal && i0 + rows - 1 + p.q_offset < j0) continue;  // every key of the tile is in the future
+        const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+        const auto [qt, ldq] = q_rows(h, i0, rows);
+        const auto [dot, lddo] = do_rows(h, i0, rows);
+        const acc_t* tab = has_tab ? row_tab + row0 * R : nullptr;
+        const acc_t* doa = p.rel_v ? row_doa + row0 * R : nullptr;
+        probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
+                          static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
+        mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
+        mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
+        mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), dq + row0 * p.D, ldq_out);
+        if (has_tab)
+          add_bucket_sums(rows, cols, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
+                          t.row_buckets.data());
+        if (p.rel_v)
+          add_bucket_sums(rows, cols, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
+                          t.row_buckets.data());
+      }
+    }
+    const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
+    auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
+    auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
+    for (int64_t j = 0; j < cols; ++j) {
+      for (int64_t c = 0; c < p.D; ++c) dk[j * p.D + c] = scale * t.dk[j * D1 + c];
+      for (int64_t c = 0; c < p.Dv; ++c) dv[j * p.Dv + c] = t.dv[j * Dv1 + c];
+    }
+  }
+
+  // dq = scale * (dS K + dsb · aK)
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    acc_t* dqh = dq + (b * p.H + h) * p.Lq * p.D;
+    if (p.rel_k) {
+      const acc_t* rk = static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride;
+      const acc_t* dsb = static_cast<const acc_t*>(p.ds_sum) + (b * p.H + h) * p.Lq * R;
+      mm_nn<acc_t>(p.Lq, p.D, R, acc_t(1), dsb, R, rk, D1, acc_t(1), dqh, ldq_out);
+    }
+    for (int64_t e = 0; e < p.Lq * p.D; ++e) dqh[e] *= scale;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void backward(const AttentionBwdParams& p, bool fused) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (fused) {
+      at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t begin, int64_t end) {
+        SingleThreadedBlas blas_on_this_thread;
+        Tiles<acc_t> t(p, /*backward=*/true);
+        for (int64_t bg = begin; bg < end; ++bg) backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
+      });
+      return;
+    }
+  }
   parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.H, p.Lq, kBlockQ,
                               [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
                                 backward_query_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, i0, t);
@@ -541,6 +661,21 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
   return {out, lse};
 }
 
+namespace {
+// Which CPU backward runs: the fused single sweep (float32/float64 only) when there are enough (b, kv head)
+// tasks to keep every thread busy (B·Hk >= 2 x threads), else the two passes, which split the work by query
+// and key blocks. RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (tests use it to cover both).
+bool cpu_backward_fused(const Prepared& a) {
+  const char* env = std::getenv("RELATTN_CPU_BACKWARD");
+  const std::string mode = env ? env : "auto";
+  TORCH_CHECK(mode == "auto" || mode == "fused" || mode == "two-pass",
+              "relattn: RELATTN_CPU_BACKWARD must be auto, fused or two-pass, got '", mode, "'");
+  const bool full_precision = a.q.scalar_type() == at::kFloat || a.q.scalar_type() == at::kDouble;
+  if (!full_precision || mode == "two-pass") return false;
+  return mode == "fused" || a.B * a.Hk >= 2 * static_cast<int64_t>(at::get_num_threads());
+}
+}  // namespace
+
 BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
                                       const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
                                       const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
@@ -555,11 +690,18 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
   Tensor dv = at::zeros({a.B, a.Hk, a.Lk, a.Dv}, q.options());
 
   if (a.B * a.H * a.Lq > 0) {
+    const bool fused = cpu_backward_fused(a);
+    if (fused) {
+      // Δ_i = do_i·out_i - glse_i: `out` is float32/float64 here, as accurate as the two passes' Σ_j p dp.
+      Tensor delta = (s.grad_out.to(a.acc_dtype) * out.to(a.acc_dtype)).sum(-1);
+      if (s.grad_lse.defined()) delta.sub_(s.grad_lse);
+      s.delta.copy_(delta);
+    }
     kernels::AttentionBwdParams p;
     fill_backward_params(a, s, dq, dk, dv, p);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      cpu::backward<scalar_t, acc_t>(p);
+      cpu::backward<scalar_t, acc_t>(p, fused);
     });
   }
 

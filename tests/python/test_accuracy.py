@@ -121,6 +121,21 @@ def test_forward_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradients_match_reference(case, dtype):
+    _check_gradients(case, dtype)
+
+
+@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cpu_backward_algorithms_match_reference(case, dtype, algorithm, monkeypatch):
+    """The CPU backward has two algorithms (csrc/cpu/attention_kernel.cpp): one fused sweep per (batch, kv
+    head) for float32/float64 inputs, and two passes over query blocks and key blocks. By default the
+    choice depends on the thread count, so each is forced here over the whole grid."""
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    _check_gradients(case, dtype)
+
+
+def _check_gradients(case, dtype):
     inp = make_inputs(case, dtype, requires_grad=True)
     grad_out, grad_lse = make_grad_outputs(case, dtype)
     got = gradients(*run_op(inp), inp.leaves(), grad_out, grad_lse)

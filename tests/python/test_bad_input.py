@@ -154,6 +154,13 @@ def test_bad_backward_arguments():
         backward(torch.ones_like(out), torch.ones(B, H), q, k, v, out, lse, *rest)
 
 
+def test_bad_cpu_backward_algorithm(monkeypatch):
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", "fast")
+    out = call(requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"RELATTN_CPU_BACKWARD must be auto, fused or two-pass, got 'fast'"):
+        out.sum().backward()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["k", "v", "rel_k", "rel_v", "rel_bias", "buckets", "alibi_slopes",
                                   "key_padding_mask"])

@@ -9,8 +9,10 @@ CASE = Case("determinism", rel_k="shared", rel_v="shared", rel_bias=True, positi
             padding="random", q_offset=-20, H=4, Hk=1, Lq=150, Lk=300, D=16, grad_lse=True)
 
 
+@pytest.mark.parametrize("algorithm", ("auto", "fused", "two-pass"))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
-def test_forward_and_backward_are_deterministic(dtype):
+def test_forward_and_backward_are_deterministic(dtype, algorithm, monkeypatch):
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)  # the CPU backward's algorithm (fused: float32 only)
     inp = make_inputs(CASE, dtype, requires_grad=True)
     grad_out, grad_lse = make_grad_outputs(CASE, dtype)
     runs = []

@@ -54,6 +54,8 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(f, leaves)
 
 
-def test_gradcheck_multi_tile():
+@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+def test_gradcheck_multi_tile(algorithm, monkeypatch):
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)  # both CPU backward algorithms
     f, leaves = _attention_of_leaves(make_inputs(MULTI_TILE, torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(f, leaves, fast_mode=True)
