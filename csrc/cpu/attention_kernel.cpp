@@ -662,9 +662,10 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
 }
 
 namespace {
-// Which CPU backward runs: the fused single sweep (float32/float64 only) when there are enough (b, kv head)
-// tasks to keep every thread busy (B·Hk >= 2 x threads), else the two passes, which split the work by query
-// and key blocks. RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (tests use it to cover both).
+// Which CPU backward runs: the fused single sweep (float32/float64 only; about 1.5x less work) unless its
+// B·Hk equal tasks would leave more than a third of the threads' time idle (e.g. 8 tasks on 16 threads, or
+// 17), where the two passes, split by query and key blocks, keep every thread busy.
+// RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (the tests use it to cover both).
 bool cpu_backward_fused(const Prepared& a) {
   const char* env = std::getenv("RELATTN_CPU_BACKWARD");
   const std::string mode = env ? env : "auto";
@@ -672,7 +673,9 @@ bool cpu_backward_fused(const Prepared& a) {
               "relattn: RELATTN_CPU_BACKWARD must be auto, fused or two-pass, got '", mode, "'");
   const bool full_precision = a.q.scalar_type() == at::kFloat || a.q.scalar_type() == at::kDouble;
   if (!full_precision || mode == "two-pass") return false;
-  return mode == "fused" || a.B * a.Hk >= 2 * static_cast<int64_t>(at::get_num_threads());
+  const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t rounds = (tasks + threads - 1) / threads;
+  return mode == "fused" || 3 * tasks >= 2 * rounds * threads;
 }
 }  // namespace
 
