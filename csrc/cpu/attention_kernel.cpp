@@ -187,8 +187,7 @@ inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
     const int64_t a = std::clamp<int64_t>(c - M + 1, 0, cols);
     const int64_t e = std::max(a, std::clamp<int64_t>(c + M, 0, cols));
     rb[i] = {static_cast<int32_t>(a), static_cast<int32_t>(e), p.buckets[0], p.buckets[2 * M]};
-    const int32_t* bk = p.buckets + (M - c);  // bk[j] = buckets[(j - c) + M]
-    for (int64_t j = a; j < e; ++j) id[j] = bk[j];
+    for (int64_t j = a; j < e; ++j) id[j] = p.buckets[j - c + M];  // 0 < j - c + M < 2M
   }
 }
 
@@ -206,9 +205,9 @@ inline void add_row_table(int64_t rows, int64_t cols, acc_t* S, const acc_t* tab
     const acc_t* t = table + i * ldt;
     const RowBuckets r = rb[i];
     const int32_t* id = ids + i * kBlockK;
-    add_const(s, r.a, t[r.left]);
+    if (r.a > 0) add_const(s, r.a, t[r.left]);
     for (int64_t j = r.a; j < r.b; ++j) s[j] += t[id[j]];
-    add_const(s + r.b, cols - r.b, t[r.right]);
+    if (r.b < cols) add_const(s + r.b, cols - r.b, t[r.right]);
   }
 }
 
