@@ -56,10 +56,8 @@ void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
   check_ids_in_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), R, name);
 }
 
-// The distance table is small: one copy to the host checks its range and tells whether its ids are
-// distinct (which the CUDA kernels' bucket sums use).
-// Checks the ids of a buckets table and classifies it: distinct (no id twice) and runs (each id's entries
-// consecutive), from one host copy.
+// The distance table is small: one copy to the host checks its range and classifies its ids for the CUDA
+// kernels' bucket sums: distinct (no id twice) and runs (each id's entries consecutive).
 struct BucketsLayout {
   bool distinct = true, runs = true;
 };

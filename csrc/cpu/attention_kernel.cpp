@@ -398,6 +398,39 @@ void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_
   }
 }
 
+// Rows [i0, i0 + rows) of head h of q and of grad_out as acc_t tiles (the tensors themselves where they can).
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> q_tile(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                                        Tiles<acc_t>& t) {
+  const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  return tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), t.D1);
+}
+template <typename scalar_t, typename acc_t>
+std::pair<const acc_t*, int64_t> do_tile(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                                         Tiles<acc_t>& t) {
+  const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
+                    h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
+  return tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), t.Dv1);
+}
+
+// A query block's rows (from row0 in [B,H,Lq]) of the row tables kept for the key sweeps: tab (with rel_k or
+// rel_bias) and doa[i,r] = do_i·aV[r] (with rel_v); null where absent.
+template <typename acc_t>
+std::pair<acc_t*, acc_t*> row_tables(const AttentionBwdParams& p, int64_t row0) {
+  return {(p.rel_k || p.rel_bias) ? static_cast<acc_t*>(p.row_tab) + row0 * p.R : nullptr,
+          p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * p.R : nullptr};
+}
+template <typename acc_t>
+void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t row0, int64_t rows, const acc_t* q,
+                     int64_t ldq, const acc_t* dout, int64_t lddo, int64_t Dv1) {
+  const auto [tab, doa] = row_tables<acc_t>(p, row0);
+  if (tab) row_key_table(p, h, rows, q, ldq, tab, p.R);
+  if (doa) {
+    const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
+    mm_nt<acc_t>(rows, p.R, p.Dv, acc_t(1), dout, lddo, rv, Dv1, acc_t(0), doa, p.R);
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, Tiles<acc_t>& t) {
   const int64_t rows = std::min(kBlockQ, p.Lq - i0);
@@ -405,20 +438,12 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
   const int64_t row0 = (b * p.H + h) * p.Lq + i0;  // index of this block's first row in [B,H,Lq]
 
-  const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-  const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
-                    h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
-  const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-  const auto [dot, lddo] = tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
+  const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
+  const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
 
   // Row tables, kept for pass B.
-  acc_t* tab = (p.rel_k || p.rel_bias) ? static_cast<acc_t*>(p.row_tab) + row0 * R : nullptr;
-  acc_t* doa = p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * R : nullptr;
-  if (tab) row_key_table(p, h, rows, qt, ldq, tab, R);
-  if (doa) {
-    const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
-    mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), dot, lddo, rv, Dv1, acc_t(0), doa, R);
-  }
+  fill_row_tables(p, h, row0, rows, qt, ldq, dot, lddo, Dv1);
+  const auto [tab, doa] = row_tables<acc_t>(p, row0);
   const acc_t* lse = static_cast<const acc_t*>(p.lse) + row0;
 
   // Δ_i = Σ_j p_ij dp_ij is accumulated here in acc_t rather than taken as do_i·out_i from the rounded
@@ -478,8 +503,12 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   }
 }
 
+// Pass B (and the fused sweep's step): one key block of kv head g over the heads of its group and all query
+// blocks, dv = Σ Pᵀ dO and dk = scale * Σ dSᵀ Q. `fused` (acc_t inputs only) also adds dS K into dq
+// (unscaled) and the bucket sums of dS and P into ds_sum / p_sum: its task owns every row of the group.
 template <typename scalar_t, typename acc_t>
-void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t j0, Tiles<acc_t>& t) {
+void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t j0, Tiles<acc_t>& t,
+                        bool fused = false) {
   const int64_t cols = std::min(kBlockK, p.Lk - j0);
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R = p.R;
   const int64_t group = p.H / p.Hk;
@@ -489,25 +518,30 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   const auto [vt, ldv] = tile_rows(vp, p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
   std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
   std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
-  const bool has_tab = p.rel_k || p.rel_bias;
 
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.Lq - i0);
       if (p.causal && i0 + rows - 1 + p.q_offset < j0) continue;  // every key of the block is in the future
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-      const auto* qp =
-          static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-      const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
-                        h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
-      const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-      const auto [dot, lddo] = tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
-      const acc_t* tab = has_tab ? static_cast<const acc_t*>(p.row_tab) + row0 * R : nullptr;
-      const acc_t* doa = p.rel_v ? static_cast<const acc_t*>(p.row_doa) + row0 * R : nullptr;
+      const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
+      const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
+      const auto [tab, doa] = row_tables<acc_t>(p, row0);
       probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
                         static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
       mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
       mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (!fused) continue;
+        mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1),
+                     static_cast<acc_t*>(p.dq) + row0 * p.D, ld1(p.D));
+        if (tab)
+          add_bucket_sums(rows, cols, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
+                          t.row_buckets.data());
+        if (doa)
+          add_bucket_sums(rows, cols, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
+                          t.row_buckets.data());
+      }
     }
   }
   const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
@@ -521,92 +555,31 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
 }
 
 // The fused backward (float32/float64 inputs, where `out` carries no rounding beyond acc_t's): one task per
-// (b, kv head) owns every row and key of its heads, so it can add dq, dk, dv and the bucket sums in place
-// in a single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ comes
-// from the binding as do·out - glse. dq (zeros, acc_t) collects dS K unscaled, then dsb·aK and the scale.
+// (b, kv head) owns every row and key of its heads, so it adds dq, dk, dv and the bucket sums in place in a
+// single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ comes from
+// the binding as do·out - glse. dq (zeros) collects dS K unscaled, then dsb·aK and the scale.
 template <typename scalar_t, typename acc_t>
 void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Tiles<acc_t>& t) {
   static_assert(std::is_same_v<scalar_t, acc_t>, "the fused backward adds into dq in place");
   const int64_t group = p.H / p.Hk;
-  const int64_t D1 = t.D1, Dv1 = t.Dv1, R = p.R, ldq_out = ld1(p.D);
-  const bool has_tab = p.rel_k || p.rel_bias;
-  auto* dq = static_cast<acc_t*>(p.dq);
-  auto q_rows = [&](int64_t h, int64_t i0, int64_t rows) {
-    const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-    return tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-  };
-  auto do_rows = [&](int64_t h, int64_t i0, int64_t rows) {
-    const auto* dop = static_cast<const scalar_t*>(p.grad_out) + b * p.grad_out_stride[0] +
-                      h * p.grad_out_stride[1] + i0 * p.grad_out_stride[2];
-    return tile_rows(dop, p.grad_out_stride[2], rows, p.Dv, t.dout.data(), Dv1);
-  };
-  acc_t* row_tab = static_cast<acc_t*>(p.row_tab);
-  acc_t* row_doa = static_cast<acc_t*>(p.row_doa);
-
-  // Row tables of every query row of the group's heads.
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.Lq - i0);
-      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-      if (has_tab) {
-        const auto [qt, ldq] = q_rows(h, i0, rows);
-        row_key_table(p, h, rows, qt, ldq, row_tab + row0 * R, R);
-      }
-      if (p.rel_v) {
-        const auto [dot, lddo] = do_rows(h, i0, rows);
-        const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
-        mm_nt<acc_t>(rows, R, p.Dv, acc_t(1), dot, lddo, rv, Dv1, acc_t(0), row_doa + row0 * R, R);
-      }
+      const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
+      const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
+      fill_row_tables(p, h, (b * p.H + h) * p.Lq + i0, rows, qt, ldq, dot, lddo, t.Dv1);
     }
   }
-
-  const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
-  const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, p.Lk - j0);
-    const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
-    const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
-    std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
-    std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
-    for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-      for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
-        const int64_t rows = std::min(kBlockQ, p.Lq - i0);
-        if (p.causal && i0 + rows - 1 + p.q_offset < j0) continue;  // every key of the tile is in the future
-        const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-        const auto [qt, ldq] = q_rows(h, i0, rows);
-        const auto [dot, lddo] = do_rows(h, i0, rows);
-        const acc_t* tab = has_tab ? row_tab + row0 * R : nullptr;
-        const acc_t* doa = p.rel_v ? row_doa + row0 * R : nullptr;
-        probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
-                          static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
-        mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
-        mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
-        mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), dq + row0 * p.D, ldq_out);
-        if (has_tab)
-          add_bucket_sums(rows, cols, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
-                          t.row_buckets.data());
-        if (p.rel_v)
-          add_bucket_sums(rows, cols, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
-                          t.row_buckets.data());
-      }
-    }
-    const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
-    auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
-    auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
-    for (int64_t j = 0; j < cols; ++j) {
-      for (int64_t c = 0; c < p.D; ++c) dk[j * p.D + c] = scale * t.dk[j * D1 + c];
-      for (int64_t c = 0; c < p.Dv; ++c) dv[j * p.Dv + c] = t.dv[j * Dv1 + c];
-    }
-  }
+  for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) backward_key_block<scalar_t, acc_t>(p, b, g, j0, t, /*fused=*/true);
 
   // dq = scale * (dS K + dsb · aK)
+  const acc_t scale = static_cast<acc_t>(p.scale);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    acc_t* dqh = dq + (b * p.H + h) * p.Lq * p.D;
+    acc_t* dqh = static_cast<acc_t*>(p.dq) + (b * p.H + h) * p.Lq * p.D;
     if (p.rel_k) {
       const acc_t* rk = static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride;
-      const acc_t* dsb = static_cast<const acc_t*>(p.ds_sum) + (b * p.H + h) * p.Lq * R;
-      mm_nn<acc_t>(p.Lq, p.D, R, acc_t(1), dsb, R, rk, D1, acc_t(1), dqh, ldq_out);
+      const acc_t* dsb = static_cast<const acc_t*>(p.ds_sum) + (b * p.H + h) * p.Lq * p.R;
+      mm_nn<acc_t>(p.Lq, p.D, p.R, acc_t(1), dsb, p.R, rk, t.D1, acc_t(1), dqh, ld1(p.D));
     }
     for (int64_t e = 0; e < p.Lq * p.D; ++e) dqh[e] *= scale;
   }
