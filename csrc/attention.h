@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "../kernels/params.h"
+#include "id_checks.h"
 
 namespace relattn {
 namespace ops {
@@ -37,7 +38,7 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTen
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                 int64_t q_offset);
+                 int64_t q_offset, IdCheck id_check = IdCheck::kHost);
 
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
 void fill_params(const Prepared& a, kernels::AttentionParams& p);

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include "attention.h"
+#include "id_checks.h"
 
 namespace relattn {
 namespace ops {
@@ -49,31 +50,16 @@ void check_ids_in_range(int64_t lo, int64_t hi, int64_t R, const char* name) {
               " (the bucket dimension of rel_k/rel_v/rel_bias)");
 }
 
-// The range check on the data (one reduction), for rel_index.
-void check_bucket_range(const Tensor& ids, int64_t R, const char* name) {
-  if (ids.numel() == 0) return;
-  auto mm = at::aminmax(ids);
-  check_ids_in_range(std::get<0>(mm).item<int64_t>(), std::get<1>(mm).item<int64_t>(), R, name);
-}
-
-// The distance table is small: one copy to the host checks its range and classifies its ids for the CUDA
-// kernels' bucket sums: distinct (no id twice) and runs (each id's entries consecutive).
-struct BucketsLayout {
-  bool distinct = true, runs = true;
-};
-BucketsLayout check_buckets_table(const Tensor& buckets, int64_t R) {
-  const Tensor host = buckets.to(at::kCPU, at::kLong).contiguous();
-  const int64_t* ids = host.const_data_ptr<int64_t>();
-  const auto [lo, hi] = std::minmax_element(ids, ids + host.numel());
-  check_ids_in_range(*lo, *hi, R, "buckets");
-  BucketsLayout layout;
-  std::vector<char> seen(R, 0);
-  for (int64_t x = 0; x < host.numel(); ++x) {
-    if (!std::exchange(seen[ids[x]], 1)) continue;
-    layout.distinct = false;
-    if (ids[x] != ids[x - 1]) layout.runs = false;
+// The range (and for the distance table, the layout the CUDA kernels' bucket sums use: distinct ids, or
+// each id's entries consecutive) of bucket ids, read on the host or asserted on the device (id_checks.h).
+IdSummary check_ids(const Tensor& ids, int64_t R, const char* name, bool layout, IdCheck mode) {
+  if (mode == IdCheck::kDevice) {
+    assert_ids_in_range_async(ids, R, name);
+    return {};  // distinct = runs = false: the general layout, correct for any ids
   }
-  return layout;
+  const IdSummary s = host_id_summary(ids, layout, mode);
+  if (ids.numel() > 0) check_ids_in_range(s.lo, s.hi, R, name);
+  return s;
 }
 
 }  // namespace
@@ -82,7 +68,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                 int64_t q_offset) {
+                 int64_t q_offset, IdCheck id_check) {
   Prepared a;
   TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(),
               "relattn.attention: q, k and v must be tensors");
@@ -205,7 +191,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 "got shape ",
                 shape_str(bt));
     if (any_table) {
-      const BucketsLayout layout = check_buckets_table(bt, a.R);
+      const IdSummary layout = check_ids(bt, a.R, "buckets", /*layout=*/true, id_check);
       a.buckets_distinct = layout.distinct;
       a.buckets_runs = layout.runs;
       a.buckets = bt.to(at::kInt).contiguous();
@@ -221,7 +207,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 "relattn.attention: rel_index must be [Lq, Lk] = [", a.Lq, ", ", a.Lk, "] or [B, Lq, Lk] = [",
                 a.B, ", ", a.Lq, ", ", a.Lk, "], got shape ", shape_str(ri));
     if (any_table) {
-      check_bucket_range(ri, a.R, "rel_index");
+      check_ids(ri, a.R, "rel_index", /*layout=*/false, id_check);
       a.rel_index = last_dim_contiguous(ri.scalar_type() == at::kInt ? ri : ri.to(at::kInt));
       if (a.rel_index.dim() == 2) a.rel_index = a.rel_index.unsqueeze(0).expand({a.B, a.Lq, a.Lk});
     }

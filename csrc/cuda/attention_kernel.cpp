@@ -15,6 +15,8 @@
 //                                     tensor-core kernel; same inputs, float accumulation)
 //   RELATTN_CUDA_TABLES=smem|global   force where the per-row tables live (smem falls back to global
 //                                     when the device has too little shared memory)
+//   RELATTN_CHECK_IDS=always          read buckets / rel_index on the host on every call (default: once
+//                                     per tensor and version; see csrc/id_checks.h)
 //
 // The backward (kernels/cuda/backward.h) runs two kernels (per query tile, then per key tile) that never
 // write the same element from two blocks, and leaves the table gradients to GEMMs of per-row bucket sums:
@@ -61,6 +63,17 @@ bool rows_16b_aligned(const Tensor& t) {
     if (t.size(d) > 1 && (t.stride(d) * elem) % 16 != 0) return false;
   }
   return true;
+}
+
+// How this call checks its bucket ids (csrc/id_checks.h): asserted on the device while the current stream
+// is captured into a CUDA graph (a host read would break the capture), else read once per tensor and
+// version; RELATTN_CHECK_IDS=always reads them on every call.
+IdCheck id_check_mode(const Tensor& q) {
+  if (!q.is_cuda()) return IdCheck::kHost;  // a device mix: prepare() reports it
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(q.device().index()).stream(), &status));
+  if (status != cudaStreamCaptureStatusNone) return IdCheck::kDevice;
+  return env_str("RELATTN_CHECK_IDS") == "always" ? IdCheck::kHost : IdCheck::kHostCached;
 }
 
 // Calls f(std::integral_constant<int, HD>{}) for the padded head dim HD of the tensor-core kernels.
@@ -123,7 +136,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                      int64_t q_offset) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset);
+                       causal, scale, q_offset, id_check_mode(q));
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -215,7 +228,7 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                        bool causal, std::optional<double> scale, int64_t q_offset) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset);
+                       causal, scale, q_offset, id_check_mode(q));
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
