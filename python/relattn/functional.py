@@ -48,7 +48,8 @@ def attention(
         buckets: integer ``[2M+1]``, the bucket of each distance in ``[-M, M]``; distances beyond
             use the end entries (this is the clipping). See :func:`clip_buckets`, :func:`t5_buckets`.
         rel_index: integer ``[Lq, Lk]`` or ``[B, Lq, Lk]``, the bucket of every pair (structural
-            positions). Excludes ``buckets``.
+            positions). Excludes ``buckets``. Read as int32: another integer dtype is converted on
+            every call (one more ``Lq×Lk`` int32 tensor), so build it as ``torch.int32``.
         alibi_slopes: ``[H]`` ALiBi slopes (no gradient). See :func:`alibi_slopes`.
         key_padding_mask: bool ``[B, Lk]``; ``True`` marks padding keys to ignore.
         causal: mask keys after the query's position.
