@@ -168,3 +168,39 @@ TEST(IdChecks, CachedModeSeesInPlaceChanges) {
 }
 
 }  // namespace
+
+namespace {
+
+// kDevice (what the CUDA binding uses while a CUDA graph is captured) reads nothing on the host: the range
+// check is torch's _assert_async and the table's layout is taken as general. On CPU tensors _assert_async
+// raises at once, which lets the branch be checked here.
+TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
+  const Tensor q = torch::randn({1, 2, 5, 8}), k = torch::randn({1, 2, 6, 8}), v = torch::randn({1, 2, 6, 8});
+  const Tensor rel_bias = torch::randn({2, 5});
+  auto call = [&](std::optional<Tensor> b, std::optional<Tensor> ri) {
+    return relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, rel_bias, b, ri, std::nullopt,
+                                 std::nullopt, false, std::nullopt, 0, IdCheck::kDevice);
+  };
+  const auto a = call(ids({0, 1, 2, 3, 4}), std::nullopt);
+  EXPECT_FALSE(a.buckets_distinct);
+  EXPECT_FALSE(a.buckets_runs);
+  EXPECT_EQ(a.M, 2);
+  call(std::nullopt, torch::full({5, 6}, 4, torch::kInt));
+  for (const Tensor& bad : {ids({0, 1, 5, 3, 4}), ids({-1, 1, 2, 3, 4})}) {
+    try {
+      call(bad, std::nullopt);
+      ADD_FAILURE() << "an out-of-range id was accepted: " << bad;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("buckets holds a bucket id outside [0, R) with R = 5"), std::string::npos)
+          << e.what();
+    }
+  }
+  try {
+    call(std::nullopt, torch::full({5, 6}, 5, torch::kInt));
+    ADD_FAILURE() << "an out-of-range rel_index was accepted";
+  } catch (const c10::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("rel_index holds a bucket id outside"), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
