@@ -55,7 +55,14 @@ void check_ids_in_range(int64_t lo, int64_t hi, int64_t R, const char* name) {
 IdSummary check_ids(const Tensor& ids, int64_t R, const char* name, bool layout, IdCheck mode) {
   if (mode == IdCheck::kDevice) {
     assert_ids_in_range_async(ids, R, name);
-    return {};  // distinct = runs = false: the general layout, correct for any ids
+    if (!layout) return {};
+    // The layout read before capture, if any, asserted to hold on every replay; else the general layout
+    // (distinct = runs = false), correct for any ids.
+    IdSummary s = id_summary_cache().find(ids, /*layout=*/true).value_or(IdSummary{});
+    s.lo = 0;
+    s.hi = -1;
+    assert_layout_async(ids, s, name);
+    return s;
   }
   const IdSummary s = host_id_summary(ids, layout, mode);
   if (ids.numel() > 0) check_ids_in_range(s.lo, s.hi, R, name);

@@ -111,5 +111,24 @@ void assert_ids_in_range_async(const at::Tensor& ids, int64_t R, const char* nam
   at::_assert_async(ok, c10::str("relattn.attention: ", name, " holds a bucket id outside [0, R) with R = ", R));
 }
 
+void assert_layout_async(const at::Tensor& ids, const IdSummary& s, const char* name) {
+  const int64_t n = ids.numel();
+  if (!(s.distinct || s.runs) || n < 2) return;  // one entry is distinct and a run
+  const at::Tensor x = ids.to(at::kLong).contiguous().view({n});
+  at::Tensor keys = x;
+  if (!s.distinct) {
+    // Runs: the first entry of every run of equal neighbours keeps its id, the others get ids of their
+    // own below zero (the range check keeps real ids >= 0); the ids form runs iff these keys are distinct.
+    const at::Tensor first = at::ones({1}, x.options().dtype(at::kBool));
+    const at::Tensor head = at::cat({first, x.slice(0, 1).ne(x.slice(0, 0, n - 1))});
+    keys = at::where(head, x, at::arange(-1, -n - 1, -1, x.options()));
+  }
+  const at::Tensor sorted = std::get<0>(keys.sort());
+  at::_assert_async(sorted.slice(0, 1).ne(sorted.slice(0, 0, n - 1)).all(),
+                    c10::str("relattn.attention: ", name, " was changed after it was checked (its ids are no "
+                             "longer ", s.distinct ? "distinct" : "in runs",
+                             "); a CUDA graph captured with it must be captured again"));
+}
+
 }  // namespace ops
 }  // namespace relattn

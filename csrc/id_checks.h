@@ -9,9 +9,13 @@
 //                distance table of a model and a rel_index shared by its layers cost one sync, not one
 //                per call; the range is still checked against each call's R;
 //   kDevice      read nothing on the host: the range check is a device-side assertion (torch's
-//                _assert_async) and the distance table's layout is taken as general. Used while the
-//                current stream is being captured into a CUDA graph; the assertion then runs on every
-//                replay, on whatever ids the graph's buffers hold.
+//                _assert_async). Used while the current stream is being captured into a CUDA graph; the
+//                assertion then runs on every replay, on whatever ids the graph's buffers hold. The
+//                distance table's layout comes from the cache when the table was read before capture
+//                (the warm-up calls torch.cuda.graph asks for; torch.compile's CUDA graphs run them too),
+//                asserted on the device as well, so that a table changed between replays stops the
+//                program instead of taking a fast path its ids no longer fit; otherwise it is taken as
+//                general (correct for any ids, slower bucket sums).
 #pragma once
 
 #include <cstdint>
@@ -80,6 +84,10 @@ IdSummary host_id_summary(const at::Tensor& ids, bool layout, IdCheck mode);
 
 // kDevice: enqueue the range check lo >= 0 && hi < R as a device-side assertion on the current stream.
 void assert_ids_in_range_async(const at::Tensor& ids, int64_t R, const char* name);
+
+// kDevice: enqueue the assertion that the 1-D `ids` (in range) still have the layout `s` claims
+// (distinct, or in runs); nothing when s claims neither.
+void assert_layout_async(const at::Tensor& ids, const IdSummary& s, const char* name);
 
 }  // namespace ops
 }  // namespace relattn

@@ -172,8 +172,8 @@ TEST(IdChecks, CachedModeSeesInPlaceChanges) {
 namespace {
 
 // kDevice (what the CUDA binding uses while a CUDA graph is captured) reads nothing on the host: the range
-// check is torch's _assert_async and the table's layout is taken as general. On CPU tensors _assert_async
-// raises at once, which lets the branch be checked here.
+// check is torch's _assert_async, and the table's layout is the one read before capture (asserted too) or
+// else the general one. On CPU tensors _assert_async raises at once, which lets the branch be checked here.
 TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
   const Tensor q = torch::randn({1, 2, 5, 8}), k = torch::randn({1, 2, 6, 8}), v = torch::randn({1, 2, 6, 8});
   const Tensor rel_bias = torch::randn({2, 5});
@@ -191,8 +191,8 @@ TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
       call(bad, std::nullopt);
       ADD_FAILURE() << "an out-of-range id was accepted: " << bad;
     } catch (const c10::Error& e) {
-      EXPECT_NE(std::string(e.what()).find("buckets holds a bucket id outside [0, R) with R = 5"), std::string::npos)
-          << e.what();
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("buckets holds a bucket id outside [0, R) with R = 5"), std::string::npos) << msg;
     }
   }
   try {
@@ -201,6 +201,57 @@ TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
   } catch (const c10::Error& e) {
     EXPECT_NE(std::string(e.what()).find("rel_index holds a bucket id outside"), std::string::npos) << e.what();
   }
+}
+
+TEST(IdChecks, DeviceModeReusesTheLayoutReadBeforeCaptureAndAssertsIt) {
+  const Tensor q = torch::randn({1, 2, 5, 8}), k = torch::randn({1, 2, 6, 8}), v = torch::randn({1, 2, 6, 8});
+  const Tensor rel_bias = torch::randn({2, 6});
+  auto call = [&](const Tensor& b, IdCheck mode) {
+    return relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, rel_bias, b, std::nullopt, std::nullopt,
+                                 std::nullopt, false, std::nullopt, 0, mode);
+  };
+  auto expect_layout_error = [&](const Tensor& b, const char* what) {
+    try {
+      call(b, IdCheck::kDevice);
+      ADD_FAILURE() << "a table no longer " << what << " was accepted: " << b;
+    } catch (const c10::Error& e) {
+      EXPECT_NE(std::string(e.what()).find(std::string("buckets was changed after it was checked (its ids are no "
+                                                       "longer ") + what + ")"),
+                std::string::npos)
+          << e.what();
+    }
+  };
+  // Distinct (clip-like): the warm-up call reads it, the call under capture reuses that.
+  Tensor clip = ids({0, 1, 2, 3, 4});
+  call(clip, IdCheck::kHostCached);
+  auto a = call(clip, IdCheck::kDevice);
+  EXPECT_TRUE(a.buckets_distinct);
+  EXPECT_TRUE(a.buckets_runs);
+  // Writes the version counter does not see (what a replay may find in the captured buffer): another
+  // distinct table passes, a repeated id fails the device-side assertion.
+  Tensor alias = clip.variable_data();
+  alias.copy_(ids({4, 3, 2, 1, 0}));
+  EXPECT_TRUE(call(clip, IdCheck::kDevice).buckets_distinct);
+  alias.copy_(ids({0, 1, 2, 1, 4}));
+  expect_layout_error(clip, "distinct");
+
+  // Runs (T5-like).
+  Tensor t5 = ids({5, 5, 4, 3, 3, 0, 1, 1, 2});
+  call(t5, IdCheck::kHostCached);
+  a = call(t5, IdCheck::kDevice);
+  EXPECT_FALSE(a.buckets_distinct);
+  EXPECT_TRUE(a.buckets_runs);
+  Tensor t5_alias = t5.variable_data();
+  t5_alias.copy_(ids({0, 0, 0, 1, 2, 3, 3, 4, 5}));  // other runs: fine
+  EXPECT_TRUE(call(t5, IdCheck::kDevice).buckets_runs);
+  t5_alias.copy_(ids({0, 0, 1, 0, 2, 3, 3, 4, 5}));  // id 0 in two runs
+  expect_layout_error(t5, "in runs");
+
+  // A table first seen under capture: the general layout, and nothing about its layout is asserted.
+  Tensor fresh = ids({1, 0, 1, 2, 3});
+  a = call(fresh, IdCheck::kDevice);
+  EXPECT_FALSE(a.buckets_distinct);
+  EXPECT_FALSE(a.buckets_runs);
 }
 
 }  // namespace
