@@ -196,6 +196,13 @@ inline void add_const(acc_t* s, int64_t n, acc_t c) {
   for (int64_t j = 0; j < n; ++j) s[j] += c;
 }
 
+// s[j] += t[id[j]] for j < n (s and t never overlap).
+template <typename acc_t>
+inline void gather_add(acc_t* __restrict__ s, const acc_t* __restrict__ t, const int32_t* __restrict__ id,
+                       int64_t n) {
+  for (int64_t j = 0; j < n; ++j) s[j] += t[id[j]];
+}
+
 // S[i, j] += row_table[i, β(i,j)] for a [rows, R] table with leading dim ldt.
 template <typename acc_t>
 inline void add_row_table(int64_t rows, int64_t cols, acc_t* S, const acc_t* table, int64_t ldt,
@@ -206,7 +213,7 @@ inline void add_row_table(int64_t rows, int64_t cols, acc_t* S, const acc_t* tab
     const RowBuckets r = rb[i];
     const int32_t* id = ids + i * kBlockK;
     if (r.a > 0) add_const(s, r.a, t[r.left]);
-    for (int64_t j = r.a; j < r.b; ++j) s[j] += t[id[j]];
+    gather_add(s + r.a, t, id + r.a, r.b - r.a);
     if (r.b < cols) add_const(s + r.b, cols - r.b, t[r.right]);
   }
 }
@@ -221,7 +228,22 @@ inline void add_bucket_sums(int64_t rows, int64_t cols, const acc_t* X, acc_t* s
     const RowBuckets r = rb[i];
     const int32_t* id = ids + i * kBlockK;
     if (r.a > 0) out[r.left] += row_sum(x, r.a);
-    for (int64_t j = r.a; j < r.b; ++j) out[id[j]] += x[j];
+    if (r.a < r.b) {
+      // Neighbours often share a bucket (clipped or T5-like ids): a run is summed in a register and
+      // added once, instead of a chain of read-modify-writes of one address.
+      int32_t cur = id[r.a];
+      acc_t run = x[r.a];
+      for (int64_t j = r.a + 1; j < r.b; ++j) {
+        if (id[j] != cur) {
+          out[cur] += run;
+          cur = id[j];
+          run = x[j];
+        } else {
+          run += x[j];
+        }
+      }
+      out[cur] += run;
+    }
     if (r.b < cols) out[r.right] += row_sum(x + r.b, cols - r.b);
   }
 }
