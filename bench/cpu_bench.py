@@ -13,8 +13,10 @@ Implementations:
                  value term through scatter-added bucket sums; still O(L²) scores and probabilities
   sdpa-plain     torch's fused scaled_dot_product_attention WITHOUT any relative term: not the same work,
                  the ceiling (plain fused attention) that relattn's relative positions are measured against
+  relattn-index  (only when asked for) relattn with the same buckets given per pair as an int32 rel_index
+                 [L, L] (structural positions): the same result, without the far-tile fast path
 
-    python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--out bench/results/cpu]
+    python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--impls ...] [--out bench/results/cpu]
 """
 import argparse
 import csv
@@ -52,6 +54,12 @@ def run_relattn(x, buckets):
                              rel_bias=x["rel_bias"], buckets=buckets)
 
 
+def run_relattn_index(x, idx):
+    import relattn
+    return relattn.attention(x["q"], x["k"], x["v"], rel_k=x["rel_k"], rel_v=x["rel_v"],
+                             rel_bias=x["rel_bias"], rel_index=idx)
+
+
 def run_naive(x, idx):
     q, k, v = x["q"], x["k"], x["v"]
     ak = x["rel_k"][idx]  # [L, L, D]
@@ -78,7 +86,9 @@ def run_sdpa_plain(x, idx):
     return torch.nn.functional.scaled_dot_product_attention(x["q"], x["k"], x["v"])
 
 
-IMPLS = {"relattn": run_relattn, "naive": run_naive, "eager-gather": run_gather, "sdpa-plain": run_sdpa_plain}
+IMPLS = {"relattn": run_relattn, "naive": run_naive, "eager-gather": run_gather, "sdpa-plain": run_sdpa_plain,
+         "relattn-index": run_relattn_index}
+DEFAULT_IMPLS = ["relattn", "naive", "eager-gather", "sdpa-plain"]
 EAGER_L2 = ("naive", "eager-gather")  # the implementations that hold [L, L] tensors
 
 
@@ -100,6 +110,8 @@ def child(impl, L, mode, repeat):
     torch.manual_seed(0)
     x = make_inputs(L, requires_grad=(mode == "fwd+bwd"))
     aux = torch.tensor(list(range(R))) if impl == "relattn" else pair_index(L)
+    if impl == "relattn-index":
+        aux = aux.to(torch.int32)
     fn = IMPLS[impl]
 
     def step():
@@ -134,7 +146,7 @@ def estimate_eager_gb(impl, L, mode):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[256, 1024, 2048, 4096])
-    ap.add_argument("--impls", nargs="+", default=list(IMPLS))
+    ap.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS, choices=list(IMPLS))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-gb", type=float, default=14.0, help="skip eager cases estimated above this")
     ap.add_argument("--out", default="bench/results/cpu")
