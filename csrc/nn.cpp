@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <variant>
 
@@ -395,9 +396,9 @@ torch::Tensor RelativeTransformerEncoderLayerImpl::feed_forward(const torch::Ten
 
 torch::Tensor RelativeTransformerEncoderLayerImpl::forward(const torch::Tensor& src,
                                                            const torch::Tensor& src_key_padding_mask,
-                                                           bool is_causal) {
+                                                           bool is_causal, const torch::Tensor& rel_index) {
   auto self_attention = [&](const torch::Tensor& x) {
-    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal));
+    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index));
   };
   if (options.norm_first()) {
     const torch::Tensor x = src + self_attention(norm1(src));
@@ -483,9 +484,16 @@ RelativeTransformerEncoderLayer RelativeTransformerEncoderImpl::layer(size_t i) 
 }
 
 torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
-                                                      const torch::Tensor& src_key_padding_mask, bool is_causal) {
+                                                      const torch::Tensor& src_key_padding_mask, bool is_causal,
+                                                      const torch::Tensor& rel_index) {
+  // One int32 conversion for every layer; clamping keeps an id beyond int32 out of [0, R), so that the
+  // op's range check reports it instead of a wrapped-around id passing as valid.
+  torch::Tensor ids = rel_index;
+  if (ids.defined() && ids.scalar_type() == torch::kLong) {
+    ids = ids.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(torch::kInt);
+  }
   torch::Tensor x = src;
-  for (size_t i = 0; i < layers->size(); ++i) x = layer(i)->forward(x, src_key_padding_mask, is_causal);
+  for (size_t i = 0; i < layers->size(); ++i) x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids);
   return norm.is_empty() ? x : norm.forward(x);
 }
 

@@ -251,9 +251,11 @@ class RelativeTransformerEncoderLayerImpl
   explicit RelativeTransformerEncoderLayerImpl(RelativeTransformerEncoderLayerOptions options);
 
   // src [B, L, d_model] ([L, B, d_model] when not batch_first); src_key_padding_mask bool [B, L],
-  // true = padding; is_causal: causal self-attention. Returns a tensor shaped like src.
+  // true = padding; is_causal: causal self-attention; rel_index, integer [L, L] or [B, L, L], an explicit
+  // bucket per pair (structural positions) in place of the distance buckets (see
+  // RelativeMultiheadAttention). Returns a tensor shaped like src.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
-                        bool is_causal = false);
+                        bool is_causal = false, const torch::Tensor& rel_index = {});
 
   void reset() override;
   void reset_parameters();
@@ -277,7 +279,8 @@ class RelativeTransformerEncoderLayerImpl
   torch::nn::Dropout dropout2 = nullptr;
 
  protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)})
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
+                          {3, torch::nn::AnyValue(torch::Tensor())})
 
  private:
   torch::Tensor feed_forward(const torch::Tensor& x);
@@ -319,9 +322,11 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   explicit RelativeTransformerEncoderImpl(RelativeTransformerEncoderOptions options);
 
   // src [B, L, d_model] ([L, B, d_model] when the layers are not batch_first); src_key_padding_mask
-  // bool [B, L], true = padding; is_causal: causal self-attention in every layer.
+  // bool [B, L], true = padding; is_causal: causal self-attention in every layer; rel_index, integer
+  // [L, L] or [B, L, L]: structural positions for every layer (an int64 one is converted to int32, what
+  // the kernels read, once here rather than once per layer).
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
-                        bool is_causal = false);
+                        bool is_causal = false, const torch::Tensor& rel_index = {});
 
   void reset() override;
   // A deep copy; with share_relative_tables its layers share the copy's first-layer tables.
@@ -341,7 +346,8 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   torch::nn::AnyModule norm;  // empty without a final norm
 
  protected:
-  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)})
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
+                          {3, torch::nn::AnyValue(torch::Tensor())})
 
  private:
   void share_first_layer_tables();

@@ -445,6 +445,8 @@ class RelativeTransformerEncoderLayer(nn.Module):
         src_mask: Optional[Tensor] = None,
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
+        *,
+        rel_index: Optional[Tensor] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when not ``batch_first``).
@@ -452,6 +454,9 @@ class RelativeTransformerEncoderLayer(nn.Module):
                 ``nn.TransformerEncoderLayer``; not read). Arbitrary masks raise ``ValueError``.
             src_key_padding_mask: bool ``[B, L]``, ``True`` = padding.
             is_causal: causal self-attention (no ``src_mask`` needed).
+            rel_index: optional integer ``[L, L]`` or ``[B, L, L]`` bucket of every (query, key) pair
+                (structural positions, e.g. clipped distances in a parse tree), replacing the distance
+                buckets of "shaw"/"t5"/"clip_bias"; see :class:`RelativeMultiheadAttention`.
 
         Returns:
             a tensor shaped like ``src``.
@@ -459,17 +464,18 @@ class RelativeTransformerEncoderLayer(nn.Module):
         _check_attn_mask(src_mask, is_causal, "src_mask")
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal)
+            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal, rel_index)
             x = x + self._ff_block(self.norm2(x))
         else:
             alpha = self.residual_alpha
-            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal))
+            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal, rel_index))
             x = self.norm2(alpha * x + self._ff_block(x))
         return x
 
-    def _sa_block(self, x: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool) -> Tensor:
+    def _sa_block(self, x: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
+                  rel_index: Optional[Tensor]) -> Tensor:
         x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal)[0]
+                           is_causal=is_causal, rel_index=rel_index)[0]
         return self.dropout1(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
@@ -545,26 +551,35 @@ class RelativeTransformerEncoder(nn.Module):
         mask: Optional[Tensor] = None,
         src_key_padding_mask: Optional[Tensor] = None,
         is_causal: bool = False,
+        *,
+        rel_index: Optional[Tensor] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when the layers are not ``batch_first``).
             mask: accepted only with ``is_causal=True`` (the causal-mask hint; not read).
             src_key_padding_mask: bool ``[B, L]``, ``True`` = padding.
             is_causal: causal self-attention in every layer.
+            rel_index: optional integer ``[L, L]`` or ``[B, L, L]`` bucket of every pair (structural
+                positions), used by every layer in place of its distance buckets. An int64 one is
+                converted to int32 (what the kernels read) once here, not once per layer.
 
         Returns:
             a tensor shaped like ``src``.
         """
         is_causal = bool(is_causal)
         _check_attn_mask(mask, is_causal, "mask")
+        if rel_index is not None and rel_index.dtype == torch.int64:
+            # Once for every layer. Clamping keeps an id beyond int32 out of [0, R), so that the op's range
+            # check still reports it instead of a wrapped-around id passing as valid.
+            rel_index = rel_index.clamp(-2**31, 2**31 - 1).to(torch.int32)
         x = src
         use_checkpoint = self.checkpoint and torch.is_grad_enabled()
         for layer in self.layers:
             if use_checkpoint:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, None, src_key_padding_mask, is_causal, use_reentrant=False)
+                    layer, x, None, src_key_padding_mask, is_causal, rel_index=rel_index, use_reentrant=False)
             else:
-                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
+                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index)
         if self.norm is not None:
             x = self.norm(x)
         return x

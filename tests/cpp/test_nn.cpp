@@ -345,6 +345,55 @@ TEST(RelativeTransformerEncoder, CausalIgnoresTheFuture) {
   EXPECT_FALSE(torch::allclose(y.index({Slice(), Slice(6, None)}), y2.index({Slice(), Slice(6, None)})));
 }
 
+// Structural positions through the layer and the stack: an index equal to the clipped distance buckets
+// gives the modules' own result and gradients (int64 and int32, 2-D and per batch); a per-batch index gives
+// each batch what its own 2-D index gives; an int64 id past int32 is still reported, not wrapped into range.
+TEST(RelativeTransformerEncoder, RelIndexReachesEveryLayer) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(small_layer("shaw"), 3);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+  }
+  const int64_t B = 2, L = 9;
+  const Tensor x = torch::randn({B, L, E});
+  const Tensor i = torch::arange(L).view({-1, 1});
+  const Tensor j = torch::arange(L).view({1, -1});
+  const Tensor distance_index = (j - i).clamp(-4, 4) + 4;  // small_layer("shaw"): max_distance 4
+  auto run = [&](torch::nn::Module& module, auto&& forward) {
+    module.zero_grad();
+    const Tensor y = forward();
+    y.square().sum().backward();
+    std::vector<Tensor> grads;
+    for (const auto& p : module.parameters()) grads.push_back(p.grad().clone());
+    return std::make_pair(y.detach(), grads);
+  };
+  auto expect_same = [](const std::pair<Tensor, std::vector<Tensor>>& a,
+                        const std::pair<Tensor, std::vector<Tensor>>& b) {
+    EXPECT_TRUE(torch::allclose(a.first, b.first, 1e-5, 1e-6));
+    ASSERT_EQ(a.second.size(), b.second.size());
+    for (size_t k = 0; k < a.second.size(); ++k) EXPECT_TRUE(torch::allclose(a.second[k], b.second[k], 1e-4, 1e-6)) << k;
+  };
+  rnn::RelativeTransformerEncoderLayer first = encoder->layer(0);
+  const auto layer_want = run(*first, [&] { return first(x); });
+  const auto stack_want = run(*encoder, [&] { return encoder(x); });
+  for (const Tensor& ids : {distance_index, distance_index.to(torch::kInt), distance_index.expand({B, L, L})}) {
+    expect_same(run(*first, [&] { return first(x, Tensor(), false, ids); }), layer_want);
+    expect_same(run(*encoder, [&] { return encoder(x, Tensor(), false, ids); }), stack_want);
+  }
+  torch::NoGradGuard no_grad;
+  const Tensor per_batch = torch::stack({distance_index, distance_index.flip({0, 1})});
+  const Tensor y = encoder(x, Tensor(), false, per_batch);
+  for (int64_t b = 0; b < B; ++b) {
+    const Tensor alone = encoder(x.slice(0, b, b + 1), Tensor(), false, per_batch[b]);
+    EXPECT_TRUE(torch::allclose(y.slice(0, b, b + 1), alone, 1e-5, 1e-6)) << b;
+  }
+  EXPECT_FALSE(torch::allclose(y[1], encoder(x)[1], 1e-5, 1e-6));
+  Tensor wrapped = distance_index.clone();
+  wrapped.index_put_({1, 2}, (int64_t(1) << 32) + 1);  // would be id 1 after a plain int32 cast
+  expect_error([&] { encoder(x, Tensor(), false, wrapped); }, "rel_index holds bucket ids in [0, 2147483647]");
+}
+
 TEST(RelativeTransformerEncoder, FinalNormAndGradients) {
   EXPECT_TRUE(rnn::RelativeTransformerEncoder(small_layer("shaw"), 2)->norm.is_empty());
   rnn::RelativeTransformerEncoder encoder(

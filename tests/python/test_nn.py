@@ -338,6 +338,68 @@ def test_encoder_checkpoint_matches():
         torch.testing.assert_close(a, b)
 
 
+def clipped_distance_index(L, K, dtype=torch.int64):
+    i = torch.arange(L)
+    return ((i.view(1, -1) - i.view(-1, 1)).clamp(-K, K) + K).to(dtype)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True], ids=["plain", "checkpoint"])
+@pytest.mark.parametrize("position", ["shaw", "clip_bias"])
+def test_encoder_rel_index(position, checkpoint):
+    """Structural positions through the encoder layer and stack: a rel_index equal to the clipped distance
+    buckets gives the layers' own result, output and every gradient (int64 and int32 ids, 2-D and per
+    batch); a per-batch rel_index gives each batch what that batch's 2-D index gives on its own."""
+    torch.manual_seed(0)
+    K, B, L = 3, 2, 9
+    layer = rnn.RelativeTransformerEncoderLayer(E, H, 64, dropout=0.0, position=position, max_distance=K)
+    enc = rnn.RelativeTransformerEncoder(layer, 3, checkpoint=checkpoint)
+    randomize_(enc)
+    x = torch.randn(B, L, E)
+    mask = padding_mask(B, L)
+
+    def run(module, **kw):
+        module.zero_grad()
+        out = module(x, src_key_padding_mask=mask, **kw)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in module.parameters()]
+
+    for module in (enc.layers[0], enc):
+        want, want_grads = run(module)
+        for ids in (clipped_distance_index(L, K), clipped_distance_index(L, K, torch.int32),
+                    clipped_distance_index(L, K).expand(B, L, L)):
+            got, got_grads = run(module, rel_index=ids)
+            torch.testing.assert_close(got, want)
+            for a, b in zip(got_grads, want_grads):
+                torch.testing.assert_close(a, b)
+
+    # Per batch: batch 1 sees reversed distances; each batch matches its own 2-D index.
+    per_batch = torch.stack([clipped_distance_index(L, K), clipped_distance_index(L, K).flip(0, 1)])
+    with torch.no_grad():
+        out = enc(x, src_key_padding_mask=mask, rel_index=per_batch)
+        for b in range(B):
+            alone = enc(x[b:b + 1], src_key_padding_mask=mask[b:b + 1], rel_index=per_batch[b])
+            torch.testing.assert_close(out[b:b + 1], alone)
+        assert not torch.allclose(out[1], enc(x, src_key_padding_mask=mask)[1])
+
+
+def test_encoder_rel_index_errors():
+    layer = rnn.RelativeTransformerEncoderLayer(E, H, 64, position="clip_bias", max_distance=3)
+    enc = rnn.RelativeTransformerEncoder(layer, 2)
+    x = torch.randn(2, 5, E)
+    ids = clipped_distance_index(5, 3)
+    # An int64 id past int32 must not wrap around into [0, R) on the stack's int32 conversion.
+    for bad in (2**32 + 1, -(2**32) + 1, 7):
+        wrong = ids.clone()
+        wrong[1, 2] = bad
+        with pytest.raises(RuntimeError, match="rel_index holds bucket ids"):
+            enc(x, rel_index=wrong)
+    with pytest.raises(RuntimeError, match="rel_index must be"):
+        enc(x, rel_index=ids[:4])
+    alibi = rnn.RelativeTransformerEncoder(rnn.RelativeTransformerEncoderLayer(E, H, 64, position="alibi"), 2)
+    with pytest.raises(ValueError, match="rel_index needs a relative table"):
+        alibi(x, rel_index=ids)
+
+
 def test_encoder_deepnorm():
     N = 4
     layer = rnn.RelativeTransformerEncoderLayer(E, H, 64, dropout=0.0, position="clip_bias", max_distance=4)
