@@ -493,22 +493,27 @@ def test_encoder_and_encodings_compile():
     model = nn.ModuleList([rnn.SinusoidalPositionalEncoding(E), rnn.LearnedPositionalEncoding(16, E),
                            rnn.MLPPositionalEncoding(E, hidden=8), enc])
 
-    def forward(x, mask):
+    def forward(x, mask, rel_index):
         for pe in model[:3]:
             x = pe(x)
-        return model[3](x, src_key_padding_mask=mask)
+        return model[3](x, src_key_padding_mask=mask, rel_index=rel_index)
 
     x = torch.randn(2, 9, E)
     mask = padding_mask(2, 9)
-    out_c = torch.compile(forward, fullgraph=True, backend="aot_eager")(x, mask)
-    out_c.square().sum().backward()
-    grads_c = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    out = forward(x, mask)
-    out.square().sum().backward()
-    torch.testing.assert_close(out_c, out)
-    for a, p in zip(grads_c, model.parameters()):
-        torch.testing.assert_close(a, p.grad)
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    # Distance buckets, then structural positions (an int64 per-batch index: the stack's int32 conversion
+    # is traced too).
+    for rel_index in (None, torch.randint(0, 9, (2, 9, 9))):
+        model.zero_grad()
+        out_c = compiled(x, mask, rel_index)
+        out_c.square().sum().backward()
+        grads_c = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        out = forward(x, mask, rel_index)
+        out.square().sum().backward()
+        torch.testing.assert_close(out_c, out)
+        for a, p in zip(grads_c, model.parameters()):
+            torch.testing.assert_close(a, p.grad)
 
 
 @pytest.mark.parametrize("position", SCHEMES)
