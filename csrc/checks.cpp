@@ -1,9 +1,7 @@
 // Argument checks and normalisation shared by every backend (SPEC §1, §5).
-#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
-#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -41,32 +39,6 @@ void check_table_dtype(const Tensor& q, const Tensor& t, const char* name) {
 void check_integer(const Tensor& t, const char* name) {
   TORCH_CHECK(at::isIntegralType(t.scalar_type(), /*includeBool=*/false), "relattn.attention: ", name,
               " must have an integer dtype, got ", t.scalar_type());
-}
-
-// Bucket ids must lie in [0, R); lo and hi are the smallest and largest id of `name`.
-void check_ids_in_range(int64_t lo, int64_t hi, int64_t R, const char* name) {
-  TORCH_CHECK(lo >= 0 && hi < R, "relattn.attention: ", name, " holds bucket ids in [", lo, ", ", hi,
-              "], but every id must lie in [0, R) with R = ", R,
-              " (the bucket dimension of rel_k/rel_v/rel_bias)");
-}
-
-// The range (and for the distance table, the layout the CUDA kernels' bucket sums use: distinct ids, or
-// each id's entries consecutive) of bucket ids, read on the host or asserted on the device (id_checks.h).
-IdSummary check_ids(const Tensor& ids, int64_t R, const char* name, bool layout, IdCheck mode) {
-  if (mode == IdCheck::kDevice) {
-    assert_ids_in_range_async(ids, R, name);
-    if (!layout) return {};
-    // The layout read before capture, if any, asserted to hold on every replay; else the general layout
-    // (distinct = runs = false), correct for any ids.
-    IdSummary s = id_summary_cache().find(ids, /*layout=*/true).value_or(IdSummary{});
-    s.lo = 0;
-    s.hi = -1;
-    assert_layout_async(ids, s, name);
-    return s;
-  }
-  const IdSummary s = host_id_summary(ids, layout, mode);
-  if (ids.numel() > 0) check_ids_in_range(s.lo, s.hi, R, name);
-  return s;
 }
 
 }  // namespace

@@ -44,18 +44,23 @@ bool IdSummaryCache::cacheable(const at::Tensor& t) {
   return t.defined() && t.has_storage() && !t.is_inference();
 }
 
-bool IdSummaryCache::Entry::matches(const at::Tensor& t, bool want_layout) const {
-  return (layout || !want_layout) && !storage.expired() &&
-         storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() && data == t.const_data_ptr() &&
-         offset == t.storage_offset() && dtype == t.scalar_type() && t.sizes() == at::IntArrayRef(sizes) &&
-         t.strides() == at::IntArrayRef(strides) && version == t._version();
+IdSummaryCache::Key IdSummaryCache::Key::of(const at::Tensor& t) {
+  return {t.storage().unsafeGetStorageImpl(), t.const_data_ptr(), t.storage_offset(), t.sizes().vec(),
+          t.strides().vec(), t.scalar_type()};
+}
+
+bool IdSummaryCache::Key::operator==(const Key& o) const {
+  return storage == o.storage && data == o.data && offset == o.offset && dtype == o.dtype && sizes == o.sizes &&
+         strides == o.strides;
 }
 
 std::optional<IdSummary> IdSummaryCache::find(const at::Tensor& t, bool layout) {
   if (!cacheable(t)) return std::nullopt;
+  const Key key = Key::of(t);
+  const int64_t version = t._version();
   std::lock_guard<std::mutex> lock(mu_);
   for (auto it = entries_.begin(); it != entries_.end(); ++it) {
-    if (!it->matches(t, layout)) continue;
+    if (it->storage.expired() || !(it->key == key) || it->version != version || (layout && !it->layout)) continue;
     entries_.splice(entries_.begin(), entries_, it);
     return entries_.front().summary;
   }
@@ -64,22 +69,10 @@ std::optional<IdSummary> IdSummaryCache::find(const at::Tensor& t, bool layout) 
 
 void IdSummaryCache::insert(const at::Tensor& t, bool layout, const IdSummary& s) {
   if (!cacheable(t) || capacity_ == 0) return;
-  Entry e(t.storage().getWeakStorageImpl());
-  e.data = t.const_data_ptr();
-  e.offset = t.storage_offset();
-  e.sizes = t.sizes().vec();
-  e.strides = t.strides().vec();
-  e.dtype = t.scalar_type();
-  e.version = t._version();
-  e.layout = layout;
-  e.summary = s;
+  Entry e{t.storage().getWeakStorageImpl(), Key::of(t), t._version(), layout, s};
   std::lock_guard<std::mutex> lock(mu_);
   // Entries of freed storages, and older summaries of this very tensor, make room first.
-  entries_.remove_if([&](const Entry& old) {
-    return old.storage.expired() ||
-           (old.storage._unsafe_get_target() == e.storage._unsafe_get_target() && old.offset == e.offset &&
-            old.sizes == e.sizes && old.strides == e.strides && old.dtype == e.dtype);
-  });
+  entries_.remove_if([&](const Entry& old) { return old.storage.expired() || old.key == e.key; });
   entries_.push_front(std::move(e));
   while (entries_.size() > capacity_) entries_.pop_back();
 }
@@ -94,8 +87,10 @@ IdSummaryCache& id_summary_cache() {
   return cache;
 }
 
+namespace {
+
+// kHost / kHostCached: the summary read on the host, or the cached one.
 IdSummary host_id_summary(const at::Tensor& ids, bool layout, IdCheck mode) {
-  TORCH_INTERNAL_ASSERT(mode != IdCheck::kDevice, "relattn: host_id_summary called in device mode");
   if (mode == IdCheck::kHost) return summarize_ids(ids, layout);
   IdSummaryCache& cache = id_summary_cache();
   if (auto hit = cache.find(ids, layout)) return *hit;
@@ -104,6 +99,7 @@ IdSummary host_id_summary(const at::Tensor& ids, bool layout, IdCheck mode) {
   return s;
 }
 
+// kDevice: the range check lo >= 0 && hi < R as a device-side assertion on the current stream.
 void assert_ids_in_range_async(const at::Tensor& ids, int64_t R, const char* name) {
   if (ids.numel() == 0) return;
   auto mm = at::aminmax(ids);
@@ -111,6 +107,8 @@ void assert_ids_in_range_async(const at::Tensor& ids, int64_t R, const char* nam
   at::_assert_async(ok, c10::str("relattn.attention: ", name, " holds a bucket id outside [0, R) with R = ", R));
 }
 
+// kDevice: the assertion that the 1-D `ids` (in range) still have the layout `s` claims (distinct, or in
+// runs); nothing when s claims neither.
 void assert_layout_async(const at::Tensor& ids, const IdSummary& s, const char* name) {
   const int64_t n = ids.numel();
   if (!(s.distinct || s.runs) || n < 2) return;  // one entry is distinct and a run
@@ -128,6 +126,25 @@ void assert_layout_async(const at::Tensor& ids, const IdSummary& s, const char* 
                     c10::str("relattn.attention: ", name, " was changed after it was checked (its ids are no "
                              "longer ", s.distinct ? "distinct" : "in runs",
                              "); a CUDA graph captured with it must be captured again"));
+}
+
+}  // namespace
+
+IdSummary check_ids(const at::Tensor& ids, int64_t R, const char* name, bool layout, IdCheck mode) {
+  if (mode == IdCheck::kDevice) {
+    assert_ids_in_range_async(ids, R, name);
+    if (!layout) return {};
+    // The layout read before capture, if any, asserted to hold on every replay; else the general layout
+    // (distinct = runs = false), correct for any ids.
+    const IdSummary s = id_summary_cache().find(ids, /*layout=*/true).value_or(IdSummary{});
+    assert_layout_async(ids, s, name);
+    return s;
+  }
+  const IdSummary s = host_id_summary(ids, layout, mode);
+  TORCH_CHECK(ids.numel() == 0 || (s.lo >= 0 && s.hi < R), "relattn.attention: ", name, " holds bucket ids in [",
+              s.lo, ", ", s.hi, "], but every id must lie in [0, R) with R = ", R,
+              " (the bucket dimension of rel_k/rel_v/rel_bias)");
+  return s;
 }
 
 }  // namespace ops

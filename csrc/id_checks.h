@@ -22,7 +22,6 @@
 #include <list>
 #include <mutex>
 #include <optional>
-#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -59,35 +58,36 @@ class IdSummaryCache {
   static bool cacheable(const at::Tensor& t);
 
  private:
-  struct Entry {
-    explicit Entry(c10::weak_intrusive_ptr<c10::StorageImpl> s) : storage(std::move(s)) {}
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+  // What identifies a tensor's view of its data (the storage by address: an entry's weak reference keeps
+  // that address from being reused while the entry lives).
+  struct Key {
+    const c10::StorageImpl* storage = nullptr;
     const void* data = nullptr;
     int64_t offset = 0;
     std::vector<int64_t> sizes, strides;
     at::ScalarType dtype = at::kLong;
+    static Key of(const at::Tensor& t);
+    bool operator==(const Key& o) const;
+  };
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    Key key;
     int64_t version = 0;
     bool layout = false;
     IdSummary summary;
-    bool matches(const at::Tensor& t, bool want_layout) const;
   };
   std::mutex mu_;
   std::list<Entry> entries_;  // most recently used first
   size_t capacity_;
 };
 
-// The process-wide cache prepare() uses for kHostCached.
+// The process-wide cache check_ids uses for kHostCached.
 IdSummaryCache& id_summary_cache();
 
-// The summary of `ids` by `mode` (kHost / kHostCached; kDevice never reads and must not call this).
-IdSummary host_id_summary(const at::Tensor& ids, bool layout, IdCheck mode);
-
-// kDevice: enqueue the range check lo >= 0 && hi < R as a device-side assertion on the current stream.
-void assert_ids_in_range_async(const at::Tensor& ids, int64_t R, const char* name);
-
-// kDevice: enqueue the assertion that the 1-D `ids` (in range) still have the layout `s` claims
-// (distinct, or in runs); nothing when s claims neither.
-void assert_layout_async(const at::Tensor& ids, const IdSummary& s, const char* name);
+// Checks that the ids of `name` lie in [0, R) (a clear error naming it; a device-side assertion in
+// kDevice mode) and, with `layout`, classifies the 1-D distance table for the CUDA bucket sums. Only
+// distinct/runs of the result are meaningful to callers.
+IdSummary check_ids(const at::Tensor& ids, int64_t R, const char* name, bool layout, IdCheck mode);
 
 }  // namespace ops
 }  // namespace relattn
