@@ -215,7 +215,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
   return {out, lse};
 }
 
-// The backward kernel family for a call: tensor cores for fp16/bf16 up to padded head dim 128, else SIMT.
+// The backward kernel family for a call: tensor cores for fp16/bf16 (any D, Dv <= 256), else SIMT.
 bool backward_uses_mma(const Prepared& a, at::ScalarType dtype) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
   return half && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim && env_str("RELATTN_CUDA_KERNEL") != "simt";

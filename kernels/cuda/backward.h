@@ -19,8 +19,8 @@
 //      registers. Writes dk, dv.
 // The table gradients are GEMMs of ds_sum / p_sum done by the binding (table_grad_from_row_sums).
 //
-// Kernel families: tensor cores (fp16/bf16, padded head dims 32/64/96/128) and SIMT (float32/float64,
-// fp16/bf16 at head dim 256 or when forced, any D, Dv <= 256).
+// Kernel families: tensor cores (fp16/bf16, padded head dims 32/64/96/128/256) and SIMT (float32/float64,
+// fp16/bf16 when forced, any D, Dv <= 256).
 #pragma once
 
 #include <cstdint>
@@ -46,15 +46,23 @@ struct BackwardParams : AttentionBwdParams {
 
 // ---- tensor-core backward ------------------------------------------------------------------------------
 
-constexpr int kBwdMmaThreads = 128;  // 4 warps, 16 rows (A: query rows, B: keys) per warp
-constexpr int kBwdMmaHeadDims[] = {32, 64, 96, 128};
-constexpr int kBwdMmaMaxHeadDim = 128;  // head dim 256 goes to the SIMT kernels (dk and dv accumulators
-                                        // of 16 x 256 fp32 per warp each do not fit the registers)
+constexpr int kBwdMmaThreads = 128;  // 4 warps, 16 rows (A: query rows, B: keys) per warp (x kSplit below)
+constexpr int kBwdMmaHeadDims[] = {32, 64, 96, 128, 256};
+constexpr int kBwdMmaMaxHeadDim = 256;
 
 template <int kHeadDim>
 struct BwdMmaConfig {
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= kBwdMmaMaxHeadDim, "unsupported head dim");
   static constexpr int kLd = kHeadDim + 8;  // shared-memory row stride (elements), as the forward
+  // Warps per 16 rows (A) or keys (B). At head dim 256 the accumulators of one warp's 16 rows (A: Σ dS0 K
+  // and Σ P K, B: dk and dv; 2 x 16 x 256 fp32) do not fit its registers: two warps share the rows, each
+  // accumulating half of the head dim's columns (kCols). Both compute the whole score tiles S and dP (over
+  // all of the head dim, as the forward does, so the recomputed scores stay bit-identical to it); only the
+  // first of the two writes the row results (bucket sums, Δ).
+  static constexpr int kSplit = kHeadDim > 128 ? 2 : 1;
+  static constexpr int kThreads = kBwdMmaThreads * kSplit;
+  static constexpr int kCols = kHeadDim / kSplit;
+  static_assert(kCols % 16 == 0, "accumulator columns come in pairs of n8 tiles");
 
   // Kernel A: a tile of kBlockM query rows, key tiles of kBlockN.
   static constexpr int kBlockM = 64;

@@ -4,7 +4,7 @@
 // forward's (same table GEMM, same order of the additions in log2 units).
 //
 // Kernel A (backward_mma_query_kernel): one CTA of 4 warps per (query tile of 64 rows, b, h); each warp
-// owns 16 rows. Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, once:
+// owns 16 rows (head dim 256: see the end of this comment). Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, once:
 //   S = Q Kᵀ, dP = dO Vᵀ (+doa), P = 2^(S2 - lse2), dS0 = P∘(dP - Δ0)
 //   -> Σ P∘dP, dsb0 += dS0 and psb += P by bucket, [dq0; pk] += [dS0; P] K (one GEMM of two m16 tiles)
 // with the centre Δ0 = do·out - glse from the rounded `out`. At the end Δ = Σ P∘dP - glse exactly (fp32,
@@ -26,6 +26,11 @@
 // (with their lse, Δ and, for a pair beyond ±M, the rows' table values of its one bucket):
 //   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ (+doa), Pᵀ, dSᵀ = Pᵀ∘(dPᵀ - Δ); dv += Pᵀ dO, dk += dSᵀ Q (P and dS go from the
 // accumulators straight into A fragments, as P does in the forward).
+//
+// Head dim 256 (BwdMmaConfig::kSplit = 2): 8 warps, warps w and w + 4 own the same 16 rows (A) or keys (B)
+// and each accumulates half of the columns (dq / Σ P K in A, dk / dv in B); both compute the whole S and dP
+// tiles (1.5x the tensor-core work of a split without that duplication, which would have to exchange
+// partial scores through shared memory), and only warp w writes the row tables, bucket sums and Δ.
 #pragma once
 
 #include <cmath>
@@ -40,16 +45,15 @@ namespace kernels {
 namespace cuda {
 namespace bwd_detail {
 
-// A 16 x kHeadDim fp32 accumulator (one m16 tile per warp), times `mul`, into the warp's 16 rows of a
-// shared tile (row stride kHeadDim + 8).
-template <typename T, int kHeadDim>
-RELATTN_DEVICE void stage_acc(T* s_warp, const float (&acc)[1][kHeadDim / 8][4], float mul, int lane) {
-  constexpr int kLd = kHeadDim + 8;
+// A 16 x kCols fp32 accumulator (one m16 tile per warp), times `mul`, into the warp's 16 rows (and its
+// columns) of a shared tile of row stride kLd.
+template <typename T, int kCols, int kLd>
+RELATTN_DEVICE void stage_acc(T* s_warp, const float (&acc)[1][kCols / 8][4], float mul, int lane) {
   const int g = lane >> 2, tq = lane & 3;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf)
 #pragma unroll
-    for (int dt = 0; dt < kHeadDim / 8; ++dt)
+    for (int dt = 0; dt < kCols / 8; ++dt)
       *reinterpret_cast<uint32_t*>(s_warp + (g + hf * 8) * kLd + dt * 8 + 2 * tq) =
           TypeInfo<T>::pack(acc[0][dt][hf * 2] * mul, acc[0][dt][hf * 2 + 1] * mul);
 }
@@ -69,7 +73,8 @@ RELATTN_DEVICE void pack_a(uint32_t (&pa)[kNT / 2][4], const float (&acc)[kNT][4
 }  // namespace bwd_detail
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(const __grid_constant__ BackwardParams p) {
+__global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
+    backward_mma_query_kernel(const __grid_constant__ BackwardParams p) {
   using namespace mma_detail;
   using namespace bwd_detail;
   using Cfg = BwdMmaConfig<kHeadDim>;
@@ -77,9 +82,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   constexpr int BN = Cfg::kBlockN;
   constexpr int LD = Cfg::kLd;
   constexpr int kWin = Cfg::kWinA;
-  constexpr int kThreads = kBwdMmaThreads;
+  constexpr int kThreads = Cfg::kThreads;
   constexpr int kNT = BN / 8;
-  constexpr int kDT = kHeadDim / 8;
+  constexpr int kCols = Cfg::kCols;  // accumulator columns of this warp
+  constexpr int kDT = kCols / 8;
   constexpr float kNegInf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -95,7 +101,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
   const int lane = tid & 31;
   const int g = lane >> 2;
   const int tq = lane & 3;
-  const int warp_row0 = warp * 16;
+  const int warp_row0 = (warp & 3) * 16;
+  // Head dim 256: warps w and w + 4 share rows; wc picks the accumulator columns, the first writes the rows.
+  const int wc = Cfg::kSplit == 1 ? 0 : warp >> 2;
+  const bool primary = wc == 0;
 
   const int64_t slot = blockIdx.x;
   const QueryTile tile = query_tile<BM>(p, slot);
@@ -151,7 +160,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
       if (rk) {
         load_table_tile<T, BN, kHeadDim, kThreads>(sK, rk, r0, R, D, tid);
         __syncthreads();
-        gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK, lane);
+        if (primary) gemm_qk<T, kHeadDim, 1, kNT>(acc_s, sQ + warp_row0 * LD, sK, lane);
       }
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
@@ -159,7 +168,7 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
         for (int e = 0; e < 4; ++e) {
           const int row = warp_row0 + g + (e >> 1) * 8;
           const int64_t r = r0 + nt * 8 + 2 * tq + (e & 1);
-          if (r < R && row < rows) {
+          if (primary && r < R && row < rows) {
             float v = rk ? acc_s[0][nt][e] * scale : 0.f;
             if (bias) v += bias[r];
             tab_g[row * R + r] = v;
@@ -173,14 +182,14 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
     for (int64_t r0 = 0; r0 < R; r0 += BN) {
       load_table_tile<T, BN, kHeadDim, kThreads>(sV, rv, r0, R, Dv, tid);
       __syncthreads();
-      gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV, lane);
+      if (primary) gemm_qk<T, kHeadDim, 1, kNT>(acc_dp, sDo + warp_row0 * LD, sV, lane);
 #pragma unroll
       for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int row = warp_row0 + g + (e >> 1) * 8;
           const int64_t r = r0 + nt * 8 + 2 * tq + (e & 1);
-          if (r < R && row < rows) doa_g[row * R + r] = acc_dp[0][nt][e];
+          if (primary && r < R && row < rows) doa_g[row * R + r] = acc_dp[0][nt][e];
         }
       __syncthreads();
     }
@@ -286,8 +295,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
 
     // Bucket sums of dS0 (for dq's key term, d rel_k, d rel_bias) and of P (for d rel_v, and for the
     // correction of the dS0 sums at the end): far rows into registers; rows with several buckets in this
-    // tile straight into this CTA's rows of the global scratch.
-    if (psb_g != nullptr) {
+    // tile straight into this CTA's rows of the global scratch. (The first warp of a pair sharing rows.)
+    if (psb_g != nullptr && primary) {
       bool any_window = false;
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
@@ -388,18 +397,18 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
       }
     }
 
-    // acc_x += [dS0; P] K
+    // acc_x += [dS0; P] K (this warp's columns of K)
     uint32_t pa[2][BN / 16][4];
     pack_a<T, kNT>(pa[0], acc_s[0]);
     pack_a<T, kNT>(pa[1], acc_dp[0]);
-    gemm_pv<T, kHeadDim, 2, BN / 16>(acc_x, pa, sK + stage * BN * LD, lane);
+    gemm_pv<T, kCols, 2, BN / 16, LD>(acc_x, pa, sK + stage * BN * LD + wc * kCols, lane);
     __syncthreads();  // this stage is refilled two iterations on
   }
   cp_async_wait<0>();
   __syncthreads();
 
   // The far tiles' bucket sums join the rest.
-  if (psb_g != nullptr && use_window) {
+  if (psb_g != nullptr && use_window && primary) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = warp_row0 + g + hf * 8;
@@ -429,13 +438,13 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
     const bool several = quad_sum(seen[hf]) > 1.5f;
     keep[hf] = several ? 1.f : 0.f;
     corr[hf] = several ? d - delta0[hf] : -glse[hf];
-    if (tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
+    if (primary && tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
   }
 #pragma unroll
   for (int dt = 0; dt < kDT; ++dt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc_x[0][dt][e] = keep[e >> 1] * acc_x[0][dt][e] - corr[e >> 1] * acc_x[1][dt][e];
-  if (dsb_g) {
+  if (dsb_g && primary) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = warp_row0 + g + hf * 8;
@@ -444,7 +453,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
         dsb_g[row * R + r] = keep[hf] * dsb_g[row * R + r] - corr[hf] * psb_g[row * R + r];
     }
   }
-  __syncwarp();  // bucket sums written by the other lanes of this warp
+  __syncwarp();  // bucket sums written by the other lanes of this warp (the pair's other warp reads them
+                 // after the __syncthreads below)
 
   // dq += dsb · aK (the row sums of dS as A fragments, aK rows through K stage 0), then dq *= scale.
   if (p.rel_k) {
@@ -463,19 +473,20 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_query_kernel(cons
         pa[0][kk][2] = TypeInfo<T>::pack(at(ra, k + 8), at(ra, k + 9));
         pa[0][kk][3] = TypeInfo<T>::pack(at(rb8, k + 8), at(rb8, k + 9));
       }
-      gemm_pv<T, kHeadDim, 1, BN / 16>(acc_dq, pa, sK, lane);
+      gemm_pv<T, kCols, 1, BN / 16, LD>(acc_dq, pa, sK + wc * kCols, lane);
       __syncthreads();
     }
   }
 
   // dq through shared memory (Q's space) to whole-row stores.
-  stage_acc<T, kHeadDim>(sQ + warp_row0 * LD, acc_dq, scale, lane);
+  stage_acc<T, kCols, LD>(sQ + warp_row0 * LD + wc * kCols, acc_dq, scale, lane);
   __syncthreads();
   store_tile<T, BM, kHeadDim, kThreads>(static_cast<T*>(p.dq) + row0 * int64_t(D), D, sQ, rows, D, tid);
 }
 
 template <typename T, int kHeadDim>
-__global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const __grid_constant__ BackwardParams p) {
+__global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
+    backward_mma_key_kernel(const __grid_constant__ BackwardParams p) {
   using namespace mma_detail;
   using namespace bwd_detail;
   using Cfg = BwdMmaConfig<kHeadDim>;
@@ -483,9 +494,10 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
   constexpr int BQ = Cfg::kBlockQ;
   constexpr int LD = Cfg::kLd;
   constexpr int kWin = Cfg::kWinB;
-  constexpr int kThreads = kBwdMmaThreads;
+  constexpr int kThreads = Cfg::kThreads;
   constexpr int kNT = BQ / 8;
-  constexpr int kDT = kHeadDim / 8;
+  constexpr int kCols = Cfg::kCols;  // accumulator columns of this warp
+  constexpr int kDT = kCols / 8;
   constexpr float kNegInf = -INFINITY;
 
   extern __shared__ __align__(16) unsigned char smem[];
@@ -504,7 +516,8 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
   const int lane = tid & 31;
   const int g = lane >> 2;
   const int tq = lane & 3;
-  const int warp_key0 = warp * 16;
+  const int warp_key0 = (warp & 3) * 16;
+  const int wc = Cfg::kSplit == 1 ? 0 : warp >> 2;  // head dim 256: warps w and w + 4 share keys (backward.h)
 
   const int64_t nkb = (p.Lk + BK - 1) / BK;
   const int64_t slot = blockIdx.x;
@@ -659,17 +672,17 @@ __global__ void __launch_bounds__(kBwdMmaThreads) backward_mma_key_kernel(const 
 
     uint32_t pa[1][BQ / 16][4];
     pack_a<T, kNT>(pa[0], acc_s[0]);
-    gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dv, pa, sDo + stage * BQ * LD, lane);
+    gemm_pv<T, kCols, 1, BQ / 16, LD>(acc_dv, pa, sDo + stage * BQ * LD + wc * kCols, lane);
     pack_a<T, kNT>(pa[0], acc_dp[0]);
-    gemm_pv<T, kHeadDim, 1, BQ / 16>(acc_dk, pa, sQ + stage * BQ * LD, lane);
+    gemm_pv<T, kCols, 1, BQ / 16, LD>(acc_dk, pa, sQ + stage * BQ * LD + wc * kCols, lane);
     __syncthreads();  // this stage is refilled two iterations on
   }
   cp_async_wait<0>();
   __syncthreads();
 
   const int64_t kv0 = (b * p.Hk + kv_head) * p.Lk + j0;
-  stage_acc<T, kHeadDim>(sK + warp_key0 * LD, acc_dk, scale, lane);
-  stage_acc<T, kHeadDim>(sV + warp_key0 * LD, acc_dv, 1.f, lane);
+  stage_acc<T, kCols, LD>(sK + warp_key0 * LD + wc * kCols, acc_dk, scale, lane);
+  stage_acc<T, kCols, LD>(sV + warp_key0 * LD + wc * kCols, acc_dv, 1.f, lane);
   __syncthreads();
   store_tile<T, BK, kHeadDim, kThreads>(static_cast<T*>(p.dk) + kv0 * D, D, sK, keys, D, tid);
   store_tile<T, BK, kHeadDim, kThreads>(static_cast<T*>(p.dv) + kv0 * Dv, Dv, sV, keys, Dv, tid);
@@ -680,10 +693,10 @@ cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdMmaConfig<kHeadDim>;
   const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
-  cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim>, blocks_a, kBwdMmaThreads, Cfg::kABytes,
-                                  stream, p);
+  cudaError_t err =
+      launch_kernel(backward_mma_query_kernel<T, kHeadDim>, blocks_a, Cfg::kThreads, Cfg::kABytes, stream, p);
   if (err != cudaSuccess) return err;
-  return launch_kernel(backward_mma_key_kernel<T, kHeadDim>, blocks_b, kBwdMmaThreads, Cfg::kBBytes, stream, p);
+  return launch_kernel(backward_mma_key_kernel<T, kHeadDim>, blocks_b, Cfg::kThreads, Cfg::kBBytes, stream, p);
 }
 
 }  // namespace cuda

@@ -188,11 +188,11 @@ RELATTN_DEVICE void gemm_qk(float (&acc)[kMT][kNT][4], const T* sQ_warp, const T
   }
 }
 
-// acc_o[kMT][kHeadDim/8] += A (kMT*16 x kKT*16, as packed A fragments) · V (kKT*16 rows x kHeadDim, shared).
-template <typename T, int kHeadDim, int kMT, int kKT>
+// acc_o[kMT][kHeadDim/8] += A (kMT*16 x kKT*16, as packed A fragments) · V (kKT*16 rows x kHeadDim, shared,
+// row stride kLd: the backward at head dim 256 passes kHeadDim = 128 columns of a 256-wide tile).
+template <typename T, int kHeadDim, int kMT, int kKT, int kLd = kHeadDim + 8>
 RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t (&pa)[kMT][kKT][4], const T* sV,
                             int lane) {
-  constexpr int kLd = kHeadDim + 8;
 #pragma unroll
   for (int kk = 0; kk < kKT; ++kk) {
 #pragma unroll

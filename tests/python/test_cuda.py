@@ -47,6 +47,9 @@ CUDA_CASES = [
          table_dtype=F32),
     Case("hd256_shaw_index3d", rel_k="shared", rel_v="per_head", positions="index3d", R_index=11, Lq=65,
          Lk=63, D=256),
+    # head dim 256 backward: two warps per 16 rows / keys, several query and key tiles, far rows
+    Case("hd256_everything_gqa", rel_k="per_head", rel_v="shared", rel_bias=True, positions="clip", M=8,
+         alibi=True, padding="random", causal=True, H=4, Hk=2, q_offset=3, Lq=150, Lk=170, D=256),
     Case("hd128_alibi_long", alibi=True, causal=True, B=1, H=2, Lq=257, Lk=257, D=128),
     Case("d16_dv48", rel_v="shared", rel_bias=True, positions="clip", M=5, Lq=63, Lk=65, D=16, Dv=48),
     Case("d80_dv8", rel_k="per_head", positions="t5", Lq=33, Lk=130, D=80, Dv=8),
@@ -390,12 +393,14 @@ def test_cuda_backward_is_deterministic(kernel, dtype, deterministic, runs, monk
     _deterministic_runs(DETERMINISM_CASE, dtype, runs, deterministic)
 
 
-def test_cuda_backward_race():
-    """A large bf16 call with every feature (about a thousand CTAs per kernel, several per SM): any race or
-    order-dependent reduction between blocks shows up as a bit difference in 20 repeats."""
+@pytest.mark.parametrize("D", [128, 256])
+def test_cuda_backward_race(D):
+    """A large bf16 call with every feature (about a thousand CTAs per kernel, several per SM at head dim 128;
+    at 256 two warps share each 16 rows): any race or order-dependent reduction between blocks or between
+    the warps of a block shows up as a bit difference in 20 repeats."""
     case = Case("cuda_race", rel_k="shared", rel_v="per_head", rel_bias=True, positions="clip", M=64, alibi=True,
-                padding="random", causal=True, q_offset=7, B=16, H=8, Hk=2, Lq=512, D=128, grad_lse=True,
-                table_dtype=F32)
+                padding="random", causal=True, q_offset=7, B=16 if D == 128 else 8, H=8, Hk=2, Lq=512, D=D,
+                grad_lse=True, table_dtype=F32)
     _deterministic_runs(case, torch.bfloat16, 20, True)
 
 
