@@ -13,7 +13,9 @@ Backward (loss through out and lse; gradients of q, k, v and every table): every
 kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
 every float32 call (SIMT kernels, rel_index included) and the SIMT-forced bf16 call; fp16 and float64 run
 the same kernel templates and stay forward-only to keep racecheck short. Rows that see no key get a
-non-zero grad_lse (the op must ignore it). Exits non-zero if a result or a gradient is not finite.
+non-zero grad_lse (the op must ignore it). Last, ids made invalid behind the binding's back (through
+`.data`, after the one check of the tensor): the kernels clamp them. Exits non-zero if a result or a
+gradient is not finite.
 """
 import os
 import sys
@@ -27,7 +29,8 @@ _backward = True
 
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
-         alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None):
+         alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None,
+         unchecked_ids=False):
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
@@ -60,6 +63,19 @@ def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="
         kw["key_padding_mask"] = torch.rand(B, Lk, generator=g, device="cuda") < 0.3
         if padding == "last_batch":
             kw["key_padding_mask"][-1] = True
+    if unchecked_ids:
+        # Ids out of range written where the version counter cannot see them (.data), after one checked
+        # call: the kernels must clamp them (never an access outside the tables; memcheck would report it).
+        relattn.attention(q, k, v, **kw)
+        # (A distance table keeps its two far entries apart from the window's: two window ids clamped to
+        # one would break the "distinct" layout the binding read, and the fast bucket sums would race on
+        # it — a wrong answer racecheck would report. rel_index takes the lanes' turns: anything goes.)
+        ids = kw.get("buckets", kw.get("rel_index")).data.view(-1)
+        bad = [(0, R), (ids.numel() - 1, -1)]
+        if positions == "index":
+            bad += [(ids.numel() // 2, 2**31 - 1), (1, -2**31)]
+        for at, value in bad:
+            ids[at] = value
     leaves = [t for t in (q, k, v, kw.get("rel_k"), kw.get("rel_v"), kw.get("rel_bias")) if t is not None]
     if backward:
         for t in leaves:
@@ -104,6 +120,10 @@ def main(argv=None):
     call(torch.bfloat16, D=48, Lq=20, Lk=40, alibi=True, padding=True)
     call(torch.bfloat16, D=256, Lq=20, Lk=40, positions="index", R=5, Hk=1)  # SIMT-forced hd=256, rel_index, MQA
     del os.environ["RELATTN_CUDA_KERNEL"]
+    # ids changed behind the binding's back (checked once per tensor version on CUDA): clamped in the kernels
+    for dtype in (torch.bfloat16, torch.float32):
+        call(dtype, D=64, Lq=40, Lk=60, unchecked_ids=True)
+        call(dtype, D=64, Lq=40, Lk=60, positions="index", R=7, unchecked_ids=True)
     print(f"gpu_sanitize_case: all calls finished ({'forward and backward' if _backward else 'forward only'})")
     return 0
 

@@ -223,6 +223,7 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   p.D = a.D;
   p.Dv = a.Dv;
   p.R = a.R;
+  p.id_max = a.R > 0 ? static_cast<uint32_t>(a.R - 1) : 0u;
   p.q = a.q.data_ptr();
   p.k = a.k.data_ptr();
   p.v = a.v.data_ptr();

@@ -53,6 +53,12 @@ struct AttentionParams {
   // a row of a tile, each bucket's keys are then consecutive, which the CUDA kernels' bucket sums use.
   bool buckets_runs = false;
   const int32_t* rel_index = nullptr;
+  // R - 1 (0 without tables). The binding checks every id, but on CUDA once per tensor version: an id
+  // written where torch cannot see it (.data, raw pointers) is not checked again. The CUDA kernels clamp
+  // each id they read into [0, id_max] (negative ids to id_max too), so such an id gives a wrong answer,
+  // never a read or write outside the tables. (One exception, for the registers: the tensor-core
+  // forward's value-term sums of rel_index leave such a pair out instead of clamping it.)
+  uint32_t id_max = 0;
   int64_t rel_index_stride[3] = {0, 0, 0};  // (b, i, j); b stride 0 for a 2-D rel_index
 
   // ALiBi slopes [H] in the accumulation dtype.

@@ -197,8 +197,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   const float scale_log2 = scale * kLog2e;
   const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
-  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
-  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
+  const int32_t bucket_first = use_window ? clamp_id(p.buckets[0], p.id_max) : 0;
+  const int32_t bucket_last = use_window ? clamp_id(p.buckets[2 * M], p.id_max) : 0;
   const float* lse_g = static_cast<const float*>(p.lse) + row0;
   const float* glse_g = p.grad_lse ? static_cast<const float*>(p.grad_lse) + row0 : nullptr;
   const T* out_g = p.out ? static_cast<const T*>(p.out) + row0 * int64_t(Dv) : nullptr;
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           int beta = 0;
           if (rb < 0) {
             if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-            else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
+            else if (ri_row && c < col_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
           }
           float s = acc_s[0][nt][e] * scale_log2;
           if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
                     if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
                     const int c = nt * 8 + 2 * tq + e1;
                     const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
-                                                : ri_row[c * p.rel_index_stride[2]];
+                                                : clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
                     if (dsb_g) red_add_global(dsb_g + row * R + beta, acc_s[0][nt][hf * 2 + e1]);
                     red_add_global(psb_g + row * R + beta, pv);
                   }
@@ -554,8 +554,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     sKpm[c] = c < keys ? (kpm ? kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0 : 0) : 1;
   cp_async_commit();
 
-  const int32_t bucket_first = use_window ? p.buckets[0] : 0;
-  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;
+  const int32_t bucket_first = use_window ? clamp_id(p.buckets[0], p.id_max) : 0;
+  const int32_t bucket_last = use_window ? clamp_id(p.buckets[2 * M], p.id_max) : 0;
   // A (key tile, query tile) pair whose distances all lie beyond ±M on one side has one bucket; -1 if not.
   auto far_bucket = [&](int64_t i0) -> int {
     if (!use_window) return -1;
@@ -594,7 +594,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       for (int w = tid; w < BK + BQ - 1; w += kThreads) {
         int64_t d = d0 + w;
         d = d < -M ? -M : (d > M ? M : d);
-        sWin[stage * kWin + w] = p.buckets[d + M];
+        sWin[stage * kWin + w] = clamp_id(p.buckets[d + M], p.id_max);
       }
     }
   };
@@ -655,8 +655,9 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           if (tb < 0) {
             if (use_window) beta = sWin[stage * kWin + kr - c + BQ - 1];
             else if (use_index && col_ok && kr < keys)
-              beta = p.rel_index[b * p.rel_index_stride[0] + (i0 + c) * p.rel_index_stride[1] +
-                                 (j0 + kr) * p.rel_index_stride[2]];
+              beta = clamp_id(p.rel_index[b * p.rel_index_stride[0] + (i0 + c) * p.rel_index_stride[1] +
+                                          (j0 + kr) * p.rel_index_stride[2]],
+                              p.id_max);
           }
           float s = acc_s[0][nt][e] * scale_log2;
           if (has_tab && col_ok) s += tb >= 0 ? tcol[c] : tab_g[c * R + beta] * kLog2e;

@@ -44,10 +44,11 @@ RELATTN_DEVICE int32_t bucket_of(const BackwardParams& p, int64_t b, int64_t i, 
     const int64_t M = p.max_distance;
     int64_t d = j - (i + p.q_offset);
     d = d < -M ? -M : (d > M ? M : d);
-    return p.buckets[d + M];
+    return clamp_id(p.buckets[d + M], p.id_max);
   }
   if (p.rel_index)
-    return p.rel_index[b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j * p.rel_index_stride[2]];
+    return clamp_id(
+        p.rel_index[b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j * p.rel_index_stride[2]], p.id_max);
   return 0;
 }
 

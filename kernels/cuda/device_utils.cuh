@@ -178,6 +178,14 @@ cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t sm
 
 #endif  // RELATTN_CUDA_EMULATION
 
+// ---- bucket ids -----------------------------------------------------------------------------------------
+
+// An id as the kernels use it: clamped into [0, id_max] (params.h; one unsigned min, negative ids included).
+RELATTN_DEVICE int32_t clamp_id(int32_t id, uint32_t id_max) {
+  const uint32_t u = static_cast<uint32_t>(id);
+  return static_cast<int32_t>(u > id_max ? id_max : u);
+}
+
 // ---- warp reductions ----------------------------------------------------------------------------------
 
 // Over the 4 lanes of a quad (the lanes holding one row of an mma C fragment).

@@ -136,7 +136,7 @@ RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm,
     for (int w = tid; w < kBlockM + kBlockN - 1; w += kThreads) {
       int64_t d = d0 + w;
       d = d < -M ? -M : (d > M ? M : d);
-      sWin[w] = p.buckets[d + M];
+      sWin[w] = clamp_id(p.buckets[d + M], p.id_max);
     }
   }
 }
@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const float scale_log2 = scale * kLog2e;
   const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
-  const int32_t bucket_first = use_window ? p.buckets[0] : 0;       // every distance <= -M
-  const int32_t bucket_last = use_window ? p.buckets[2 * M] : 0;    // every distance >= M
+  const int32_t bucket_first = use_window ? clamp_id(p.buckets[0], p.id_max) : 0;      // every distance <= -M
+  const int32_t bucket_last = use_window ? clamp_id(p.buckets[2 * M], p.id_max) : 0;  // every distance >= M
 
   float row_max[kMT][2];  // running max of s2 (log2 units), -inf until a key is seen
   float row_sum[kMT][2];  // this thread's part of l (the quad's 4 lanes add up at the end)
@@ -405,7 +405,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
               } else {
                 int beta = 0;
                 if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                else if (ri_row && c < col_lim) beta = ri_row[c * p.rel_index_stride[2]];
+                else if (ri_row && c < col_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
                 s += tab[row * ld + beta];
               }
             }
@@ -565,7 +565,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
                         int beta = 0;
                         if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
                         else if (ri_row) beta = ri_row[c * p.rel_index_stride[2]];
-                        br[beta] += pv;
+                        // An unchecked id outside [0, R) is left out here rather than clamped (params.h):
+                        // a clamp made ptxas spill 200 bytes in the hd 96 table instance.
+                        if (static_cast<uint32_t>(beta) <= p.id_max) br[beta] += pv;
                       }
                     }
                 }

@@ -147,9 +147,11 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       s *= scale;
       int32_t beta = 0;
       if (lane < cols) {
-        if (p.buckets) beta = p.buckets[(d < -M ? -M : (d > M ? M : d)) + M];
+        if (p.buckets) beta = clamp_id(p.buckets[(d < -M ? -M : (d > M ? M : d)) + M], p.id_max);
         else if (p.rel_index)
-          beta = p.rel_index[b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j * p.rel_index_stride[2]];
+          beta = clamp_id(
+              p.rel_index[b * p.rel_index_stride[0] + i * p.rel_index_stride[1] + j * p.rel_index_stride[2]],
+              p.id_max);
       }
       if (has_tab) s += tab[row * ld + beta];
       if (p.alibi_slopes) s -= slope * static_cast<acc_t>(d < 0 ? -d : d);

@@ -136,6 +136,33 @@ def test_cuda_ids_changed_in_place_are_checked_again(always, monkeypatch):
         relattn.attention(q, k, v, rel_k=rel_k, rel_bias=rel_bias, rel_index=rel_index)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_ids_written_behind_torchs_back_stay_in_bounds(dtype):
+    """Ids changed where the version counter cannot see (through `.data`) after the one check: the kernels
+    clamp what they read, so forward and backward finish without a memory error (a later synchronising
+    call would raise it) and give finite results; RELATTN_CHECK_IDS=always would have caught them."""
+    q, k, v, rel_k, rel_bias = shaw_inputs(dtype)
+    rel_v = (0.5 * torch.randn(9, 32)).to(dtype).cuda()
+    for t in (q, k, v, rel_k, rel_v, rel_bias):
+        t.requires_grad_(True)
+    buckets = relattn.clip_buckets(4, device="cuda")
+    rel_index = torch.randint(0, 9, (2, 70, 70), device="cuda", dtype=torch.int32)
+    for kw, ids in (({"buckets": buckets}, buckets), ({"rel_index": rel_index}, rel_index)):
+        relattn.attention(q, k, v, rel_k=rel_k, rel_v=rel_v, rel_bias=rel_bias, **kw)  # checked and cached
+        flat = ids.data.view(-1)
+        version = ids._version
+        for at, bad in ((0, 9), (flat.numel() // 2, -1), (flat.numel() - 1, 2**31 - 1), (7, -2**31)):
+            flat[at] = bad
+        assert ids._version == version  # the binding has no way to know
+        out = relattn.attention(q, k, v, rel_k=rel_k, rel_v=rel_v, rel_bias=rel_bias, **kw)
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()  # an illegal address would surface here
+        assert torch.isfinite(out).all()
+        for t in (q, k, v, rel_k, rel_v, rel_bias):
+            assert torch.isfinite(t.grad).all()
+            t.grad = None
+
+
 @pytest.mark.parametrize("position", ("shaw", "t5"))
 def test_cuda_compile_with_cuda_graphs_trains_like_eager(position):
     """torch.compile(backend="cudagraphs") — the CUDA-graph part of mode="reduce-overhead", without

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <limits>
 #include <random>
 #include <optional>
 #include <string>
@@ -40,6 +41,11 @@ struct Config {
   int64_t q_offset = 0;
   bool tables_in_global = false;  // forward only
   bool with_grad_lse = true;
+  // The kernels read ids the binding never checked (see raw_ids below): out of range, negative, extreme.
+  bool raw_ids = false;
+  // With rel_index, the tensor-core forward leaves such pairs out of the value term (params.h): `out`
+  // is then only checked to be finite (lse and the gradients, from the reference out, still match).
+  bool raw_ids_out_differs = false;
 };
 
 struct Call {
@@ -47,6 +53,9 @@ struct Call {
   OptTensor rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask;
   bool causal = false;
   int64_t q_offset = 0;
+  // If defined: the ids the kernels read instead of buckets / rel_index (same shape and layout), as when
+  // a tensor's ids change behind torch's back after the binding's one check of its version.
+  Tensor raw_ids;
 };
 
 Call make_call(const Config& c) {
@@ -108,6 +117,19 @@ bool aligned16(const Tensor& t) {
   return true;
 }
 
+// The kernels read c.raw_ids where the binding would pass the checked buckets / rel_index.
+template <typename P>
+void use_raw_ids(const Call& c, P& p) {
+  if (!c.raw_ids.defined()) return;
+  if (p.rel_index) {
+    for (int d = 0; d < 3; ++d) ASSERT_EQ(p.rel_index_stride[d], c.raw_ids.stride(d));
+    p.rel_index = c.raw_ids.data_ptr<int32_t>();
+  } else {
+    ASSERT_NE(p.buckets, nullptr);
+    p.buckets = c.raw_ids.data_ptr<int32_t>();
+  }
+}
+
 template <typename T>
 void set_vec_flags(T& p, const Prepared& a) {
   p.q_vec_ok = aligned16(a.q);
@@ -124,6 +146,7 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(at::kFloat));
   kc::ForwardParams p;
   relattn::ops::fill_params(a, p);
+  use_raw_ids(c, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   set_vec_flags(p, a);
@@ -152,6 +175,7 @@ std::tuple<Tensor, Tensor> forward_simt(const Call& c) {
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(a.acc_dtype));
   kc::ForwardParams p;
   relattn::ops::fill_params(a, p);
+  use_raw_ids(c, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
   set_vec_flags(p, a);
@@ -177,6 +201,7 @@ Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor
   Tensor dv = at::full({a.B, a.Hk, a.Lk, a.Dv}, NAN, a.q.options());
   kc::BackwardParams p;
   relattn::ops::fill_backward_params(a, s, dq, dk, dv, p);
+  use_raw_ids(c, p);
   set_vec_flags(p, a);
   p.do_vec_ok = aligned16(s.grad_out);
   std::vector<Tensor> keep;
@@ -219,21 +244,41 @@ template <typename Fwd, typename Bwd>
 void check(const Config& cfg, Fwd fwd, Bwd bwd) {
   SCOPED_TRACE(cfg.name);
   Call c = make_call(cfg);
-  auto [ref_out, ref_lse] = relattn::ops::attention_forward(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets,
-                                                            c.rel_index, c.alibi_slopes, c.key_padding_mask,
-                                                            c.causal, std::nullopt, c.q_offset);
+  Call r = c;  // what the reference computes
+  if (cfg.raw_ids) {
+    // Ids the binding never saw: the kernels must clamp each into [0, R - 1] (negative ones to R - 1),
+    // reading and writing nothing outside the tables (AddressSanitizer aborts on a global access past a
+    // tensor), and then agree with the reference on the clamped ids.
+    Tensor& ids = c.rel_index.has_value() ? *c.rel_index : *c.buckets;
+    const int64_t R = c.rel_bias.has_value() ? c.rel_bias->size(1) : c.rel_v->size(1);
+    Tensor raw = ids.clone();
+    auto flat = raw.view({-1});
+    const int64_t n = flat.numel();
+    const int32_t bad[] = {static_cast<int32_t>(R), -1, std::numeric_limits<int32_t>::max(),
+                           std::numeric_limits<int32_t>::min(), static_cast<int32_t>(R + 7)};
+    for (int e = 0; e < 5; ++e) flat[(n - 1) * e / 4].fill_(bad[e]);  // first, last and between
+    for (int e = 0; e < 5 && n > 40; ++e) flat[7 + 9 * e].fill_(bad[4 - e]);
+    c.raw_ids = raw;
+    (c.rel_index.has_value() ? r.rel_index : r.buckets) = at::where((raw < 0).logical_or(raw >= R), R - 1, raw).to(at::kInt);
+  }
+  auto [ref_out, ref_lse] = relattn::ops::attention_forward(r.q, r.k, r.v, r.rel_k, r.rel_v, r.rel_bias, r.buckets,
+                                                            r.rel_index, r.alibi_slopes, r.key_padding_mask,
+                                                            r.causal, std::nullopt, r.q_offset);
   ASSERT_GT(ref_out.abs().max().item<double>(), 0.0) << "a vacuous case: every row is masked";
   auto [out, lse] = fwd(c);
-  expect_close("out", out, ref_out, cfg.dtype);
+  if (cfg.raw_ids_out_differs)
+    EXPECT_TRUE(out.isfinite().all().template item<bool>()) << "out";
+  else
+    expect_close("out", out, ref_out, cfg.dtype);
   expect_close("lse", lse, ref_lse, cfg.dtype);
 
   at::manual_seed(1);
   Tensor grad_out = at::randn(ref_out.sizes(), ref_out.options());
   OptTensor grad_lse;
   if (cfg.with_grad_lse) grad_lse = at::randn(ref_lse.sizes(), ref_lse.options());
-  auto ref = relattn::ops::attention_backward(grad_out, grad_lse, c.q, c.k, c.v, ref_out, ref_lse, c.rel_k, c.rel_v,
-                                              c.rel_bias, c.buckets, c.rel_index, c.alibi_slopes,
-                                              c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
+  auto ref = relattn::ops::attention_backward(grad_out, grad_lse, r.q, r.k, r.v, ref_out, ref_lse, r.rel_k, r.rel_v,
+                                              r.rel_bias, r.buckets, r.rel_index, r.alibi_slopes,
+                                              r.key_padding_mask, r.causal, std::nullopt, r.q_offset);
   const Grads want{std::get<0>(ref), std::get<1>(ref), std::get<2>(ref),
                    std::get<3>(ref), std::get<4>(ref), std::get<5>(ref)};
   const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
@@ -463,6 +508,28 @@ TEST(CudaEmulation, TensorCoresHd256RelIndexAlibi) {
   Config c{.name = "hd256 index", .H = 1, .Lq = 19, .Lk = 40, .D = 256, .Dv = 256, .positions = "index",
            .alibi = true};
   check_mma<__nv_bfloat16, 256>(c);
+}
+
+// Ids that escaped the binding's checks (on CUDA it reads each tensor version once; a write through .data
+// or a raw pointer is not seen): every kernel clamps them, never reading or writing outside the tables.
+TEST(CudaEmulation, UncheckedIdsAreClampedTensorCores) {
+  Config index{.name = "raw rel_index", .B = 2, .H = 2, .Lq = 40, .Lk = 70, .D = 64, .Dv = 64,
+               .positions = "index", .causal = true, .q_offset = 20, .raw_ids = true,
+               .raw_ids_out_differs = true};
+  check_mma<__nv_bfloat16, 64>(index);
+  // a table whose ids recur apart (the general bucket sums), first and last entries (the far buckets) bad
+  Config table{.name = "raw buckets", .H = 2, .Lq = 70, .Lk = 90, .D = 32, .Dv = 32, .positions = "periodic",
+               .M = 9, .raw_ids = true};
+  check_mma<__nv_bfloat16, 32>(table);
+}
+
+TEST(CudaEmulation, UncheckedIdsAreClampedSimt) {
+  Config index{.name = "raw rel_index simt", .dtype = at::kFloat, .Lq = 20, .Lk = 45, .D = 16, .Dv = 24,
+               .positions = "index", .raw_ids = true};
+  check_simt<float>(index);
+  Config table{.name = "raw buckets simt", .dtype = at::kFloat, .Lq = 30, .Lk = 33, .D = 16, .Dv = 16,
+               .positions = "periodic", .M = 4, .raw_ids = true};
+  check_simt<float>(table);
 }
 
 // SIMT kernels in float32 and float64 (and bf16, as RELATTN_CUDA_KERNEL=simt runs them).
