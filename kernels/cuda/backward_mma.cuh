@@ -4,7 +4,8 @@
 // forward's (same table GEMM, same order of the additions in log2 units).
 //
 // Kernel A (backward_mma_query_kernel): one CTA of 4 warps per (query tile of 64 rows, b, h); each warp
-// owns 16 rows (head dim 256: see the end of this comment). Q and dO stay in shared memory; K/V tiles stream through two cp.async stages, once:
+// owns 16 rows (head dim 256: see the end of this comment). Q and dO stay in shared memory; K/V tiles
+// stream through two cp.async stages, once:
 //   S = Q Kᵀ, dP = dO Vᵀ (+doa), P = 2^(S2 - lse2), dS0 = P∘(dP - Δ0)
 //   -> Σ P∘dP, dsb0 += dS0 and psb += P by bucket, [dq0; pk] += [dS0; P] K (one GEMM of two m16 tiles)
 // with the centre Δ0 = do·out - glse from the rounded `out`. At the end Δ = Σ P∘dP - glse exactly (fp32,

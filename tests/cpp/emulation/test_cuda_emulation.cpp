@@ -259,7 +259,8 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd) {
     for (int e = 0; e < 5; ++e) flat[(n - 1) * e / 4].fill_(bad[e]);  // first, last and between
     for (int e = 0; e < 5 && n > 40; ++e) flat[7 + 9 * e].fill_(bad[4 - e]);
     c.raw_ids = raw;
-    (c.rel_index.has_value() ? r.rel_index : r.buckets) = at::where((raw < 0).logical_or(raw >= R), R - 1, raw).to(at::kInt);
+    const Tensor clamped = at::where((raw < 0).logical_or(raw >= R), R - 1, raw).to(at::kInt);
+    (c.rel_index.has_value() ? r.rel_index : r.buckets) = clamped;
   }
   auto [ref_out, ref_lse] = relattn::ops::attention_forward(r.q, r.k, r.v, r.rel_k, r.rel_v, r.rel_bias, r.buckets,
                                                             r.rel_index, r.alibi_slopes, r.key_padding_mask,
@@ -294,7 +295,8 @@ void check_mma(const Config& cfg) {
   check(
       cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
-        return backward(c, o, l, go, gl, true, [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
+        return backward(c, o, l, go, gl, true,
+                        [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
       });
 }
 
