@@ -57,7 +57,9 @@ struct AttentionParams {
   // written where torch cannot see it (.data, raw pointers) is not checked again. The CUDA kernels clamp
   // each id they read into [0, id_max] (negative ids to id_max too), so such an id gives a wrong answer,
   // never a read or write outside the tables. (One exception, for the registers: the tensor-core
-  // forward's value-term sums of rel_index leave such a pair out instead of clamping it.)
+  // forward's value-term sums of rel_index leave such a pair out instead of clamping it.) A field rather
+  // than R - 1 computed in the kernels: ptxas reads it as a constant operand, where the computed bound
+  // took a register (kernel A of the backward then spilled 12 bytes at hd 128 and 52 at hd 256, sm_90).
   uint32_t id_max = 0;
   int64_t rel_index_stride[3] = {0, 0, 0};  // (b, i, j); b stride 0 for a 2-D rel_index
 
