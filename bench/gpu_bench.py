@@ -45,6 +45,11 @@ is present). Runs go in tiers: the runs the targets need, on their shape, first,
 over every shape, then the materialising baselines, then FlexAttention (whose compiles are the slowest
 part); once --budget-s is spent, the rest are recorded as skipped.
 
+Kernel breakdown (last, with --profile-s seconds kept for it out of the budget): torch.profiler over a few calls
+of relattn's forward (plain, Shaw K+V) and forward+backward (plain, Shaw K+V, T5) and SDPA-flash's on the
+target shape, non-causal: the time per call of every GPU kernel (relattn's forward, its backward kernels A
+and B, the table-gradient GEMMs, copies), as a table in bench.md — where the time goes, for tuning.
+
     python bench/gpu_bench.py [--out DIR] [--mode fwd|fwdbwd|both] [--shapes NAME ...] [--schemes ...]
                               [--budget-s 300] [--quick]
     python bench/gpu_bench.py --dry-run        # the plan only; no GPU needed
@@ -130,6 +135,8 @@ def parse_args(argv=None):
     ap.add_argument("--causal", choices=("both", "yes", "no"), default="both")
     ap.add_argument("--budget-s", type=float, default=300.0,
                     help="stop starting new runs after this many seconds (the rest are recorded as skipped)")
+    ap.add_argument("--profile-s", type=float, default=25.0,
+                    help="seconds of the budget kept for the kernel breakdown at the end (0: no breakdown)")
     ap.add_argument("--warmup-ms", type=float, default=50.0)
     ap.add_argument("--rep-ms", type=float, default=300.0)
     ap.add_argument("--quick", action="store_true", help="first shape only, short timings")
@@ -512,6 +519,7 @@ def write_reports(rows, out_dir, meta, plot=True):
         lines.append(f"| {r['shape']} | {r['causal']} | {r['scheme']} | {r['impl']} | {r['mode']} | {r.get('ms', '')} | "
                      f"{r.get('tflops', '')} | {r.get('peak_mib', '')} | {r.get('max_err', '')} | "
                      f"{r.get('max_err_table', '')} | {r.get('vs_sdpa_flash', '')} | {r['status']} |")
+    lines += [""] + meta.get("breakdown", [])
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
     if not plot:
         return
@@ -574,6 +582,81 @@ def compare(result, ref, mode):
     if tables:
         terr = f"{max(_max_abs_diff(grads[n], ref_grads[n]) / max(ref_grads[n].abs().max().item(), 1e-30) for n in tables):.3g}"
     return f"{err:.3g}", terr
+
+
+# The runs whose kernels are broken down (mode, scheme, impl), on TARGET_SHAPE, non-causal.
+PROFILE_RUNS = [("fwd", "plain", "sdpa_flash"), ("fwd", "plain", "relattn"), ("fwd", "shaw_kv", "relattn"),
+                ("fwdbwd", "plain", "sdpa_flash"), ("fwdbwd", "plain", "relattn"), ("fwdbwd", "shaw_kv", "relattn"),
+                ("fwdbwd", "t5", "relattn")]
+
+
+def short_kernel_name(name, width=90):
+    """'void relattn::cuda::fwd_kernel<Cfg<128>, true>(relattn::...)' -> 'relattn::cuda::fwd_kernel<Cfg<128>, true>';
+    names that are not C++ signatures ('Memset (Device)') stay as they are."""
+    if name.startswith("void ") and name.endswith(")"):
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):  # the parameter list: the parentheses that close the name
+            depth += name[i] == ")"
+            depth -= name[i] == "("
+            if depth == 0:
+                name = name[5:i]
+                break
+    return name if len(name) <= width else name[:width - 3] + "..."
+
+
+def kernel_times(torch, fn, iters=3):
+    """[(kernel name, calls per call of fn, ms per call of fn)] of the GPU activity of fn, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(2):  # warm: id checks, caches, allocator
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    totals = {}
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        calls, us = totals.get(e.name, (0, 0.0))
+        totals[e.name] = (calls + 1, us + e.time_range.elapsed_us())
+    rows = [(name, calls / iters, us / iters / 1e3) for name, (calls, us) in totals.items()]
+    return sorted(rows, key=lambda r: -r[2])
+
+
+def breakdown_lines(torch, bench, runs, args):
+    """bench.md's kernel breakdown: one table per run of PROFILE_RUNS (errors recorded, never raised)."""
+    B, H, L, D = SHAPES[TARGET_SHAPE]
+    lines = [f"## Kernel breakdown ({TARGET_SHAPE}, non-causal; torch.profiler, per call)", "",
+             "GPU time per kernel; the sum can be below the timed ms (launch gaps) or above (profiler overhead).",
+             ""]
+    x = None
+    for mode, scheme, impl in runs:
+        if (scheme not in args.schemes or mode not in modes_of(args)
+                or (args.impls is not None and impl not in args.impls)):
+            continue
+        lines += [f"### {mode} · {scheme} · {impl}", ""]
+        try:
+            if x is None:
+                torch.cuda.empty_cache()
+                x = bench.inputs(B, H, L, D)
+            xm = bench.for_mode(x, mode)
+            fn = bench.fn(scheme, impl, xm, False) if mode == "fwd" else bench.train_fn(scheme, impl, xm, False)
+            kt = kernel_times(torch, fn)
+            if not kt:
+                lines += ["(the profiler recorded no GPU activity)", ""]
+                continue
+            total = sum(ms for _, _, ms in kt)
+            lines += ["| kernel | launches | ms | share |", "|---|---:|---:|---:|"]
+            lines += [f"| `{short_kernel_name(n)}` | {c:g} | {ms:.3f} | {100 * ms / total:.0f}% |" for n, c, ms in kt[:12]]
+            if len(kt) > 12:
+                rest = sum(ms for _, _, ms in kt[12:])
+                lines.append(f"| ({len(kt) - 12} more) | | {rest:.3f} | {100 * rest / total:.0f}% |")
+            lines.append(f"| **total** | | **{total:.3f}** | |")
+        except Exception as e:  # the breakdown is a tuning aid; the timings above are the record
+            lines.append(f"(no breakdown: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
+        lines.append("")
+    return lines
 
 
 def main(argv=None):
@@ -649,7 +732,7 @@ def main(argv=None):
         B, H, L, D = SHAPES[shape]
         row = dict(commit=meta["commit"], gpu=meta["gpu"], torch=meta["torch"], date=meta["date"], mode=mode,
                    shape=shape, B=B, H=H, L=L, D=D, causal=causal, scheme=scheme, impl=impl)
-        if time.time() - t_start > args.budget_s:
+        if time.time() - t_start > args.budget_s - args.profile_s:
             row["status"] = "skipped (budget)"
             rows.append(row)
             continue
@@ -672,6 +755,11 @@ def main(argv=None):
         write_reports(rows, out_dir, meta, plot=plot)
         if plot:
             last_plot = time.time()
+    if args.profile_s > 0 and TARGET_SHAPE in args.shapes:
+        state["x"] = None
+        refs.clear()
+        meta["breakdown"] = breakdown_lines(torch, bench, PROFILE_RUNS, args)
+        print("\n".join(meta["breakdown"]))
     write_reports(rows, out_dir, meta)
     if "fwdbwd" in meta["modes"]:
         print("\n".join(target_lines(rows, args.shapes)))

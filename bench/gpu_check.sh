@@ -196,8 +196,10 @@ fi
   if [ -f "$OUT/bench.md" ]; then
     # The forward+backward targets (their verdicts and ratio table), then relattn's and SDPA-flash's runs.
     sed -n '/^## Targets/,/^## All runs/p' "$OUT/bench.md" | grep -v "^## All runs"
-    sed -n '/^## All runs/,$p' "$OUT/bench.md" | grep -E "^\|" | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' \
-      | head -n 120
+    sed -n '/^## All runs/,/^## Kernel breakdown/p' "$OUT/bench.md" | grep -E "^\|" \
+      | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' | head -n 120
+    echo
+    sed -n '/^## Kernel breakdown/,$p' "$OUT/bench.md"
   else
     echo "(no results)"
   fi
