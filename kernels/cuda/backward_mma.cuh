@@ -284,7 +284,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
           if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
           const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
-          const float pv = masked ? 0.f : exp2f(s - lse2[hf]);
+          const float pv = masked ? 0.f : exp2_ftz(s - lse2[hf]);
           float dp = acc_dp[0][nt][e];
           if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
           rowacc[hf] += pv * dp;
@@ -571,9 +571,17 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
     const T* dog = static_cast<const T*>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[1] +
                    i0 * p.grad_out_stride[2];
-    load_tile<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
-    load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv, p.do_vec_ok,
-                                         tid);
+    if (rows == BQ && p.q_vec_ok && D == kHeadDim) {  // a whole tile: no tests per chunk (uniform branch)
+      load_tile_full<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], tid);
+    } else {
+      load_tile<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
+    }
+    if (rows == BQ && p.do_vec_ok && Dv == kHeadDim) {
+      load_tile_full<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], tid);
+    } else {
+      load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv,
+                                           p.do_vec_ok, tid);
+    }
     const int64_t r0 = (b * p.H + h) * p.Lq + i0;
     // Per query row: lse (log2 units), Δ, and for a far pair the row's table values of its one bucket, so
     // that the compute reads them from shared memory rather than every lane gathering them.
@@ -664,7 +672,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           if (has_tab && col_ok) s += tb >= 0 ? tcol[c] : tab_g[c * R + beta] * kLog2e;
           if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(d));
           const bool masked = !key_ok || !col_ok || (p.causal && d > 0);
-          const float pv = masked ? 0.f : exp2f(s - sLse[stage * BQ + c]);
+          const float pv = masked ? 0.f : exp2_ftz(s - sLse[stage * BQ + c]);
           float dp = acc_dp[0][nt][e];
           if (has_doa && col_ok) dp += tb >= 0 ? dcol[c] : doa_g[c * R + beta];
           acc_s[0][nt][e] = pv;

@@ -71,6 +71,36 @@ RELATTN_DEVICE void load_tile(T* s, const T* src, int64_t row_stride, int rows_v
   }
 }
 
+// load_tile for a whole tile: every row and column valid, 16-byte chunks allowed (`kRows` rows of kHeadDim
+// columns, the common case of a key tile). No tests per chunk: each thread issues its chunks' cp.async.
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void load_tile_full(T* s, const T* src, int64_t row_stride, int tid) {
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+  constexpr int kTotal = kRows * kChunks;
+  if constexpr (kThreads % kChunks == 0 && kTotal % kThreads == 0) {
+    // A thread's chunks share their column and lie kStep rows apart: one 64-bit add per chunk.
+    constexpr int kStep = kThreads / kChunks;
+    const int r0 = tid / kChunks;
+    const int col = (tid % kChunks) * 8;
+    const T* g = src + r0 * row_stride + col;
+    const int64_t step = kStep * row_stride;
+    T* d = s + r0 * kLd + col;
+#pragma unroll
+    for (int n = 0; n < kTotal / kThreads; ++n) cp_async_16(d + n * kStep * kLd, g + n * step);
+  } else {
+#pragma unroll
+    for (int n = 0; n < (kTotal + kThreads - 1) / kThreads; ++n) {
+      const int c = tid + n * kThreads;
+      if (c < kTotal) {
+        const int r = c / kChunks;
+        const int col = (c % kChunks) * 8;
+        cp_async_16(s + r * kLd + col, src + r * row_stride + col);
+      }
+    }
+  }
+}
+
 // Rows [r0, r0+kRows) of a float table [R, X] (contiguous), converted to T, into a shared tile as above.
 template <typename T, int kRows, int kHeadDim, int kThreads>
 RELATTN_DEVICE void load_table_tile(T* s, const float* table, int64_t r0, int64_t R, int X, int tid) {
@@ -122,10 +152,20 @@ template <typename T, int kBlockM, int kBlockN, int kHeadDim, int kThreads, type
 RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm, int32_t* sWin, const T* kg,
                                    const T* vg, const uint8_t* kpm, int64_t i0, int64_t j0, int tid) {
   const int cols = static_cast<int>(p.Lk - j0 < kBlockN ? p.Lk - j0 : kBlockN);
-  load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
-                                            static_cast<int>(p.D), p.k_vec_ok, tid);
-  load_tile<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], cols,
-                                            static_cast<int>(p.Dv), p.v_vec_ok, tid);
+  // A whole tile (every key but a last partial tile, D = Dv = the padded head dim, aligned rows) takes
+  // the loader without per-chunk tests; the branch is uniform.
+  if (cols == kBlockN && p.k_vec_ok && p.D == kHeadDim) {
+    load_tile_full<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], tid);
+  } else {
+    load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
+                                              static_cast<int>(p.D), p.k_vec_ok, tid);
+  }
+  if (cols == kBlockN && p.v_vec_ok && p.Dv == kHeadDim) {
+    load_tile_full<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], tid);
+  } else {
+    load_tile<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], cols,
+                                              static_cast<int>(p.Dv), p.v_vec_ok, tid);
+  }
   if (kpm) {
     for (int c = tid; c < kBlockN; c += kThreads)
       sKpm[c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
@@ -375,22 +415,19 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     const int64_t j0 = t * BN;
     gemm_qk<T, kHeadDim, kMT, kNT>(acc_s, sQ + warp_row0 * LD, sK + stage * BN * LD, lane);
 
-    // Scores in log2 units with the relative terms and masks.
+    // Scores in log2 units with the relative terms; then, only where this warp's rows need them (a last
+    // partial tile, the causal diagonal, key padding: a warp-uniform test), the masks. Interior tiles, most
+    // of a long sequence, spend nothing on masking.
+    const int lk_lim = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);  // columns inside Lk
     int row_far[kMT][2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
         const int row = warp_row0 + mt * 16 + g + hf * 8;
-        const int64_t pos = i0 + row + p.q_offset;
-        const int64_t dj = j0 - pos;  // distance of the tile's first column
+        const int64_t dj = j0 - (i0 + row + p.q_offset);  // distance of the tile's first column
         const int far = use_window ? far_side(dj, dj + BN - 1, M) : 0;
         row_far[mt][hf] = far;
-        // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
-        // (j - pos <= 0  <=>  c < 1 - dj)
-        int64_t lim = p.Lk - j0;
-        if (p.causal && 1 - dj < lim) lim = 1 - dj;
-        const int col_lim = static_cast<int>(lim < 0 ? 0 : (lim > BN ? BN : lim));
         const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
         const int32_t* ri_row = rel_index_row(p, use_index && row < rows, b, i0 + row, j0);
 #pragma unroll
@@ -405,13 +442,46 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
               } else {
                 int beta = 0;
                 if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                else if (ri_row && c < col_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
+                else if (ri_row && c < lk_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
                 s += tab[row * ld + beta];
               }
             }
-            if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
-            const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
-            acc_s[mt][nt][hf * 2 + e1] = masked ? kNegInf : s;
+            acc_s[mt][nt][hf * 2 + e1] = s;
+          }
+        }
+      }
+    }
+    if (slope_log2 != 0.f) {  // ALiBi (a uniform branch, once per tile)
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int64_t dj = j0 - (i0 + warp_row0 + mt * 16 + g + hf * 8 + p.q_offset);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e1 = 0; e1 < 2; ++e1)
+              acc_s[mt][nt][hf * 2 + e1] -= slope_log2 * fabsf(static_cast<float>(dj + nt * 8 + 2 * tq + e1));
+        }
+    }
+    if (kpm || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + p.q_offset)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
+          // (j - pos <= 0  <=>  c < 1 - dj)
+          const int64_t dj = j0 - (i0 + warp_row0 + mt * 16 + g + hf * 8 + p.q_offset);
+          int64_t lim = lk_lim;
+          if (p.causal && 1 - dj < lim) lim = 1 - dj;
+          const int col_lim = static_cast<int>(lim < 0 ? 0 : lim);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+            for (int e1 = 0; e1 < 2; ++e1) {
+              const int c = nt * 8 + 2 * tq + e1;
+              if (c >= col_lim || (kpm && sKpm[stage * BN + c])) acc_s[mt][nt][hf * 2 + e1] = kNegInf;
+            }
           }
         }
       }
@@ -420,6 +490,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     // Online softmax; P overwrites S.
     float corr[kMT][2];
     float psum[kMT][2];
+    bool rescale = false;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -429,25 +500,31 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][hf * 2], acc_s[mt][nt][hf * 2 + 1]));
         mx = quad_max(mx);
         const float m_use = mx == kNegInf ? 0.f : mx;  // a row with nothing visible yet: p = 0, no NaN
-        corr[mt][hf] = exp2f(row_max[mt][hf] - m_use);
+        corr[mt][hf] = exp2_ftz(row_max[mt][hf] - m_use);
         row_max[mt][hf] = mx;
+        rescale |= corr[mt][hf] != 1.f;
         float ps = 0.f;
 #pragma unroll
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
           for (int e1 = 0; e1 < 2; ++e1) {
-            const float pv = exp2f(acc_s[mt][nt][hf * 2 + e1] - m_use);
+            const float pv = exp2_ftz(acc_s[mt][nt][hf * 2 + e1] - m_use);
             acc_s[mt][nt][hf * 2 + e1] = pv;
             ps += pv;
           }
         psum[mt][hf] = ps;
         row_sum[mt][hf] = row_sum[mt][hf] * corr[mt][hf] + ps;
-#pragma unroll
-        for (int dt = 0; dt < kDT; ++dt) {
-          acc_o[mt][dt][hf * 2] *= corr[mt][hf];
-          acc_o[mt][dt][hf * 2 + 1] *= corr[mt][hf];
-        }
       }
+    }
+    // O *= corr, skipped when no row of the warp has a new maximum (corr = 1 exactly: the same bits), as in
+    // most tiles of a long row once its largest scores have been seen.
+    if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] *= corr[mt][e >> 1];
     }
 
     if (has_bsum) {

@@ -11,6 +11,7 @@
 //                                       and barrier (RAW), or a refill of a stage other threads still
 //                                       read (WAR), shows up as NaN in the results
 //   red.global.add (red_add_global)     std::atomic_ref<float>::fetch_add
+//   ex2.approx.ftz (exp2_ftz)           std::exp2, subnormal results flushed to zero
 //   ldmatrix (.x4, .x4.trans)           each lane publishes its row address; each lane then reads the
 //                                       elements the PTX ISA assigns to it from the other lanes' rows
 //   mma.sync m16n8k16 (f16/bf16 -> f32) each lane publishes its A/B fragments; each lane computes its four
@@ -287,6 +288,13 @@ inline void cp_async_16(void* smem_dst, const void* gmem_src) {
 }
 inline void cp_async_commit() { emu::tls.async.group_end.push_back(emu::tls.async.copies.size()); }
 inline void red_add_global(float* addr, float v) { std::atomic_ref<float>(*addr).fetch_add(v); }
+
+// ex2.approx.ftz.f32: subnormal results flush to zero (the hardware's approximation error, about 2 ulp,
+// is not modelled).
+inline float exp2_ftz(float x) {
+  const float y = std::exp2(x);
+  return std::fpclassify(y) == FP_SUBNORMAL ? 0.f : y;
+}
 // cp.async.wait_group N: every committed group but the newest N has landed (copies issued after the last
 // commit belong to no group and stay in flight).
 template <int N>

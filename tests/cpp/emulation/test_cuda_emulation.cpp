@@ -460,6 +460,18 @@ TEST(CudaEmulation, TensorCoresHd96PlainOddDims) {
   check_mma<__half, 96>(c);
 }
 
+// The plain instance's interior tiles: whole key tiles loaded without per-chunk tests, no masks (no padding;
+// causal only on the diagonal tiles), and O rescaled only when a row of the warp finds a new maximum (long
+// rows: 32 key tiles, most of them without one).
+TEST(CudaEmulation, TensorCoresHd64PlainInteriorTiles) {
+  Config full{.name = "hd64 plain, long rows", .H = 1, .Lq = 130, .Lk = 1030, .D = 64, .Dv = 64,
+              .positions = "none"};
+  check_mma<__nv_bfloat16, 64>(full);
+  Config causal{.name = "hd64 plain, causal", .H = 2, .Lq = 140, .Lk = 200, .D = 64, .Dv = 64,
+                .positions = "none", .causal = true, .q_offset = 60};
+  check_mma<__nv_bfloat16, 64>(causal);
+}
+
 // Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
 TEST(CudaEmulation, TensorCoresHd64BiasOnlyCausal) {
   Config c{.name = "T5 bias only", .H = 2, .Lq = 70, .Lk = 70, .D = 64, .Dv = 64, .positions = "t5",
