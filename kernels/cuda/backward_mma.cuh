@@ -652,32 +652,47 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       const int kr = warp_key0 + g + hf * 8;
       const bool key_ok = sKpm[kr] == 0;  // inside Lk and not padding
       const int64_t dk0 = j0 + kr - (i0 + p.q_offset);  // distance to query column 0
+      // causal: the key is after query column c's position (d = dk0 - c > 0) for the columns c < c_vis
+      const int c_vis = p.causal ? static_cast<int>(dk0 < 0 ? 0 : (dk0 > BQ ? BQ : dk0)) : 0;
+      // P and dS of one element, given its table values in log2 units (tv) and natural units (dv).
+      auto element = [&](int nt, int e1, float tv, float dv) {
+        const int c = nt * 8 + 2 * tq + e1;
+        const int e = hf * 2 + e1;
+        const bool col_ok = c < rows;
+        float s = acc_s[0][nt][e] * scale_log2;
+        if (has_tab && col_ok) s += tv;
+        if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dk0 - c));
+        const bool masked = !key_ok || !col_ok || c < c_vis;
+        const float pv = masked ? 0.f : exp2_ftz(s - sLse[stage * BQ + c]);
+        float dp = acc_dp[0][nt][e];
+        if (has_doa && col_ok) dp += dv;
+        acc_s[0][nt][e] = pv;
+        acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
+      };
+      if (tb >= 0 || !(has_tab || has_doa)) {  // a far pair: one bucket, its column staged (or no tables)
 #pragma unroll
-      for (int nt = 0; nt < kNT; ++nt)
+        for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-        for (int e1 = 0; e1 < 2; ++e1) {
-          const int c = nt * 8 + 2 * tq + e1;
-          const int e = hf * 2 + e1;
-          const bool col_ok = c < rows;
-          const int64_t d = dk0 - c;
-          int beta = 0;
-          if (tb < 0) {
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int c = nt * 8 + 2 * tq + e1;
+            element(nt, e1, tb >= 0 ? tcol[c] : 0.f, tb >= 0 ? dcol[c] : 0.f);
+          }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+          for (int e1 = 0; e1 < 2; ++e1) {
+            const int c = nt * 8 + 2 * tq + e1;
+            int beta = 0;
             if (use_window) beta = sWin[stage * kWin + kr - c + BQ - 1];
-            else if (use_index && col_ok && kr < keys)
+            else if (use_index && c < rows && kr < keys)
               beta = clamp_id(p.rel_index[b * p.rel_index_stride[0] + (i0 + c) * p.rel_index_stride[1] +
                                           (j0 + kr) * p.rel_index_stride[2]],
                               p.id_max);
+            element(nt, e1, has_tab && c < rows ? tab_g[c * R + beta] * kLog2e : 0.f,
+                    has_doa && c < rows ? doa_g[c * R + beta] : 0.f);
           }
-          float s = acc_s[0][nt][e] * scale_log2;
-          if (has_tab && col_ok) s += tb >= 0 ? tcol[c] : tab_g[c * R + beta] * kLog2e;
-          if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(d));
-          const bool masked = !key_ok || !col_ok || (p.causal && d > 0);
-          const float pv = masked ? 0.f : exp2_ftz(s - sLse[stage * BQ + c]);
-          float dp = acc_dp[0][nt][e];
-          if (has_doa && col_ok) dp += tb >= 0 ? dcol[c] : doa_g[c * R + beta];
-          acc_s[0][nt][e] = pv;
-          acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
-        }
+      }
     }
 
     uint32_t pa[1][BQ / 16][4];

@@ -372,6 +372,12 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const float scale_log2 = scale * kLog2e;
   const float slope_log2 = p.alibi_slopes ? static_cast<const float*>(p.alibi_slopes)[h] * kLog2e : 0.f;
+  // Scores that are the scaled dot product alone (the plain instance without ALiBi, scale > 0) keep it
+  // unscaled: the softmax takes the row max of the raw scores times scale·log2e and p = 2^(s·scale·log2e -
+  // m) in one FFMA, as FlashAttention does; otherwise the scores are scaled first (relative terms are
+  // added in log2 units) and exp_mul = 1 (fmaf(s, 1, -m) = s - m exactly).
+  const bool fold_scale = kPlain && slope_log2 == 0.f && scale_log2 > 0.f;
+  const float exp_mul = fold_scale ? scale_log2 : 1.f;
   const int32_t bucket_first = use_window ? clamp_id(p.buckets[0], p.id_max) : 0;      // every distance <= -M
   const int32_t bucket_last = use_window ? clamp_id(p.buckets[2 * M], p.id_max) : 0;  // every distance >= M
 
@@ -420,33 +426,68 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     // of a long sequence, spend nothing on masking.
     const int lk_lim = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);  // columns inside Lk
     int row_far[kMT][2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
+    if constexpr (kPlain) {
 #pragma unroll
-    for (int mt = 0; mt < kMT; ++mt) {
+      for (int mt = 0; mt < kMT; ++mt) row_far[mt][0] = row_far[mt][1] = 0;
+      if (!fold_scale) {
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int row = warp_row0 + mt * 16 + g + hf * 8;
-        const int64_t dj = j0 - (i0 + row + p.q_offset);  // distance of the tile's first column
-        const int far = use_window ? far_side(dj, dj + BN - 1, M) : 0;
-        row_far[mt][hf] = far;
-        const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
-        const int32_t* ri_row = rel_index_row(p, use_index && row < rows, b, i0 + row, j0);
+        for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) {
+          for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
-          for (int e1 = 0; e1 < 2; ++e1) {
-            const int c = nt * 8 + 2 * tq + e1;
-            float s = acc_s[mt][nt][hf * 2 + e1] * scale_log2;
-            if (has_tab) {
-              if (far) {
-                s += tab_row;
-              } else {
-                int beta = 0;
-                if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
-                else if (ri_row && c < lk_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
-                s += tab[row * ld + beta];
-              }
+            for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= scale_log2;
+      }
+    } else if (const int64_t wpos = i0 + warp_row0 + p.q_offset;  // the warp's first row's position
+               kHeadDim >= 64 && use_window &&
+               far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M) != 0) {
+      // Every row of the warp has all its distances in this tile beyond ±M on the same side (most tiles of
+      // a long sequence): one table value per row, no per-element branches. (The same values as below.
+      // Not at head dim 32, where this path made ptxas spill 20 bytes on sm_90.)
+      const int far = far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M);
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          row_far[mt][hf] = far;
+          const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt)
+#pragma unroll
+            for (int e1 = 0; e1 < 2; ++e1) {
+              float s = acc_s[mt][nt][hf * 2 + e1] * scale_log2;
+              if (has_tab) s += tab_row;
+              acc_s[mt][nt][hf * 2 + e1] = s;
             }
-            acc_s[mt][nt][hf * 2 + e1] = s;
+        }
+    } else {
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int row = warp_row0 + mt * 16 + g + hf * 8;
+          const int64_t dj = j0 - (i0 + row + p.q_offset);  // distance of the tile's first column
+          const int far = use_window ? far_side(dj, dj + BN - 1, M) : 0;
+          row_far[mt][hf] = far;
+          const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
+          const int32_t* ri_row = rel_index_row(p, use_index && row < rows, b, i0 + row, j0);
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) {
+#pragma unroll
+            for (int e1 = 0; e1 < 2; ++e1) {
+              const int c = nt * 8 + 2 * tq + e1;
+              float s = acc_s[mt][nt][hf * 2 + e1] * scale_log2;
+              if (has_tab) {
+                if (far) {
+                  s += tab_row;
+                } else {
+                  int beta = 0;
+                  if (use_window) beta = sWin[stage * kWin + c - row + BM - 1];
+                  else if (ri_row && c < lk_lim) beta = clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
+                  s += tab[row * ld + beta];
+                }
+              }
+              acc_s[mt][nt][hf * 2 + e1] = s;
+            }
           }
         }
       }
@@ -495,10 +536,12 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf) {
-        float mx = row_max[mt][hf];
+        float tile_max = kNegInf;
 #pragma unroll
-        for (int nt = 0; nt < kNT; ++nt) mx = fmaxf(mx, fmaxf(acc_s[mt][nt][hf * 2], acc_s[mt][nt][hf * 2 + 1]));
-        mx = quad_max(mx);
+        for (int nt = 0; nt < kNT; ++nt)
+          tile_max = fmaxf(tile_max, fmaxf(acc_s[mt][nt][hf * 2], acc_s[mt][nt][hf * 2 + 1]));
+        // (folded: max(a_j) * c = max(a_j * c) for c > 0, rounding included: rounding is monotone)
+        const float mx = fmaxf(row_max[mt][hf], quad_max(tile_max) * exp_mul);
         const float m_use = mx == kNegInf ? 0.f : mx;  // a row with nothing visible yet: p = 0, no NaN
         corr[mt][hf] = exp2_ftz(row_max[mt][hf] - m_use);
         row_max[mt][hf] = mx;
@@ -508,7 +551,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
           for (int e1 = 0; e1 < 2; ++e1) {
-            const float pv = exp2_ftz(acc_s[mt][nt][hf * 2 + e1] - m_use);
+            const float pv = exp2_ftz(fmaf(acc_s[mt][nt][hf * 2 + e1], exp_mul, -m_use));
             acc_s[mt][nt][hf * 2 + e1] = pv;
             ps += pv;
           }
