@@ -71,6 +71,11 @@ CASES = [
          t5=(16, 32, True), alibi=True, q_offset=-100, H=2, Lq=113, Lk=260, D=16),
     # A scale other than 1/sqrt(D).
     Case("custom_scale", rel_k="shared", positions="clip", M=3, scale=0.3, Lq=17, Lk=97, D=40),
+    # No relative terms and a negative or zero scale: the CUDA plain instance folds a positive scale into
+    # the exponent (the row max of the raw scores stands for the max of the scaled ones), which these
+    # scales must not take.
+    Case("plain_negative_scale", scale=-0.25, Lq=70, Lk=150, D=64),
+    Case("plain_zero_scale_causal", scale=0.0, causal=True, Lq=40, Lk=90, D=32),
 ]
 
 
