@@ -48,6 +48,23 @@ def _key_tile(k, v, key_padding_mask, b, kv, j0, n, width_k, width_v):
     return K, V, kpm
 
 
+def _check_warp_shortcuts(far, col_lims, i0, j0, q_offset, M, BM, BN, Lk, causal, has_kpm):
+    """The forward kernel decides two things per warp (BM/4 rows) from its first and last row alone
+    (forward_mma.cuh): whether every row's distances in the tile lie beyond ±M on one side (then one table
+    value per row, no per-element work), and whether the tile needs masks at all. Both must agree with the
+    per-row bookkeeping: the far test exactly (iff, same side), the mask test never skipping a needed mask."""
+    rpw = BM // 4
+    for w0 in range(0, BM, rpw):
+        wpos = i0 + w0 + q_offset  # position of the warp's first row
+        rows = range(w0, w0 + rpw)
+        if M is not None:
+            warp_far = 1 if j0 + BN - 1 - wpos <= -M else (2 if j0 - (wpos + rpw - 1) >= M else 0)
+            all_far = all(far[r] != 0 and far[r] == far[w0] for r in rows)
+            assert (warp_far != 0) == all_far and (warp_far == 0 or warp_far == far[w0]), (i0, j0, w0)
+        needs_mask = has_kpm or Lk - j0 < BN or (causal and j0 + BN - 1 > wpos)
+        assert needs_mask or all(col_lims[r] == BN for r in rows), (i0, j0, w0)
+
+
 def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
                       alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
                       block_m=64, block_n=64):
@@ -111,6 +128,7 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
             betas = np.zeros((BM, BN), dtype=np.int64)
             row_bucket = np.full(BM, -1)
             far = np.zeros(BM, dtype=np.int64)  # 1: all distances <= -M, 2: all >= M
+            col_lims = np.zeros(BM, dtype=np.int64)
             for row in range(BM):
                 pos = i0 + row + q_offset
                 dj = j0 - pos
@@ -125,6 +143,7 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
                 if causal and 1 - dj < lim:
                     lim = 1 - dj
                 col_lim = min(max(lim, 0), BN)
+                col_lims[row] = col_lim
                 for c in range(BN):
                     s = S[row, c] * scale * LOG2E
                     beta = 0
@@ -142,6 +161,8 @@ def mma_forward_model(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets
                         s -= slope2 * abs(dj + c)
                     masked = c >= col_lim or (key_padding_mask is not None and kpm_s[c])
                     s2[row, c] = -np.inf if masked else s
+            _check_warp_shortcuts(far, col_lims, i0, j0, q_offset, M if buckets is not None else None, BM, BN,
+                                  Lk, causal, key_padding_mask is not None)
             mx = np.maximum(row_max, s2.max(axis=1))
             m_use = np.where(mx == -np.inf, 0.0, mx)
             corr = np.exp2(row_max - m_use)
@@ -388,6 +409,9 @@ def mma_backward_model(q, k, v, grad_out, lse, grad_lse=None, *, out=None, rel_k
                     if slope2 != 0:
                         s -= slope2 * abs(d)
                     masked = kpm_s[kr] or not col_ok or (causal and d > 0)
+                    # kernel B tests causality as c < c_vis, c_vis = clamp(d at column 0, 0, BQ)
+                    d0 = (j0 + kr) - (i0 + q_offset)
+                    assert (causal and d > 0) == (causal and c < min(max(d0, 0), BQ))
                     pv = 0.0 if masked else np.exp2(s - lse2[c])
                     dp = dPt[kr, c] + (row_doa[b, h, i0 + c, beta] if has_doa and col_ok else 0.0)
                     P[kr, c] = pv
