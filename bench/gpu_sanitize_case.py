@@ -106,6 +106,10 @@ def main(argv=None):
         call(dtype, D=64, misaligned=True, causal=True)
         for D in (96, 128):  # no relative tables: the plain forward instance (128-row tiles)
             call(dtype, D=D, Lq=150, Lk=90, positions="none", tables=(), alibi=True, padding=True, causal=True)
+    # Interior tiles (no padding, not causal): whole-tile loads, no mask pass, the folded scale (plain
+    # instance) and the far-warp path (table instance at hd 128; kernel B's far pairs).
+    call(torch.bfloat16, D=128, Lq=150, Lk=300, positions="none", tables=())
+    call(torch.bfloat16, D=128, Lq=70, Lk=300, R=9)
     # Rows that see no key (causal with a negative offset, and a fully padded batch): zero gradients, never NaN.
     call(torch.bfloat16, B=2, D=64, Lq=40, Lk=50, causal=True, q_offset=-8, padding="last_batch", Hk=1)
     os.environ["RELATTN_CUDA_TABLES"] = "global"
