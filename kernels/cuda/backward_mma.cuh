@@ -571,17 +571,9 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
     const T* dog = static_cast<const T*>(p.grad_out) + b * p.grad_out_stride[0] + h * p.grad_out_stride[1] +
                    i0 * p.grad_out_stride[2];
-    if (rows == BQ && p.q_vec_ok && D == kHeadDim) {  // a whole tile: no tests per chunk (uniform branch)
-      load_tile_full<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], tid);
-    } else {
-      load_tile<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
-    }
-    if (rows == BQ && p.do_vec_ok && Dv == kHeadDim) {
-      load_tile_full<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], tid);
-    } else {
-      load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv,
-                                           p.do_vec_ok, tid);
-    }
+    load_tile<T, BQ, kHeadDim, kThreads>(sQ + stage * BQ * LD, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
+    load_tile<T, BQ, kHeadDim, kThreads>(sDo + stage * BQ * LD, dog, p.grad_out_stride[2], rows, Dv, p.do_vec_ok,
+                                         tid);
     const int64_t r0 = (b * p.H + h) * p.Lq + i0;
     // Per query row: lse (log2 units), Δ, and for a far pair the row's table values of its one bucket, so
     // that the compute reads them from shared memory rather than every lane gathering them.

@@ -42,37 +42,9 @@ namespace kernels {
 namespace cuda {
 namespace mma_detail {
 
-// kRows x kHeadDim tile of rows `src + r*row_stride` (cols < cols_valid, rows < rows_valid) into shared
-// memory with row stride kHeadDim + 8; everything outside is zero. 16-byte chunks go through cp.async
-// when `vec_ok`, else element by element (still correct, just slower).
-template <typename T, int kRows, int kHeadDim, int kThreads>
-RELATTN_DEVICE void load_tile(T* s, const T* src, int64_t row_stride, int rows_valid, int cols_valid, bool vec_ok,
-                              int tid) {
-  constexpr int kChunks = kHeadDim / 8;
-  constexpr int kLd = kHeadDim + 8;
-#pragma unroll 2
-  for (int c = tid; c < kRows * kChunks; c += kThreads) {
-    const int r = c / kChunks;
-    const int col = (c % kChunks) * 8;
-    T* dst = s + r * kLd + col;
-    if (r < rows_valid && col < cols_valid) {
-      const T* g = src + r * row_stride + col;
-      if (vec_ok && col + 8 <= cols_valid) {
-        cp_async_16(dst, g);
-      } else {
-        alignas(16) T tmp[8];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) tmp[e] = col + e < cols_valid ? g[e] : TypeInfo<T>::from_float(0.f);
-        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
-      }
-    } else {
-      st_shared_zero_16(dst);
-    }
-  }
-}
-
-// load_tile for a whole tile: every row and column valid, 16-byte chunks allowed (`kRows` rows of kHeadDim
-// columns, the common case of a key tile). No tests per chunk: each thread issues its chunks' cp.async.
+// A whole kRows x kHeadDim tile (every row and column valid, 16-byte chunks allowed: the common case of a
+// key tile) into shared memory as load_tile below lays it out. No tests per chunk: each thread issues its
+// chunks' cp.async.
 template <typename T, int kRows, int kHeadDim, int kThreads>
 RELATTN_DEVICE void load_tile_full(T* s, const T* src, int64_t row_stride, int tid) {
   constexpr int kChunks = kHeadDim / 8;
@@ -97,6 +69,40 @@ RELATTN_DEVICE void load_tile_full(T* s, const T* src, int64_t row_stride, int t
         const int col = (c % kChunks) * 8;
         cp_async_16(s + r * kLd + col, src + r * row_stride + col);
       }
+    }
+  }
+}
+
+// kRows x kHeadDim tile of rows `src + r*row_stride` (cols < cols_valid, rows < rows_valid) into shared
+// memory with row stride kHeadDim + 8; everything outside is zero. 16-byte chunks go through cp.async
+// when `vec_ok`, else element by element (still correct, just slower). A whole tile takes load_tile_full
+// (a uniform branch).
+template <typename T, int kRows, int kHeadDim, int kThreads>
+RELATTN_DEVICE void load_tile(T* s, const T* src, int64_t row_stride, int rows_valid, int cols_valid, bool vec_ok,
+                              int tid) {
+  if (vec_ok && rows_valid == kRows && cols_valid == kHeadDim) {
+    load_tile_full<T, kRows, kHeadDim, kThreads>(s, src, row_stride, tid);
+    return;
+  }
+  constexpr int kChunks = kHeadDim / 8;
+  constexpr int kLd = kHeadDim + 8;
+#pragma unroll 2
+  for (int c = tid; c < kRows * kChunks; c += kThreads) {
+    const int r = c / kChunks;
+    const int col = (c % kChunks) * 8;
+    T* dst = s + r * kLd + col;
+    if (r < rows_valid && col < cols_valid) {
+      const T* g = src + r * row_stride + col;
+      if (vec_ok && col + 8 <= cols_valid) {
+        cp_async_16(dst, g);
+      } else {
+        alignas(16) T tmp[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) tmp[e] = col + e < cols_valid ? g[e] : TypeInfo<T>::from_float(0.f);
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+      }
+    } else {
+      st_shared_zero_16(dst);
     }
   }
 }
@@ -152,20 +158,10 @@ template <typename T, int kBlockM, int kBlockN, int kHeadDim, int kThreads, type
 RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm, int32_t* sWin, const T* kg,
                                    const T* vg, const uint8_t* kpm, int64_t i0, int64_t j0, int tid) {
   const int cols = static_cast<int>(p.Lk - j0 < kBlockN ? p.Lk - j0 : kBlockN);
-  // A whole tile (every key but a last partial tile, D = Dv = the padded head dim, aligned rows) takes
-  // the loader without per-chunk tests; the branch is uniform.
-  if (cols == kBlockN && p.k_vec_ok && p.D == kHeadDim) {
-    load_tile_full<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], tid);
-  } else {
-    load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
-                                              static_cast<int>(p.D), p.k_vec_ok, tid);
-  }
-  if (cols == kBlockN && p.v_vec_ok && p.Dv == kHeadDim) {
-    load_tile_full<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], tid);
-  } else {
-    load_tile<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], cols,
-                                              static_cast<int>(p.Dv), p.v_vec_ok, tid);
-  }
+  load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
+                                            static_cast<int>(p.D), p.k_vec_ok, tid);
+  load_tile<T, kBlockN, kHeadDim, kThreads>(sV, vg + j0 * p.v_stride[2], p.v_stride[2], cols,
+                                            static_cast<int>(p.Dv), p.v_vec_ok, tid);
   if (kpm) {
     for (int c = tid; c < kBlockN; c += kThreads)
       sKpm[c] = c < cols ? (kpm[(j0 + c) * p.key_padding_mask_stride[1]] != 0) : 1;
@@ -426,6 +422,11 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     // of a long sequence, spend nothing on masking.
     const int lk_lim = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);  // columns inside Lk
     int row_far[kMT][2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
+    // The same for every row of the warp at once (from its first and last row), 0 unless all rows agree;
+    // not at head dim 32, where the path below made ptxas spill 20 bytes on sm_90.
+    const int64_t wpos = i0 + warp_row0 + p.q_offset;  // the warp's first row's position
+    const int warp_far =
+        !kPlain && kHeadDim >= 64 && use_window ? far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M) : 0;
     if constexpr (kPlain) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) row_far[mt][0] = row_far[mt][1] = 0;
@@ -437,19 +438,15 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc_s[mt][nt][e] *= scale_log2;
       }
-    } else if (const int64_t wpos = i0 + warp_row0 + p.q_offset;  // the warp's first row's position
-               kHeadDim >= 64 && use_window &&
-               far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M) != 0) {
+    } else if (warp_far != 0) {
       // Every row of the warp has all its distances in this tile beyond ±M on the same side (most tiles of
-      // a long sequence): one table value per row, no per-element branches. (The same values as below.
-      // Not at head dim 32, where this path made ptxas spill 20 bytes on sm_90.)
-      const int far = far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M);
+      // a long sequence): one table value per row, no per-element branches. (The same values as below.)
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          row_far[mt][hf] = far;
-          const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
+          row_far[mt][hf] = warp_far;
+          const float tab_row = warp_far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
