@@ -15,6 +15,8 @@ Implementations:
                  the ceiling (plain fused attention) that relattn's relative positions are measured against
   relattn-index  (only when asked for) relattn with the same buckets given per pair as an int32 rel_index
                  [L, L] (structural positions): the same result, without the far-tile fast path
+  relattn-dropout  (only when asked for) relattn with attention-weight dropout p = 0.1 (fused, Philox mask)
+  sdpa-dropout     (only when asked for) sdpa-plain with dropout_p = 0.1
 
     python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--impls ...] [--out bench/results/cpu]
 """
@@ -60,6 +62,16 @@ def run_relattn_index(x, idx):
                              rel_bias=x["rel_bias"], rel_index=idx)
 
 
+def run_relattn_dropout(x, buckets):
+    import relattn
+    return relattn.attention(x["q"], x["k"], x["v"], rel_k=x["rel_k"], rel_v=x["rel_v"],
+                             rel_bias=x["rel_bias"], buckets=buckets, dropout_p=0.1)
+
+
+def run_sdpa_dropout(x, idx):
+    return torch.nn.functional.scaled_dot_product_attention(x["q"], x["k"], x["v"], dropout_p=0.1)
+
+
 def run_naive(x, idx):
     q, k, v = x["q"], x["k"], x["v"]
     ak = x["rel_k"][idx]  # [L, L, D]
@@ -87,7 +99,8 @@ def run_sdpa_plain(x, idx):
 
 
 IMPLS = {"relattn": run_relattn, "naive": run_naive, "eager-gather": run_gather, "sdpa-plain": run_sdpa_plain,
-         "relattn-index": run_relattn_index}
+         "relattn-index": run_relattn_index, "relattn-dropout": run_relattn_dropout,
+         "sdpa-dropout": run_sdpa_dropout}
 DEFAULT_IMPLS = ["relattn", "naive", "eager-gather", "sdpa-plain"]
 EAGER_L2 = ("naive", "eager-gather")  # the implementations that hold [L, L] tensors
 
@@ -109,7 +122,7 @@ def child(impl, L, mode, repeat):
     """Runs one case; prints a JSON line."""
     torch.manual_seed(0)
     x = make_inputs(L, requires_grad=(mode == "fwd+bwd"))
-    aux = torch.tensor(list(range(R))) if impl == "relattn" else pair_index(L)
+    aux = torch.tensor(list(range(R))) if impl in ("relattn", "relattn-dropout") else pair_index(L)
     if impl == "relattn-index":
         aux = aux.to(torch.int32)
     fn = IMPLS[impl]

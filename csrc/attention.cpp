@@ -1,4 +1,5 @@
 // The relattn ops: schemas (defined once, here), typed dispatcher handles, and the public C++ API.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -11,12 +12,13 @@ TORCH_LIBRARY(relattn, m) {
   m.def(
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, "
       "Tensor? buckets, Tensor? rel_index, Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, "
-      "float? scale, int q_offset) -> (Tensor out, Tensor lse)");
+      "float? scale, int q_offset, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor out, Tensor lse)");
   // Gradients of absent tables come back as empty tensors.
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, Tensor? buckets, Tensor? rel_index, "
-      "Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, float? scale, int q_offset) -> "
+      "Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, float? scale, int q_offset, "
+      "float dropout_p=0., Tensor? dropout_seed=None) -> "
       "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_rel_k, Tensor grad_rel_v, "
       "Tensor grad_rel_bias)");
   m.def("clip_buckets(int max_distance) -> Tensor", &relattn::clip_buckets);
@@ -32,12 +34,12 @@ ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                 const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                                int64_t q_offset) {
+                                int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relattn::attention_forward", "")
                        .typed<decltype(attention_forward)>();
   return op.call(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask, causal,
-                 scale, q_offset);
+                 scale, q_offset, dropout_p, dropout_seed);
 }
 
 BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
@@ -45,20 +47,29 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
                                   const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
                                   const OptTensor& buckets, const OptTensor& rel_index,
                                   const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
-                                  std::optional<double> scale, int64_t q_offset) {
+                                  std::optional<double> scale, int64_t q_offset, double dropout_p,
+                                  const OptTensor& dropout_seed) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relattn::attention_backward", "")
                        .typed<decltype(attention_backward)>();
   return op.call(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
-                 key_padding_mask, causal, scale, q_offset);
+                 key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed);
 }
 
 }  // namespace ops
 
 std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, const AttentionOptions& o) {
+  std::optional<at::Tensor> seed = o.dropout_seed();
+  if (o.dropout_p() > 0.0 && !seed.has_value()) seed = draw_dropout_seed(q);
   return ops::attention_forward(q, k, v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
-                                o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset());
+                                o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset(),
+                                o.dropout_p(), seed);
+}
+
+at::Tensor draw_dropout_seed(const at::Tensor& like) {
+  // 62 random bits from the default generator of like's device (graph-safe on CUDA, like any torch RNG op).
+  return at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong).device(like.device()));
 }
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const AttentionOptions& o) {

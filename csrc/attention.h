@@ -29,6 +29,10 @@ struct Prepared {
   bool causal = false;
   int64_t q_offset = 0;
   at::ScalarType acc_dtype = at::kFloat;  // float64 for float64 inputs, else float32
+  // Dropout of the attention weights (kernels/dropout.h); the seed is undefined when dropout is off.
+  Tensor dropout_seed;
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 1.0;
 
   bool has_bucket_terms() const { return rel_k.defined() || rel_v.defined() || rel_bias.defined(); }
 };
@@ -39,6 +43,10 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTen
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                  int64_t q_offset, IdCheck id_check = IdCheck::kHost);
+
+// Checks dropout_p (in [0, 1]) and dropout_seed (an int64 tensor of one element on q's device, required
+// when dropout_p > 0) and records them in `a`. Dropout is off when p rounds to 0 (kernels/dropout.h).
+void prepare_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed);
 
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
 void fill_params(const Prepared& a, kernels::AttentionParams& p);
@@ -58,7 +66,8 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& rel_bias, const OptTensor& buckets,
                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                     const OptTensor& key_padding_mask, bool causal,
-                                    std::optional<double> scale, int64_t q_offset);
+                                    std::optional<double> scale, int64_t q_offset, double dropout_p,
+                                    const OptTensor& dropout_seed);
 
 BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse,
                                       const Tensor& q, const Tensor& k, const Tensor& v,
@@ -67,7 +76,8 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& buckets, const OptTensor& rel_index,
                                       const OptTensor& alibi_slopes,
                                       const OptTensor& key_padding_mask, bool causal,
-                                      std::optional<double> scale, int64_t q_offset);
+                                      std::optional<double> scale, int64_t q_offset, double dropout_p,
+                                      const OptTensor& dropout_seed);
 
 // Typed handles of the dispatcher ops (what the public API, autograd and autocast call).
 ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -75,7 +85,8 @@ ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const OptTensor& rel_bias, const OptTensor& buckets,
                                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                 const OptTensor& key_padding_mask, bool causal,
-                                std::optional<double> scale, int64_t q_offset);
+                                std::optional<double> scale, int64_t q_offset, double dropout_p = 0.0,
+                                const OptTensor& dropout_seed = std::nullopt);
 
 BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse,
                                   const Tensor& q, const Tensor& k, const Tensor& v,
@@ -83,7 +94,8 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
                                   const OptTensor& rel_v, const OptTensor& rel_bias,
                                   const OptTensor& buckets, const OptTensor& rel_index,
                                   const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
-                                  bool causal, std::optional<double> scale, int64_t q_offset);
+                                  bool causal, std::optional<double> scale, int64_t q_offset,
+                                  double dropout_p = 0.0, const OptTensor& dropout_seed = std::nullopt);
 
 // Shape of a gradient for an absent table: an empty tensor (the schema returns Tensor, not Tensor?).
 Tensor absent_grad(const Tensor& like);

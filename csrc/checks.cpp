@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include "attention.h"
+#include "../kernels/dropout.h"
 #include "id_checks.h"
 
 namespace relattn {
@@ -214,6 +215,24 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
   return a;
 }
 
+void prepare_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "relattn.attention: dropout_p must be in [0, 1], got ", dropout_p);
+  const uint32_t threshold = kernels::dropout_threshold(dropout_p);
+  if (threshold == 0) return;  // p < 2^-17: nothing is ever dropped
+  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), "relattn.attention: dropout_p = ", dropout_p,
+              " needs dropout_seed, an int64 tensor of one element on q's device (relattn.attention draws one "
+              "from torch's generator when it is not given)");
+  const Tensor& seed = *dropout_seed;
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
+              " of shape ", shape_str(seed));
+  check_same_device(a.q, seed, "dropout_seed");
+  a.dropout_seed = seed;
+  a.dropout_threshold = threshold;
+  a.dropout_scale = kernels::dropout_scale(threshold);
+}
+
 void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   p.B = a.B;
   p.H = a.H;
@@ -260,6 +279,11 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   p.causal = a.causal;
   p.scale = a.scale;
   p.q_offset = a.q_offset;
+  if (a.dropout_seed.defined()) {
+    p.dropout_seed = a.dropout_seed.data_ptr<int64_t>();
+    p.dropout_threshold = a.dropout_threshold;
+    p.dropout_scale = a.dropout_scale;
+  }
 }
 
 Tensor table_grad_from_row_sums(const Tensor& row_sums, const Tensor& rows, int64_t H, bool per_head,

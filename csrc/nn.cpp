@@ -127,8 +127,8 @@ void RelativeMultiheadAttentionImpl::reset() {
   num_kv_heads_ = options.num_kv_heads().value_or(H);
   TORCH_CHECK(num_kv_heads_ > 0 && H % num_kv_heads_ == 0, who, "num_heads (", H,
               ") must be a positive multiple of num_kv_heads (", num_kv_heads_, ")");
-  TORCH_CHECK(options.dropout() == 0.0, who, "dropout=", options.dropout(),
-              " on the attention weights is not supported by the fused relattn kernels; use dropout=0");
+  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0, who,
+              "dropout (on the attention weights) must lie in [0, 1], got ", options.dropout());
   const int64_t kdim = options.kdim().value_or(E);
   const int64_t vdim = options.vdim().value_or(E);
   TORCH_CHECK(kdim > 0 && vdim > 0, who, "kdim (", kdim, ") and vdim (", vdim, ") must be positive");
@@ -286,6 +286,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
   }
   if (alibi_slopes.defined()) attn.alibi_slopes(alibi_slopes);
   if (key_padding_mask.defined()) attn.key_padding_mask(key_padding_mask);
+  if (is_training()) attn.dropout_p(options.dropout());
   const torch::Tensor heads = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]
   const torch::Tensor out = out_proj(heads.transpose(1, 2).reshape({B, Lq, E}));
   return bf ? out : out.transpose(0, 1);

@@ -74,7 +74,15 @@ struct AttentionParams {
   double scale = 1.0;
   int64_t q_offset = 0;
 
+  // Dropout of the attention weights (kernels/dropout.h): null when off. The seed is one int64 in the
+  // inputs' memory (a device tensor on CUDA, read by the kernels). Pair (i, j) is kept when its 16-bit
+  // number is >= dropout_threshold, and a kept weight is multiplied by dropout_scale.
+  const int64_t* dropout_seed = nullptr;
+  uint32_t dropout_threshold = 0;
+  double dropout_scale = 1.0;
+
   bool has_bucket_terms() const { return rel_k != nullptr || rel_v != nullptr || rel_bias != nullptr; }
+  bool has_dropout() const { return dropout_seed != nullptr; }
 };
 
 // The backward adds the incoming gradients, the outputs and the per-row scratch it shares between

@@ -35,6 +35,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "../../kernels/dropout.h"
 #include "../attention.h"
 #include "blas.h"
 #include "vec.h"
@@ -141,6 +142,7 @@ template <typename acc_t>
 struct Tiles {
   int64_t D1, Dv1, R1;
   std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, pk, rowacc, dsb, psum, dk, dv;
+  std::vector<acc_t> keep, pdsum;  // dropout: the tile's factors (0 or 1/(1-p)); pass A's sums of dropped P
   std::vector<int32_t> ids;
   std::vector<RowBuckets> row_buckets;
   Tiles(const AttentionParams& p, bool backward) : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
@@ -152,6 +154,10 @@ struct Tiles {
     bsum.resize(kBlockQ * R1);
     ids.resize(kBlockQ * kBlockK);
     row_buckets.resize(kBlockQ);
+    if (p.has_dropout()) {
+      keep.resize(kBlockQ * kBlockK);
+      if (backward) pdsum.resize(kBlockQ * R1);
+    }
     if (!backward) {
       acc.resize(kBlockQ * Dv1);
       m.resize(kBlockQ);
@@ -245,6 +251,47 @@ inline void add_bucket_sums(int64_t rows, int64_t cols, const acc_t* X, acc_t* s
       out[cur] += run;
     }
     if (r.b < cols) out[r.right] += row_sum(x + r.b, cols - r.b);
+  }
+}
+
+// Dropout factors of a tile (kernels/dropout.h): keep[i * kBlockK + j] = dropout_scale for a kept pair,
+// 0 for a dropped one. One Philox call covers the 8 pairs of its counter (rows i, i + 8 of a 16-row block,
+// four columns of a 16-column block), which needs i0 and j0 to be multiples of 16.
+static_assert(kBlockQ % 16 == 0 && kBlockK % 16 == 0, "dropout counters group 16 x 16 blocks");
+template <typename acc_t>
+void dropout_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
+                  int64_t cols, acc_t* keep) {
+  uint32_t k0, k1;
+  kernels::dropout_key(*p.dropout_seed, k0, k1);
+  const uint32_t threshold = p.dropout_threshold;
+  const acc_t scale = static_cast<acc_t>(p.dropout_scale);
+  for (int64_t ib = 0; ib < rows; ib += 16) {
+    for (int64_t r = 0; r < 8 && ib + r < rows; ++r) {
+      const int64_t i = ib + r;  // rows i and i + 8
+      for (int64_t jb = 0; jb < cols; jb += 16) {
+        for (int64_t c = 0; c < 4; ++c) {
+          uint32_t ctr[4], w[4];
+          kernels::dropout_counter(b, h, i0 + i, j0 + jb + 2 * c, ctr);
+          kernels::philox4x32_10(ctr, k0, k1, w);
+          for (uint32_t slot = 0; slot < 8; ++slot) {
+            const int64_t ii = i + 8 * ((slot >> 2) & 1), jj = jb + 8 * ((slot >> 1) & 1) + 2 * c + (slot & 1);
+            if (ii < rows && jj < cols)
+              keep[ii * kBlockK + jj] = kernels::dropout_half(w, slot) >= threshold ? scale : acc_t(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// x[i, j] *= keep[i, j] on a [rows, cols] tile (leading dims kBlockK), or into `dst` when given.
+template <typename acc_t>
+void apply_dropout(int64_t rows, int64_t cols, acc_t* x, const acc_t* keep, acc_t* dst = nullptr) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* kp = keep + i * kBlockK;
+    const acc_t* xi = x + i * kBlockK;
+    acc_t* d = (dst ? dst : x) + i * kBlockK;
+    for (int64_t j = 0; j < cols; ++j) d[j] = xi[j] * kp[j];
   }
 }
 
@@ -348,6 +395,11 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
         if (p.rel_v) scale_row(t.bsum.data() + i * R1, R, corr);
       }
     }
+    // Dropout acts on the weights of v and aV only: l (and so lse) keeps every p̃.
+    if (p.has_dropout()) {
+      dropout_tile(p, b, h, i0, rows, j0, cols, t.keep.data());
+      apply_dropout(rows, cols, S, t.keep.data());
+    }
     if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_buckets.data());
     mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, vt, ldv, acc_t(1), t.acc.data(), Dv1);
   }
@@ -393,7 +445,9 @@ void forward(const AttentionParams& p) {
 // ------------------------------------------------------------------------------------------------
 
 // P and dS of one tile: on return t.s holds P = exp(S - lse) and t.dp holds dS = P∘(dP - Δ)
-// (P∘dP when `delta` is null). tab/doa/lse/delta point at this block's rows.
+// (P∘dP when `delta` is null). tab/doa/lse/delta point at this block's rows. With dropout, dP is the
+// gradient of the dropped weights, Z∘(dO Vᵀ + doa) with Z the tile's factors (left in t.keep), while t.s
+// keeps the undropped P: the weights of v and aV are then Z∘P, which the callers form where they need it.
 template <typename acc_t>
 void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                        int64_t cols, const acc_t* q, int64_t ldq, const acc_t* dout, int64_t lddo,
@@ -407,6 +461,10 @@ void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_
   add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
   mm_nt<acc_t>(rows, cols, p.Dv, acc_t(1), dout, lddo, v, ldv, acc_t(0), dP, kBlockK);
   if (doa) add_row_table(rows, cols, dP, doa, ldd, t.ids.data(), t.row_buckets.data());
+  if (p.has_dropout()) {
+    dropout_tile(p, b, h, i0, rows, j0, cols, t.keep.data());
+    apply_dropout(rows, cols, dP, t.keep.data());
+  }
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
     acc_t* dp = dP + i * kBlockK;
@@ -476,6 +534,8 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   std::fill(t.rowacc.begin(), t.rowacc.end(), acc_t(0));
   std::fill(t.dsb.begin(), t.dsb.end(), acc_t(0));
   std::fill(t.psum.begin(), t.psum.end(), acc_t(0));
+  const bool drop = p.has_dropout();
+  if (drop) std::fill(t.pdsum.begin(), t.pdsum.end(), acc_t(0));
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
   const int64_t j_end = key_end(p, i0, rows);
@@ -487,7 +547,13 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
                       static_cast<const acc_t*>(nullptr), t);
     for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(t.dp.data() + i * kBlockK, cols);
     if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_buckets.data());
-    if (tab || doa) add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_buckets.data());
+    // psum (undropped P) corrects dsb below; with dropout, d aV needs the sums of the dropped Z∘P (pdsum).
+    if (tab || (doa && !drop))
+      add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_buckets.data());
+    if (doa && drop) {
+      apply_dropout(rows, cols, t.keep.data(), t.s.data());  // keep becomes Z∘P
+      add_bucket_sums(rows, cols, t.keep.data(), t.pdsum.data(), R1, t.ids.data(), t.row_buckets.data());
+    }
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.s.data(), kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
   }
@@ -521,7 +587,8 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   }
   if (doa) {
     acc_t* dst = static_cast<acc_t*>(p.p_sum) + row0 * R;
-    for (int64_t i = 0; i < rows; ++i) std::copy(t.psum.data() + i * R1, t.psum.data() + i * R1 + R, dst + i * R);
+    const acc_t* src = drop ? t.pdsum.data() : t.psum.data();
+    for (int64_t i = 0; i < rows; ++i) std::copy(src + i * R1, src + i * R1 + R, dst + i * R);
   }
 }
 
@@ -551,6 +618,7 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
       const auto [tab, doa] = row_tables<acc_t>(p, row0);
       probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
                         static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
+      if (p.has_dropout()) apply_dropout(rows, cols, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
       mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
       mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
@@ -638,9 +706,10 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                     const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                                    int64_t q_offset) {
+                                    int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset);
+  prepare_dropout(a, dropout_p, dropout_seed);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
   if (a.B * a.H * a.Lq == 0) return {out, lse};
@@ -678,9 +747,11 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
                                       const OptTensor& buckets, const OptTensor& rel_index,
                                       const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
-                                      bool causal, std::optional<double> scale, int64_t q_offset) {
+                                      bool causal, std::optional<double> scale, int64_t q_offset,
+                                      double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset);
+  prepare_dropout(a, dropout_p, dropout_seed);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
   Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());

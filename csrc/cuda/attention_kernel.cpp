@@ -6,6 +6,7 @@
 //   fp16 / bf16        tensor-core kernel for the padded head dim mma_head_dim_for(max(D, Dv)) in
 //                      {32, 64, 96, 128, 256}; columns beyond D / Dv are zero-filled inside the kernel.
 //   float32 / float64  SIMT kernel in the input precision (no TF32).
+//   dropout_p > 0      SIMT kernel for every dtype (the tensor-core kernels do not draw the mask yet).
 //   D or Dv > 256      a clear error (the CPU kernel has no such limit).
 // The per-row relative tables (tab, bsum) live in shared memory when they fit in kTableSmemBudget, else
 // in a global scratch of O(B·H·Lq·R) floats that this binding allocates.
@@ -102,7 +103,8 @@ struct Plan {
 Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
   Plan plan;
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  plan.simt = !half || env_str("RELATTN_CUDA_KERNEL") == "simt";
+  // Dropout runs in the SIMT kernels only so far (the tensor-core kernels do not draw the mask yet).
+  plan.simt = !half || a.dropout_seed.defined() || env_str("RELATTN_CUDA_KERNEL") == "simt";
   if (plan.simt) {
     if (a.acc_dtype == at::kDouble) {
       using Cfg = kc::SimtConfig<double>;
@@ -134,9 +136,10 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                                      const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                      const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                                     int64_t q_offset) {
+                                     int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, id_check_mode(q));
+  prepare_dropout(a, dropout_p, dropout_seed);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -218,7 +221,8 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
 // The backward kernel family for a call: tensor cores for fp16/bf16 (any D, Dv <= 256), else SIMT.
 bool backward_uses_mma(const Prepared& a, at::ScalarType dtype) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  return half && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim && env_str("RELATTN_CUDA_KERNEL") != "simt";
+  return half && !a.dropout_seed.defined() && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim &&
+         env_str("RELATTN_CUDA_KERNEL") != "simt";
 }
 
 BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
@@ -226,9 +230,11 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
                                        const OptTensor& buckets, const OptTensor& rel_index,
                                        const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
-                                       bool causal, std::optional<double> scale, int64_t q_offset) {
+                                       bool causal, std::optional<double> scale, int64_t q_offset,
+                                       double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, id_check_mode(q));
+  prepare_dropout(a, dropout_p, dropout_seed);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,

@@ -75,8 +75,8 @@ struct RelativeMultiheadAttentionOptions {
   TORCH_ARG(int64_t, embed_dim);
   // Query heads H; embed_dim must be divisible by it (head dim E / H).
   TORCH_ARG(int64_t, num_heads);
-  // Dropout on the attention weights. Must be 0: the fused kernels never form the weights, and a
-  // non-zero value is an error rather than being silently ignored.
+  // Dropout on the attention weights (in training mode only), fused into the kernels: see
+  // AttentionOptions::dropout_p. CPU only so far: a CUDA call with dropout > 0 in training is an error.
   TORCH_ARG(double, dropout) = 0.0;
   // Biases in the query, key, value and output projections.
   TORCH_ARG(bool, bias) = true;
@@ -220,7 +220,7 @@ struct RelativeTransformerEncoderLayerOptions {
   TORCH_ARG(bool, bias) = true;
   // Key/value heads for grouped-query attention (default nhead).
   TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
-  // Dropout on the attention weights; must be 0 (see RelativeMultiheadAttentionOptions::dropout).
+  // Dropout on the attention weights (see RelativeMultiheadAttentionOptions::dropout).
   TORCH_ARG(double, attention_dropout) = 0.0;
   // The positional scheme, passed to RelativeMultiheadAttention (see its options).
   TORCH_ARG(PositionScheme, position) = PositionScheme::kShaw;

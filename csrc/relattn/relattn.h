@@ -39,6 +39,14 @@ struct AttentionOptions {
   TORCH_ARG(std::optional<double>, scale) = std::nullopt;
   // Position of query row i is i + q_offset; of key j is j.
   TORCH_ARG(int64_t, q_offset) = 0;
+  // Dropout on the attention weights: each (query, key) weight is dropped with probability dropout_p
+  // (used as a multiple of 1/65536) and the kept ones are scaled by 1 / (1 - dropout_p). The mask comes
+  // from a counter-based generator (Philox4x32-10) keyed by dropout_seed, so the backward regenerates it;
+  // CPU and CUDA draw the same mask for the same seed. Pass the same dropout_p in eval as in training
+  // only if you want dropout there (the modules in relattn/nn.h pass 0 in eval).
+  TORCH_ARG(double, dropout_p) = 0.0;
+  // An int64 tensor of one element on q's device; drawn with draw_dropout_seed(q) when not given.
+  TORCH_ARG(std::optional<at::Tensor>, dropout_seed) = std::nullopt;
 };
 
 // out [B, H, Lq, Dv]. Differentiable in q, k, v, rel_k, rel_v, rel_bias.
@@ -49,6 +57,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const AttentionOptions& options = {});
+
+// A fresh dropout seed for attention on like's device: an int64 tensor of one element drawn from torch's
+// default generator for that device (so torch::manual_seed makes it reproducible).
+at::Tensor draw_dropout_seed(const at::Tensor& like);
 
 // Shaw et al.'s clipping: [0, 1, ..., 2K] (int64), R = 2K + 1.
 at::Tensor clip_buckets(int64_t max_distance);

@@ -54,16 +54,19 @@ RELATTN_DEVICE int32_t bucket_of(const BackwardParams& p, int64_t b, int64_t i, 
 
 // P and dP (or dS when `delta` is given) of pair (i, j) into *pv / *dv. `qrow`/`dorow` are the query row
 // and its grad_out row in shared memory, `krow`/`vrow` the key and value rows; tab/doa the row's tables.
+// With dropout (factor z of the pair), dP is the gradient of the dropped weight, z·do·(v + aV), and *pz
+// is the dropped weight P·z (the weight of v and aV); without, *pz = *pv.
 template <typename acc_t>
 RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t i, int64_t j, bool valid,
                          const acc_t* qrow, const acc_t* dorow, const acc_t* krow, const acc_t* vrow,
                          const acc_t* tab, const acc_t* doa, acc_t lse, acc_t delta, bool with_delta, acc_t* pv,
-                         acc_t* dv, int32_t* beta_out) {
+                         acc_t* pz, acc_t* dv, int32_t* beta_out) {
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int64_t d = j - (i + p.q_offset);
   const bool masked = !valid || (p.causal && d > 0) || lse == static_cast<acc_t>(-INFINITY);
   if (masked) {
     *pv = acc_t(0);
+    *pz = acc_t(0);
     *dv = acc_t(0);
     *beta_out = 0;
     return;
@@ -78,7 +81,10 @@ RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t 
   acc_t dp = 0;
   for (int c = 0; c < Dv; ++c) dp += dorow[c] * vrow[c];
   if (doa) dp += doa[beta];
+  const acc_t z = (p.dropout_seed != nullptr) ? dropout_factor<acc_t>(p, b, h, i, j) : acc_t(1);
+  dp *= z;
   *pv = pr;
+  *pz = pr * z;
   *dv = with_delta ? pr * (dp - delta) : pr * dp;
   *beta_out = beta;
 }
@@ -182,13 +188,15 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
         const int r = x / BN, c = x % BN;
         const int64_t j = j0 + c;
         const bool valid = r < rows && c < cols && !(kpm && kpm[j * p.key_padding_mask_stride[1]]);
-        acc_t pv, xv;
+        acc_t pv, pz, xv;
         int32_t beta;
         pair<acc_t>(p, b, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
                     sV + c * (Dv + 1), valid && has_tab ? tab_g + r * R : nullptr,
                     valid && has_doa ? doa_g + r * R : nullptr, sL[r], sweep == 1 ? sDl[r] : acc_t(0), sweep == 1,
-                    &pv, &xv, &beta);
-        sP[r * (BN + 1) + c] = pv;
+                    &pv, &pz, &xv, &beta);
+        // Sweep 0 sums the dropped weights P·z into p_sum (a dropped pair has P·z·dP = 0 as well); sweep 1
+        // needs every pair with P != 0, dropped ones included (their dS = -P·Δ).
+        sP[r * (BN + 1) + c] = sweep == 0 ? pz : pv;
         sX[r * (BN + 1) + c] = xv;
       }
       __syncthreads();
@@ -323,12 +331,12 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
         const int r = x / BK, c = x % BK;
         const int64_t j = j0 + c;
         const bool valid = r < rows && c < keys && !(kpm && kpm[j * p.key_padding_mask_stride[1]]);
-        acc_t pv, ds;
+        acc_t pv, pz, ds;
         int32_t beta;
         pair<acc_t>(p, b, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
                     sV + c * (Dv + 1), valid && has_tab ? tab_g + r * R : nullptr,
-                    valid && has_doa ? doa_g + r * R : nullptr, sL[r], sDl[r], true, &pv, &ds, &beta);
-        sP[r * (BK + 1) + c] = pv;
+                    valid && has_doa ? doa_g + r * R : nullptr, sL[r], sDl[r], true, &pv, &pz, &ds, &beta);
+        sP[r * (BK + 1) + c] = pz;  // dv = Σ (P·z) do
         sS[r * (BK + 1) + c] = ds;
       }
       __syncthreads();

@@ -9,11 +9,25 @@
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 
+#include "../dropout.h"
+#include "../params.h"
+
 namespace relattn {
 namespace kernels {
 namespace cuda {
 
 #define RELATTN_DEVICE __device__ __forceinline__
+
+// The dropout factor of pair (i, j) of head h, batch b (kernels/dropout.h): p.dropout_scale when kept, 0
+// when dropped. One Philox call per pair: the SIMT kernels' way; the tensor-core kernels share a call among
+// the 8 pairs of its counter, which a thread holds in its accumulator fragments.
+template <typename acc_t>
+RELATTN_DEVICE acc_t dropout_factor(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t j) {
+  return dropout_keep(*p.dropout_seed, p.dropout_threshold, static_cast<uint64_t>(b), static_cast<uint64_t>(h),
+                      static_cast<uint64_t>(i), static_cast<uint64_t>(j))
+             ? static_cast<acc_t>(p.dropout_scale)
+             : acc_t(0);
+}
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;

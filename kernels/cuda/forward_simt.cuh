@@ -162,9 +162,11 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       const acc_t mx = m[rr] > mx_tile ? m[rr] : mx_tile;
       const acc_t m_use = mx == kNegInf ? acc_t(0) : mx;
       const acc_t corr = exp_acc(m[rr] - m_use);
-      const acc_t pv = exp_acc(s - m_use);
+      acc_t pv = exp_acc(s - m_use);
       m[rr] = mx;
       l[rr] = l[rr] * corr + warp_sum(pv);
+      // Dropout (after l, which keeps every weight): the weights of v and aV become p̃·z.
+      if ((p.dropout_seed != nullptr) && pv != acc_t(0)) pv *= dropout_factor<acc_t>(p, b, h, i, j);
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) acc[rr][e] *= corr;
       sP[warp * BN + lane] = pv;

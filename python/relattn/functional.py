@@ -7,7 +7,7 @@ from torch import Tensor
 from . import _library  # noqa: F401  (registers torch.ops.relattn)
 from . import _meta_registrations  # noqa: F401
 
-__all__ = ["attention", "clip_buckets", "t5_buckets", "alibi_slopes", "cuda_kernels_built"]
+__all__ = ["attention", "clip_buckets", "t5_buckets", "alibi_slopes", "cuda_kernels_built", "draw_dropout_seed"]
 
 
 def attention(
@@ -26,6 +26,8 @@ def attention(
     scale: Optional[float] = None,
     q_offset: int = 0,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[Tensor] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Fused attention with relative positions.
 
@@ -56,6 +58,16 @@ def attention(
         scale: softmax scale, default ``1/sqrt(D)``.
         q_offset: position of query row ``i`` is ``i + q_offset`` (decoding with a cache, chunks).
         return_lse: also return ``lse [B, H, Lq]`` = log Σ_j exp(s_ij) (float32; float64 for float64).
+        dropout_p: dropout on the attention weights: each ``p_ij`` (the weight of ``v_j`` and of
+            ``rel_v[β]`` alike) is dropped with probability ``dropout_p`` and the kept ones are scaled
+            by ``1 / (1 - dropout_p)``; ``lse`` is unchanged. ``dropout_p`` is used as a multiple of
+            1/65536. Like :func:`torch.nn.functional.scaled_dot_product_attention`, this function drops
+            whenever ``dropout_p > 0``: pass 0 in evaluation (the :mod:`relattn.nn` layers do).
+            CPU only so far (CUDA raises an error).
+        dropout_seed: int64 tensor of one element on ``q``'s device that fixes the dropout mask (a
+            counter-based Philox stream: the backward regenerates the mask, and CPU and CUDA draw the
+            same one). Drawn from torch's generator for ``q``'s device when ``None``, so
+            :func:`torch.manual_seed` makes runs reproducible.
 
     Tables may be float32 beside half-precision ``q/k/v``; their gradients come back in their own
     dtype. A query whose keys are all masked gets ``out = 0``, ``lse = -inf`` and zero gradients.
@@ -63,10 +75,19 @@ def attention(
     Returns:
         ``out [B, H, Lq, Dv]``, or ``(out, lse)`` when ``return_lse``.
     """
+    dropout_p = float(dropout_p)
+    if dropout_p > 0.0 and dropout_seed is None:
+        dropout_seed = draw_dropout_seed(q)
     out, lse = torch.ops.relattn.attention_forward(
         q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-        bool(causal), None if scale is None else float(scale), int(q_offset))
+        bool(causal), None if scale is None else float(scale), int(q_offset), dropout_p, dropout_seed)
     return (out, lse) if return_lse else out
+
+
+def draw_dropout_seed(like: Tensor) -> Tensor:
+    """A fresh dropout seed on ``like``'s device: an int64 tensor of one element (62 random bits) from
+    torch's default generator for that device."""
+    return torch.randint(1 << 62, (1,), dtype=torch.int64, device=like.device)
 
 
 def clip_buckets(max_distance: int, *, device=None) -> Tensor:

@@ -65,13 +65,14 @@ class RelativeMultiheadAttention(nn.Module):
     Mirrors :class:`torch.nn.MultiheadAttention` where that makes sense (projections, ``kdim``/``vdim``,
     ``batch_first``, ``key_padding_mask`` with ``True`` = padding, a ``(output, weights)`` return), and
     differs where the fused kernels do: it is batch-first by default, returns no attention weights
-    (they are never materialised), accepts no arbitrary ``attn_mask``, and has no attention dropout yet.
+    (they are never materialised), and accepts no arbitrary ``attn_mask``.
 
     Args:
         embed_dim: model width ``E``; the output has this width too.
         num_heads: query heads ``H``; ``embed_dim`` must be divisible by it (head dim ``E / H``).
-        dropout: dropout on the attention weights. Must be 0: the fused kernels do not support it yet,
-            and a non-zero value raises ``ValueError`` rather than being silently ignored.
+        dropout: dropout on the attention weights, in training mode only, fused into the kernels
+            (``dropout_p`` of :func:`relattn.attention`). CPU only so far: on CUDA a non-zero value
+            raises an error in training mode.
         bias: add biases to the query, key, value and output projections.
         kdim, vdim: feature sizes of ``key`` and ``value`` (default ``embed_dim``).
         batch_first: inputs and output are ``[B, L, E]`` (default) rather than ``[L, B, E]``.
@@ -132,9 +133,9 @@ class RelativeMultiheadAttention(nn.Module):
         if num_kv_heads <= 0 or num_heads % num_kv_heads != 0:
             raise ValueError(f"RelativeMultiheadAttention: num_heads ({num_heads}) must be a positive "
                              f"multiple of num_kv_heads ({num_kv_heads})")
-        if dropout != 0.0:
-            raise ValueError(f"RelativeMultiheadAttention: dropout={dropout} on the attention weights is "
-                             "not supported by the fused relattn kernels yet; use dropout=0.0")
+        if not 0.0 <= dropout <= 1.0:
+            raise ValueError(f"RelativeMultiheadAttention: dropout (on the attention weights) must lie in "
+                             f"[0, 1], got {dropout}")
         if position not in POSITION_SCHEMES:
             raise ValueError(f"RelativeMultiheadAttention: position must be one of {POSITION_SCHEMES}, "
                              f"got {position!r}")
@@ -320,6 +321,7 @@ class RelativeMultiheadAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             causal=is_causal,
             scale=self.scale,
+            dropout_p=self.dropout if self.training else 0.0,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.embed_dim))
         if not self.batch_first:
@@ -387,8 +389,7 @@ class RelativeTransformerEncoderLayer(nn.Module):
         norm_first: pre-LN instead of post-LN.
         bias: biases in the linear layers and layer norms.
         num_kv_heads: key/value heads for grouped-query attention (default ``nhead``).
-        attention_dropout: dropout on the attention weights; must be 0 (see
-            :class:`RelativeMultiheadAttention`).
+        attention_dropout: dropout on the attention weights (see :class:`RelativeMultiheadAttention`).
         position, max_distance, rel_k, rel_v, per_head_tables, num_buckets, bidirectional, tables:
             the positional scheme, passed to :class:`RelativeMultiheadAttention`.
         device, dtype: factory arguments for parameters.

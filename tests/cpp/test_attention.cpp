@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "../../kernels/dropout.h"
 #include "relattn/relattn.h"
 
 namespace {
@@ -46,7 +47,8 @@ Tensor gather_table(const Tensor& table, int64_t H, const Tensor& beta) {
 
 std::tuple<Tensor, Tensor> reference_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                const relattn::AttentionOptions& o,
-                                               torch::ScalarType dtype = torch::kDouble) {
+                                               torch::ScalarType dtype = torch::kDouble,
+                                               const Tensor& dropout_keep = {}) {
   const Tensor q = q_in.to(dtype);
   const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t Hk = k_in.size(1), Lk = k_in.size(2);
@@ -72,8 +74,9 @@ std::tuple<Tensor, Tensor> reference_attention(const Tensor& q_in, const Tensor&
 
   const Tensor lse = torch::logsumexp(s, -1);
   // Rows with every key masked: p = 0 (softmax would give NaN).
-  const Tensor p = torch::exp(s - lse.unsqueeze(-1).masked_fill(torch::isinf(lse).unsqueeze(-1), 0.0))
-                       .masked_fill(mask, 0.0);
+  Tensor p = torch::exp(s - lse.unsqueeze(-1).masked_fill(torch::isinf(lse).unsqueeze(-1), 0.0))
+                 .masked_fill(mask, 0.0);
+  if (dropout_keep.defined()) p = p * dropout_keep.to(dtype);  // dropout: weights of v and aV, not lse
   Tensor out = torch::einsum("bhij,bhjd->bhid", {p, v});
   if (o.rel_v().has_value()) {
     out = out + torch::einsum("bhij,hbijd->bhid", {p, gather_table(o.rel_v()->to(dtype), H, beta)});
@@ -338,6 +341,44 @@ TEST_P(AttentionCase, GradientsMatchReference) {
   }
 }
 
+// Dropout: the float64 reference with each pair's factor from kernels/dropout.h (the mask's own model is
+// checked independently in tests/python/test_dropout.py), forward and every gradient.
+TEST_P(AttentionCase, DropoutMatchesReference) {
+  Problem p = make_problem(GetParam());
+  const int64_t seed = 0x5eed5eed1234LL;
+  const double drop = 0.3;
+  p.options.dropout_p(drop).dropout_seed(torch::tensor({seed}, torch::kLong));
+  const int64_t B = p.q.size(0), H = p.q.size(1), Lq = p.q.size(2), Lk = p.k.size(2);
+  const uint32_t threshold = relattn::kernels::dropout_threshold(drop);
+  const double scale = relattn::kernels::dropout_scale(threshold);
+  Tensor keep = torch::empty({B, H, Lq, Lk}, torch::kDouble);
+  auto acc = keep.accessor<double, 4>();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t i = 0; i < Lq; ++i)
+        for (int64_t j = 0; j < Lk; ++j)
+          acc[b][h][i][j] = relattn::kernels::dropout_keep(seed, threshold, b, h, i, j) ? scale : 0.0;
+
+  const std::vector<Tensor> inputs = p.differentiable();
+  torch::manual_seed(1);
+  const Tensor grad_out = torch::randn({B, H, Lq, p.v.size(3)}, torch::kDouble);
+  const Tensor out = relattn::attention(p.q, p.k, p.v, p.options);
+  const Tensor ref = std::get<0>(reference_attention(p.q, p.k, p.v, p.options, torch::kDouble, keep));
+  EXPECT_LE(max_err(out, ref), 1e-10 * (1 + max_abs(ref)));
+  const std::vector<Tensor> grads = torch::autograd::grad({out}, inputs, {grad_out});
+  const std::vector<Tensor> ref_grads = torch::autograd::grad({ref}, inputs, {grad_out});
+  for (size_t n = 0; n < grads.size(); ++n) {
+    SCOPED_TRACE(n);
+    EXPECT_LE(max_err(grads[n], ref_grads[n]), 1e-9 * (1 + max_abs(ref_grads[n])));
+  }
+  // The same seed gives the same bits; p = 0 is no dropout at all.
+  EXPECT_TRUE(torch::equal(relattn::attention(p.q, p.k, p.v, p.options), out));
+  const Tensor plain = relattn::attention(p.q, p.k, p.v, relattn::AttentionOptions(p.options).dropout_p(0.0));
+  EXPECT_TRUE(torch::equal(plain, std::get<0>(relattn::attention_with_lse(
+                                      p.q, p.k, p.v, relattn::AttentionOptions(p.options).dropout_p(0.0).dropout_seed(std::nullopt)))));
+  EXPECT_FALSE(torch::allclose(plain, out));
+}
+
 TEST_P(AttentionCase, LseGradientMatchesReference) {
   const Problem p = make_problem(GetParam());
   const std::vector<Tensor> inputs = p.differentiable();
@@ -364,7 +405,7 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
   using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                const OptTensor&, const OptTensor&, const OptTensor&,
                                                const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                                               std::optional<double>, int64_t);
+                                               std::optional<double>, int64_t, double, const OptTensor&);
   const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("relattn::attention_forward", "").typed<ForwardFn>();
   Case c;
@@ -375,7 +416,8 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
   const Problem p = make_problem(c).to(torch::kFloat);
   const auto& o = p.options;
   auto [out, lse] = op.call(p.q, p.k, p.v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
-                            o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset());
+                            o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset(), 0.0,
+                            std::nullopt);
   auto [api_out, api_lse] = relattn::attention_with_lse(p.q, p.k, p.v, o);
   EXPECT_TRUE(torch::equal(out, api_out));
   EXPECT_TRUE(torch::equal(lse, api_lse));
@@ -484,6 +526,11 @@ TEST(Errors, BadInputsRaiseClearMessages) {
                "q must be float64, float32, float16 or bfloat16");
   expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().rel_k(torch::randn({7, 8}))); },
                "need buckets or rel_index");
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().dropout_p(1.5)); },
+               "dropout_p must be in [0, 1], got 1.5");
+  expect_error([&] {
+    relattn::attention(q, k, v, relattn::AttentionOptions().dropout_p(0.5).dropout_seed(torch::tensor({1.0})));
+  }, "dropout_seed must be an int64 tensor of one element");
   expect_error([&] {
     relattn::attention(q, k, v, relattn::AttentionOptions().rel_k(torch::randn({5, 8})).buckets(b3));
   }, "every id must lie in [0, R)");

@@ -146,6 +146,28 @@ TEST_P(AttentionScheme, MatchesFunctionalAttention) {
   EXPECT_TRUE(torch::allclose(attn(x, Tensor(), Tensor(), mask, /*is_causal=*/true), expected, 1e-5, 1e-6));
 }
 
+// Attention-weight dropout acts in training mode only, with a seed from torch's generator.
+TEST_P(AttentionScheme, AttentionDropoutInTrainingOnly) {
+  const std::string scheme = GetParam();
+  rnn::RelativeMultiheadAttention attn = make_attention(scheme, rnn::RelativeMultiheadAttentionOptions(E, H).dropout(0.3));
+  rnn::RelativeMultiheadAttention plain = make_attention(scheme);  // same seed: same parameters
+  const Tensor x = torch::randn({2, 9, E});
+  attn->eval();
+  plain->eval();
+  EXPECT_TRUE(torch::equal(attn(x, x, x), plain(x, x, x)));
+  attn->train();
+  torch::manual_seed(5);
+  const Tensor a = attn(x, x, x);
+  torch::manual_seed(5);
+  EXPECT_TRUE(torch::equal(attn(x, x, x), a));
+  EXPECT_FALSE(torch::allclose(a, plain(x, x, x)));
+  a.sum().backward();
+  for (const auto& p : attn->parameters()) {
+    ASSERT_TRUE(p.grad().defined());
+    EXPECT_TRUE(torch::isfinite(p.grad()).all().item<bool>());
+  }
+}
+
 TEST_P(AttentionScheme, GradientsReachEveryParameter) {
   rnn::RelativeMultiheadAttention attn = make_attention(GetParam(), rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(2));
   Tensor mask = torch::zeros({2, 12}, torch::kBool);
@@ -254,7 +276,7 @@ TEST(RelativeMultiheadAttention, CastKeepsBucketsAndSlopes) {
 
 TEST(RelativeMultiheadAttention, BadOptionsAndInputs) {
   using O = rnn::RelativeMultiheadAttentionOptions;
-  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).dropout(0.1)); }, "dropout=0.1 on the attention weights is not supported");
+  expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).dropout(1.5)); }, "must lie in [0, 1], got 1.5");
   expect_error([] { rnn::RelativeMultiheadAttention(O(30, H)); }, "must be divisible by num_heads");
   expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).num_kv_heads(3)); }, "must be a positive multiple of num_kv_heads");
   expect_error([] { rnn::RelativeMultiheadAttention(O(E, H).rel_k(false).rel_v(false)); }, "needs rel_k and/or rel_v");
@@ -286,8 +308,8 @@ TEST(RelativeTransformerEncoderLayer, ShapesAndActivations) {
   EXPECT_EQ(layer(torch::randn({1, 4, E})).sizes(), (std::vector<int64_t>{1, 4, E}));
   rnn::RelativeTransformerEncoderLayer seq_first(small_layer("t5").batch_first(false));
   EXPECT_EQ(seq_first(torch::randn({9, 2, E})).sizes(), (std::vector<int64_t>{9, 2, E}));
-  expect_error([] { rnn::RelativeTransformerEncoderLayer(small_layer("shaw").attention_dropout(0.1)); },
-               "on the attention weights is not supported");
+  expect_error([] { rnn::RelativeTransformerEncoderLayer(small_layer("shaw").attention_dropout(-0.5)); },
+               "must lie in [0, 1], got -0.5");
   expect_error([] { small_layer("shaw").activation("tanh"); }, "activation should be");
 }
 

@@ -22,8 +22,12 @@ def pair_buckets(Lq, Lk, *, buckets=None, rel_index=None, q_offset=0, B=1, devic
 
 def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
                         alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
-                        dtype=None):
-    """Returns (out, lse) computed naively in `dtype` (default: q's dtype)."""
+                        dtype=None, dropout_keep=None):
+    """Returns (out, lse) computed naively in `dtype` (default: q's dtype).
+
+    dropout_keep: optional [B, H, Lq, Lk] factors (0 for a dropped pair, 1/(1-p) for a kept one) that
+    multiply the attention weights of v and rel_v (not lse).
+    """
     dtype = dtype or q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     B, H, Lq, D = q.shape
@@ -62,6 +66,8 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
     # Fully masked rows: p = 0 everywhere (softmax would give NaN).
     p = torch.exp(s - lse.unsqueeze(-1).masked_fill(torch.isinf(lse).unsqueeze(-1), 0.0))
     p = p.masked_fill(mask, 0.0)
+    if dropout_keep is not None:
+        p = p * dropout_keep.to(device=p.device, dtype=dtype)
     out = torch.einsum("bhij,bhjd->bhid", p, v)
     if rel_v is not None:
         rv = rel_v.to(dtype)

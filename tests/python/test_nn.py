@@ -194,7 +194,7 @@ def test_attention_rel_index():
 
 def test_attention_errors():
     with pytest.raises(ValueError, match="dropout"):
-        rnn.RelativeMultiheadAttention(E, H, dropout=0.1)
+        rnn.RelativeMultiheadAttention(E, H, dropout=1.5)
     with pytest.raises(ValueError, match="divisible"):
         rnn.RelativeMultiheadAttention(30, 4)
     with pytest.raises(ValueError, match="num_kv_heads"):
@@ -282,7 +282,7 @@ def test_encoder_layer_batch_first_false_and_errors():
     with pytest.raises(ValueError, match="src_mask"):
         layer(x, src_mask=torch.zeros(6, 6))
     with pytest.raises(ValueError, match="dropout"):
-        rnn.RelativeTransformerEncoderLayer(E, H, attention_dropout=0.1)
+        rnn.RelativeTransformerEncoderLayer(E, H, attention_dropout=-0.1)
     with pytest.raises(ValueError, match="activation"):
         rnn.RelativeTransformerEncoderLayer(E, H, activation="swish")
     custom = rnn.RelativeTransformerEncoderLayer(E, H, 64, activation=torch.tanh)
@@ -617,3 +617,36 @@ def test_deep_pre_ln_stack_trains_on_workbench_task():
     assert end < start - 0.03  # it learns
     for p in model.parameters():
         assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("position", ("shaw", "t5", "alibi"))
+def test_attention_dropout_in_training_only(position):
+    """Attention-weight dropout acts in training mode, through relattn.attention's fused dropout with a
+    seed drawn from torch's generator, and not at all in eval mode."""
+    torch.manual_seed(0)
+    m = make_attention(position, dropout=0.3)
+    plain = make_attention(position)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 9, E)
+    m.eval()
+    plain.eval()
+    assert torch.equal(m(x)[0], plain(x)[0])
+    m.train()
+    plain.train()
+    torch.manual_seed(5)
+    a = m(x)[0]
+    torch.manual_seed(5)
+    b = m(x)[0]
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, plain(x)[0])
+    # The same computation spelled out with the functional op and the seed the module draws.
+    torch.manual_seed(5)
+    seed = relattn.draw_dropout_seed(x)
+    q = m.q_proj(x).view(2, 9, H, E // H).transpose(1, 2)
+    k = m.k_proj(x).view(2, 9, H, E // H).transpose(1, 2)
+    v = m.v_proj(x).view(2, 9, H, E // H).transpose(1, 2)
+    heads = relattn.attention(q, k, v, rel_k=m.rel_k, rel_v=m.rel_v, rel_bias=m.rel_bias, buckets=m.buckets,
+                              alibi_slopes=m.alibi_slopes, scale=m.scale, dropout_p=0.3, dropout_seed=seed)
+    torch.testing.assert_close(a, m.out_proj(heads.transpose(1, 2).reshape(2, 9, E)))
+    a.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters() if p.requires_grad)

@@ -43,6 +43,7 @@ struct Config {
   bool with_grad_lse = true;
   // The kernels read ids the binding never checked (see raw_ids below): out of range, negative, extreme.
   bool raw_ids = false;
+  double dropout = 0.0;  // dropout_p (seeded; the CPU op draws the same mask)
 };
 
 struct Call {
@@ -50,6 +51,8 @@ struct Call {
   OptTensor rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask;
   bool causal = false;
   int64_t q_offset = 0;
+  double dropout_p = 0.0;
+  OptTensor dropout_seed;
   // If defined: the ids the kernels read instead of buckets / rel_index (same shape and layout), as when
   // a tensor's ids change behind torch's back after the binding's one check of its version.
   Tensor raw_ids;
@@ -99,12 +102,18 @@ Call make_call(const Config& c) {
   }
   call.causal = c.causal;
   call.q_offset = c.q_offset;
+  if (c.dropout > 0) {
+    call.dropout_p = c.dropout;
+    call.dropout_seed = at::tensor({int64_t(0x0123456789abcdefLL)}, at::kLong);
+  }
   return call;
 }
 
 Prepared prepare(const Call& c) {
-  return relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
-                               c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
+  Prepared a = relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
+                                     c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
+  relattn::ops::prepare_dropout(a, c.dropout_p, c.dropout_seed);
+  return a;
 }
 
 bool aligned16(const Tensor& t) {
@@ -264,7 +273,8 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   }
   auto [ref_out, ref_lse] = relattn::ops::attention_forward(r.q, r.k, r.v, r.rel_k, r.rel_v, r.rel_bias, r.buckets,
                                                             r.rel_index, r.alibi_slopes, r.key_padding_mask,
-                                                            r.causal, std::nullopt, r.q_offset);
+                                                            r.causal, std::nullopt, r.q_offset, r.dropout_p,
+                                                            r.dropout_seed);
   ASSERT_GT(ref_out.abs().max().item<double>(), 0.0) << "a vacuous case: every row is masked";
   auto [out, lse] = fwd(c);
   if (cfg.raw_ids && raw_out_differs)
@@ -279,7 +289,8 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   if (cfg.with_grad_lse) grad_lse = at::randn(ref_lse.sizes(), ref_lse.options());
   auto ref = relattn::ops::attention_backward(grad_out, grad_lse, r.q, r.k, r.v, ref_out, ref_lse, r.rel_k, r.rel_v,
                                               r.rel_bias, r.buckets, r.rel_index, r.alibi_slopes,
-                                              r.key_padding_mask, r.causal, std::nullopt, r.q_offset);
+                                              r.key_padding_mask, r.causal, std::nullopt, r.q_offset, r.dropout_p,
+                                              r.dropout_seed);
   const Grads want{std::get<0>(ref), std::get<1>(ref), std::get<2>(ref),
                    std::get<3>(ref), std::get<4>(ref), std::get<5>(ref)};
   const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
@@ -562,4 +573,25 @@ TEST(CudaEmulation, SimtDouble) {
 TEST(CudaEmulation, SimtBf16) {
   Config c{.name = "simt bf16", .Lq = 25, .Lk = 30, .D = 32, .Dv = 32, .M = 5, .causal = true};
   check_simt<__nv_bfloat16>(c);
+}
+
+// Dropout in the SIMT kernels (which run every dropout call on CUDA so far): the same mask as the CPU op,
+// forward and every gradient, with all tables, masks, GQA, an offset and several tiles each way.
+TEST(CudaEmulation, SimtDropoutFloat) {
+  Config c{.name = "simt dropout f32", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 37, .Lk = 70, .D = 24,
+           .Dv = 40, .per_head = true, .alibi = true, .padding = true, .causal = true, .q_offset = 20,
+           .dropout = 0.3};
+  check_simt<float>(c);
+}
+
+TEST(CudaEmulation, SimtDropoutBf16T5) {
+  Config c{.name = "simt dropout bf16", .Lq = 33, .Lk = 45, .D = 32, .Dv = 16, .positions = "t5",
+           .dropout = 0.5};
+  check_simt<__nv_bfloat16>(c);
+}
+
+TEST(CudaEmulation, SimtDropoutDoubleRelIndex) {
+  Config c{.name = "simt dropout f64", .dtype = at::kDouble, .Lq = 21, .Lk = 35, .D = 16, .Dv = 8,
+           .positions = "index", .dropout = 0.2};
+  check_simt<double>(c);
 }
