@@ -265,6 +265,18 @@ void dropout_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   kernels::dropout_key(*p.dropout_seed, k0, k1);
   const uint32_t threshold = p.dropout_threshold;
   const acc_t scale = static_cast<acc_t>(p.dropout_scale);
+  if constexpr (std::is_same_v<acc_t, float>) {  // vectorised: 8 Philox calls at once (vec.h)
+    for (int64_t ib = 0; ib < rows; ib += 16) {
+      for (int64_t r = 0; r < 8 && ib + r < rows; ++r) {
+        const int64_t i = ib + r;
+        uint32_t ctr[4];
+        kernels::dropout_counter(b, h, i0 + i, j0, ctr);
+        vec_ops().dropout_rows(keep + i * kBlockK, i + 8 < rows ? keep + (i + 8) * kBlockK : nullptr, cols, ctr[0],
+                               ctr[1], ctr[2], ctr[3], k0, k1, threshold, scale);
+      }
+    }
+    return;
+  }
   for (int64_t ib = 0; ib < rows; ib += 16) {
     for (int64_t r = 0; r < 8 && ib + r < rows; ++r) {
       const int64_t i = ib + r;  // rows i and i + 8

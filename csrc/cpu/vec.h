@@ -22,6 +22,12 @@ struct VecOps {
   void (*sub_alibi)(float* s, int64_t n, float slope, int64_t d0);
   // s[j] *= c
   void (*scale)(float* s, int64_t n, float c);
+  // Dropout factors (kernels/dropout.h) of rows i and i + 8 of a tile, columns [0, cols): keep0[j] (row i)
+  // and keep1[j] (row i + 8; null when that row is past the tile) become `scale` for a kept pair and 0 for
+  // a dropped one. ctr0 is Philox counter word 0 of column 0 (columns start on a 16-column block), ctr1 is
+  // row i's word 1, ctr2 = h, ctr3 = b; (k0, k1) the key.
+  void (*dropout_rows)(float* keep0, float* keep1, int64_t cols, uint32_t ctr0, uint32_t ctr1, uint32_t ctr2,
+                       uint32_t ctr3, uint32_t k0, uint32_t k1, uint32_t threshold, float scale);
   const char* name;
 };
 
