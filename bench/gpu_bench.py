@@ -89,12 +89,18 @@ RUNS = {
         ("t5", "relattn"), ("alibi", "relattn"), ("shaw_k", "relattn"), ("shaw_kv", "relattn"),
         ("t5", "sdpa_bias"), ("t5", "naive"),
         ("t5", "flex"), ("alibi", "flex"), ("shaw_k", "flex"),
+        ("plain", "sdpa_flash_dropout"), ("shaw_kv", "relattn_dropout"),
     ],
 }
 SCHEMES = ("plain", "t5", "alibi", "shaw_k", "shaw_kv")
-IMPLS = ("relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive")
+IMPLS = ("relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default", "sdpa_bias", "flex", "naive",
+         "relattn_dropout", "sdpa_flash_dropout")
+# Attention-weight dropout (training): p = 0.1. Outputs differ from the reference by the mask, so these rows
+# get no max_err. relattn runs every dropout call on its SIMT kernels so far: the row measures that cost.
+DROPOUT_P = 0.1
+DROPOUT_IMPLS = ("relattn_dropout", "sdpa_flash_dropout")
 # relattn's implementations: the binding's environment switch each sets (None: none).
-RELATTN_ENV = {"relattn": None, "relattn_gtab": ("RELATTN_CUDA_TABLES", "global"),
+RELATTN_ENV = {"relattn": None, "relattn_dropout": None, "relattn_gtab": ("RELATTN_CUDA_TABLES", "global"),
                "relattn_stab": ("RELATTN_CUDA_TABLES", "smem"), "relattn_tabinst": ("RELATTN_CUDA_PLAIN", "0")}
 T5 = (32, 128, True)  # num_buckets, max_distance, bidirectional
 CLIP_K = {"fwd": 64, "fwdbwd": 64}  # Shaw clipping distance per mode (k=64, R = 129: both targets' setting)
@@ -173,7 +179,7 @@ def plan(args):
                 if mode in modes and wanted(scheme, impl):
                     add((mode, TARGET_SHAPE, causal, scheme, impl))
     tiers = ({"relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default"},
-             {"sdpa_bias", "naive"}, {"flex"})
+             {"sdpa_bias", "naive"}, {"flex"}, set(DROPOUT_IMPLS))
     for tier in tiers:
         for mode in modes:
             for shape in args.shapes:
@@ -332,6 +338,8 @@ class Bench:
                   "shaw_kv": dict(rel_k=x["rel_k"], rel_v=x["rel_v"], buckets=x["clip_buckets"])}[scheme]
             if impl == "relattn":
                 return lambda: ra.attention(q, k, v, causal=causal, **kw)
+            if impl == "relattn_dropout":
+                return lambda: ra.attention(q, k, v, causal=causal, dropout_p=DROPOUT_P, **kw)
 
             var, value = RELATTN_ENV[impl]
 
@@ -341,6 +349,13 @@ class Bench:
                     return ra.attention(q, k, v, causal=causal, **kw)
                 finally:
                     del os.environ[var]
+            return run
+        if impl == "sdpa_flash_dropout":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            def run():
+                with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=DROPOUT_P)
             return run
         if impl in ("sdpa_flash", "sdpa_default"):
             from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -717,7 +732,9 @@ def main(argv=None):
         result = fn()
         torch.cuda.synchronize()
         row["peak_mib"] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
-        if key in refs:
+        if impl in DROPOUT_IMPLS:
+            row["max_err"] = "dropout"
+        elif key in refs:
             row["max_err"], row["max_err_table"] = compare(result, refs[key], mode)
         else:
             refs[key] = result

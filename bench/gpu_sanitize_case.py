@@ -7,7 +7,7 @@ Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Forward
 kernel at every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
 distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in global
 scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32, float64
-and (forced) bf16.
+and (forced) bf16, and calls with attention-weight dropout.
 
 Backward (loss through out and lse; gradients of q, k, v and every table): every bf16 call (tensor-core
 kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
@@ -30,7 +30,7 @@ _backward = True
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
          alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None,
-         unchecked_ids=False):
+         unchecked_ids=False, dropout_p=0.0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
@@ -47,6 +47,8 @@ def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="
         q = randn(B, H, Lq, D)
     k, v = randn(B, Hk, Lk, D), randn(B, Hk, Lk, Dv)
     kw = dict(causal=causal, q_offset=q_offset)
+    if dropout_p:
+        kw["dropout_p"] = dropout_p  # the seed is drawn on the device
     if positions == "clip":
         kw["buckets"] = relattn.clip_buckets((R - 1) // 2).cuda()
     elif positions == "index":
@@ -124,6 +126,9 @@ def main(argv=None):
     call(torch.bfloat16, D=48, Lq=20, Lk=40, alibi=True, padding=True)
     call(torch.bfloat16, D=256, Lq=20, Lk=40, positions="index", R=5, Hk=1)  # SIMT-forced hd=256, rel_index, MQA
     del os.environ["RELATTN_CUDA_KERNEL"]
+    # Attention-weight dropout (every dtype on the SIMT kernels; the seed read from device memory).
+    call(torch.bfloat16, D=64, Lq=40, Lk=70, alibi=True, padding=True, causal=True, q_offset=10, dropout_p=0.3)
+    call(torch.float32, D=40, Dv=24, Lq=30, Lk=50, positions="index", R=7, Hk=1, dropout_p=0.5)
     # ids changed behind the binding's back (checked once per tensor version on CUDA): clamped in the kernels
     for dtype in (torch.bfloat16, torch.float32):
         call(dtype, D=64, Lq=40, Lk=60, unchecked_ids=True)

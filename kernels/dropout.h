@@ -102,5 +102,25 @@ RELATTN_HD bool dropout_keep(int64_t seed, uint32_t threshold, uint64_t b, uint6
   return dropout_half(w, dropout_slot(i, j)) >= threshold;
 }
 
+// The factors of rows i and i + 8 of a tile, columns [0, cols), one Philox call per 8 pairs (the CPU kernels'
+// scalar path): keep0[j] (row i) and keep1[j] (row i + 8; null when past the tile) become `scale` for a kept
+// pair and 0 for a dropped one. ctr0 is counter word 0 of the tile's column 0 (a multiple of 16), ctr1 row
+// i's word 1, ctr2 = h, ctr3 = b. Counter ctr0 + c holds columns 16 (c / 4) + 2 (c % 4) + {0, 1, 8, 9};
+// c starts at c_begin (a multiple of 4: a vectorised caller's first column not yet done is 4 c_begin).
+template <typename T>
+inline void dropout_rows(T* keep0, T* keep1, int64_t cols, uint32_t ctr0, uint32_t ctr1, uint32_t ctr2,
+                         uint32_t ctr3, uint32_t k0, uint32_t k1, uint32_t threshold, T scale, int64_t c_begin = 0) {
+  for (int64_t c = c_begin; 16 * (c / 4) < cols; ++c) {
+    const uint32_t ctr[4] = {ctr0 + static_cast<uint32_t>(c), ctr1, ctr2, ctr3};
+    uint32_t w[4];
+    philox4x32_10(ctr, k0, k1, w);
+    for (uint32_t slot = 0; slot < 8; ++slot) {
+      const int64_t j = 16 * (c / 4) + 8 * ((slot >> 1) & 1) + 2 * (c % 4) + (slot & 1);
+      T* row = (slot >> 2) ? keep1 : keep0;
+      if (row != nullptr && j < cols) row[j] = dropout_half(w, slot) >= threshold ? scale : T(0);
+    }
+  }
+}
+
 }  // namespace kernels
 }  // namespace relattn

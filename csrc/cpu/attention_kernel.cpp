@@ -265,32 +265,18 @@ void dropout_tile(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, in
   kernels::dropout_key(*p.dropout_seed, k0, k1);
   const uint32_t threshold = p.dropout_threshold;
   const acc_t scale = static_cast<acc_t>(p.dropout_scale);
-  if constexpr (std::is_same_v<acc_t, float>) {  // vectorised: 8 Philox calls at once (vec.h)
-    for (int64_t ib = 0; ib < rows; ib += 16) {
-      for (int64_t r = 0; r < 8 && ib + r < rows; ++r) {
-        const int64_t i = ib + r;
-        uint32_t ctr[4];
-        kernels::dropout_counter(b, h, i0 + i, j0, ctr);
-        vec_ops().dropout_rows(keep + i * kBlockK, i + 8 < rows ? keep + (i + 8) * kBlockK : nullptr, cols, ctr[0],
-                               ctr[1], ctr[2], ctr[3], k0, k1, threshold, scale);
-      }
-    }
-    return;
-  }
   for (int64_t ib = 0; ib < rows; ib += 16) {
     for (int64_t r = 0; r < 8 && ib + r < rows; ++r) {
       const int64_t i = ib + r;  // rows i and i + 8
-      for (int64_t jb = 0; jb < cols; jb += 16) {
-        for (int64_t c = 0; c < 4; ++c) {
-          uint32_t ctr[4], w[4];
-          kernels::dropout_counter(b, h, i0 + i, j0 + jb + 2 * c, ctr);
-          kernels::philox4x32_10(ctr, k0, k1, w);
-          for (uint32_t slot = 0; slot < 8; ++slot) {
-            const int64_t ii = i + 8 * ((slot >> 2) & 1), jj = jb + 8 * ((slot >> 1) & 1) + 2 * c + (slot & 1);
-            if (ii < rows && jj < cols)
-              keep[ii * kBlockK + jj] = kernels::dropout_half(w, slot) >= threshold ? scale : acc_t(0);
-          }
-        }
+      acc_t* keep1 = i + 8 < rows ? keep + (i + 8) * kBlockK : nullptr;
+      uint32_t ctr[4];
+      kernels::dropout_counter(b, h, i0 + i, j0, ctr);
+      if constexpr (std::is_same_v<acc_t, float>) {  // vectorised: 8 Philox calls at once (vec.h)
+        vec_ops().dropout_rows(keep + i * kBlockK, keep1, cols, ctr[0], ctr[1], ctr[2], ctr[3], k0, k1, threshold,
+                               scale);
+      } else {
+        kernels::dropout_rows(keep + i * kBlockK, keep1, cols, ctr[0], ctr[1], ctr[2], ctr[3], k0, k1, threshold,
+                              scale);
       }
     }
   }

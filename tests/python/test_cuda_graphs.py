@@ -188,3 +188,39 @@ def test_cuda_compile_with_cuda_graphs_trains_like_eager(position):
         for (name, p_e), p_c in zip(eager.named_parameters(), compiled_layer.parameters()):
             torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=f"d{name}, step {step}")
             p_e.grad = p_c.grad = None
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_graph_capture_with_dropout_draws_a_new_mask_per_replay(dtype):
+    """The dropout seed is drawn by a torch RNG op inside the graph (graph-safe: the generator's offset
+    advances per replay), so every replay drops other weights; each replay's output equals an eager call
+    with that replay's seed."""
+    case = GRAPH_CASES[0]
+    static = to_device(make_inputs(case, dtype), "cuda")
+    seeds = []
+
+    def step():
+        seed = relattn.draw_dropout_seed(static.q)
+        out = relattn.attention(static.q, static.k, static.v, **static.kwargs, dropout_p=0.3, dropout_seed=seed)
+        return seed, out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        seed, out = step()
+    outs = []
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        seeds.append(seed.clone())
+        outs.append(out.clone())
+    assert seeds[0].item() != seeds[1].item()
+    assert not torch.equal(outs[0], outs[1])
+    for s, o in zip(seeds, outs):
+        eager = relattn.attention(static.q, static.k, static.v, **static.kwargs, dropout_p=0.3, dropout_seed=s)
+        assert torch.equal(o, eager)
