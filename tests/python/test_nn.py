@@ -338,6 +338,32 @@ def test_encoder_checkpoint_matches():
         torch.testing.assert_close(a, b)
 
 
+def test_encoder_checkpoint_with_attention_dropout_matches():
+    """Activation checkpointing recomputes each layer in the backward: with attention dropout the recomputed
+    forward must draw the same mask (torch.utils.checkpoint restores the RNG state, so the seed drawn again
+    is the same), or the gradients would belong to another mask."""
+    torch.manual_seed(0)
+    layer = rnn.RelativeTransformerEncoderLayer(E, H, 64, dropout=0.0, attention_dropout=0.3, position="shaw",
+                                                max_distance=4)
+    plain = rnn.RelativeTransformerEncoder(layer, 3)
+    randomize_(plain)
+    ckpt = rnn.RelativeTransformerEncoder(layer, 3, checkpoint=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 7, E)
+    outs, grads = [], []
+    for enc in (plain, ckpt):
+        torch.manual_seed(11)
+        out = enc(x, src_key_padding_mask=padding_mask(2, 7))
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([p.grad for p in enc.parameters()])
+    torch.testing.assert_close(outs[1], outs[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(12)
+    assert not torch.allclose(plain(x), outs[0])  # another seed, another mask
+
+
 def clipped_distance_index(L, K, dtype=torch.int64):
     i = torch.arange(L)
     return ((i.view(1, -1) - i.view(-1, 1)).clamp(-K, K) + K).to(dtype)
