@@ -166,6 +166,27 @@ def gradients(out, lse, leaves, grad_out, grad_lse):
     return dict(zip(names, got))
 
 
+def check_gradients(case, dtype, op=run_op, reference=run_reference):
+    """Every gradient of `op(inputs)` (-> out, lse) on the case's inputs is within SPEC §6's bound of
+    `reference(inputs, dtype)` evaluated in float64 (the naive rule's half-precision error from the same
+    reference evaluated in `dtype`)."""
+    inp = make_inputs(case, dtype, requires_grad=True)
+    grad_out, grad_lse = make_grad_outputs(case, dtype)
+    got = gradients(*op(inp), inp.leaves(), grad_out, grad_lse)
+
+    ref_inp = inp.as_dtype(torch.float64)
+    ref = gradients(*reference(ref_inp, torch.float64), ref_inp.leaves(), grad_out, grad_lse)
+    naive = {name: None for name in ref}
+    if dtype in HALF_DTYPES:
+        naive_inp = inp.as_dtype(dtype)
+        naive = gradients(*reference(naive_inp, dtype), naive_inp.leaves(), grad_out, grad_lse)
+
+    for name, leaf in inp.leaves().items():
+        assert got[name] is not None, f"no gradient for {name}"
+        assert got[name].dtype == leaf.dtype and got[name].shape == leaf.shape, name
+        assert_accurate(f"d{name}", got[name], ref[name], dtype, naive[name])
+
+
 # --------------------------------------------------------------------------------------------------
 # The accuracy rule of SPEC §6
 # --------------------------------------------------------------------------------------------------

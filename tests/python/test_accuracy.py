@@ -9,7 +9,7 @@ mixed-precision tables beside half inputs (and float32 tables beside float64 one
 import pytest
 import torch
 
-from cases import (ALL_DTYPES, HALF_DTYPES, Case, assert_accurate, case_id, gradients, make_grad_outputs,
+from cases import (ALL_DTYPES, HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients,
                    make_inputs, run_op, run_reference)
 
 F32 = torch.float32
@@ -126,7 +126,7 @@ def test_forward_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradients_match_reference(case, dtype):
-    _check_gradients(case, dtype)
+    check_gradients(case, dtype)
 
 
 @pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
@@ -137,25 +137,7 @@ def test_cpu_backward_algorithms_match_reference(case, dtype, algorithm, monkeyp
     head) for float32/float64 inputs, and two passes over query blocks and key blocks. By default the
     choice depends on the thread count, so each is forced here over the whole grid."""
     monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
-    _check_gradients(case, dtype)
-
-
-def _check_gradients(case, dtype):
-    inp = make_inputs(case, dtype, requires_grad=True)
-    grad_out, grad_lse = make_grad_outputs(case, dtype)
-    got = gradients(*run_op(inp), inp.leaves(), grad_out, grad_lse)
-
-    ref_inp = inp.as_dtype(torch.float64)
-    ref = gradients(*run_reference(ref_inp, torch.float64), ref_inp.leaves(), grad_out, grad_lse)
-    naive = {name: None for name in ref}
-    if dtype in HALF_DTYPES:
-        naive_inp = inp.as_dtype(dtype)
-        naive = gradients(*run_reference(naive_inp, dtype), naive_inp.leaves(), grad_out, grad_lse)
-
-    for name, leaf in inp.leaves().items():
-        assert got[name] is not None, f"no gradient for {name}"
-        assert got[name].dtype == leaf.dtype and got[name].shape == leaf.shape, name
-        assert_accurate(f"d{name}", got[name], ref[name], dtype, naive[name])
+    check_gradients(case, dtype)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

@@ -25,6 +25,21 @@ GRAPH_CASES = [
 ]
 
 
+def capture(step):
+    """step() captured into a CUDA graph after two warm-up calls on a side stream (as torch.cuda.graph's
+    documentation asks); returns the graph and the captured call's outputs (refilled by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def check_result(inp_cpu, dtype, grad_out, out, grads):
     """out and every gradient within SPEC §6 of the float64 reference on the same inputs."""
     ref_inp = inp_cpu.as_dtype(torch.float64)
@@ -54,15 +69,7 @@ def test_cuda_graph_capture_forward_backward(case, dtype):
         out = relattn.attention(static.q, static.k, static.v, **static.kwargs)
         return out, torch.autograd.grad(out, list(leaves.values()), grad_out)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graph's documentation asks
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured_out, captured_grads = step()
+    graph, (captured_out, captured_grads) = capture(step)
 
     static_named = {"q": static.q, "k": static.k, "v": static.v, **static.kwargs}
     for seed in (1, 2):
@@ -204,15 +211,7 @@ def test_cuda_graph_capture_with_dropout_draws_a_new_mask_per_replay(dtype):
         out = relattn.attention(static.q, static.k, static.v, **static.kwargs, dropout_p=0.3, dropout_seed=seed)
         return seed, out
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        seed, out = step()
+    graph, (seed, out) = capture(step)
     outs = []
     for _ in range(2):
         graph.replay()

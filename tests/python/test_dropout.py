@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import relattn
-from cases import (HALF_DTYPES, Case, assert_accurate, case_id, gradients, make_grad_outputs, make_inputs,
-                   run_reference)
+from cases import (HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients, make_grad_outputs,
+                   make_inputs)
 from dropout_reference import keep_factors, philox4x32_10, threshold
 from reference import reference_attention
 from test_accuracy import CASES
@@ -133,18 +133,7 @@ def test_forward_with_dropout_matches_reference(case, dtype):
 def test_gradients_with_dropout_match_reference(case, dtype, algorithm, monkeypatch):
     """Both CPU backward algorithms (the fused sweep runs for float32/float64 only)."""
     monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
-    inp = make_inputs(case, dtype, requires_grad=True)
-    grad_out, grad_lse = make_grad_outputs(case, dtype)
-    got = gradients(*op(inp), inp.leaves(), grad_out, grad_lse)
-    ref_inp = inp.as_dtype(torch.float64)
-    want = gradients(*ref(ref_inp, torch.float64), ref_inp.leaves(), grad_out, grad_lse)
-    naive = {name: None for name in want}
-    if dtype in HALF_DTYPES:
-        naive_inp = inp.as_dtype(dtype)
-        naive = gradients(*ref(naive_inp, dtype), naive_inp.leaves(), grad_out, grad_lse)
-    for name, leaf in inp.leaves().items():
-        assert got[name] is not None and got[name].shape == leaf.shape, name
-        assert_accurate(f"d{name}", got[name], want[name], dtype, naive[name])
+    check_gradients(case, dtype, op, ref)
 
 
 def test_gradcheck_with_dropout():
