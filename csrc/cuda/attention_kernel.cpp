@@ -6,7 +6,8 @@
 //   fp16 / bf16        tensor-core kernel for the padded head dim mma_head_dim_for(max(D, Dv)) in
 //                      {32, 64, 96, 128, 256}; columns beyond D / Dv are zero-filled inside the kernel.
 //   float32 / float64  SIMT kernel in the input precision (no TF32).
-//   dropout_p > 0      SIMT kernel for every dtype (the tensor-core kernels do not draw the mask yet).
+//   dropout_p > 0      fp16/bf16: the tensor-core forward's table instance (the plain one draws no mask) and,
+//                      for now, the SIMT backward; float32/float64: SIMT.
 //   D or Dv > 256      a clear error (the CPU kernel has no such limit).
 // The per-row relative tables (tab, bsum) live in shared memory when they fit in kTableSmemBudget, else
 // in a global scratch of O(B·H·Lq·R) floats that this binding allocates.
@@ -103,8 +104,7 @@ struct Plan {
 Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
   Plan plan;
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  // Dropout runs in the SIMT kernels only so far (the tensor-core kernels do not draw the mask yet).
-  plan.simt = !half || a.dropout_seed.defined() || env_str("RELATTN_CUDA_KERNEL") == "simt";
+  plan.simt = !half || env_str("RELATTN_CUDA_KERNEL") == "simt";
   if (plan.simt) {
     if (a.acc_dtype == at::kDouble) {
       using Cfg = kc::SimtConfig<double>;
@@ -119,8 +119,8 @@ Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
     }
   } else {
     plan.head_dim = kc::mma_head_dim_for(std::max(a.D, a.Dv));
-    plan.plain = !a.rel_k.defined() && !a.rel_v.defined() && !a.rel_bias.defined() &&
-                 env_str("RELATTN_CUDA_PLAIN") != "0";
+    plan.plain = !a.rel_k.defined() && !a.rel_v.defined() && !a.rel_bias.defined() && !a.dropout_seed.defined() &&
+                 env_str("RELATTN_CUDA_PLAIN") != "0";  // dropout: the table instance draws the mask
     const bool plain = plan.plain;
     with_mma_head_dim(plan.head_dim, [&](auto hd) {
       const kc::MmaForwardShape shape = kc::mma_forward_shape<decltype(hd)::value>(plain);

@@ -29,6 +29,34 @@ RELATTN_DEVICE acc_t dropout_factor(const AttentionParams& p, int64_t b, int64_t
              : acc_t(0);
 }
 
+// Dropout on m16n8 accumulator fragments (the tensor-core kernels, kernels/dropout.h): acc[mt][nt][hf*2+e1]
+// holds the pair (row0 + 16 mt + g + 8 hf, col0 + 8 nt + 2 tq + e1), row0 and col0 multiples of 16, kNT even.
+// The 8 pairs of (mt, 16-column block kk) are exactly one Philox counter's: one call each. Each pair's value
+// is multiplied by its factor (p.dropout_scale or 0).
+template <int kMT, int kNT>
+RELATTN_DEVICE void dropout_fragments(float (&acc)[kMT][kNT][4], const AttentionParams& p, uint32_t k0, uint32_t k1,
+                                      int64_t b, int64_t h, int64_t row0, int64_t col0, int g, int tq) {
+  static_assert(kNT % 2 == 0, "whole 16-column blocks");
+  const uint32_t threshold = p.dropout_threshold;
+  const float scale = static_cast<float>(p.dropout_scale);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int kk = 0; kk < kNT / 2; ++kk) {
+      uint32_t ctr[4], w[4];
+      dropout_counter(static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(row0 + 16 * mt + g),
+                      static_cast<uint64_t>(col0 + 16 * kk + 2 * tq), ctr);
+      philox4x32_10(ctr, k0, k1, w);
+#pragma unroll
+      for (int n2 = 0; n2 < 2; ++n2)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // e = hf * 2 + e1
+          const uint32_t slot = static_cast<uint32_t>(((e >> 1) << 2) | (n2 << 1) | (e & 1));
+          acc[mt][2 * kk + n2][e] *= dropout_half(w, slot) >= threshold ? scale : 0.f;
+        }
+    }
+}
+
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 

@@ -247,8 +247,11 @@ RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t
 
 }  // namespace mma_detail
 
-template <typename T, int kHeadDim, bool kPlain>
+// kDropout (table instance only): the weights of V and of the bucket sums are p̃·z, z the pair's dropout
+// factor (kernels/dropout.h), drawn in registers after l has taken every p̃.
+template <typename T, int kHeadDim, bool kPlain, bool kDropout = false>
 __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_constant__ ForwardParams p) {
+  static_assert(!(kPlain && kDropout), "dropout runs in the table instance");
   using namespace mma_detail;
   using Cfg = MmaConfig<kHeadDim, kPlain>;
   constexpr int BM = Cfg::kBlockM;
@@ -556,6 +559,21 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
         row_sum[mt][hf] = row_sum[mt][hf] * corr[mt][hf] + ps;
       }
     }
+    if constexpr (kDropout) {
+      uint32_t k0, k1;
+      dropout_key(*p.dropout_seed, k0, k1);
+      dropout_fragments<kMT, kNT>(acc_s, p, k0, k1, b, h, i0 + warp_row0, j0, g, tq);
+      // far rows add their row sum to the bucket sums: the dropped weights' (l keeps the undropped ones)
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float ps = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < kNT; ++nt) ps += acc_s[mt][nt][hf * 2] + acc_s[mt][nt][hf * 2 + 1];
+          psum[mt][hf] = ps;
+        }
+    }
     // O *= corr, skipped when no row of the warp has a new maximum (corr = 1 exactly: the same bits), as in
     // most tiles of a long row once its largest scores have been seen.
     if (__any_sync(0xffffffffu, rescale)) {
@@ -805,6 +823,9 @@ cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaS
                          smem_bytes, stream, p);
   }
   constexpr int BM = MmaConfig<kHeadDim>::kBlockM;
+  if (p.dropout_seed != nullptr)
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
+                         kMmaThreads, smem_bytes, stream, p);
   return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
                        smem_bytes, stream, p);
 }

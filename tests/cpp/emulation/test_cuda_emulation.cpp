@@ -159,7 +159,7 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   p.table_ld = kc::table_ld_for(a.R);
   const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
   p.plain = n_tables == 0;
-  const kc::MmaForwardShape shape = kc::mma_forward_shape<HD>(p.plain);
+  const kc::MmaForwardShape shape = kc::mma_forward_shape<HD>(p.use_plain());
   Tensor tab, bsum;
   const int64_t blocks = (a.Lq + shape.block_m - 1) / shape.block_m * a.B * a.H;
   if (tables_in_global && n_tables > 0) {
@@ -308,6 +308,17 @@ void check_mma(const Config& cfg) {
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
         return backward(c, o, l, go, gl, true,
                         [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
+      },
+      /*raw_out_differs=*/cfg.positions == "index");
+}
+
+// The tensor-core forward with the SIMT backward (what the binding runs for dropout calls so far).
+template <typename T, int HD>
+void check_mma_forward(const Config& cfg) {
+  check(
+      cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
+      [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
+        return backward(c, o, l, go, gl, false, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
       },
       /*raw_out_differs=*/cfg.positions == "index");
 }
@@ -594,4 +605,32 @@ TEST(CudaEmulation, SimtDropoutDoubleRelIndex) {
   Config c{.name = "simt dropout f64", .dtype = at::kDouble, .Lq = 21, .Lk = 35, .D = 16, .Dv = 8,
            .positions = "index", .dropout = 0.2};
   check_simt<double>(c);
+}
+
+// Dropout in the tensor-core forward (its table instance; the mask drawn on the accumulator fragments).
+TEST(CudaEmulation, TensorCoresDropoutHd64ClipCausalPaddingGqa) {
+  Config c{.name = "mma dropout hd64", .B = 2, .H = 2, .Hk = 1, .Lq = 70, .Lk = 150, .D = 64, .Dv = 64, .M = 8,
+           .per_head = true, .alibi = true, .padding = true, .causal = true, .q_offset = 30, .dropout = 0.3};
+  check_mma_forward<__nv_bfloat16, 64>(c);
+}
+
+TEST(CudaEmulation, TensorCoresDropoutHd128T5TablesInGlobal) {
+  Config c{.name = "mma dropout hd128 t5", .dtype = at::kHalf, .Lq = 40, .Lk = 140, .D = 128, .Dv = 128,
+           .positions = "t5", .tables_in_global = true, .dropout = 0.5};
+  check_mma_forward<__half, 128>(c);
+}
+
+TEST(CudaEmulation, TensorCoresDropoutHd32PlainAndRelIndex) {
+  Config plain{.name = "mma dropout hd32 plain", .Lq = 50, .Lk = 90, .D = 32, .Dv = 32, .positions = "none",
+               .rel_k = false, .rel_v = false, .rel_bias = false, .causal = true, .dropout = 0.2};
+  check_mma_forward<__nv_bfloat16, 32>(plain);
+  Config index{.name = "mma dropout hd32 rel_index", .Lq = 33, .Lk = 70, .D = 24, .Dv = 32, .positions = "index",
+               .dropout = 0.4};
+  check_mma_forward<__nv_bfloat16, 32>(index);
+}
+
+TEST(CudaEmulation, TensorCoresDropoutHd256BeyondM) {
+  Config c{.name = "mma dropout hd256", .Lq = 40, .Lk = 200, .D = 256, .Dv = 256, .M = 4, .q_offset = -60,
+           .dropout = 0.25};
+  check_mma_forward<__nv_bfloat16, 256>(c);
 }
