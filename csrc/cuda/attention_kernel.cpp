@@ -6,8 +6,9 @@
 //   fp16 / bf16        tensor-core kernel for the padded head dim mma_head_dim_for(max(D, Dv)) in
 //                      {32, 64, 96, 128, 256}; columns beyond D / Dv are zero-filled inside the kernel.
 //   float32 / float64  SIMT kernel in the input precision (no TF32).
-//   dropout_p > 0      fp16/bf16: the tensor-core forward's table instance (the plain one draws no mask) and,
-//                      for now, the SIMT backward; float32/float64: SIMT.
+//   dropout_p > 0      the same kernels, with the mask drawn in registers (kernels/dropout.h); the tensor-core
+//                      forward takes its table instance (the plain one draws no mask) and the backward's
+//                      kernel A sweeps the keys twice (exact Δ first).
 //   D or Dv > 256      a clear error (the CPU kernel has no such limit).
 // The per-row relative tables (tab, bsum) live in shared memory when they fit in kTableSmemBudget, else
 // in a global scratch of O(B·H·Lq·R) floats that this binding allocates.
@@ -221,8 +222,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
 // The backward kernel family for a call: tensor cores for fp16/bf16 (any D, Dv <= 256), else SIMT.
 bool backward_uses_mma(const Prepared& a, at::ScalarType dtype) {
   const bool half = dtype == at::kHalf || dtype == at::kBFloat16;
-  return half && !a.dropout_seed.defined() && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim &&
-         env_str("RELATTN_CUDA_KERNEL") != "simt";
+  return half && std::max(a.D, a.Dv) <= kc::kBwdMmaMaxHeadDim && env_str("RELATTN_CUDA_KERNEL") != "simt";
 }
 
 BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,

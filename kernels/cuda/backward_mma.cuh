@@ -73,7 +73,10 @@ RELATTN_DEVICE void pack_a(uint32_t (&pa)[kNT / 2][4], const float (&acc)[kNT][4
 
 }  // namespace bwd_detail
 
-template <typename T, int kHeadDim>
+// kDropout: two sweeps over the key tiles. The first only sums Σ P∘(z dP) for the exact Δ; the second
+// then centres dS0 on that Δ, so no correction is left to make (c = 0) and the P bucket sums can be those of
+// the dropped weights z·P, which d aV needs (the correction would need the undropped ones: a third channel).
+template <typename T, int kHeadDim, bool kDropout = false>
 __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     backward_mma_query_kernel(const __grid_constant__ BackwardParams p) {
   using namespace mma_detail;
@@ -235,6 +238,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   // registers until the end: such a tile adds nothing to memory.
   float dsb_far[2][2] = {{0.f, 0.f}, {0.f, 0.f}}, psb_far[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
 
+  // One sweep over the key tiles (with dropout, pass 0 first: only Σ P∘(z dP)).
+  auto sweep = [&](const int pass) {
   if (n_tiles > 0) issue_tile(0, 0);
   cp_async_commit();
   for (int64_t t = 0; t < n_tiles; ++t) {
@@ -287,11 +292,30 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           const float pv = masked ? 0.f : exp2_ftz(s - lse2[hf]);
           float dp = acc_dp[0][nt][e];
           if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
-          rowacc[hf] += pv * dp;
-          seen[hf] = fminf(seen[hf] + (pv != 0.f ? 1.f : 0.f), 2.f);
-          acc_s[0][nt][e] = pv * (dp - delta0[hf]);
+          if constexpr (kDropout) {
+            acc_s[0][nt][e] = pv * dp;  // z, Σ and Δ below
+          } else {
+            rowacc[hf] += pv * dp;
+            seen[hf] = fminf(seen[hf] + (pv != 0.f ? 1.f : 0.f), 2.f);
+            acc_s[0][nt][e] = pv * (dp - delta0[hf]);
+          }
           acc_dp[0][nt][e] = pv;
         }
+    }
+    if constexpr (kDropout) {
+      // P∘(z dP) into Σ; dS0 = P∘(z dP) - P Δ0 (Δ0 exact in the second sweep); the P sums take z·P.
+      uint32_t k0, k1;
+      dropout_key(*p.dropout_seed, k0, k1);
+      for_dropout_factors<1, kNT>(p, k0, k1, b, h, i0 + warp_row0, j0, g, tq, [&](int, int nt, int e, float z) {
+        const float tz = acc_s[0][nt][e] * z;
+        rowacc[e >> 1] += tz;
+        acc_s[0][nt][e] = tz - acc_dp[0][nt][e] * delta0[e >> 1];
+        acc_dp[0][nt][e] *= z;
+      });
+      if (pass == 0) {
+        __syncthreads();  // this stage is refilled two iterations on
+        continue;
+      }
     }
 
     // Bucket sums of dS0 (for dq's key term, d rel_k, d rel_bias) and of P (for d rel_v, and for the
@@ -336,7 +360,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
                 psb_far[hf][0] += side == 1 ? pv : 0.f;
                 dsb_far[hf][1] += side == 2 ? ds : 0.f;
                 psb_far[hf][1] += side == 2 ? pv : 0.f;
-                if (pv != 0.f && side == 0) {
+                // (dropout: pv is z·P; a dropped pair still has dS = -P Δ)
+                if ((kDropout ? pv != 0.f || ds != 0.f : pv != 0.f) && side == 0) {
                   const int64_t at = row * R + sWin[stage * kWin + c - row + BM - 1];
                   if (dsb_g) red_add_global(dsb_g + at, ds);
                   red_add_global(psb_g + at, pv);
@@ -383,7 +408,9 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 #pragma unroll
                   for (int e1 = 0; e1 < 2; ++e1) {
                     const float pv = acc_dp[0][nt][hf * 2 + e1];
-                    if (pv == 0.f) continue;  // masked keys (p = 0, dS0 = 0) may have no valid id
+                    // masked keys (p = 0, dS0 = 0) may have no valid id (dropout: pv is z·P, and a dropped
+                    // pair still has dS = -P Δ)
+                    if (kDropout ? pv == 0.f && acc_s[0][nt][hf * 2 + e1] == 0.f : pv == 0.f) continue;
                     const int c = nt * 8 + 2 * tq + e1;
                     const int beta = use_window ? sWin[stage * kWin + c - row + BM - 1]
                                                 : clamp_id(ri_row[c * p.rel_index_stride[2]], p.id_max);
@@ -407,6 +434,16 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   }
   cp_async_wait<0>();
   __syncthreads();
+  };
+  if constexpr (kDropout) {
+    sweep(0);
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {  // the exact Δ = Σ P∘(z dP) - glse centres the second sweep
+      delta0[hf] = quad_sum(rowacc[hf]) - glse[hf];  // every lane shuffles
+      rowacc[hf] = 0.f;
+    }
+  }
+  sweep(1);
 
   // The far tiles' bucket sums join the rest.
   if (psb_g != nullptr && use_window && primary) {
@@ -437,8 +474,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     const int row = warp_row0 + g + hf * 8;
     const float d = quad_sum(rowacc[hf]) - glse[hf];
     const bool several = quad_sum(seen[hf]) > 1.5f;
-    keep[hf] = several ? 1.f : 0.f;
-    corr[hf] = several ? d - delta0[hf] : -glse[hf];
+    keep[hf] = several || kDropout ? 1.f : 0.f;
+    corr[hf] = kDropout ? 0.f : (several ? d - delta0[hf] : -glse[hf]);  // dropout: dS0 was centred on Δ
     if (primary && tq == 0 && row < rows) static_cast<float*>(p.delta)[row0 + row] = d;
   }
 #pragma unroll
@@ -485,7 +522,9 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   store_tile<T, BM, kHeadDim, kThreads>(static_cast<T*>(p.dq) + row0 * int64_t(D), D, sQ, rows, D, tid);
 }
 
-template <typename T, int kHeadDim>
+// kDropout: dPᵀ is the dropped weights' gradient z·dPᵀ, dSᵀ = Pᵀ(z dPᵀ - Δ) and dv takes z·Pᵀ (z drawn on the
+// fragments after the elements: dSᵀ = z (Pᵀ∘dPᵀ) - Pᵀ Δ).
+template <typename T, int kHeadDim, bool kDropout = false>
 __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     backward_mma_key_kernel(const __grid_constant__ BackwardParams p) {
   using namespace mma_detail;
@@ -659,7 +698,10 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
         float dp = acc_dp[0][nt][e];
         if (has_doa && col_ok) dp += dv;
         acc_s[0][nt][e] = pv;
-        acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
+        if constexpr (kDropout)
+          acc_dp[0][nt][e] = pv * dp;  // Δ and z below
+        else
+          acc_dp[0][nt][e] = pv * (dp - sDelta[stage * BQ + c]);
       };
       if (tb >= 0 || !(has_tab || has_doa)) {  // a far pair: one bucket, its column staged (or no tables)
 #pragma unroll
@@ -687,6 +729,16 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       }
     }
 
+    if constexpr (kDropout) {
+      uint32_t k0, k1;
+      dropout_key(*p.dropout_seed, k0, k1);
+      for_dropout_factors_t<kNT>(p, k0, k1, b, h, i0, j0 + warp_key0, g, tq, [&](int nt, int e, float z) {
+        const float delta = sDelta[stage * BQ + nt * 8 + 2 * tq + (e & 1)];
+        acc_dp[0][nt][e] = z * acc_dp[0][nt][e] - acc_s[0][nt][e] * delta;
+        acc_s[0][nt][e] *= z;
+      });
+    }
+
     uint32_t pa[1][BQ / 16][4];
     pack_a<T, kNT>(pa[0], acc_s[0]);
     gemm_pv<T, kCols, 1, BQ / 16, LD>(acc_dv, pa, sDo + stage * BQ * LD + wc * kCols, lane);
@@ -710,6 +762,13 @@ cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdMmaConfig<kHeadDim>;
   const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
+  if (p.dropout_seed != nullptr) {
+    cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim, true>, blocks_a, Cfg::kThreads,
+                                    Cfg::kABytes, stream, p);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(backward_mma_key_kernel<T, kHeadDim, true>, blocks_b, Cfg::kThreads, Cfg::kBBytes, stream,
+                         p);
+  }
   cudaError_t err =
       launch_kernel(backward_mma_query_kernel<T, kHeadDim>, blocks_a, Cfg::kThreads, Cfg::kABytes, stream, p);
   if (err != cudaSuccess) return err;

@@ -29,13 +29,13 @@ RELATTN_DEVICE acc_t dropout_factor(const AttentionParams& p, int64_t b, int64_t
              : acc_t(0);
 }
 
-// Dropout on m16n8 accumulator fragments (the tensor-core kernels, kernels/dropout.h): acc[mt][nt][hf*2+e1]
-// holds the pair (row0 + 16 mt + g + 8 hf, col0 + 8 nt + 2 tq + e1), row0 and col0 multiples of 16, kNT even.
-// The 8 pairs of (mt, 16-column block kk) are exactly one Philox counter's: one call each. Each pair's value
-// is multiplied by its factor (p.dropout_scale or 0).
-template <int kMT, int kNT>
-RELATTN_DEVICE void dropout_fragments(float (&acc)[kMT][kNT][4], const AttentionParams& p, uint32_t k0, uint32_t k1,
-                                      int64_t b, int64_t h, int64_t row0, int64_t col0, int g, int tq) {
+// Dropout factors for m16n8 accumulator fragments (the tensor-core kernels, kernels/dropout.h): calls
+// f(mt, nt, e, z) for every element acc[mt][nt][e] of a thread, which holds the pair (row0 + 16 mt + g +
+// 8 (e >> 1), col0 + 8 nt + 2 tq + (e & 1)) with row0 and col0 multiples of 16 and kNT even; z is the pair's
+// factor (p.dropout_scale or 0). The 8 pairs of (mt, 16-column block) are one Philox counter's: one call.
+template <int kMT, int kNT, typename F>
+RELATTN_DEVICE void for_dropout_factors(const AttentionParams& p, uint32_t k0, uint32_t k1, int64_t b, int64_t h,
+                                        int64_t row0, int64_t col0, int g, int tq, F&& f) {
   static_assert(kNT % 2 == 0, "whole 16-column blocks");
   const uint32_t threshold = p.dropout_threshold;
   const float scale = static_cast<float>(p.dropout_scale);
@@ -52,7 +52,35 @@ RELATTN_DEVICE void dropout_fragments(float (&acc)[kMT][kNT][4], const Attention
 #pragma unroll
         for (int e = 0; e < 4; ++e) {  // e = hf * 2 + e1
           const uint32_t slot = static_cast<uint32_t>(((e >> 1) << 2) | (n2 << 1) | (e & 1));
-          acc[mt][2 * kk + n2][e] *= dropout_half(w, slot) >= threshold ? scale : 0.f;
+          f(mt, 2 * kk + n2, e, dropout_half(w, slot) >= threshold ? scale : 0.f);
+        }
+    }
+}
+
+// The same for the transposed tiles of the backward's kernel B: element acc[nt][e] holds the pair of key
+// key0 + g + 8 (e >> 1) and query i0 + 8 nt + 2 tq + (e & 1) (key0, i0 multiples of 16, kNT even); calls
+// f(nt, e, z). Queries 2 tq + e1 and 2 tq + e1 + 8 share a counter, and so do the thread's two keys: one
+// Philox call per (16-query block, e1), 4 of its 8 numbers used.
+template <int kNT, typename F>
+RELATTN_DEVICE void for_dropout_factors_t(const AttentionParams& p, uint32_t k0, uint32_t k1, int64_t b, int64_t h,
+                                          int64_t i0, int64_t key0, int g, int tq, F&& f) {
+  static_assert(kNT % 2 == 0, "whole 16-query blocks");
+  const uint32_t threshold = p.dropout_threshold;
+  const float scale = static_cast<float>(p.dropout_scale);
+#pragma unroll
+  for (int kk = 0; kk < kNT / 2; ++kk)
+#pragma unroll
+    for (int e1 = 0; e1 < 2; ++e1) {
+      uint32_t ctr[4], w[4];
+      dropout_counter(static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(i0 + 16 * kk + 2 * tq + e1),
+                      static_cast<uint64_t>(key0 + g), ctr);
+      philox4x32_10(ctr, k0, k1, w);
+#pragma unroll
+      for (int n2 = 0; n2 < 2; ++n2)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const uint32_t slot = static_cast<uint32_t>((n2 << 2) | (hf << 1) | (g & 1));
+          f(2 * kk + n2, hf * 2 + e1, dropout_half(w, slot) >= threshold ? scale : 0.f);
         }
     }
 }

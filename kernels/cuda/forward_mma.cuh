@@ -562,7 +562,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     if constexpr (kDropout) {
       uint32_t k0, k1;
       dropout_key(*p.dropout_seed, k0, k1);
-      dropout_fragments<kMT, kNT>(acc_s, p, k0, k1, b, h, i0 + warp_row0, j0, g, tq);
+      for_dropout_factors<kMT, kNT>(p, k0, k1, b, h, i0 + warp_row0, j0, g, tq,
+                                    [&](int mt, int nt, int e, float z) { acc_s[mt][nt][e] *= z; });
       // far rows add their row sum to the bucket sums: the dropped weights' (l keeps the undropped ones)
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt)

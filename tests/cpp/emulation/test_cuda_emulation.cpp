@@ -312,17 +312,6 @@ void check_mma(const Config& cfg) {
       /*raw_out_differs=*/cfg.positions == "index");
 }
 
-// The tensor-core forward with the SIMT backward (what the binding runs for dropout calls so far).
-template <typename T, int HD>
-void check_mma_forward(const Config& cfg) {
-  check(
-      cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
-      [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
-        return backward(c, o, l, go, gl, false, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
-      },
-      /*raw_out_differs=*/cfg.positions == "index");
-}
-
 template <typename T>
 void check_simt(const Config& cfg) {
   check(
@@ -607,30 +596,37 @@ TEST(CudaEmulation, SimtDropoutDoubleRelIndex) {
   check_simt<double>(c);
 }
 
-// Dropout in the tensor-core forward (its table instance; the mask drawn on the accumulator fragments).
+// Dropout in the tensor-core kernels: the forward's table instance and both backward kernels draw the mask
+// on their accumulator fragments (kernel B's transposed), kernel A in two sweeps.
 TEST(CudaEmulation, TensorCoresDropoutHd64ClipCausalPaddingGqa) {
   Config c{.name = "mma dropout hd64", .B = 2, .H = 2, .Hk = 1, .Lq = 70, .Lk = 150, .D = 64, .Dv = 64, .M = 8,
            .per_head = true, .alibi = true, .padding = true, .causal = true, .q_offset = 30, .dropout = 0.3};
-  check_mma_forward<__nv_bfloat16, 64>(c);
+  check_mma<__nv_bfloat16, 64>(c);
 }
 
 TEST(CudaEmulation, TensorCoresDropoutHd128T5TablesInGlobal) {
   Config c{.name = "mma dropout hd128 t5", .dtype = at::kHalf, .Lq = 40, .Lk = 140, .D = 128, .Dv = 128,
            .positions = "t5", .tables_in_global = true, .dropout = 0.5};
-  check_mma_forward<__half, 128>(c);
+  check_mma<__half, 128>(c);
 }
 
 TEST(CudaEmulation, TensorCoresDropoutHd32PlainAndRelIndex) {
   Config plain{.name = "mma dropout hd32 plain", .Lq = 50, .Lk = 90, .D = 32, .Dv = 32, .positions = "none",
                .rel_k = false, .rel_v = false, .rel_bias = false, .causal = true, .dropout = 0.2};
-  check_mma_forward<__nv_bfloat16, 32>(plain);
+  check_mma<__nv_bfloat16, 32>(plain);
   Config index{.name = "mma dropout hd32 rel_index", .Lq = 33, .Lk = 70, .D = 24, .Dv = 32, .positions = "index",
                .dropout = 0.4};
-  check_mma_forward<__nv_bfloat16, 32>(index);
+  check_mma<__nv_bfloat16, 32>(index);
 }
 
 TEST(CudaEmulation, TensorCoresDropoutHd256BeyondM) {
   Config c{.name = "mma dropout hd256", .Lq = 40, .Lk = 200, .D = 256, .Dv = 256, .M = 4, .q_offset = -60,
            .dropout = 0.25};
-  check_mma_forward<__nv_bfloat16, 256>(c);
+  check_mma<__nv_bfloat16, 256>(c);
+}
+
+TEST(CudaEmulation, TensorCoresDropoutHd96PeriodicBuckets) {
+  Config c{.name = "mma dropout hd96 periodic", .dtype = at::kHalf, .B = 2, .H = 2, .Hk = 2, .Lq = 45, .Lk = 100, .D = 80, .Dv = 96,
+           .positions = "periodic", .M = 12, .padding = true, .dropout = 0.35};
+  check_mma<__half, 96>(c);
 }
