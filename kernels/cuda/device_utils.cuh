@@ -29,31 +29,37 @@ RELATTN_DEVICE acc_t dropout_factor(const AttentionParams& p, int64_t b, int64_t
              : acc_t(0);
 }
 
-// Dropout factors for m16n8 accumulator fragments (the tensor-core kernels, kernels/dropout.h): calls
-// f(mt, nt, e, z) for every element acc[mt][nt][e] of a thread, which holds the pair (row0 + 16 mt + g +
-// 8 (e >> 1), col0 + 8 nt + 2 tq + (e & 1)) with row0 and col0 multiples of 16 and kNT even; z is the pair's
-// factor (p.dropout_scale or 0). The 8 pairs of (mt, 16-column block) are one Philox counter's: one call.
+// The Philox output of the counter that holds pair (i, j) of (b, h) (kernels/dropout.h), and the factor of
+// its number `slot`: p.dropout_scale when kept, 0 when dropped.
+RELATTN_DEVICE void dropout_words(uint32_t k0, uint32_t k1, int64_t b, int64_t h, int64_t i, int64_t j, uint32_t w[4]) {
+  uint32_t ctr[4];
+  dropout_counter(static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(i), static_cast<uint64_t>(j),
+                  ctr);
+  philox4x32_10(ctr, k0, k1, w);
+}
+RELATTN_DEVICE float dropout_z(const AttentionParams& p, const uint32_t w[4], uint32_t slot) {
+  return dropout_half(w, slot) >= p.dropout_threshold ? static_cast<float>(p.dropout_scale) : 0.f;
+}
+
+// Dropout factors for m16n8 accumulator fragments (the tensor-core kernels): calls f(mt, nt, e, z) for every
+// element acc[mt][nt][e] of a thread, which holds the pair (row0 + 16 mt + g + 8 (e >> 1), col0 + 8 nt + 2 tq
+// + (e & 1)) with row0 and col0 multiples of 16 and kNT even. The 8 pairs of (mt, 16-column block) are one
+// Philox counter's: one call.
 template <int kMT, int kNT, typename F>
 RELATTN_DEVICE void for_dropout_factors(const AttentionParams& p, uint32_t k0, uint32_t k1, int64_t b, int64_t h,
                                         int64_t row0, int64_t col0, int g, int tq, F&& f) {
   static_assert(kNT % 2 == 0, "whole 16-column blocks");
-  const uint32_t threshold = p.dropout_threshold;
-  const float scale = static_cast<float>(p.dropout_scale);
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
     for (int kk = 0; kk < kNT / 2; ++kk) {
-      uint32_t ctr[4], w[4];
-      dropout_counter(static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(row0 + 16 * mt + g),
-                      static_cast<uint64_t>(col0 + 16 * kk + 2 * tq), ctr);
-      philox4x32_10(ctr, k0, k1, w);
+      uint32_t w[4];
+      dropout_words(k0, k1, b, h, row0 + 16 * mt + g, col0 + 16 * kk + 2 * tq, w);
 #pragma unroll
       for (int n2 = 0; n2 < 2; ++n2)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {  // e = hf * 2 + e1
-          const uint32_t slot = static_cast<uint32_t>(((e >> 1) << 2) | (n2 << 1) | (e & 1));
-          f(mt, 2 * kk + n2, e, dropout_half(w, slot) >= threshold ? scale : 0.f);
-        }
+        for (int e = 0; e < 4; ++e)  // e = hf * 2 + e1
+          f(mt, 2 * kk + n2, e, dropout_z(p, w, static_cast<uint32_t>(((e >> 1) << 2) | (n2 << 1) | (e & 1))));
     }
 }
 
@@ -65,23 +71,17 @@ template <int kNT, typename F>
 RELATTN_DEVICE void for_dropout_factors_t(const AttentionParams& p, uint32_t k0, uint32_t k1, int64_t b, int64_t h,
                                           int64_t i0, int64_t key0, int g, int tq, F&& f) {
   static_assert(kNT % 2 == 0, "whole 16-query blocks");
-  const uint32_t threshold = p.dropout_threshold;
-  const float scale = static_cast<float>(p.dropout_scale);
 #pragma unroll
   for (int kk = 0; kk < kNT / 2; ++kk)
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
-      uint32_t ctr[4], w[4];
-      dropout_counter(static_cast<uint64_t>(b), static_cast<uint64_t>(h), static_cast<uint64_t>(i0 + 16 * kk + 2 * tq + e1),
-                      static_cast<uint64_t>(key0 + g), ctr);
-      philox4x32_10(ctr, k0, k1, w);
+      uint32_t w[4];
+      dropout_words(k0, k1, b, h, i0 + 16 * kk + 2 * tq + e1, key0 + g, w);
 #pragma unroll
       for (int n2 = 0; n2 < 2; ++n2)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const uint32_t slot = static_cast<uint32_t>((n2 << 2) | (hf << 1) | (g & 1));
-          f(2 * kk + n2, hf * 2 + e1, dropout_half(w, slot) >= threshold ? scale : 0.f);
-        }
+        for (int hf = 0; hf < 2; ++hf)
+          f(2 * kk + n2, hf * 2 + e1, dropout_z(p, w, static_cast<uint32_t>((n2 << 2) | (hf << 1) | (g & 1))));
     }
 }
 
