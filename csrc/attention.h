@@ -37,16 +37,15 @@ struct Prepared {
   bool has_bucket_terms() const { return rel_k.defined() || rel_v.defined() || rel_bias.defined(); }
 };
 
-// Checks every argument of SPEC §1/§5 (TORCH_CHECK with the argument's name) and normalises it.
+// Checks every argument of SPEC §1/§5 (TORCH_CHECK with the argument's name) and normalises it; also
+// dropout_p (in [0, 1]) and dropout_seed (an int64 tensor of one element on q's device, required when
+// dropout_p > 0). Dropout is off when p rounds to 0 (kernels/dropout.h).
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                 int64_t q_offset, IdCheck id_check = IdCheck::kHost);
-
-// Checks dropout_p (in [0, 1]) and dropout_seed (an int64 tensor of one element on q's device, required
-// when dropout_p > 0) and records them in `a`. Dropout is off when p rounds to 0 (kernels/dropout.h).
-void prepare_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed);
+                 int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
+                 IdCheck id_check = IdCheck::kHost);
 
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
 void fill_params(const Prepared& a, kernels::AttentionParams& p);

@@ -42,13 +42,32 @@ void check_integer(const Tensor& t, const char* name) {
               " must have an integer dtype, got ", t.scalar_type());
 }
 
+// dropout_p and dropout_seed into `a` (see prepare).
+void check_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed) {
+  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
+              "relattn.attention: dropout_p must be in [0, 1], got ", dropout_p);
+  const uint32_t threshold = kernels::dropout_threshold(dropout_p);
+  if (threshold == 0) return;  // p < 2^-17: nothing is ever dropped
+  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), "relattn.attention: dropout_p = ", dropout_p,
+              " needs dropout_seed, an int64 tensor of one element on q's device (relattn.attention draws one "
+              "from torch's generator when it is not given)");
+  const Tensor& seed = *dropout_seed;
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+              "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
+              " of shape ", shape_str(seed));
+  check_same_device(a.q, seed, "dropout_seed");
+  a.dropout_seed = seed;
+  a.dropout_threshold = threshold;
+  a.dropout_scale = kernels::dropout_scale(threshold);
+}
+
 }  // namespace
 
 Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const OptTensor& rel_k,
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                 int64_t q_offset, IdCheck id_check) {
+                 int64_t q_offset, double dropout_p, const OptTensor& dropout_seed, IdCheck id_check) {
   Prepared a;
   TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(),
               "relattn.attention: q, k and v must be tensors");
@@ -97,6 +116,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
   } else {
     a.scale = a.D > 0 ? 1.0 / std::sqrt(static_cast<double>(a.D)) : 1.0;
   }
+  check_dropout(a, dropout_p, dropout_seed);
 
   // Relative tables: shapes, the shared bucket count R, dtypes, devices.
   auto table = [&](const OptTensor& t, const char* name, int64_t last, const char* last_name) {
@@ -213,24 +233,6 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
     a.key_padding_mask = last_dim_contiguous(m);
   }
   return a;
-}
-
-void prepare_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed) {
-  TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
-              "relattn.attention: dropout_p must be in [0, 1], got ", dropout_p);
-  const uint32_t threshold = kernels::dropout_threshold(dropout_p);
-  if (threshold == 0) return;  // p < 2^-17: nothing is ever dropped
-  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), "relattn.attention: dropout_p = ", dropout_p,
-              " needs dropout_seed, an int64 tensor of one element on q's device (relattn.attention draws one "
-              "from torch's generator when it is not given)");
-  const Tensor& seed = *dropout_seed;
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
-              " of shape ", shape_str(seed));
-  check_same_device(a.q, seed, "dropout_seed");
-  a.dropout_seed = seed;
-  a.dropout_threshold = threshold;
-  a.dropout_scale = kernels::dropout_scale(threshold);
 }
 
 void fill_params(const Prepared& a, kernels::AttentionParams& p) {

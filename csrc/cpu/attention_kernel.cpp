@@ -706,8 +706,7 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                     int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset);
-  prepare_dropout(a, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
   if (a.B * a.H * a.Lq == 0) return {out, lse};
@@ -748,8 +747,7 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       bool causal, std::optional<double> scale, int64_t q_offset,
                                       double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset);
-  prepare_dropout(a, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
   Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());

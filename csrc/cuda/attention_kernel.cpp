@@ -139,8 +139,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                      int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, id_check_mode(q));
-  prepare_dropout(a, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed, id_check_mode(q));
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -233,8 +232,7 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        bool causal, std::optional<double> scale, int64_t q_offset,
                                        double dropout_p, const OptTensor& dropout_seed) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, id_check_mode(q));
-  prepare_dropout(a, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed, id_check_mode(q));
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,

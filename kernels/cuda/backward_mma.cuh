@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     lse2[hf] = L == kNegInf ? INFINITY : L * kLog2e;
     glse[hf] = glse_g && row_ok ? glse_g[row] : 0.f;
     float d0 = 0.f;
-    if (out_g && row_ok)
+    if (!kDropout && out_g && row_ok)  // (dropout: the first sweep finds Δ exactly)
       for (int c = tq; c < Dv; c += 4)
         d0 += TypeInfo<T>::to_float(sDo[row * LD + c]) * TypeInfo<T>::to_float(out_g[row * int64_t(Dv) + c]);
     delta0[hf] = quad_sum(d0) - glse[hf];  // every lane shuffles
@@ -425,11 +425,18 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       }
     }
 
-    // acc_x += [dS0; P] K (this warp's columns of K)
-    uint32_t pa[2][BN / 16][4];
-    pack_a<T, kNT>(pa[0], acc_s[0]);
-    pack_a<T, kNT>(pa[1], acc_dp[0]);
-    gemm_pv<T, kCols, 2, BN / 16, LD>(acc_x, pa, sK + stage * BN * LD + wc * kCols, lane);
+    if constexpr (kDropout) {
+      // acc_dq += dS K: Σ P K only serves the correction, which the exact Δ makes 0
+      uint32_t pa[1][BN / 16][4];
+      pack_a<T, kNT>(pa[0], acc_s[0]);
+      gemm_pv<T, kCols, 1, BN / 16, LD>(acc_dq, pa, sK + stage * BN * LD + wc * kCols, lane);
+    } else {
+      // acc_x += [dS0; P] K (this warp's columns of K)
+      uint32_t pa[2][BN / 16][4];
+      pack_a<T, kNT>(pa[0], acc_s[0]);
+      pack_a<T, kNT>(pa[1], acc_dp[0]);
+      gemm_pv<T, kCols, 2, BN / 16, LD>(acc_x, pa, sK + stage * BN * LD + wc * kCols, lane);
+    }
     __syncthreads();  // this stage is refilled two iterations on
   }
   cp_async_wait<0>();

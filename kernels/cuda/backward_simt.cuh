@@ -81,7 +81,7 @@ RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t 
   acc_t dp = 0;
   for (int c = 0; c < Dv; ++c) dp += dorow[c] * vrow[c];
   if (doa) dp += doa[beta];
-  const acc_t z = (p.dropout_seed != nullptr) ? dropout_factor<acc_t>(p, b, h, i, j) : acc_t(1);
+  const acc_t z = p.dropout_seed != nullptr ? dropout_factor<acc_t>(p, b, h, i, j) : acc_t(1);
   dp *= z;
   *pv = pr;
   *pz = pr * z;

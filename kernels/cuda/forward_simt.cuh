@@ -166,7 +166,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       m[rr] = mx;
       l[rr] = l[rr] * corr + warp_sum(pv);
       // Dropout (after l, which keeps every weight): the weights of v and aV become p̃·z.
-      if ((p.dropout_seed != nullptr) && pv != acc_t(0)) pv *= dropout_factor<acc_t>(p, b, h, i, j);
+      if (p.dropout_seed != nullptr && pv != acc_t(0)) pv *= dropout_factor<acc_t>(p, b, h, i, j);
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) acc[rr][e] *= corr;
       sP[warp * BN + lane] = pv;

@@ -110,10 +110,9 @@ Call make_call(const Config& c) {
 }
 
 Prepared prepare(const Call& c) {
-  Prepared a = relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
-                                     c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset);
-  relattn::ops::prepare_dropout(a, c.dropout_p, c.dropout_seed);
-  return a;
+  return relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
+                               c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset, c.dropout_p,
+                               c.dropout_seed);
 }
 
 bool aligned16(const Tensor& t) {
