@@ -33,18 +33,24 @@ struct Prepared {
   Tensor dropout_seed;
   uint32_t dropout_threshold = 0;
   double dropout_scale = 1.0;
+  // Segments (kernels/params.h): int32 ids [B, Lq] / [B, Lk], the per-row ranges [B, L, 2] and the
+  // per-batch-row flag of sorted ids [B]; all undefined when no segment ids are given.
+  Tensor q_segment_ids, k_segment_ids, segment_key_range, segment_query_range, segment_sorted;
 
   bool has_bucket_terms() const { return rel_k.defined() || rel_v.defined() || rel_bias.defined(); }
 };
 
 // Checks every argument of SPEC §1/§5 (TORCH_CHECK with the argument's name) and normalises it; also
 // dropout_p (in [0, 1]) and dropout_seed (an int64 tensor of one element on q's device, required when
-// dropout_p > 0). Dropout is off when p rounds to 0 (kernels/dropout.h).
+// dropout_p > 0; dropout is off when p rounds to 0, kernels/dropout.h), and the segment ids (both or
+// neither; integer [B, Lq] and [B, Lk], read as int32: other dtypes are converted, their values checked to
+// fit, on the host for CPU tensors and by a device-side assertion on CUDA).
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                  int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
+                 const OptTensor& q_segment_ids = std::nullopt, const OptTensor& k_segment_ids = std::nullopt,
                  IdCheck id_check = IdCheck::kHost);
 
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
@@ -66,7 +72,8 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                     const OptTensor& key_padding_mask, bool causal,
                                     std::optional<double> scale, int64_t q_offset, double dropout_p,
-                                    const OptTensor& dropout_seed);
+                                    const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
+                                    const OptTensor& k_segment_ids);
 
 BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse,
                                       const Tensor& q, const Tensor& k, const Tensor& v,
@@ -76,7 +83,8 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& alibi_slopes,
                                       const OptTensor& key_padding_mask, bool causal,
                                       std::optional<double> scale, int64_t q_offset, double dropout_p,
-                                      const OptTensor& dropout_seed);
+                                      const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
+                                      const OptTensor& k_segment_ids);
 
 // Typed handles of the dispatcher ops (what the public API, autograd and autocast call).
 ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -85,7 +93,9 @@ ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                 const OptTensor& key_padding_mask, bool causal,
                                 std::optional<double> scale, int64_t q_offset, double dropout_p = 0.0,
-                                const OptTensor& dropout_seed = std::nullopt);
+                                const OptTensor& dropout_seed = std::nullopt,
+                                const OptTensor& q_segment_ids = std::nullopt,
+                                const OptTensor& k_segment_ids = std::nullopt);
 
 BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse,
                                   const Tensor& q, const Tensor& k, const Tensor& v,
@@ -94,7 +104,9 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
                                   const OptTensor& buckets, const OptTensor& rel_index,
                                   const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                   bool causal, std::optional<double> scale, int64_t q_offset,
-                                  double dropout_p = 0.0, const OptTensor& dropout_seed = std::nullopt);
+                                  double dropout_p = 0.0, const OptTensor& dropout_seed = std::nullopt,
+                                  const OptTensor& q_segment_ids = std::nullopt,
+                                  const OptTensor& k_segment_ids = std::nullopt);
 
 // Shape of a gradient for an absent table: an empty tensor (the schema returns Tensor, not Tensor?).
 Tensor absent_grad(const Tensor& like);

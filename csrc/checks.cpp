@@ -61,13 +61,71 @@ void check_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed)
   a.dropout_scale = kernels::dropout_scale(threshold);
 }
 
+// One side's segment ids as int32 [B, L] with a unit last stride. Ids of another integer dtype are
+// converted; that they fit in int32 is checked on the host for CPU tensors and by a device-side assertion
+// on CUDA (no host sync, so that a training step never waits and capture stays legal).
+Tensor segment_ids_int32(const Tensor& q, const Tensor& ids, const char* name, int64_t B, int64_t L,
+                         const char* L_name) {
+  check_same_device(q, ids, name);
+  check_integer(ids, name);
+  TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == L, "relattn.attention: ", name, " must be [B, ",
+              L_name, "] = [", B, ", ", L, "], got shape ", shape_str(ids));
+  if (ids.scalar_type() == at::kInt) return last_dim_contiguous(ids);
+  Tensor ids32 = ids.to(at::kInt).contiguous();
+  if (ids.numel() > 0) {
+    const char* what = "holds an id that does not fit in int32 (segment ids are compared as int32)";
+    if (ids.is_cpu()) {
+      TORCH_CHECK(ids32.to(ids.scalar_type()).eq(ids).all().item<bool>(), "relattn.attention: ", name, " ", what);
+    } else {
+      at::_assert_async(ids32.to(ids.scalar_type()).eq(ids).all(), c10::str("relattn.attention: ", name, " ", what));
+    }
+  }
+  return ids32;
+}
+
+// q_segment_ids / k_segment_ids into `a`, with the per-row ranges of kernels/params.h: for a batch row whose
+// query ids and key ids are both non-decreasing (packed sequences), query i's keys are [lo, hi) of its
+// segment (a binary search, torch.searchsorted) and key j's queries likewise; otherwise the whole row.
+void check_segments(Prepared& a, const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+  const bool has_q = q_segment_ids.has_value() && q_segment_ids->defined();
+  const bool has_k = k_segment_ids.has_value() && k_segment_ids->defined();
+  TORCH_CHECK(has_q == has_k, "relattn.attention: q_segment_ids and k_segment_ids go together; got only ",
+              has_q ? "q_segment_ids" : "k_segment_ids");
+  if (!has_q) return;
+  const Tensor qs = segment_ids_int32(a.q, *q_segment_ids, "q_segment_ids", a.B, a.Lq, "Lq");
+  const Tensor ks = segment_ids_int32(a.q, *k_segment_ids, "k_segment_ids", a.B, a.Lk, "Lk");
+  a.q_segment_ids = qs;
+  a.k_segment_ids = ks;
+  auto non_decreasing = [](const Tensor& x) {
+    return x.size(1) < 2 ? at::ones({x.size(0)}, x.options().dtype(at::kBool))
+                         : x.slice(1, 1).ge(x.slice(1, 0, x.size(1) - 1)).all(1);
+  };
+  const Tensor sorted = (non_decreasing(qs) & non_decreasing(ks));  // [B]
+  a.segment_sorted = sorted.to(at::kByte).contiguous();
+  // [B, L, 2] ranges into the other side; the whole other side where the row is not sorted.
+  auto ranges = [&](const Tensor& mine, const Tensor& other) {
+    const int64_t n = other.size(1);
+    if (mine.numel() == 0 || n == 0) return at::zeros({mine.size(0), mine.size(1), 2}, mine.options());
+    const Tensor oc = other.contiguous(), mc = mine.contiguous();
+    const Tensor lo = at::searchsorted(oc, mc, /*out_int32=*/true, /*right=*/false);
+    const Tensor hi = at::searchsorted(oc, mc, /*out_int32=*/true, /*right=*/true);
+    const Tensor s = sorted.unsqueeze(1);
+    return at::stack({at::where(s, lo, at::zeros_like(lo)), at::where(s, hi, at::full_like(hi, n))}, -1)
+        .to(at::kInt)
+        .contiguous();
+  };
+  a.segment_key_range = ranges(qs, ks);
+  a.segment_query_range = ranges(ks, qs);
+}
+
 }  // namespace
 
 Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const OptTensor& rel_k,
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                 int64_t q_offset, double dropout_p, const OptTensor& dropout_seed, IdCheck id_check) {
+                 int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
+                 const OptTensor& q_segment_ids, const OptTensor& k_segment_ids, IdCheck id_check) {
   Prepared a;
   TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(),
               "relattn.attention: q, k and v must be tensors");
@@ -232,6 +290,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                 shape_str(m));
     a.key_padding_mask = last_dim_contiguous(m);
   }
+  check_segments(a, q_segment_ids, k_segment_ids);
   return a;
 }
 
@@ -277,6 +336,15 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
     p.key_padding_mask = reinterpret_cast<const uint8_t*>(a.key_padding_mask.data_ptr<bool>());
     p.key_padding_mask_stride[0] = a.key_padding_mask.stride(0);
     p.key_padding_mask_stride[1] = a.key_padding_mask.stride(1);
+  }
+  if (a.q_segment_ids.defined()) {
+    p.q_segment_ids = a.q_segment_ids.data_ptr<int32_t>();
+    p.k_segment_ids = a.k_segment_ids.data_ptr<int32_t>();
+    p.q_segment_stride = a.q_segment_ids.stride(0);
+    p.k_segment_stride = a.k_segment_ids.stride(0);
+    p.segment_key_range = a.segment_key_range.data_ptr<int32_t>();
+    p.segment_query_range = a.segment_query_range.data_ptr<int32_t>();
+    p.segment_sorted = a.segment_sorted.data_ptr<uint8_t>();
   }
   p.causal = a.causal;
   p.scale = a.scale;

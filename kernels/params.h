@@ -70,6 +70,22 @@ struct AttentionParams {
   const uint8_t* key_padding_mask = nullptr;
   int64_t key_padding_mask_stride[2] = {0, 0};
 
+  // Segments (packed sequences): key j is masked for query i when q_segment_ids[b,i] != k_segment_ids[b,j].
+  // int32 [B, Lq] / [B, Lk] with unit last stride; null when not given. The binding also gives, per row, the
+  // range of the other side that can match: segment_key_range [B, Lq, 2] holds keys [lo, hi) of query i's
+  // segment and segment_query_range [B, Lk, 2] the queries [lo, hi) of key j's; both non-decreasing along the
+  // row, so a tile's range is [lo of its first row, hi of its last). Where a batch row's ids are not sorted
+  // (segment_sorted[b] == 0) they are the whole [0, L) and only the per-pair test masks. Where they are
+  // sorted, the pairs inside both rows' ranges are exactly the matching ones: a tile inside them needs no
+  // per-pair test, and tiles outside are skipped.
+  const int32_t* q_segment_ids = nullptr;
+  const int32_t* k_segment_ids = nullptr;
+  int64_t q_segment_stride = 0;  // batch stride
+  int64_t k_segment_stride = 0;
+  const int32_t* segment_key_range = nullptr;
+  const int32_t* segment_query_range = nullptr;
+  const uint8_t* segment_sorted = nullptr;
+
   bool causal = false;
   double scale = 1.0;
   int64_t q_offset = 0;
@@ -83,6 +99,7 @@ struct AttentionParams {
 
   bool has_bucket_terms() const { return rel_k != nullptr || rel_v != nullptr || rel_bias != nullptr; }
   bool has_dropout() const { return dropout_seed != nullptr; }
+  bool has_segments() const { return q_segment_ids != nullptr; }
 };
 
 // The backward adds the incoming gradients, the outputs and the per-row scratch it shares between

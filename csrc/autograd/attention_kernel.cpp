@@ -19,13 +19,16 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const OptTensor& buckets, const OptTensor& rel_index,
                                const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
                                std::optional<double> scale, int64_t q_offset, double dropout_p,
-                               const OptTensor& dropout_seed) {
+                               const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
+                               const OptTensor& k_segment_ids) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = attention_forward(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
-                                        key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed);
+                                        key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
+                                        q_segment_ids, k_segment_ids);
     auto opt = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
     ctx->save_for_backward({q, k, v, out, lse, opt(rel_k), opt(rel_v), opt(rel_bias), opt(buckets),
-                            opt(rel_index), opt(alibi_slopes), opt(key_padding_mask), opt(dropout_seed)});
+                            opt(rel_index), opt(alibi_slopes), opt(key_padding_mask), opt(dropout_seed),
+                            opt(q_segment_ids), opt(k_segment_ids)});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
@@ -43,7 +46,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
     auto [dq, dk, dv, drk, drv, drb] =
         attention_backward(grad_out, opt(grads[1]), s[0], s[1], s[2], out, s[4], opt(s[5]), opt(s[6]), opt(s[7]),
                            opt(s[8]), opt(s[9]), opt(s[10]), opt(s[11]), ctx->saved_data["causal"].toBool(), scale,
-                           ctx->saved_data["q_offset"].toInt(), ctx->saved_data["dropout_p"].toDouble(), opt(s[12]));
+                           ctx->saved_data["q_offset"].toInt(), ctx->saved_data["dropout_p"].toDouble(), opt(s[12]),
+                           opt(s[13]), opt(s[14]));
     const Tensor none;
     return {dq,
             dk,
@@ -51,6 +55,8 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             s[5].defined() ? drk : none,
             s[6].defined() ? drv : none,
             s[7].defined() ? drb : none,
+            none,
+            none,
             none,
             none,
             none,
@@ -68,9 +74,11 @@ ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const
                                          const OptTensor& buckets, const OptTensor& rel_index,
                                          const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                          bool causal, std::optional<double> scale, int64_t q_offset,
-                                         double dropout_p, const OptTensor& dropout_seed) {
+                                         double dropout_p, const OptTensor& dropout_seed,
+                                         const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   auto r = AttentionFunction::apply(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
-                                    key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed);
+                                    key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
+                                    q_segment_ids, k_segment_ids);
   return {r[0], r[1]};
 }
 

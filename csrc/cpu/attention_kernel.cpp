@@ -315,13 +315,50 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
       for (int64_t j = std::max<int64_t>(0, pos - j0 + 1); j < cols; ++j) s[j] = neg_inf<acc_t>();
     }
   }
+  if (p.has_segments()) {
+    // Sorted ids: a tile inside every row's range of keys is all one segment per row (kernels/params.h).
+    const int32_t* range = p.segment_key_range + (b * p.Lq + i0) * 2;
+    const bool inside = p.segment_sorted[b] && j0 >= range[(rows - 1) * 2] && j0 + cols <= range[1];
+    if (!inside) {
+      const int32_t* qs = p.q_segment_ids + b * p.q_segment_stride + i0;
+      const int32_t* ks = p.k_segment_ids + b * p.k_segment_stride + j0;
+      for (int64_t i = 0; i < rows; ++i) {
+        acc_t* s = S + i * kBlockK;
+        for (int64_t j = 0; j < cols; ++j)
+          if (ks[j] != qs[i]) s[j] = neg_inf<acc_t>();
+      }
+    }
+  }
 }
 
-// Keys [0, end) a query block can see: with causal masking, none after its last query's position.
-inline int64_t key_end(const AttentionParams& p, int64_t i0, int64_t rows) {
-  if (!p.causal) return p.Lk;
-  const int64_t last_pos = i0 + rows - 1 + p.q_offset;
-  return std::min(p.Lk, std::max<int64_t>(0, last_pos + 1));
+// Keys [begin, end) a query block can see, begin on the key-block grid: with causal masking none after its
+// last query's position; with segments, only its rows' segments (the range of keys is whole rows of a
+// batch where the ids are not sorted).
+struct Range {
+  int64_t begin, end;
+};
+inline Range key_range(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows) {
+  int64_t begin = 0, end = p.Lk;
+  if (p.causal) end = std::min(end, std::max<int64_t>(0, i0 + rows - 1 + p.q_offset + 1));
+  if (p.has_segments()) {
+    const int32_t* range = p.segment_key_range + (b * p.Lq + i0) * 2;
+    begin = range[0] / kBlockK * kBlockK;
+    end = std::min<int64_t>(end, range[(rows - 1) * 2 + 1]);
+  }
+  return {begin, std::max(begin, end)};
+}
+
+// Query rows [begin, end) that can see a key of the block [j0, j0 + cols), begin on the query-block grid.
+inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_t cols) {
+  int64_t begin = 0, end = p.Lq;
+  if (p.causal) begin = std::clamp<int64_t>(j0 - p.q_offset, 0, p.Lq);  // i + q_offset >= j0
+  if (p.has_segments()) {
+    const int32_t* range = p.segment_query_range + (b * p.Lk + j0) * 2;
+    begin = std::max<int64_t>(begin, range[0]);
+    end = range[(cols - 1) * 2 + 1];
+  }
+  begin = begin / kBlockQ * kBlockQ;
+  return {begin, std::max(begin, end)};
 }
 
 // tab[i, r] = scale * q_i·aK[r] + bias[h, r]  ([rows, R1])
@@ -365,9 +402,9 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
 
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
-  const int64_t j_end = key_end(p, i0, rows);
-  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, j_end - j0);
+  const Range keys = key_range(p, b, i0, rows);
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, keys.end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     acc_t* S = t.s.data();
@@ -536,9 +573,9 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   if (drop) std::fill(t.pdsum.begin(), t.pdsum.end(), acc_t(0));
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
-  const int64_t j_end = key_end(p, i0, rows);
-  for (int64_t j0 = 0; j0 < j_end; j0 += kBlockK) {
-    const int64_t cols = std::min(kBlockK, j_end - j0);
+  const Range keys = key_range(p, b, i0, rows);
+  for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, keys.end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse,
@@ -606,10 +643,10 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
   std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
 
+  const Range queries = query_range(p, b, j0, cols);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
+    for (int64_t i0 = queries.begin; i0 < queries.end; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.Lq - i0);
-      if (p.causal && i0 + rows - 1 + p.q_offset < j0) continue;  // every key of the block is in the future
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
       const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
       const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
@@ -704,9 +741,10 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                     const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                                    int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
+                                    int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
+                                    const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
   if (a.B * a.H * a.Lq == 0) return {out, lse};
@@ -745,9 +783,10 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& buckets, const OptTensor& rel_index,
                                       const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                       bool causal, std::optional<double> scale, int64_t q_offset,
-                                      double dropout_p, const OptTensor& dropout_seed) {
+                                      double dropout_p, const OptTensor& dropout_seed,
+                                      const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed);
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
   Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());

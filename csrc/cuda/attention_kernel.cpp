@@ -79,6 +79,13 @@ IdCheck id_check_mode(const Tensor& q) {
   return env_str("RELATTN_CHECK_IDS") == "always" ? IdCheck::kHost : IdCheck::kHostCached;
 }
 
+// Segment ids are not in the CUDA kernels yet: a clear error rather than a silently unmasked answer.
+void check_no_segments(const Prepared& a) {
+  TORCH_CHECK(!a.q_segment_ids.defined(), "relattn.attention: segment ids (segment_ids, q_segment_ids, "
+              "k_segment_ids) are supported on the CPU only so far; run this call on the CPU, or use "
+              "key_padding_mask with one sequence per batch row");
+}
+
 // Calls f(std::integral_constant<int, HD>{}) for the padded head dim HD of the tensor-core kernels.
 template <typename F>
 void with_mma_head_dim(int hd, F&& f) {
@@ -137,9 +144,12 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                                      const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                      const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
-                                     int64_t q_offset, double dropout_p, const OptTensor& dropout_seed) {
+                                     int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
+                                     const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed, id_check_mode(q));
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
+                       id_check_mode(q));
+  check_no_segments(a);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -230,9 +240,12 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        const OptTensor& buckets, const OptTensor& rel_index,
                                        const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                        bool causal, std::optional<double> scale, int64_t q_offset,
-                                       double dropout_p, const OptTensor& dropout_seed) {
+                                       double dropout_p, const OptTensor& dropout_seed,
+                                       const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed, id_check_mode(q));
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
+                       id_check_mode(q));
+  check_no_segments(a);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,

@@ -76,7 +76,7 @@ struct RelativeMultiheadAttentionOptions {
   // Query heads H; embed_dim must be divisible by it (head dim E / H).
   TORCH_ARG(int64_t, num_heads);
   // Dropout on the attention weights (in training mode only), fused into the kernels: see
-  // AttentionOptions::dropout_p. CPU only so far: a CUDA call with dropout > 0 in training is an error.
+  // AttentionOptions::dropout_p.
   TORCH_ARG(double, dropout) = 0.0;
   // Biases in the query, key, value and output projections.
   TORCH_ARG(bool, bias) = true;

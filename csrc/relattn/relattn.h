@@ -47,6 +47,15 @@ struct AttentionOptions {
   TORCH_ARG(double, dropout_p) = 0.0;
   // An int64 tensor of one element on q's device; drawn with draw_dropout_seed(q) when not given.
   TORCH_ARG(std::optional<at::Tensor>, dropout_seed) = std::nullopt;
+  // Segments (packed sequences): key j is masked for query i when their segment ids differ. Integer [B, Lk]
+  // (int32 is read as it is; other dtypes are converted); query i's id is segment_ids[b, i + q_offset], so
+  // 0 <= q_offset and Lq + q_offset <= Lk. Positions stay j - (i + q_offset): within a packed sequence they
+  // are the sequence's own relative positions. Where each row's ids are non-decreasing (every segment
+  // contiguous), the kernels skip the tiles between segments.
+  TORCH_ARG(std::optional<at::Tensor>, segment_ids) = std::nullopt;
+  // The general form (e.g. cross-attention): query ids [B, Lq] and key ids [B, Lk]; excludes segment_ids.
+  TORCH_ARG(std::optional<at::Tensor>, q_segment_ids) = std::nullopt;
+  TORCH_ARG(std::optional<at::Tensor>, k_segment_ids) = std::nullopt;
 };
 
 // out [B, H, Lq, Dv]. Differentiable in q, k, v, rel_k, rel_v, rel_bias.

@@ -28,6 +28,7 @@ def attention(
     return_lse: bool = False,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
+    segment_ids: Union[Tensor, Tuple[Tensor, Tensor], None] = None,
 ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     r"""Fused attention with relative positions.
 
@@ -63,11 +64,17 @@ def attention(
             by ``1 / (1 - dropout_p)``; ``lse`` is unchanged. ``dropout_p`` is used as a multiple of
             1/65536. Like :func:`torch.nn.functional.scaled_dot_product_attention`, this function drops
             whenever ``dropout_p > 0``: pass 0 in evaluation (the :mod:`relattn.nn` layers do).
-            CPU only so far (CUDA raises an error).
         dropout_seed: int64 tensor of one element on ``q``'s device that fixes the dropout mask (a
             counter-based Philox stream: the backward regenerates the mask, and CPU and CUDA draw the
             same one). Drawn from torch's generator for ``q``'s device when ``None``, so
             :func:`torch.manual_seed` makes runs reproducible.
+        segment_ids: packed sequences: key ``j`` is masked for query ``i`` when their segment ids
+            differ. Integer ``[B, Lk]`` (int32 is read as it is; other dtypes are converted), query
+            ``i`` taking the id of key position ``i + q_offset``; or a pair ``(q_ids [B, Lq],
+            k_ids [B, Lk])``. Distances stay ``j - (i + q_offset)``, which within a packed sequence
+            are its own relative positions. Where a row's ids are non-decreasing (every segment
+            contiguous), the kernels skip the tiles between segments, so a packed batch costs about
+            the sum of its sequences' squared lengths. CPU only so far (CUDA raises an error).
 
     Tables may be float32 beside half-precision ``q/k/v``; their gradients come back in their own
     dtype. A query whose keys are all masked gets ``out = 0``, ``lse = -inf`` and zero gradients.
@@ -78,10 +85,34 @@ def attention(
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed(q)
+    q_segment_ids, k_segment_ids = _segment_pair(segment_ids, q, k, int(q_offset))
     out, lse = torch.ops.relattn.attention_forward(
         q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-        bool(causal), None if scale is None else float(scale), int(q_offset), dropout_p, dropout_seed)
+        bool(causal), None if scale is None else float(scale), int(q_offset), dropout_p, dropout_seed,
+        q_segment_ids, k_segment_ids)
     return (out, lse) if return_lse else out
+
+
+def _segment_pair(segment_ids, q: Tensor, k: Tensor, q_offset: int):
+    """(query ids, key ids) from ``segment_ids`` (see :func:`attention`)."""
+    if segment_ids is None:
+        return None, None
+    if isinstance(segment_ids, (tuple, list)):
+        if len(segment_ids) != 2:
+            raise ValueError("relattn.attention: segment_ids must be a [B, Lk] tensor or a pair "
+                             f"(q_ids, k_ids), got a sequence of {len(segment_ids)}")
+        return segment_ids[0], segment_ids[1]
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    if segment_ids.is_floating_point() or segment_ids.is_complex() or segment_ids.dtype == torch.bool:
+        raise ValueError(f"relattn.attention: segment_ids must have an integer dtype, got {segment_ids.dtype}")
+    if segment_ids.dim() != 2 or segment_ids.shape[1] != Lk:
+        raise ValueError(f"relattn.attention: segment_ids must be [B, Lk] with Lk = {Lk}, got shape "
+                         f"{tuple(segment_ids.shape)}")
+    if q_offset < 0 or Lq + q_offset > Lk:
+        raise ValueError("relattn.attention: segment_ids gives query i the id of key position "
+                         f"i + q_offset, which needs 0 <= q_offset and Lq + q_offset <= Lk (got Lq = {Lq}, "
+                         f"q_offset = {q_offset}, Lk = {Lk}); pass a pair (q_ids, k_ids) instead")
+    return segment_ids[:, q_offset:q_offset + Lq], segment_ids
 
 
 def draw_dropout_seed(like: Tensor) -> Tensor:

@@ -71,8 +71,7 @@ class RelativeMultiheadAttention(nn.Module):
         embed_dim: model width ``E``; the output has this width too.
         num_heads: query heads ``H``; ``embed_dim`` must be divisible by it (head dim ``E / H``).
         dropout: dropout on the attention weights, in training mode only, fused into the kernels
-            (``dropout_p`` of :func:`relattn.attention`). CPU only so far: on CUDA a non-zero value
-            raises an error in training mode.
+            (``dropout_p`` of :func:`relattn.attention`).
         bias: add biases to the query, key, value and output projections.
         kdim, vdim: feature sizes of ``key`` and ``value`` (default ``embed_dim``).
         batch_first: inputs and output are ``[B, L, E]`` (default) rather than ``[L, B, E]``.
@@ -261,6 +260,7 @@ class RelativeMultiheadAttention(nn.Module):
         *,
         causal: bool = False,
         rel_index: Optional[Tensor] = None,
+        segment_ids: Union[Tensor, Tuple[Tensor, Tensor], None] = None,
     ) -> Tuple[Tensor, None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -281,6 +281,9 @@ class RelativeMultiheadAttention(nn.Module):
             rel_index: optional integer ``[Lq, Lk]`` or ``[B, Lq, Lk]`` bucket of every pair
                 (structural positions), replacing the distance buckets of "shaw"/"t5"/"clip_bias";
                 every id must lie in ``[0, R)``.
+            segment_ids: packed sequences: integer ``[B, Lk]`` (or a pair ``(q_ids [B, Lq], k_ids
+                [B, Lk])``); a query attends only to keys of its own segment (see
+                :func:`relattn.attention`).
 
         Returns:
             ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
@@ -322,6 +325,7 @@ class RelativeMultiheadAttention(nn.Module):
             causal=is_causal,
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
+            segment_ids=segment_ids,
         )
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.embed_dim))
         if not self.batch_first:
@@ -448,6 +452,7 @@ class RelativeTransformerEncoderLayer(nn.Module):
         is_causal: bool = False,
         *,
         rel_index: Optional[Tensor] = None,
+        segment_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when not ``batch_first``).
@@ -458,6 +463,8 @@ class RelativeTransformerEncoderLayer(nn.Module):
             rel_index: optional integer ``[L, L]`` or ``[B, L, L]`` bucket of every (query, key) pair
                 (structural positions, e.g. clipped distances in a parse tree), replacing the distance
                 buckets of "shaw"/"t5"/"clip_bias"; see :class:`RelativeMultiheadAttention`.
+            segment_ids: optional integer ``[B, L]``: packed sequences, each token attending only to
+                tokens with its id (see :func:`relattn.attention`).
 
         Returns:
             a tensor shaped like ``src``.
@@ -465,18 +472,18 @@ class RelativeTransformerEncoderLayer(nn.Module):
         _check_attn_mask(src_mask, is_causal, "src_mask")
         x = src
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal, rel_index)
+            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal, rel_index, segment_ids)
             x = x + self._ff_block(self.norm2(x))
         else:
             alpha = self.residual_alpha
-            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal, rel_index))
+            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal, rel_index, segment_ids))
             x = self.norm2(alpha * x + self._ff_block(x))
         return x
 
     def _sa_block(self, x: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
-                  rel_index: Optional[Tensor]) -> Tensor:
+                  rel_index: Optional[Tensor], segment_ids: Optional[Tensor] = None) -> Tensor:
         x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal, rel_index=rel_index)[0]
+                           is_causal=is_causal, rel_index=rel_index, segment_ids=segment_ids)[0]
         return self.dropout1(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
@@ -554,6 +561,7 @@ class RelativeTransformerEncoder(nn.Module):
         is_causal: bool = False,
         *,
         rel_index: Optional[Tensor] = None,
+        segment_ids: Optional[Tensor] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when the layers are not ``batch_first``).
@@ -563,6 +571,9 @@ class RelativeTransformerEncoder(nn.Module):
             rel_index: optional integer ``[L, L]`` or ``[B, L, L]`` bucket of every pair (structural
                 positions), used by every layer in place of its distance buckets. An int64 one is
                 converted to int32 (what the kernels read) once here, not once per layer.
+            segment_ids: optional integer ``[B, L]``: packed sequences (several per batch row), each
+                token attending only to tokens with its id, in every layer; relative positions stay
+                those within each sequence. See :func:`relattn.attention`.
 
         Returns:
             a tensor shaped like ``src``.
@@ -578,9 +589,11 @@ class RelativeTransformerEncoder(nn.Module):
         for layer in self.layers:
             if use_checkpoint:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, None, src_key_padding_mask, is_causal, rel_index=rel_index, use_reentrant=False)
+                    layer, x, None, src_key_padding_mask, is_causal, rel_index=rel_index, segment_ids=segment_ids,
+                    use_reentrant=False)
             else:
-                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index)
+                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index,
+                          segment_ids=segment_ids)
         if self.norm is not None:
             x = self.norm(x)
         return x

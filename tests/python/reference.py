@@ -22,11 +22,13 @@ def pair_buckets(Lq, Lk, *, buckets=None, rel_index=None, q_offset=0, B=1, devic
 
 def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, buckets=None, rel_index=None,
                         alibi_slopes=None, key_padding_mask=None, causal=False, scale=None, q_offset=0,
-                        dtype=None, dropout_keep=None):
+                        dtype=None, dropout_keep=None, segment_ids=None):
     """Returns (out, lse) computed naively in `dtype` (default: q's dtype).
 
     dropout_keep: optional [B, H, Lq, Lk] factors (0 for a dropped pair, 1/(1-p) for a kept one) that
     multiply the attention weights of v and rel_v (not lse).
+    segment_ids: [B, Lk] ids (query i has the id of key i + q_offset) or a pair (q_ids [B, Lq],
+    k_ids [B, Lk]); pairs of different ids are masked.
     """
     dtype = dtype or q.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -60,6 +62,13 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
         mask = mask | key_padding_mask.view(B, 1, 1, Lk)
     if causal:
         mask = mask | (dist > 0).view(1, 1, Lq, Lk)
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            q_ids, k_ids = segment_ids
+        else:
+            k_ids = segment_ids
+            q_ids = segment_ids[:, torch.arange(Lq, device=segment_ids.device) + q_offset]
+        mask = mask | (q_ids.long().view(B, 1, Lq, 1) != k_ids.long().view(B, 1, 1, Lk))
     s = s.masked_fill(mask, float("-inf"))
 
     lse = torch.logsumexp(s, dim=-1)
