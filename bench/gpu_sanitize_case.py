@@ -7,7 +7,7 @@ Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Forward
 kernel at every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
 distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in global
 scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32, float64
-and (forced) bf16, and calls with attention-weight dropout.
+and (forced) bf16, and calls with attention-weight dropout and with segment ids (sorted and not).
 
 Backward (loss through out and lse; gradients of q, k, v and every table): every bf16 call (tensor-core
 kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
@@ -30,7 +30,7 @@ _backward = True
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
          alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None,
-         unchecked_ids=False, dropout_p=0.0):
+         unchecked_ids=False, dropout_p=0.0, segments=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
@@ -49,6 +49,14 @@ def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="
     kw = dict(causal=causal, q_offset=q_offset)
     if dropout_p:
         kw["dropout_p"] = dropout_p  # the seed is drawn on the device
+    if segments == "packed":  # sorted ids: tile ranges from the per-row spans, boundaries inside tiles
+        ids = torch.zeros(B, Lk, dtype=torch.int32, device="cuda")
+        for cut in (3, Lk // 3, Lk // 3 + 1, 2 * Lk // 3):
+            ids[:, cut:] += 1
+        kw["segment_ids"] = (ids[:, q_offset:q_offset + Lq], ids) if Lq + q_offset <= Lk else None
+    elif segments == "unsorted":
+        kw["segment_ids"] = (torch.randint(0, 3, (B, Lq), generator=g, device="cuda"),
+                             torch.randint(0, 3, (B, Lk), generator=g, device="cuda"))
     if positions == "clip":
         kw["buckets"] = relattn.clip_buckets((R - 1) // 2).cuda()
     elif positions == "index":
@@ -129,6 +137,11 @@ def main(argv=None):
     # Attention-weight dropout (every dtype on the SIMT kernels; the seed read from device memory).
     call(torch.bfloat16, D=64, Lq=40, Lk=70, alibi=True, padding=True, causal=True, q_offset=10, dropout_p=0.3)
     call(torch.float32, D=40, Dv=24, Lq=30, Lk=50, positions="index", R=7, Hk=1, dropout_p=0.5)
+    # Segment ids (packed sequences): sorted (tile ranges) and unsorted (the per-pair test everywhere).
+    call(torch.bfloat16, B=2, D=64, Lq=150, Lk=150, causal=True, segments="packed")
+    call(torch.float16, B=2, D=128, Lq=70, Lk=90, positions="index", R=7, q_offset=10, segments="packed")
+    call(torch.bfloat16, B=2, D=32, Lq=40, Lk=70, tables=(), padding=True, segments="unsorted")
+    call(torch.float32, B=2, D=40, Lq=60, Lk=60, causal=True, segments="packed")
     # ids changed behind the binding's back (checked once per tensor version on CUDA): clamped in the kernels
     for dtype in (torch.bfloat16, torch.float32):
         call(dtype, D=64, Lq=40, Lk=60, unchecked_ids=True)

@@ -242,7 +242,8 @@ void RelativeMultiheadAttentionImpl::to(torch::Dtype dtype, bool non_blocking) {
 torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query, const torch::Tensor& key,
                                                       const torch::Tensor& value,
                                                       const torch::Tensor& key_padding_mask, bool is_causal,
-                                                      const torch::Tensor& rel_index) {
+                                                      const torch::Tensor& rel_index,
+                                                      const torch::Tensor& segment_ids) {
   constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
   const int64_t E = options.embed_dim();
   const torch::Tensor& key_in = key.defined() ? key : query;
@@ -287,6 +288,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
   if (alibi_slopes.defined()) attn.alibi_slopes(alibi_slopes);
   if (key_padding_mask.defined()) attn.key_padding_mask(key_padding_mask);
   if (is_training()) attn.dropout_p(options.dropout());
+  if (segment_ids.defined()) attn.segment_ids(segment_ids);
   const torch::Tensor heads = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]
   const torch::Tensor out = out_proj(heads.transpose(1, 2).reshape({B, Lq, E}));
   return bf ? out : out.transpose(0, 1);
@@ -397,9 +399,10 @@ torch::Tensor RelativeTransformerEncoderLayerImpl::feed_forward(const torch::Ten
 
 torch::Tensor RelativeTransformerEncoderLayerImpl::forward(const torch::Tensor& src,
                                                            const torch::Tensor& src_key_padding_mask,
-                                                           bool is_causal, const torch::Tensor& rel_index) {
+                                                           bool is_causal, const torch::Tensor& rel_index,
+                                                           const torch::Tensor& segment_ids) {
   auto self_attention = [&](const torch::Tensor& x) {
-    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index));
+    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index, segment_ids));
   };
   if (options.norm_first()) {
     const torch::Tensor x = src + self_attention(norm1(src));
@@ -486,7 +489,8 @@ RelativeTransformerEncoderLayer RelativeTransformerEncoderImpl::layer(size_t i) 
 
 torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
                                                       const torch::Tensor& src_key_padding_mask, bool is_causal,
-                                                      const torch::Tensor& rel_index) {
+                                                      const torch::Tensor& rel_index,
+                                                      const torch::Tensor& segment_ids) {
   // One int32 conversion for every layer; clamping keeps an id beyond int32 out of [0, R), so that the
   // op's range check reports it instead of a wrapped-around id passing as valid.
   torch::Tensor ids = rel_index;
@@ -494,7 +498,8 @@ torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
     ids = ids.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(torch::kInt);
   }
   torch::Tensor x = src;
-  for (size_t i = 0; i < layers->size(); ++i) x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids);
+  for (size_t i = 0; i < layers->size(); ++i)
+    x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids, segment_ids);
   return norm.is_empty() ? x : norm.forward(x);
 }
 

@@ -79,13 +79,6 @@ IdCheck id_check_mode(const Tensor& q) {
   return env_str("RELATTN_CHECK_IDS") == "always" ? IdCheck::kHost : IdCheck::kHostCached;
 }
 
-// Segment ids are not in the CUDA kernels yet: a clear error rather than a silently unmasked answer.
-void check_no_segments(const Prepared& a) {
-  TORCH_CHECK(!a.q_segment_ids.defined(), "relattn.attention: segment ids (segment_ids, q_segment_ids, "
-              "k_segment_ids) are supported on the CPU only so far; run this call on the CPU, or use "
-              "key_padding_mask with one sequence per batch row");
-}
-
 // Calls f(std::integral_constant<int, HD>{}) for the padded head dim HD of the tensor-core kernels.
 template <typename F>
 void with_mma_head_dim(int hd, F&& f) {
@@ -127,8 +120,9 @@ Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
     }
   } else {
     plan.head_dim = kc::mma_head_dim_for(std::max(a.D, a.Dv));
+    // dropout: the table instance draws the mask; segments run in it too (route_segments_to_dropout_instance)
     plan.plain = !a.rel_k.defined() && !a.rel_v.defined() && !a.rel_bias.defined() && !a.dropout_seed.defined() &&
-                 env_str("RELATTN_CUDA_PLAIN") != "0";  // dropout: the table instance draws the mask
+                 !a.q_segment_ids.defined() && env_str("RELATTN_CUDA_PLAIN") != "0";
     const bool plain = plan.plain;
     with_mma_head_dim(plan.head_dim, [&](auto hd) {
       const kc::MmaForwardShape shape = kc::mma_forward_shape<decltype(hd)::value>(plain);
@@ -149,7 +143,6 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
                        id_check_mode(q));
-  check_no_segments(a);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -205,6 +198,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
   cudaError_t err = cudaSuccess;
+  Tensor segment_seed;  // alive until the launch is queued (stream-ordered frees)
   if (plan.simt) {
     switch (dtype) {
       case at::kDouble: err = kc::launch_forward_simt<double>(p, smem, stream); break;
@@ -214,6 +208,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
       default: TORCH_CHECK(false, "relattn.attention: no CUDA kernel for dtype ", dtype);
     }
   } else {
+    segment_seed = route_segments_to_dropout_instance(a, p);
     with_mma_head_dim(plan.head_dim, [&](auto hd) {
       constexpr int HD = decltype(hd)::value;
       if (dtype == at::kHalf) {
@@ -245,7 +240,6 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
                        id_check_mode(q));
-  check_no_segments(a);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
@@ -281,6 +275,7 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
     std::vector<Tensor> single_sweep_inputs;  // alive until the kernels are done (stream-ordered frees)
     if (backward_uses_mma(a, dtype)) {
       single_sweep_inputs = single_sweep_backward_inputs(a, out, p);
+      single_sweep_inputs.push_back(route_segments_to_dropout_instance(a, p));
       with_mma_head_dim(kc::mma_head_dim_for(std::max(a.D, a.Dv)), [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
         if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {

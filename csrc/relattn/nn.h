@@ -126,11 +126,13 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   // key_padding_mask bool [B, Lk], true = padding (a query with every key masked outputs
   // out_proj's bias, never NaN); is_causal masks keys after the query (j > i); rel_index, integer
   // [Lq, Lk] or [B, Lq, Lk], replaces the distance buckets with an explicit bucket per pair
-  // (structural positions; needs a scheme with tables). Returns [B, Lq, E] ([Lq, B, E] when not
-  // batch_first). The distance of query i and key j is j - i.
+  // (structural positions; needs a scheme with tables); segment_ids, integer [B, Lk] with Lq == Lk (packed
+  // sequences: a query attends only to keys with its id; see AttentionOptions::segment_ids). Returns
+  // [B, Lq, E] ([Lq, B, E] when not batch_first). The distance of query i and key j is j - i.
   torch::Tensor forward(const torch::Tensor& query, const torch::Tensor& key = {},
                         const torch::Tensor& value = {}, const torch::Tensor& key_padding_mask = {},
-                        bool is_causal = false, const torch::Tensor& rel_index = {});
+                        bool is_causal = false, const torch::Tensor& rel_index = {},
+                        const torch::Tensor& segment_ids = {});
 
   void reset() override;
   // Xavier-uniform projection weights, zero biases; rel_k / rel_v ~ N(0, 0.02²); rel_bias = 0 (so
@@ -178,7 +180,7 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(torch::Tensor())},
                            {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(false)},
-                           {5, torch::nn::AnyValue(torch::Tensor())})
+                           {5, torch::nn::AnyValue(torch::Tensor())}, {6, torch::nn::AnyValue(torch::Tensor())})
 
  private:
   // The tables the scheme uses ("rel_k", "rel_v", "rel_bias") and their shapes.
@@ -253,9 +255,11 @@ class RelativeTransformerEncoderLayerImpl
   // src [B, L, d_model] ([L, B, d_model] when not batch_first); src_key_padding_mask bool [B, L],
   // true = padding; is_causal: causal self-attention; rel_index, integer [L, L] or [B, L, L], an explicit
   // bucket per pair (structural positions) in place of the distance buckets (see
-  // RelativeMultiheadAttention). Returns a tensor shaped like src.
+  // RelativeMultiheadAttention); segment_ids, integer [B, L]: packed sequences. Returns a tensor shaped
+  // like src.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
-                        bool is_causal = false, const torch::Tensor& rel_index = {});
+                        bool is_causal = false, const torch::Tensor& rel_index = {},
+                        const torch::Tensor& segment_ids = {});
 
   void reset() override;
   void reset_parameters();
@@ -280,7 +284,7 @@ class RelativeTransformerEncoderLayerImpl
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
-                          {3, torch::nn::AnyValue(torch::Tensor())})
+                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())})
 
  private:
   torch::Tensor feed_forward(const torch::Tensor& x);
@@ -324,9 +328,11 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   // src [B, L, d_model] ([L, B, d_model] when the layers are not batch_first); src_key_padding_mask
   // bool [B, L], true = padding; is_causal: causal self-attention in every layer; rel_index, integer
   // [L, L] or [B, L, L]: structural positions for every layer (an int64 one is converted to int32, what
-  // the kernels read, once here rather than once per layer).
+  // the kernels read, once here rather than once per layer); segment_ids, integer [B, L]: packed sequences
+  // (several per batch row, each token attending only to tokens with its id) in every layer.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
-                        bool is_causal = false, const torch::Tensor& rel_index = {});
+                        bool is_causal = false, const torch::Tensor& rel_index = {},
+                        const torch::Tensor& segment_ids = {});
 
   void reset() override;
   // A deep copy; with share_relative_tables its layers share the copy's first-layer tables.
@@ -347,7 +353,7 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
-                          {3, torch::nn::AnyValue(torch::Tensor())})
+                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())})
 
  private:
   void share_first_layer_tables();

@@ -50,8 +50,9 @@ struct AttentionOptions {
   // Segments (packed sequences): key j is masked for query i when their segment ids differ. Integer [B, Lk]
   // (int32 is read as it is; other dtypes are converted); query i's id is segment_ids[b, i + q_offset], so
   // 0 <= q_offset and Lq + q_offset <= Lk. Positions stay j - (i + q_offset): within a packed sequence they
-  // are the sequence's own relative positions. Where each row's ids are non-decreasing (every segment
-  // contiguous), the kernels skip the tiles between segments.
+  // are the sequence's own relative positions. Where each row's ids are non-decreasing (the packed
+  // sequences numbered 0, 1, 2, ... along the row), the kernels skip the tiles between segments; other
+  // ids are correct, but every tile then pays the per-pair test.
   TORCH_ARG(std::optional<at::Tensor>, segment_ids) = std::nullopt;
   // The general form (e.g. cross-attention): query ids [B, Lq] and key ids [B, Lk]; excludes segment_ids.
   TORCH_ARG(std::optional<at::Tensor>, q_segment_ids) = std::nullopt;

@@ -111,7 +111,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   const bool primary = wc == 0;
 
   const int64_t slot = blockIdx.x;
-  const QueryTile tile = query_tile<BM>(p, slot);
+  QueryTile tile = query_tile<BM>(p, slot);
+  if constexpr (kDropout) clip_to_segments(p, tile);  // segments run in this instance (backward.h)
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
@@ -139,6 +140,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
+  const int64_t t_first = kDropout ? tile.key_begin / BN : 0;  // the first key tile (segments)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
@@ -240,10 +242,10 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   // One sweep over the key tiles (with dropout, pass 0 first: only Σ P∘(z dP)).
   auto sweep = [&](const int pass) {
-  if (n_tiles > 0) issue_tile(0, 0);
+  if (t_first < n_tiles) issue_tile(t_first, 0);
   cp_async_commit();
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    const int stage = static_cast<int>(t & 1);
+  for (int64_t t = t_first; t < n_tiles; ++t) {
+    const int stage = static_cast<int>((t - t_first) & 1);
     if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
@@ -255,10 +257,15 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
     // acc_s <- dS0 = P∘(dP - Δ0), acc_dp <- P.
     int row_far[2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
+    // Segments: a per-pair test unless the tile lies inside the segment of each of the warp's rows (warp-uniform).
+    const int warp_rows = rows - warp_row0 < 16 ? rows - warp_row0 : 16;
+    const bool seg_test = kDropout && warp_rows > 0 &&
+                          segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, p.Lk - j0 < BN ? int(p.Lk - j0) : BN);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = warp_row0 + g + hf * 8;
       const bool row_ok = row < rows;
+      const int32_t row_seg = seg_test && row_ok ? q_segment(p, b, i0 + row) : 0;
       const int64_t pos = i0 + row + p.q_offset;
       const int64_t dj = j0 - pos;
       // (far_side(dj, dj + BN - 1, M) spelled out: that form keeps this kernel out of spills at hd 96/128)
@@ -288,7 +295,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           float s = acc_s[0][nt][e] * scale_log2;
           if (has_tab && row_ok) s += rb >= 0 ? tab_row : tab_g[row * R + beta] * kLog2e;
           if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dj + c));
-          const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]);
+          const bool masked = c >= col_lim || (kpm && sKpm[stage * BN + c]) ||
+                              (seg_test && k_segment(p, b, j0 + c) != row_seg);
           const float pv = masked ? 0.f : exp2_ftz(s - lse2[hf]);
           float dp = acc_dp[0][nt][e];
           if (has_doa && row_ok) dp += rb >= 0 ? doa_row : doa_g[row * R + beta];
@@ -584,11 +592,18 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   const bool has_tab = p.has_tab();
   const bool has_doa = p.has_doa();
 
-  // Query rows that can see a key of this tile: with causal masking, i + q_offset >= j0.
-  int64_t i_first = 0;
+  // Query rows that can see a key of this tile: with causal masking, i + q_offset >= j0; with segments, the
+  // rows of the keys' segments.
+  int64_t i_first = 0, i_end = p.Lq;
   if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
-  const int64_t nq = (p.Lq + BQ - 1) / BQ;
-  const int64_t qt_first = i_first >= p.Lq ? nq : i_first / BQ;
+  if (kDropout && p.q_segment_ids != nullptr) {
+    int64_t lo, hi;
+    segment_query_span(p, b, j0, keys, lo, hi);
+    if (lo > i_first) i_first = lo;
+    if (hi < i_end) i_end = hi;
+  }
+  const int64_t nq = (i_end + BQ - 1) / BQ;  // one past the last query tile that can see the keys
+  const int64_t qt_first = i_first >= i_end ? nq : i_first / BQ;
   const int64_t n_vis = nq - qt_first;
   const int64_t n_iter = group * n_vis;
 
@@ -685,10 +700,14 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     const float* tcol = sFar + (stage * 2) * BQ;
     const float* dcol = sFar + (stage * 2 + 1) * BQ;
 
+    // Segments: a per-pair test unless the query tile lies inside the segment of every key of the tile.
+    const bool seg_test = kDropout && segment_test_needed(p, b, i0, rows, j0, keys);
+    const int32_t* q_seg = seg_test ? p.q_segment_ids + b * p.q_segment_stride + i0 : nullptr;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int kr = warp_key0 + g + hf * 8;
       const bool key_ok = sKpm[kr] == 0;  // inside Lk and not padding
+      const int32_t key_seg = q_seg != nullptr && key_ok ? k_segment(p, b, j0 + kr) : 0;
       const int64_t dk0 = j0 + kr - (i0 + p.q_offset);  // distance to query column 0
       // causal: the key is after query column c's position (d = dk0 - c > 0) for the columns c < c_vis
       const int c_vis = p.causal ? static_cast<int>(dk0 < 0 ? 0 : (dk0 > BQ ? BQ : dk0)) : 0;
@@ -700,7 +719,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
         float s = acc_s[0][nt][e] * scale_log2;
         if (has_tab && col_ok) s += tv;
         if (slope_log2 != 0.f) s -= slope_log2 * fabsf(static_cast<float>(dk0 - c));
-        const bool masked = !key_ok || !col_ok || c < c_vis;
+        const bool masked = !key_ok || !col_ok || c < c_vis || (q_seg != nullptr && q_seg[c] != key_seg);
         const float pv = masked ? 0.f : exp2_ftz(s - sLse[stage * BQ + c]);
         float dp = acc_dp[0][nt][e];
         if (has_doa && col_ok) dp += dv;
@@ -769,7 +788,7 @@ cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdMmaConfig<kHeadDim>;
   const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
-  if (p.dropout_seed != nullptr) {
+  if (p.dropout_seed != nullptr) {  // dropout or segments (backward.h)
     cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim, true>, blocks_a, Cfg::kThreads,
                                     Cfg::kABytes, stream, p);
     if (err != cudaSuccess) return err;

@@ -63,7 +63,8 @@ RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t 
                          acc_t* pz, acc_t* dv, int32_t* beta_out) {
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
   const int64_t d = j - (i + p.q_offset);
-  const bool masked = !valid || (p.causal && d > 0) || lse == static_cast<acc_t>(-INFINITY);
+  const bool masked = !valid || (p.causal && d > 0) || lse == static_cast<acc_t>(-INFINITY) ||
+                      (p.q_segment_ids != nullptr && q_segment(p, b, i) != k_segment(p, b, j));
   if (masked) {
     *pv = acc_t(0);
     *pz = acc_t(0);
@@ -116,7 +117,8 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
 
   const int tid = threadIdx.x;
   const int64_t slot = blockIdx.x;
-  const QueryTile tile = query_tile<BM>(p, slot);
+  QueryTile tile = query_tile<BM>(p, slot);
+  clip_to_segments(p, tile);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const int64_t row0 = bh * p.Lq + i0;
@@ -178,7 +180,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
   acc_t rowacc = 0;  // Σ P∘dP of row `tid` (threads < BM)
 
   for (int sweep = 0; sweep < 2; ++sweep) {
-    for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+    for (int64_t j0 = tile.key_begin / BN * BN; j0 < j_end; j0 += BN) {
       __syncthreads();  // the previous tile is consumed
       const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
       load_rows<T, acc_t>(sK, D + 1, kg + j0 * p.k_stride[2], p.k_stride[2], cols, BN, D, tid);
@@ -298,8 +300,14 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
   load_rows<T, acc_t>(sK, D + 1, kg, p.k_stride[2], keys, BK, D, tid);
   load_rows<T, acc_t>(sV, Dv + 1, vg, p.v_stride[2], keys, BK, Dv, tid);
 
-  int64_t i_first = 0;
+  int64_t i_first = 0, i_end = p.Lq;
   if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
+  if (p.q_segment_ids != nullptr) {
+    int64_t lo, hi;
+    segment_query_span(p, b, j0, keys, lo, hi);
+    if (lo > i_first) i_first = lo;
+    if (hi < i_end) i_end = hi;
+  }
 
   const int my_key = tid / 8;
   const int my_col = tid % 8;
@@ -311,7 +319,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
   }
 
   for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
-    for (int64_t i0 = i_first / BQ * BQ; i0 < p.Lq; i0 += BQ) {
+    for (int64_t i0 = i_first / BQ * BQ; i0 < i_end; i0 += BQ) {
       const int rows = static_cast<int>(p.Lq - i0 < BQ ? p.Lq - i0 : BQ);
       const int64_t r0 = (b * p.H + h) * p.Lq + i0;
       const T* qg = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];

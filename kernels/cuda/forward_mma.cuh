@@ -248,7 +248,9 @@ RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t
 }  // namespace mma_detail
 
 // kDropout (table instance only): the weights of V and of the bucket sums are p̃·z, z the pair's dropout
-// factor (kernels/dropout.h), drawn in registers after l has taken every p̃.
+// factor (kernels/dropout.h), drawn in registers after l has taken every p̃. Calls with segment ids run
+// this instance too (with z = 1 when they have no dropout, forward.h): the instances without it keep their
+// registers.
 template <typename T, int kHeadDim, bool kPlain, bool kDropout = false>
 __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_constant__ ForwardParams p) {
   static_assert(!(kPlain && kDropout), "dropout runs in the table instance");
@@ -280,7 +282,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const int warp_row0 = warp * kRowsPerWarp;
 
   const int64_t slot = blockIdx.x;
-  const QueryTile tile = query_tile<BM>(p, slot);
+  QueryTile tile = query_tile<BM>(p, slot);
+  if constexpr (kDropout) clip_to_segments(p, tile);  // segments run in this instance (forward.h)
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
@@ -301,6 +304,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
+  const int64_t t_first = kDropout ? tile.key_begin / BN : 0;  // the first key tile (segments)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
@@ -309,7 +313,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
   cp_async_commit();
-  if (n_tiles > 0) issue_tile(0, 0);
+  if (t_first < n_tiles) issue_tile(t_first, 0);
   cp_async_commit();
 
   // Per-row tables of this tile: shared memory, or this CTA's own rows of the global scratch.
@@ -410,8 +414,8 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
       for (int e = 0; e < 4; ++e) acc_o[mt][dt][e] = 0.f;
   }
 
-  for (int64_t t = 0; t < n_tiles; ++t) {
-    const int stage = static_cast<int>(t & 1);
+  for (int64_t t = t_first; t < n_tiles; ++t) {
+    const int stage = static_cast<int>((t - t_first) & 1);
     if (t + 1 < n_tiles) issue_tile(t + 1, stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();  // everything but the tile just issued has landed
@@ -505,23 +509,31 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
               acc_s[mt][nt][hf * 2 + e1] -= slope_log2 * fabsf(static_cast<float>(dj + nt * 8 + 2 * tq + e1));
         }
     }
-    if (kpm || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + p.q_offset)) {
+    // Segments: a per-pair test unless the tile lies inside the segment of every row of the warp (sorted
+    // ids); warp-uniform. Padding rows of the last query tile test as its last row.
+    const int warp_rows = rows - warp_row0 < kRowsPerWarp ? rows - warp_row0 : kRowsPerWarp;
+    const bool seg_test =
+        kDropout && warp_rows > 0 && segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, lk_lim);
+    if (kpm || seg_test || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + p.q_offset)) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
           // (j - pos <= 0  <=>  c < 1 - dj)
-          const int64_t dj = j0 - (i0 + warp_row0 + mt * 16 + g + hf * 8 + p.q_offset);
+          const int row = warp_row0 + mt * 16 + g + hf * 8;
+          const int64_t dj = j0 - (i0 + row + p.q_offset);
           int64_t lim = lk_lim;
           if (p.causal && 1 - dj < lim) lim = 1 - dj;
           const int col_lim = static_cast<int>(lim < 0 ? 0 : lim);
+          const int32_t row_seg = seg_test ? q_segment(p, b, i0 + (row < rows ? row : rows - 1)) : 0;
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
             for (int e1 = 0; e1 < 2; ++e1) {
               const int c = nt * 8 + 2 * tq + e1;
-              if (c >= col_lim || (kpm && sKpm[stage * BN + c])) acc_s[mt][nt][hf * 2 + e1] = kNegInf;
+              if (c >= col_lim || (kpm && sKpm[stage * BN + c]) || (seg_test && k_segment(p, b, j0 + c) != row_seg))
+                acc_s[mt][nt][hf * 2 + e1] = kNegInf;
             }
           }
         }
@@ -824,7 +836,7 @@ cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaS
                          smem_bytes, stream, p);
   }
   constexpr int BM = MmaConfig<kHeadDim>::kBlockM;
-  if (p.dropout_seed != nullptr)
+  if (p.dropout_seed != nullptr)  // dropout or segments (forward.h)
     return launch_kernel(forward_mma_kernel<T, kHeadDim, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
                          kMmaThreads, smem_bytes, stream, p);
   return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,

@@ -57,7 +57,8 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
   const int lane = tid & 31;
 
   const int64_t slot = blockIdx.x;
-  const QueryTile tile = query_tile<BM>(p, slot);
+  QueryTile tile = query_tile<BM>(p, slot);
+  clip_to_segments(p, tile);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const bool has_tab = p.has_tab();
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
     for (int e = 0; e < kPerLane; ++e) acc[rr][e] = 0;
   }
 
-  for (int64_t j0 = 0; j0 < j_end; j0 += BN) {
+  for (int64_t j0 = tile.key_begin / BN * BN; j0 < j_end; j0 += BN) {
     __syncthreads();  // the previous tile is consumed
     const int cols = static_cast<int>(p.Lk - j0 < BN ? p.Lk - j0 : BN);
     for (int x = tid; x < BN * D; x += kThreads) {
@@ -155,7 +156,8 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       }
       if (has_tab) s += tab[row * ld + beta];
       if (p.alibi_slopes) s -= slope * static_cast<acc_t>(d < 0 ? -d : d);
-      const bool masked = !key_ok || (p.causal && d > 0);
+      const bool masked = !key_ok || (p.causal && d > 0) ||
+                          (p.q_segment_ids != nullptr && q_segment(p, b, i) != k_segment(p, b, j));
       s = masked ? kNegInf : s;
 
       const acc_t mx_tile = warp_max(s);

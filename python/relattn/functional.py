@@ -72,9 +72,10 @@ def attention(
             differ. Integer ``[B, Lk]`` (int32 is read as it is; other dtypes are converted), query
             ``i`` taking the id of key position ``i + q_offset``; or a pair ``(q_ids [B, Lq],
             k_ids [B, Lk])``. Distances stay ``j - (i + q_offset)``, which within a packed sequence
-            are its own relative positions. Where a row's ids are non-decreasing (every segment
-            contiguous), the kernels skip the tiles between segments, so a packed batch costs about
-            the sum of its sequences' squared lengths. CPU only so far (CUDA raises an error).
+            are its own relative positions. Where a row's ids are non-decreasing (number the packed
+            sequences 0, 1, 2, ... along the row), the kernels skip the tiles between segments, so a
+            packed row costs about the sum of its sequences' squared lengths; other ids are correct
+            but every tile then pays the per-pair test.
 
     Tables may be float32 beside half-precision ``q/k/v``; their gradients come back in their own
     dtype. A query whose keys are all masked gets ``out = 0``, ``lse = -inf`` and zero gradients.

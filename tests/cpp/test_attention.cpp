@@ -70,6 +70,14 @@ std::tuple<Tensor, Tensor> reference_attention(const Tensor& q_in, const Tensor&
   Tensor mask = torch::zeros({B, 1, Lq, Lk}, torch::kBool);
   if (o.key_padding_mask().has_value()) mask = mask | o.key_padding_mask()->view({B, 1, 1, Lk});
   if (o.causal()) mask = mask | (dist > 0).view({1, 1, Lq, Lk});
+  if (o.segment_ids().has_value() || o.q_segment_ids().has_value()) {
+    // query i has the id of key position i + q_offset (segment_ids), or its own (q_segment_ids)
+    const Tensor k_ids = (o.segment_ids().has_value() ? *o.segment_ids() : *o.k_segment_ids()).to(torch::kLong);
+    const Tensor q_ids = o.segment_ids().has_value()
+                             ? k_ids.index({Slice(), torch::arange(Lq, torch::kLong) + o.q_offset()})
+                             : o.q_segment_ids()->to(torch::kLong);
+    mask = mask | (q_ids.view({B, 1, Lq, 1}) != k_ids.view({B, 1, 1, Lk}));
+  }
   s = s.masked_fill(mask, -std::numeric_limits<double>::infinity());
 
   const Tensor lse = torch::logsumexp(s, -1);
@@ -405,7 +413,8 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
   using ForwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                                const OptTensor&, const OptTensor&, const OptTensor&,
                                                const OptTensor&, const OptTensor&, const OptTensor&, bool,
-                                               std::optional<double>, int64_t, double, const OptTensor&);
+                                               std::optional<double>, int64_t, double, const OptTensor&,
+                                               const OptTensor&, const OptTensor&);
   const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("relattn::attention_forward", "").typed<ForwardFn>();
   Case c;
@@ -417,7 +426,7 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
   const auto& o = p.options;
   auto [out, lse] = op.call(p.q, p.k, p.v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
                             o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset(), 0.0,
-                            std::nullopt);
+                            std::nullopt, std::nullopt, std::nullopt);
   auto [api_out, api_lse] = relattn::attention_with_lse(p.q, p.k, p.v, o);
   EXPECT_TRUE(torch::equal(out, api_out));
   EXPECT_TRUE(torch::equal(lse, api_lse));
@@ -509,6 +518,42 @@ void expect_error(F&& f, const std::string& substring) {
   }
 }
 
+// Segment ids (packed sequences) against the reference's pair mask: forward and every gradient, float64;
+// sorted ids (tiles between the segments skipped), unsorted ids, and the pair form with a query offset.
+TEST(Segments, MatchReference) {
+  torch::manual_seed(0);
+  const int64_t B = 2, H = 2, L = 150, D = 8;
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble).requires_grad(true);
+  Tensor packed = torch::zeros({B, L}, torch::kLong);
+  packed.index_put_({0, Slice(40, 110)}, 1);
+  packed.index_put_({0, Slice(110, torch::indexing::None)}, 2);
+  packed.index_put_({1, Slice(129, torch::indexing::None)}, 5);
+  const Tensor unsorted = torch::randint(0, 3, {B, L}, torch::kInt);
+  for (int form = 0; form < 3; ++form) {
+    SCOPED_TRACE(form);
+    const int64_t Lq = form == 2 ? 60 : L, q_offset = form == 2 ? 90 : 0;
+    const Tensor q = torch::randn({B, H, Lq, D}, f64), k = torch::randn({B, 1, L, D}, f64),
+                 v = torch::randn({B, 1, L, D}, f64);
+    const Tensor rel_k = torch::randn({H, 9, D}, f64), rel_v = torch::randn({9, D}, f64),
+                 rel_bias = torch::randn({H, 9}, f64);
+    relattn::AttentionOptions o;
+    o.rel_k(rel_k).rel_v(rel_v).rel_bias(rel_bias).buckets(relattn::clip_buckets(4)).causal(form != 1);
+    o.q_offset(q_offset);
+    if (form == 0) o.segment_ids(packed);
+    if (form == 1) o.segment_ids(unsorted);
+    if (form == 2) o.q_segment_ids(packed.index({Slice(), Slice(q_offset, q_offset + Lq)})).k_segment_ids(packed);
+    auto [out, lse] = relattn::attention_with_lse(q, k, v, o);
+    auto [ref, ref_lse] = reference_attention(q, k, v, o);
+    EXPECT_LE(max_err(out, ref), 1e-12);
+    expect_lse_close(lse, ref_lse, 1e-12);
+    const Tensor go = torch::randn_like(ref);
+    const std::vector<Tensor> leaves{q, k, v, rel_k, rel_v, rel_bias};
+    const auto got = torch::autograd::grad({out}, leaves, {go});
+    const auto want = torch::autograd::grad({ref}, leaves, {go});
+    for (size_t i = 0; i < leaves.size(); ++i) EXPECT_LE(max_err(got[i], want[i]), 1e-10) << "gradient " << i;
+  }
+}
+
 TEST(Errors, BadInputsRaiseClearMessages) {
   const Tensor q = torch::randn({2, 4, 6, 8});
   const Tensor k = torch::randn({2, 4, 6, 8});
@@ -528,6 +573,17 @@ TEST(Errors, BadInputsRaiseClearMessages) {
                "need buckets or rel_index");
   expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().dropout_p(1.5)); },
                "dropout_p must be in [0, 1], got 1.5");
+  const Tensor ids = torch::zeros({2, 6}, torch::kInt);
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().segment_ids(ids).q_segment_ids(ids)); },
+               "segment_ids excludes q_segment_ids and k_segment_ids");
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().q_segment_ids(ids)); },
+               "q_segment_ids and k_segment_ids go together");
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().segment_ids(ids.to(torch::kFloat))); },
+               "segment_ids must have an integer dtype");
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().segment_ids(ids).q_offset(1)); },
+               "Lq + q_offset <= Lk");
+  expect_error([&] { relattn::attention(q, k, v, relattn::AttentionOptions().segment_ids(torch::zeros({3, 6}, torch::kInt))); },
+               "q_segment_ids must be [B, Lq] = [2, 6]");
   expect_error([&] {
     relattn::attention(q, k, v, relattn::AttentionOptions().dropout_p(0.5).dropout_seed(torch::tensor({1.0})));
   }, "dropout_seed must be an int64 tensor of one element");

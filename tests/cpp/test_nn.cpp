@@ -355,6 +355,22 @@ TEST(RelativeTransformerEncoder, PaddingKeysAreIgnored) {
   EXPECT_FALSE(torch::allclose(encoder(x).masked_select(real), encoder(x2).masked_select(real), 1e-5, 1e-6));
 }
 
+// Packed sequences: with segment_ids, each sequence of a packed row gives what it gives alone.
+TEST(RelativeTransformerEncoder, SegmentIdsPackSequences) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(small_layer("t5"), 2);
+  encoder->eval();
+  const Tensor x = torch::randn({1, 30, E});
+  Tensor ids = torch::zeros({1, 30}, torch::kLong);
+  ids.index_put_({0, Slice(12, None)}, 1);
+  const Tensor y = encoder(x, Tensor(), false, Tensor(), ids);
+  EXPECT_TRUE(torch::allclose(y.index({Slice(), Slice(0, 12)}), encoder(x.index({Slice(), Slice(0, 12)})), 1e-5, 1e-6));
+  EXPECT_TRUE(torch::allclose(y.index({Slice(), Slice(12, None)}), encoder(x.index({Slice(), Slice(12, None)})), 1e-5,
+                              1e-6));
+  // Without the ids the two sequences see each other.
+  EXPECT_FALSE(torch::allclose(encoder(x).index({Slice(), Slice(0, 12)}), y.index({Slice(), Slice(0, 12)}), 1e-5, 1e-6));
+}
+
 TEST(RelativeTransformerEncoder, CausalIgnoresTheFuture) {
   torch::manual_seed(0);
   rnn::RelativeTransformerEncoder encoder(small_layer("t5"), 2);

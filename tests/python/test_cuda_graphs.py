@@ -115,6 +115,36 @@ def test_cuda_steady_state_calls_do_not_sync():
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("ids_dtype", (torch.int32, torch.int64), ids=str)
+def test_cuda_segment_ids_do_not_sync_and_replay_in_a_graph(ids_dtype):
+    """Segment ids are prepared on the device (sortedness, the per-row ranges, the int32 range check of
+    int64 ids as a device assertion): no call synchronises, and a captured call follows new ids on replay."""
+    q, k, v, rel_k, rel_bias = shaw_inputs()
+    buckets = relattn.clip_buckets(4, device="cuda")
+    ids = torch.zeros(2, 70, dtype=ids_dtype, device="cuda")
+    ids[:, 30:] = 1
+    relattn.attention(q, k, v, rel_k=rel_k, rel_bias=rel_bias, buckets=buckets, segment_ids=ids)  # reads buckets
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        relattn.attention(q, k, v, rel_k=rel_k, rel_bias=rel_bias, buckets=buckets, segment_ids=ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def step():
+        return relattn.attention(q, k, v, rel_k=rel_k, rel_bias=rel_bias, buckets=buckets, segment_ids=ids)
+
+    graph, out = capture(step)
+    for split in (10, 55):
+        ids.zero_()
+        ids[:, split:] = 1
+        graph.replay()
+        torch.cuda.synchronize()
+        want = relattn.attention(q.cpu(), k.cpu(), v.cpu(), rel_k=rel_k.cpu(), rel_bias=rel_bias.cpu(),
+                                 buckets=buckets.cpu(), segment_ids=ids.cpu())
+        torch.testing.assert_close(out.cpu().float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("always", (False, True), ids=("cached", "always"))
 def test_cuda_ids_changed_in_place_are_checked_again(always, monkeypatch):
     """A distance table or rel_index that was valid and is then changed in place: the new layout is used

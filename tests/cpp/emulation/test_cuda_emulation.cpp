@@ -44,6 +44,10 @@ struct Config {
   // The kernels read ids the binding never checked (see raw_ids below): out of range, negative, extreme.
   bool raw_ids = false;
   double dropout = 0.0;  // dropout_p (seeded; the CPU op draws the same mask)
+  // Segment ids: "" (none), "packed" (sorted, the same ids for queries and keys: needs Lq == Lk; segment
+  // boundaries on and beside the tiles), "unsorted" (3 ids in random order, Lq == Lk) or "pair" (sorted ids
+  // of their own per side; some query ids appear among no keys, so those rows are fully masked).
+  std::string segments;
 };
 
 struct Call {
@@ -53,6 +57,7 @@ struct Call {
   int64_t q_offset = 0;
   double dropout_p = 0.0;
   OptTensor dropout_seed;
+  OptTensor q_segment_ids, k_segment_ids;
   // If defined: the ids the kernels read instead of buckets / rel_index (same shape and layout), as when
   // a tensor's ids change behind torch's back after the binding's one check of its version.
   Tensor raw_ids;
@@ -102,6 +107,27 @@ Call make_call(const Config& c) {
   }
   call.causal = c.causal;
   call.q_offset = c.q_offset;
+  if (c.segments == "packed") {
+    const int64_t lengths[][6] = {{3, 61, 66, 1, 40, 300}, {64, 64, 17, 100, 300, 0}};
+    Tensor ids = at::empty({c.B, c.Lk}, at::kInt);
+    for (int64_t b = 0; b < c.B; ++b) {
+      int64_t o = 0;
+      for (int s = 0; s < 6 && o < c.Lk; ++s) {
+        const int64_t n = std::min(lengths[b % 2][s], c.Lk - o);
+        ids.select(0, b).slice(0, o, o + n).fill_(s);
+        o += n;
+      }
+    }
+    call.q_segment_ids = ids.slice(1, c.q_offset, c.q_offset + c.Lq);
+    call.k_segment_ids = ids;
+  } else if (c.segments == "unsorted") {
+    Tensor ids = at::randint(0, 3, {c.B, c.Lk}, at::kInt);
+    call.q_segment_ids = ids.slice(1, c.q_offset, c.q_offset + c.Lq);
+    call.k_segment_ids = ids;
+  } else if (c.segments == "pair") {
+    call.q_segment_ids = std::get<0>(at::randint(0, 4, {c.B, c.Lq}, at::kInt).sort(1));
+    call.k_segment_ids = std::get<0>(at::randint(0, 3, {c.B, c.Lk}, at::kInt).sort(1));
+  }
   if (c.dropout > 0) {
     call.dropout_p = c.dropout;
     call.dropout_seed = at::tensor({int64_t(0x0123456789abcdefLL)}, at::kLong);
@@ -112,7 +138,7 @@ Call make_call(const Config& c) {
 Prepared prepare(const Call& c) {
   return relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
                                c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset, c.dropout_p,
-                               c.dropout_seed);
+                               c.dropout_seed, c.q_segment_ids, c.k_segment_ids);
 }
 
 bool aligned16(const Tensor& t) {
@@ -151,6 +177,7 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(at::kFloat));
   kc::ForwardParams p;
   relattn::ops::fill_params(a, p);
+  const Tensor segment_seed = relattn::ops::route_segments_to_dropout_instance(a, p);
   use_raw_ids(c, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
@@ -210,7 +237,10 @@ Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor
   set_vec_flags(p, a);
   p.do_vec_ok = aligned16(s.grad_out);
   std::vector<Tensor> keep;
-  if (single_sweep) keep = relattn::ops::single_sweep_backward_inputs(a, out, p);
+  if (single_sweep) {  // the tensor-core backward, as the binding sets it up
+    keep = relattn::ops::single_sweep_backward_inputs(a, out, p);
+    keep.push_back(relattn::ops::route_segments_to_dropout_instance(a, p));
+  }
   EXPECT_EQ(launch(p), cudaSuccess);
   auto [gk, gv, gb] = relattn::ops::table_grads(a, s.ds_sum, s.p_sum, grad_out, c.rel_k, c.rel_v, c.rel_bias);
   return {dq, dk, dv, gk, gv, gb};
@@ -273,7 +303,7 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   auto [ref_out, ref_lse] = relattn::ops::attention_forward(r.q, r.k, r.v, r.rel_k, r.rel_v, r.rel_bias, r.buckets,
                                                             r.rel_index, r.alibi_slopes, r.key_padding_mask,
                                                             r.causal, std::nullopt, r.q_offset, r.dropout_p,
-                                                            r.dropout_seed);
+                                                            r.dropout_seed, r.q_segment_ids, r.k_segment_ids);
   ASSERT_GT(ref_out.abs().max().item<double>(), 0.0) << "a vacuous case: every row is masked";
   auto [out, lse] = fwd(c);
   if (cfg.raw_ids && raw_out_differs)
@@ -289,7 +319,7 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   auto ref = relattn::ops::attention_backward(grad_out, grad_lse, r.q, r.k, r.v, ref_out, ref_lse, r.rel_k, r.rel_v,
                                               r.rel_bias, r.buckets, r.rel_index, r.alibi_slopes,
                                               r.key_padding_mask, r.causal, std::nullopt, r.q_offset, r.dropout_p,
-                                              r.dropout_seed);
+                                              r.dropout_seed, r.q_segment_ids, r.k_segment_ids);
   const Grads want{std::get<0>(ref), std::get<1>(ref), std::get<2>(ref),
                    std::get<3>(ref), std::get<4>(ref), std::get<5>(ref)};
   const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
@@ -628,4 +658,36 @@ TEST(CudaEmulation, TensorCoresDropoutHd96PeriodicBuckets) {
   Config c{.name = "mma dropout hd96 periodic", .dtype = at::kHalf, .B = 2, .H = 2, .Hk = 2, .Lq = 45, .Lk = 100, .D = 80, .Dv = 96,
            .positions = "periodic", .M = 12, .padding = true, .dropout = 0.35};
   check_mma<__half, 96>(c);
+}
+
+// Segments (packed sequences): tile ranges from the per-row spans, the per-pair test on the tiles that need it.
+TEST(CudaEmulation, SegmentsTensorCoresHd64PackedClipCausal) {
+  Config c{.name = "seg_hd64_packed", .B = 2, .H = 2, .Hk = 1, .Lq = 200, .Lk = 200, .D = 64, .Dv = 64, .M = 6,
+           .causal = true, .segments = "packed"};
+  check_mma<__nv_bfloat16, 64>(c);
+}
+TEST(CudaEmulation, SegmentsTensorCoresHd32UnsortedT5Padding) {
+  Config c{.name = "seg_hd32_unsorted", .dtype = at::kHalf, .B = 2, .H = 2, .Hk = 2, .Lq = 90, .Lk = 90, .D = 32, .Dv = 32,
+           .positions = "t5", .padding = true, .segments = "unsorted"};
+  check_mma<__half, 32>(c);
+}
+TEST(CudaEmulation, SegmentsTensorCoresHd128PairPlainDropout) {
+  Config c{.name = "seg_hd128_pair_plain", .B = 2, .H = 2, .Hk = 1, .Lq = 70, .Lk = 150, .D = 128, .Dv = 128,
+           .positions = "none", .q_offset = 3, .dropout = 0.2, .segments = "pair"};
+  check_mma<__nv_bfloat16, 128>(c);
+}
+TEST(CudaEmulation, SegmentsTensorCoresHd256PackedRelIndex) {
+  Config c{.name = "seg_hd256_packed_index", .B = 2, .H = 2, .Hk = 1, .Lq = 140, .Lk = 140, .D = 256, .Dv = 256,
+           .positions = "index", .segments = "packed"};
+  check_mma<__nv_bfloat16, 256>(c);
+}
+TEST(CudaEmulation, SegmentsSimtFloatPackedAndPair) {
+  Config c{.name = "seg_simt_packed", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 150, .Lk = 150, .D = 16,
+           .Dv = 16, .alibi = true, .causal = true, .segments = "packed"};
+  check_simt<float>(c);
+  c.name = "seg_simt_pair";
+  c.segments = "pair";
+  c.Lq = 40;
+  c.q_offset = 20;
+  check_simt<float>(c);
 }
