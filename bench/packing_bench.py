@@ -10,7 +10,7 @@ distances (k=32), H=8, D=64:
            (B = number of sequences, L = max_len)
   packed   sequences packed greedily (first fit, longest first) into rows of `--row` tokens, segment_ids
            numbering them along each row (non-decreasing ids: the kernels skip the tiles between
-           sequences); a row's tail is one more segment
+           sequences); each token of a row's unused tail has an id of its own (one key per query)
   per-seq  each sequence alone (B=1 calls in a loop: no padding, no packing; many small calls)
 
 It checks that the three give the same outputs for every real token, then times forward and
@@ -94,7 +94,9 @@ def main(argv=None):
             ids[r, o:o + n] = number
             where[s] = (r, o)
             o += n
-        ids[r, o:] = len(members)
+        # the tail: ids of its own, one per token, so that it costs one key per query rather than a
+        # (row - used)^2 block of padding attending to itself
+        ids[r, o:] = len(members) + torch.arange(args.row - o, dtype=torch.int32, device=dev)
 
     def run_padded():
         return relattn.attention(*[t.requires_grad_() for t in padded], key_padding_mask=mask, **tables)

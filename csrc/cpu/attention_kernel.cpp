@@ -331,9 +331,9 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
   }
 }
 
-// Keys [begin, end) a query block can see, begin on the key-block grid: with causal masking none after its
-// last query's position; with segments, only its rows' segments (the range of keys is whole rows of a
-// batch where the ids are not sorted).
+// Keys [begin, end) a query block can see: with causal masking none after its last query's position; with
+// segments, only its rows' segments (the whole row of keys where a batch row's ids are not sorted). begin is
+// a multiple of 16, as the dropout counters need (kernels/dropout.h); tiles then start there.
 struct Range {
   int64_t begin, end;
 };
@@ -342,13 +342,13 @@ inline Range key_range(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
   if (p.causal) end = std::min(end, std::max<int64_t>(0, i0 + rows - 1 + p.q_offset + 1));
   if (p.has_segments()) {
     const int32_t* range = p.segment_key_range + (b * p.Lq + i0) * 2;
-    begin = range[0] / kBlockK * kBlockK;
+    begin = range[0] / 16 * 16;
     end = std::min<int64_t>(end, range[(rows - 1) * 2 + 1]);
   }
   return {begin, std::max(begin, end)};
 }
 
-// Query rows [begin, end) that can see a key of the block [j0, j0 + cols), begin on the query-block grid.
+// Query rows [begin, end) that can see a key of the block [j0, j0 + cols), begin a multiple of 16.
 inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_t cols) {
   int64_t begin = 0, end = p.Lq;
   if (p.causal) begin = std::clamp<int64_t>(j0 - p.q_offset, 0, p.Lq);  // i + q_offset >= j0
@@ -357,7 +357,7 @@ inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_
     begin = std::max<int64_t>(begin, range[0]);
     end = range[(cols - 1) * 2 + 1];
   }
-  begin = begin / kBlockQ * kBlockQ;
+  begin = begin / 16 * 16;
   return {begin, std::max(begin, end)};
 }
 
