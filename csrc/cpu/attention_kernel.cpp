@@ -647,24 +647,31 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     for (int64_t i0 = queries.begin; i0 < queries.end; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+      // The block's columns these rows can see (a multiple of 16 on, for the dropout counters): a key block
+      // that straddles two segments, or the causal diagonal, computes only its visible part.
+      const Range keys = key_range(p, b, i0, rows);
+      const int64_t c0 = std::max<int64_t>(0, keys.begin - j0), c1 = std::min(cols, keys.end - j0);
+      if (c1 <= c0) continue;
+      const int64_t n = c1 - c0;
+      const acc_t* kc = kt + c0 * ldk;
       const int64_t row0 = (b * p.H + h) * p.Lq + i0;
       const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
       const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
       const auto [tab, doa] = row_tables<acc_t>(p, row0);
-      probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R,
-                        static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
-      if (p.has_dropout()) apply_dropout(rows, cols, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
-      mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data(), Dv1);
-      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data(), D1);
+      probs_and_dscores(p, b, h, i0, rows, j0 + c0, n, qt, ldq, dot, lddo, kc, ldk, vt + c0 * ldv, ldv, tab, R, doa,
+                        R, static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
+      if (p.has_dropout()) apply_dropout(rows, n, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
+      mm_tn<acc_t>(n, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data() + c0 * Dv1, Dv1);
+      mm_tn<acc_t>(n, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data() + c0 * D1, D1);
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
         if (!fused) continue;
-        mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1),
+        mm_nn<acc_t>(rows, p.D, n, acc_t(1), t.dp.data(), kBlockK, kc, ldk, acc_t(1),
                      static_cast<acc_t*>(p.dq) + row0 * p.D, ld1(p.D));
         if (tab)
-          add_bucket_sums(rows, cols, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
+          add_bucket_sums(rows, n, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
                           t.row_buckets.data());
         if (doa)
-          add_bucket_sums(rows, cols, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
+          add_bucket_sums(rows, n, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
                           t.row_buckets.data());
       }
     }
