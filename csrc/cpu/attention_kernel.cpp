@@ -36,6 +36,7 @@
 #include <torch/library.h>
 
 #include "../../kernels/dropout.h"
+#include "../../kernels/segments.h"
 #include "../attention.h"
 #include "blas.h"
 #include "vec.h"
@@ -315,18 +316,12 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
       for (int64_t j = std::max<int64_t>(0, pos - j0 + 1); j < cols; ++j) s[j] = neg_inf<acc_t>();
     }
   }
-  if (p.has_segments()) {
-    // Sorted ids: a tile inside every row's range of keys is all one segment per row (kernels/params.h).
-    const int32_t* range = p.segment_key_range + (b * p.Lq + i0) * 2;
-    const bool inside = p.segment_sorted[b] && j0 >= range[(rows - 1) * 2] && j0 + cols <= range[1];
-    if (!inside) {
-      const int32_t* qs = p.q_segment_ids + b * p.q_segment_stride + i0;
-      const int32_t* ks = p.k_segment_ids + b * p.k_segment_stride + j0;
-      for (int64_t i = 0; i < rows; ++i) {
-        acc_t* s = S + i * kBlockK;
-        for (int64_t j = 0; j < cols; ++j)
-          if (ks[j] != qs[i]) s[j] = neg_inf<acc_t>();
-      }
+  if (kernels::segment_test_needed(p, b, i0, rows, j0, cols)) {  // kernels/segments.h
+    for (int64_t i = 0; i < rows; ++i) {
+      acc_t* s = S + i * kBlockK;
+      const int32_t q_id = kernels::q_segment(p, b, i0 + i);
+      for (int64_t j = 0; j < cols; ++j)
+        if (kernels::k_segment(p, b, j0 + j) != q_id) s[j] = neg_inf<acc_t>();
     }
   }
 }
@@ -341,9 +336,10 @@ inline Range key_range(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
   int64_t begin = 0, end = p.Lk;
   if (p.causal) end = std::min(end, std::max<int64_t>(0, i0 + rows - 1 + p.q_offset + 1));
   if (p.has_segments()) {
-    const int32_t* range = p.segment_key_range + (b * p.Lq + i0) * 2;
-    begin = range[0] / 16 * 16;
-    end = std::min<int64_t>(end, range[(rows - 1) * 2 + 1]);
+    int64_t lo, hi;
+    kernels::segment_key_span(p, b, i0, rows, lo, hi);
+    begin = lo / 16 * 16;
+    end = std::min(end, hi);
   }
   return {begin, std::max(begin, end)};
 }
@@ -353,9 +349,10 @@ inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_
   int64_t begin = 0, end = p.Lq;
   if (p.causal) begin = std::clamp<int64_t>(j0 - p.q_offset, 0, p.Lq);  // i + q_offset >= j0
   if (p.has_segments()) {
-    const int32_t* range = p.segment_query_range + (b * p.Lk + j0) * 2;
-    begin = std::max<int64_t>(begin, range[0]);
-    end = range[(cols - 1) * 2 + 1];
+    int64_t lo, hi;
+    kernels::segment_query_span(p, b, j0, cols, lo, hi);
+    begin = std::max(begin, lo);
+    end = hi;
   }
   begin = begin / 16 * 16;
   return {begin, std::max(begin, end)};

@@ -11,6 +11,7 @@
 
 #include "../dropout.h"
 #include "../params.h"
+#include "../segments.h"
 
 namespace relattn {
 namespace kernels {
@@ -344,41 +345,6 @@ RELATTN_DEVICE float exp_acc(float x) { return expf(x); }
 RELATTN_DEVICE double exp_acc(double x) { return exp(x); }
 RELATTN_DEVICE float log_acc(float x) { return logf(x); }
 RELATTN_DEVICE double log_acc(double x) { return log(x); }
-
-// Segments (kernels/params.h): the per-row ranges are non-decreasing along a row, so the keys of query
-// rows [i0, i0 + rows) lie in [lo of the first row, hi of the last) and the queries of keys [j0, j0 + keys)
-// in [lo of the first key, hi of the last). `rows` and `keys` are >= 1.
-template <typename Params>
-RELATTN_DEVICE void segment_key_span(const Params& p, int64_t b, int64_t i0, int rows, int64_t& lo, int64_t& hi) {
-  const int32_t* r = p.segment_key_range + (b * p.Lq + i0) * 2;
-  lo = r[0];
-  hi = r[(rows - 1) * 2 + 1];
-}
-template <typename Params>
-RELATTN_DEVICE void segment_query_span(const Params& p, int64_t b, int64_t j0, int keys, int64_t& lo,
-                                       int64_t& hi) {
-  const int32_t* r = p.segment_query_range + (b * p.Lk + j0) * 2;
-  lo = r[0];
-  hi = r[(keys - 1) * 2 + 1];
-}
-// Whether pairs of query rows [i0, i0 + rows) and keys [j0, j0 + cols) need the per-pair segment test: with
-// segments, unless the batch row's ids are sorted and the keys lie inside every row's range (the last row's
-// lo is the largest, the first row's hi the smallest).
-template <typename Params>
-RELATTN_DEVICE bool segment_test_needed(const Params& p, int64_t b, int64_t i0, int rows, int64_t j0, int cols) {
-  if (p.q_segment_ids == nullptr) return false;
-  if (p.segment_sorted[b] == 0) return true;
-  const int32_t* r = p.segment_key_range + (b * p.Lq + i0) * 2;
-  return j0 < r[(rows - 1) * 2] || j0 + cols > r[1];
-}
-template <typename Params>
-RELATTN_DEVICE int32_t q_segment(const Params& p, int64_t b, int64_t i) {
-  return p.q_segment_ids[b * p.q_segment_stride + i];
-}
-template <typename Params>
-RELATTN_DEVICE int32_t k_segment(const Params& p, int64_t b, int64_t j) {
-  return p.k_segment_ids[b * p.k_segment_stride + j];
-}
 
 // The query tile of a CTA in the kernels that give each CTA one (query tile, b, h) (both forwards, the
 // backwards' kernel A). CTAs take the query tiles fastest, the last one (the heaviest under causal
