@@ -26,6 +26,8 @@ TORCH_LIBRARY(relattn, m) {
   m.def("t5_buckets(int num_buckets=32, int max_distance=128, bool bidirectional=True) -> Tensor",
         &relattn::t5_buckets);
   m.def("alibi_slopes(int num_heads) -> Tensor", &relattn::alibi_slopes);
+  m.def("segment_positions(Tensor segment_ids) -> Tensor", &relattn::segment_positions);
+  m.def("segment_lengths(Tensor segment_ids) -> Tensor", &relattn::segment_lengths);
   m.def("cuda_kernels_built() -> bool", &relattn::cuda_kernels_built);
 }
 

@@ -1,5 +1,6 @@
 // Helpers that build relattn's inputs (SPEC §3). Python reaches them as torch.ops.relattn.*.
 #include <cmath>
+#include <utility>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -66,6 +67,54 @@ at::Tensor alibi_slopes(int64_t num_heads) {
   TORCH_CHECK(num_heads >= 1, "relattn.alibi_slopes: num_heads must be >= 1, got ", num_heads);
   const std::vector<double> s = alibi_slopes_list(num_heads);
   return at::tensor(s, at::kDouble).to(at::kFloat);
+}
+
+namespace {
+
+at::Tensor checked_segment_ids(const at::Tensor& segment_ids, const char* who) {
+  TORCH_CHECK(segment_ids.defined(), "relattn.", who, ": segment_ids is undefined");
+  TORCH_CHECK(at::isIntegralType(segment_ids.scalar_type(), /*includeBool=*/false), "relattn.", who,
+              ": segment_ids must have an integer dtype, got ", segment_ids.scalar_type());
+  TORCH_CHECK(segment_ids.dim() >= 1, "relattn.", who, ": segment_ids must have at least one dimension (the row), got ",
+              "a scalar");
+  return segment_ids.to(at::kLong);
+}
+
+// For each token: the index, in the row's stable sort by id, of the first and of one past the last token
+// with its id, and the permutation of that sort. Every token with one id is contiguous in the sorted row,
+// in its original order (stable), so its rank among them is its sorted index minus the first one. Device
+// ops only (no host sync), O(L log L) per row.
+struct SegmentGroups {
+  at::Tensor first, end, perm;
+};
+
+SegmentGroups segment_groups(const at::Tensor& ids, bool want_end) {
+  // Rows along the last dimension, as [N, L]. Symbolic-shape friendly (no sizes read), so the op traces
+  // under torch.compile with dynamic shapes.
+  const at::Tensor rows = (ids.dim() == 1 ? ids.unsqueeze(0) : ids.flatten(0, -2)).contiguous();
+  auto [sorted, perm] = at::sort(rows, /*stable=*/true, /*dim=*/-1, /*descending=*/false);
+  SegmentGroups g;
+  g.perm = perm;
+  g.first = at::searchsorted(sorted, sorted, /*out_int32=*/false, /*right=*/false);
+  if (want_end) g.end = at::searchsorted(sorted, sorted, /*out_int32=*/false, /*right=*/true);
+  return g;
+}
+
+}  // namespace
+
+at::Tensor segment_positions(const at::Tensor& segment_ids) {
+  const at::Tensor ids = checked_segment_ids(segment_ids, "segment_positions");
+  const SegmentGroups g = segment_groups(ids, false);
+  const at::Tensor index = at::ones_like(g.first).cumsum(-1) - 1;  // 0, 1, ..., L-1 in every row
+  const at::Tensor rank = index - g.first;
+  return at::empty_like(rank).scatter_(-1, g.perm, rank).view_as(ids);
+}
+
+at::Tensor segment_lengths(const at::Tensor& segment_ids) {
+  const at::Tensor ids = checked_segment_ids(segment_ids, "segment_lengths");
+  const SegmentGroups g = segment_groups(ids, true);
+  const at::Tensor length = g.end - g.first;
+  return at::empty_like(length).scatter_(-1, g.perm, length).view_as(ids);
 }
 
 }  // namespace relattn

@@ -518,6 +518,22 @@ void check_input(const torch::Tensor& x, int64_t d_model, const char* who) {
               "], got ", x.sizes());
 }
 
+// Positions inside each packed sequence, [B, L] int64, for x [B, L, d_model].
+torch::Tensor packed_positions(const torch::Tensor& segment_ids, const torch::Tensor& x, const char* who) {
+  TORCH_CHECK(segment_ids.dim() == 2 && segment_ids.size(0) == x.size(0) && segment_ids.size(1) == x.size(1),
+              "relattn::nn::", who, ": segment_ids must be [B, L] = [", x.size(0), ", ", x.size(1),
+              "] like the input, got ", segment_ids.sizes());
+  return relattn::segment_positions(segment_ids);
+}
+
+// Sin in even features, cos in odd ones, for the positions `position` [...]: float32 [..., d].
+torch::Tensor sinusoid(const torch::Tensor& position, int64_t d, double base) {
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(position.device());
+  const torch::Tensor inv_freq = torch::exp(torch::arange(0, d, 2, f32) * (-std::log(base) / d));
+  const torch::Tensor angle = position.to(torch::kFloat).unsqueeze(-1) * inv_freq;  // [..., ceil(d / 2)]
+  return torch::stack({torch::sin(angle), torch::cos(angle)}, -1).flatten(-2).narrow(-1, 0, d);
+}
+
 }  // namespace
 
 SinusoidalPositionalEncodingOptions::SinusoidalPositionalEncodingOptions(int64_t d_model) : d_model_(d_model) {}
@@ -542,17 +558,16 @@ void SinusoidalPositionalEncodingImpl::reset() {
 
 torch::Tensor SinusoidalPositionalEncodingImpl::encoding(int64_t length, torch::Device device) const {
   // float32, as in relattn.nn (Python), so both give the same table.
-  const int64_t d = options.d_model();
-  const auto f32 = torch::TensorOptions().dtype(torch::kFloat).device(device);
-  const torch::Tensor position = torch::arange(length, f32).unsqueeze(1);
-  const torch::Tensor inv_freq = torch::exp(torch::arange(0, d, 2, f32) * (-std::log(options.base()) / d));
-  const torch::Tensor angle = position * inv_freq;  // [length, ceil(d / 2)]
-  // sin in even features, cos in odd ones.
-  return torch::stack({torch::sin(angle), torch::cos(angle)}, -1).flatten(1).narrow(1, 0, d);
+  return sinusoid(torch::arange(length, torch::TensorOptions().dtype(torch::kFloat).device(device)),
+                  options.d_model(), options.base());
 }
 
-torch::Tensor SinusoidalPositionalEncodingImpl::forward(const torch::Tensor& x) {
+torch::Tensor SinusoidalPositionalEncodingImpl::forward(const torch::Tensor& x, const torch::Tensor& segment_ids) {
   check_input(x, options.d_model(), "SinusoidalPositionalEncoding");
+  if (segment_ids.defined()) {
+    const torch::Tensor p = packed_positions(segment_ids, x, "SinusoidalPositionalEncoding");
+    return x + sinusoid(p, options.d_model(), options.base()).to(x.dtype());
+  }
   const int64_t L = x.size(1);
   const torch::Tensor pe =
       table.defined() && L <= table.size(0) ? table.narrow(0, 0, L) : encoding(L, x.device());
@@ -589,9 +604,19 @@ void LearnedPositionalEncodingImpl::reset_parameters() {
   torch::nn::init::normal_(weight, 0.0, 0.02);
 }
 
-torch::Tensor LearnedPositionalEncodingImpl::forward(const torch::Tensor& x) {
+torch::Tensor LearnedPositionalEncodingImpl::forward(const torch::Tensor& x, const torch::Tensor& segment_ids) {
   check_input(x, options.d_model(), "LearnedPositionalEncoding");
   const int64_t L = x.size(1);
+  if (segment_ids.defined()) {
+    const torch::Tensor p = packed_positions(segment_ids, x, "LearnedPositionalEncoding");
+    // Positions are < L, so only L > max_len needs the (host) check of the longest sequence.
+    if (L > options.max_len() && p.numel() > 0) {
+      const int64_t longest = p.max().item<int64_t>() + 1;
+      TORCH_CHECK(longest <= options.max_len(), "relattn::nn::LearnedPositionalEncoding: a packed sequence of length ",
+                  longest, " exceeds the table's max_len=", options.max_len());
+    }
+    return x + weight.index({p}).to(x.dtype());
+  }
   TORCH_CHECK(L <= options.max_len(), "relattn::nn::LearnedPositionalEncoding: sequence length ", L,
               " exceeds the table's max_len=", options.max_len());
   return x + weight.narrow(0, 0, L).to(x.dtype());
@@ -627,9 +652,20 @@ torch::Tensor MLPPositionalEncodingImpl::positions(int64_t length) const {
   return (index * *options.scale()).unsqueeze(1);
 }
 
-torch::Tensor MLPPositionalEncodingImpl::forward(const torch::Tensor& x) {
+torch::Tensor MLPPositionalEncodingImpl::forward(const torch::Tensor& x, const torch::Tensor& segment_ids) {
   check_input(x, options.d_model(), "MLPPositionalEncoding");
-  const torch::Tensor p = positions(x.size(1));
+  torch::Tensor p;
+  if (segment_ids.defined()) {
+    torch::Tensor index = packed_positions(segment_ids, x, "MLPPositionalEncoding").to(fc1->weight.scalar_type());
+    if (!options.scale().has_value()) {
+      index = index / (relattn::segment_lengths(segment_ids) - 1).clamp_min(1).to(index.scalar_type());
+    } else {
+      index = index * *options.scale();
+    }
+    p = index.unsqueeze(-1);
+  } else {
+    p = positions(x.size(1));
+  }
   return x + fc2(apply_activation(options.activation(), fc1(p))).to(x.dtype());
 }
 

@@ -361,7 +361,9 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
 TORCH_MODULE(RelativeTransformerEncoder);
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ absolute positional encodings ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-// Each maps x [B, L, d_model] to x + P[:L], P holding one row per absolute position.
+// Each maps x [B, L, d_model] to x + P[:L], P holding one row per absolute position. With segment_ids
+// (integer [B, L], packed sequences, as the attention layers take them), each token gets the row of its
+// position inside its own sequence (relattn::segment_positions), so positions restart at every sequence.
 
 struct SinusoidalPositionalEncodingOptions {
   /* implicit */ SinusoidalPositionalEncodingOptions(int64_t d_model);
@@ -381,7 +383,7 @@ class SinusoidalPositionalEncodingImpl : public torch::nn::Cloneable<SinusoidalP
  public:
   explicit SinusoidalPositionalEncodingImpl(SinusoidalPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& segment_ids = {});
   // P for positions [0, length): float32 [length, d_model], on `device`.
   torch::Tensor encoding(int64_t length, torch::Device device = torch::kCPU) const;
 
@@ -390,6 +392,9 @@ class SinusoidalPositionalEncodingImpl : public torch::nn::Cloneable<SinusoidalP
 
   SinusoidalPositionalEncodingOptions options;
   torch::Tensor table;  // [max_len, d_model] when max_len is given
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(SinusoidalPositionalEncoding);
 
@@ -410,7 +415,9 @@ class LearnedPositionalEncodingImpl : public torch::nn::Cloneable<LearnedPositio
       : LearnedPositionalEncodingImpl(LearnedPositionalEncodingOptions(max_len, d_model)) {}
   explicit LearnedPositionalEncodingImpl(LearnedPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x);
+  // With segment_ids, a sequence longer than max_len is an error (checked on the host only when
+  // L > max_len).
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& segment_ids = {});
 
   void reset() override;
   void reset_parameters();
@@ -418,6 +425,9 @@ class LearnedPositionalEncodingImpl : public torch::nn::Cloneable<LearnedPositio
 
   LearnedPositionalEncodingOptions options;
   torch::Tensor weight;
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(LearnedPositionalEncoding);
 
@@ -429,7 +439,8 @@ struct MLPPositionalEncodingOptions {
   // Hidden width of the MLP.
   TORCH_ARG(int64_t, hidden) = 64;
   // Unset (default): the MLP sees the normalised position p = i / (L - 1) in [0, 1] (0 for L = 1), so
-  // every length spans the same range. Set: it sees p = i * scale (1.0: the raw index).
+  // every length spans the same range. Set: it sees p = i * scale (1.0: the raw index). With segment_ids,
+  // i is the position inside each token's sequence and L that sequence's length.
   TORCH_ARG(std::optional<double>, scale) = std::nullopt;
   // torch::kReLU, torch::kGELU (default) or a callable; also settable by name.
   TORCH_ARG(activation_t, activation) = torch::kGELU;
@@ -443,7 +454,7 @@ class MLPPositionalEncodingImpl : public torch::nn::Cloneable<MLPPositionalEncod
  public:
   explicit MLPPositionalEncodingImpl(MLPPositionalEncodingOptions options);
 
-  torch::Tensor forward(const torch::Tensor& x);
+  torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& segment_ids = {});
   // The coordinates fed to the MLP: [length, 1] in fc1's dtype and device.
   torch::Tensor positions(int64_t length) const;
 
@@ -453,6 +464,9 @@ class MLPPositionalEncodingImpl : public torch::nn::Cloneable<MLPPositionalEncod
   MLPPositionalEncodingOptions options;
   torch::nn::Linear fc1 = nullptr;
   torch::nn::Linear fc2 = nullptr;
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(MLPPositionalEncoding);
 

@@ -81,6 +81,16 @@ at::Tensor t5_buckets(int64_t num_buckets = 32, int64_t max_distance = 128, bool
 // The ALiBi paper's head slopes (float32 [num_heads]).
 at::Tensor alibi_slopes(int64_t num_heads);
 
+// Packed sequences: for integer segment ids [..., L] (the ids of each row along the last dimension, as
+// AttentionOptions::segment_ids takes them), each token's index among the tokens of its row with the same
+// id: 0, 1, 2, ... along each packed sequence, so absolute positions restart at every sequence. int64, the
+// shape of segment_ids; ids need not be sorted (tokens of one id count in their order along the row).
+at::Tensor segment_positions(const at::Tensor& segment_ids);
+
+// The number of tokens in each token's row with its id (the length of its packed sequence); int64, the
+// shape of segment_ids.
+at::Tensor segment_lengths(const at::Tensor& segment_ids);
+
 // True when this build of relattn contains its CUDA kernels.
 bool cuda_kernels_built();
 

@@ -7,7 +7,8 @@ from torch import Tensor
 from . import _library  # noqa: F401  (registers torch.ops.relattn)
 from . import _meta_registrations  # noqa: F401
 
-__all__ = ["attention", "clip_buckets", "t5_buckets", "alibi_slopes", "cuda_kernels_built", "draw_dropout_seed"]
+__all__ = ["attention", "clip_buckets", "t5_buckets", "alibi_slopes", "cuda_kernels_built", "draw_dropout_seed",
+           "segment_positions", "segment_lengths"]
 
 
 def attention(
@@ -140,6 +141,30 @@ def t5_buckets(num_buckets: int = 32, max_distance: int = 128, bidirectional: bo
 def alibi_slopes(num_heads: int, *, device=None) -> Tensor:
     """The ALiBi paper's slopes (float32 ``[num_heads]``), with its rule for non-powers of two."""
     return torch.ops.relattn.alibi_slopes(int(num_heads)).to(device)
+
+
+def segment_positions(segment_ids: Tensor) -> Tensor:
+    """Each token's position inside its packed sequence (int64, the shape of ``segment_ids``).
+
+    ``segment_ids`` holds integer ids along its last dimension (``[B, L]``, as :func:`attention` takes
+    them); a token's position is the number of tokens before it in its row with the same id, so positions
+    restart at 0 with every packed sequence. The ids need not be sorted. Use it for absolute positional
+    encodings of packed rows (the encodings of :mod:`relattn.nn` take ``segment_ids`` and call it).
+
+    >>> relattn.segment_positions(torch.tensor([[0, 0, 0, 1, 1, 2]]))
+    tensor([[0, 1, 2, 0, 1, 0]])
+    """
+    return torch.ops.relattn.segment_positions(segment_ids)
+
+
+def segment_lengths(segment_ids: Tensor) -> Tensor:
+    """The length of each token's packed sequence: how many tokens of its row share its id (int64, the
+    shape of ``segment_ids``).
+
+    >>> relattn.segment_lengths(torch.tensor([[0, 0, 0, 1, 1, 2]]))
+    tensor([[3, 3, 3, 2, 2, 1]])
+    """
+    return torch.ops.relattn.segment_lengths(segment_ids)
 
 
 def cuda_kernels_built() -> bool:

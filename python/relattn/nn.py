@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from .functional import alibi_slopes, attention, clip_buckets, t5_buckets
+from .functional import alibi_slopes, attention, clip_buckets, segment_lengths, segment_positions, t5_buckets
 
 __all__ = [
     "POSITION_SCHEMES",
@@ -607,21 +607,34 @@ def _check_input(x: Tensor, d_model: int, who: str) -> None:
         raise ValueError(f"{who}: expected input [B, L, {d_model}], got {list(x.shape)}")
 
 
-def _sinusoid_table(length: int, d_model: int, base: float, device, dtype) -> Tensor:
-    """``[length, d_model]``: sin in even features, cos in odd ones (Vaswani et al., 2017)."""
-    position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
-    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=device, dtype=torch.float32)
+def _sinusoid(position: Tensor, d_model: int, base: float) -> Tensor:
+    """``[..., d_model]`` float32 for the positions ``position [...]``: sin in even features, cos in odd
+    ones (Vaswani et al., 2017)."""
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, device=position.device, dtype=torch.float32)
                          * (-math.log(base) / d_model))
-    angle = position * inv_freq  # [length, ceil(d_model / 2)]
-    table = torch.stack((torch.sin(angle), torch.cos(angle)), dim=-1).flatten(1)[:, :d_model]
-    return table.to(dtype)
+    angle = position.to(torch.float32).unsqueeze(-1) * inv_freq  # [..., ceil(d_model / 2)]
+    return torch.stack((torch.sin(angle), torch.cos(angle)), dim=-1).flatten(-2)[..., :d_model]
+
+
+def _sinusoid_table(length: int, d_model: int, base: float, device, dtype) -> Tensor:
+    """``[length, d_model]``: the encoding of positions ``[0, length)``."""
+    return _sinusoid(torch.arange(length, device=device, dtype=torch.float32), d_model, base).to(dtype)
+
+
+def _packed_positions(segment_ids: Tensor, x: Tensor, who: str) -> Tensor:
+    """Positions inside each packed sequence, ``[B, L]`` int64, for ``x [B, L, d_model]``."""
+    if segment_ids.dim() != 2 or tuple(segment_ids.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{who}: segment_ids must be [B, L] = {list(x.shape[:2])} like the input, got "
+                         f"{list(segment_ids.shape)}")
+    return segment_positions(segment_ids)
 
 
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoidal encoding of Vaswani et al. (2017) to ``x [B, L, d_model]``.
 
     ``PE[p, 2i] = sin(p / base^(2i/d_model))``, ``PE[p, 2i+1] = cos(p / base^(2i/d_model))``.
-    Nothing is learned; it is defined for every length.
+    Nothing is learned; it is defined for every length. With ``segment_ids`` (packed sequences),
+    ``p`` is the position inside each token's own sequence (:func:`relattn.segment_positions`).
 
     Args:
         d_model: feature size (odd sizes drop the last cosine).
@@ -640,9 +653,13 @@ class SinusoidalPositionalEncoding(nn.Module):
         table = None if max_len is None else _sinusoid_table(max_len, d_model, base, None, torch.float32)
         self.register_buffer("table", table, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, L, d_model]`` -> ``x + PE[:L]``."""
+    def forward(self, x: Tensor, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + PE[:L]``; with ``segment_ids`` (integer ``[B, L]``, packed
+        sequences) ``x + PE[p]``, ``p`` the position inside each token's sequence."""
         _check_input(x, self.d_model, "SinusoidalPositionalEncoding")
+        if segment_ids is not None:
+            p = _packed_positions(segment_ids, x, "SinusoidalPositionalEncoding")
+            return x + _sinusoid(p, self.d_model, self.base).to(x.dtype)
         L = x.shape[1]
         if self.table is not None and L <= self.table.shape[0]:
             pe = self.table[:L]
@@ -680,10 +697,23 @@ class LearnedPositionalEncoding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.init_std)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, L, d_model]`` -> ``x + weight[:L]``; raises ``ValueError`` when ``L > max_len``."""
+    def forward(self, x: Tensor, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + weight[:L]``; raises ``ValueError`` when ``L > max_len``.
+
+        With ``segment_ids`` (integer ``[B, L]``, packed sequences): ``x + weight[p]``, ``p`` the position
+        inside each token's sequence; raises ``ValueError`` when a sequence is longer than ``max_len``
+        (checked on the host only when ``L > max_len``).
+        """
         _check_input(x, self.d_model, "LearnedPositionalEncoding")
         L = x.shape[1]
+        if segment_ids is not None:
+            p = _packed_positions(segment_ids, x, "LearnedPositionalEncoding")
+            if L > self.max_len and p.numel() > 0:
+                longest = int(p.max()) + 1
+                if longest > self.max_len:
+                    raise ValueError(f"LearnedPositionalEncoding: a packed sequence of length {longest} "
+                                     f"exceeds the table's max_len={self.max_len}")
+            return x + self.weight[p].to(x.dtype)
         if L > self.max_len:
             raise ValueError(f"LearnedPositionalEncoding: sequence length {L} exceeds the table's "
                              f"max_len={self.max_len}")
@@ -702,7 +732,9 @@ class MLPPositionalEncoding(nn.Module):
         hidden: hidden width of the MLP.
         scale: ``None`` (default) feeds the normalised position ``p = i / (L - 1)`` in ``[0, 1]``
             (0 for ``L = 1``), so every length spans the same range; a float feeds the raw index times
-            it, ``p = i * scale`` (``scale=1.0``: the raw index), which grows with the length.
+            it, ``p = i * scale`` (``scale=1.0``: the raw index), which grows with the length. With
+            ``segment_ids`` (packed sequences), ``i`` is the position inside each token's sequence and
+            ``L`` that sequence's length.
         activation: ``"relu"``, ``"gelu"`` (default) or a callable.
         device, dtype: factory arguments.
     """
@@ -726,10 +758,19 @@ class MLPPositionalEncoding(nn.Module):
             return (index / max(length - 1, 1)).unsqueeze(1)
         return (index * self.scale).unsqueeze(1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """``x [B, L, d_model]`` -> ``x + MLP(p)``."""
+    def forward(self, x: Tensor, segment_ids: Optional[Tensor] = None) -> Tensor:
+        """``x [B, L, d_model]`` -> ``x + MLP(p)``; with ``segment_ids`` (integer ``[B, L]``, packed
+        sequences), ``p`` is taken inside each token's sequence."""
         _check_input(x, self.d_model, "MLPPositionalEncoding")
-        p = self.positions(x.shape[1], device=x.device, dtype=self.fc1.weight.dtype)
+        if segment_ids is None:
+            p = self.positions(x.shape[1], device=x.device, dtype=self.fc1.weight.dtype)
+        else:
+            index = _packed_positions(segment_ids, x, "MLPPositionalEncoding").to(self.fc1.weight.dtype)
+            if self.scale is None:
+                index = index / (segment_lengths(segment_ids) - 1).clamp_min(1).to(index.dtype)
+            else:
+                index = index * self.scale
+            p = index.unsqueeze(-1)
         return x + self.fc2(self.activation(self.fc1(p))).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -3,6 +3,7 @@
 // C++ autograd alone.
 #include <cmath>
 #include <limits>
+#include <map>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -702,6 +703,33 @@ TEST(Helpers, AlibiSlopes) {
   const Tensor s16 = relattn::alibi_slopes(16);
   EXPECT_NEAR(s16[0].item<double>(), std::pow(2.0, -0.5), 1e-7);
   EXPECT_NEAR(s16[15].item<double>(), std::pow(2.0, -8.0), 1e-9);
+}
+
+// Positions inside packed sequences: a token's index among the earlier tokens of its row with its id.
+TEST(Helpers, SegmentPositionsAndLengths) {
+  const Tensor ids = torch::tensor({0, 0, 0, 1, 1, 2, 7, 3, 7, 3, 3, 7}, torch::kInt).view({2, 6});
+  EXPECT_TRUE(torch::equal(relattn::segment_positions(ids),
+                           torch::tensor({0, 1, 2, 0, 1, 0, 0, 0, 1, 1, 2, 2}, torch::kLong).view({2, 6})));
+  EXPECT_TRUE(torch::equal(relattn::segment_lengths(ids),
+                           torch::tensor({3, 3, 3, 2, 2, 1, 3, 3, 3, 3, 3, 3}, torch::kLong).view({2, 6})));
+  // Random ids, strided, against counting.
+  torch::manual_seed(0);
+  const Tensor many = torch::randint(-2, 4, {41, 3}, torch::kLong).t();
+  const Tensor pos = relattn::segment_positions(many), len = relattn::segment_lengths(many);
+  for (int64_t b = 0; b < 3; ++b) {
+    std::map<int64_t, int64_t> seen, total;
+    for (int64_t i = 0; i < 41; ++i) total[many[b][i].item<int64_t>()]++;
+    for (int64_t i = 0; i < 41; ++i) {
+      const int64_t id = many[b][i].item<int64_t>();
+      EXPECT_EQ(pos[b][i].item<int64_t>(), seen[id]++);
+      EXPECT_EQ(len[b][i].item<int64_t>(), total[id]);
+    }
+  }
+  EXPECT_EQ(relattn::segment_positions(torch::zeros({0, 5}, torch::kInt)).sizes(), (std::vector<int64_t>{0, 5}));
+  expect_error([] { relattn::segment_positions(torch::zeros({2, 3})); },
+               "relattn.segment_positions: segment_ids must have an integer dtype, got Float");
+  expect_error([] { relattn::segment_lengths(torch::tensor(1)); },
+               "relattn.segment_lengths: segment_ids must have at least one dimension");
 }
 
 TEST(Helpers, LibraryInfo) {

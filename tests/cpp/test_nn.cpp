@@ -628,6 +628,53 @@ TEST(MLPPositionalEncoding, LearnsAFunctionOfThePosition) {
   EXPECT_TRUE(torch::allclose(raw->positions(4).squeeze(1), torch::arange(4, torch::kFloat)));
 }
 
+// Packed sequences: with segment_ids each encoding restarts its positions at every sequence, so a packed
+// row gets what each sequence gets alone, and so do the parameters' gradients.
+TEST(PositionalEncodings, PackedSequencesRestartPositions) {
+  torch::manual_seed(0);
+  const std::vector<int64_t> lengths{5, 12, 1, 6};  // one row of 24 tokens
+  std::vector<Tensor> pieces;
+  for (size_t s = 0; s < lengths.size(); ++s) pieces.push_back(torch::full({lengths[s]}, int64_t(s), torch::kLong));
+  const Tensor ids = torch::cat(pieces).unsqueeze(0);
+  const Tensor x = torch::randn({1, 24, 8}, torch::kDouble).requires_grad_();
+  std::vector<std::pair<std::string, torch::nn::AnyModule>> encodings{
+      {"sinusoidal", torch::nn::AnyModule(rnn::SinusoidalPositionalEncoding(8))},
+      {"learned", torch::nn::AnyModule(rnn::LearnedPositionalEncoding(16, 8))},
+      {"mlp", torch::nn::AnyModule(rnn::MLPPositionalEncoding(rnn::MLPPositionalEncodingOptions(8).hidden(16)))},
+      {"mlp_scaled", torch::nn::AnyModule(rnn::MLPPositionalEncoding(rnn::MLPPositionalEncodingOptions(8).scale(0.5)))}};
+  for (auto& [name, any] : encodings) {
+    SCOPED_TRACE(name);
+    auto module = any.ptr();
+    module->to(torch::kDouble);
+    const Tensor packed = any.forward(x, ids);
+    packed.pow(2).sum().backward();
+    std::vector<Tensor> packed_grads{x.grad().clone()};
+    for (const auto& p : module->parameters()) packed_grads.push_back(p.grad().clone());
+    module->zero_grad();
+    x.mutable_grad().zero_();
+    int64_t start = 0;
+    for (int64_t n : lengths) {
+      const Tensor alone = any.forward(x.narrow(1, start, n));
+      EXPECT_TRUE(torch::allclose(packed.narrow(1, start, n), alone, 1e-12, 1e-6)) << "sequence at " << start;
+      alone.pow(2).sum().backward();
+      start += n;
+    }
+    EXPECT_TRUE(torch::allclose(packed_grads[0], x.grad(), 1e-12, 1e-6));
+    const auto params = module->parameters();
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_TRUE(torch::allclose(packed_grads[i + 1], params[i].grad(), 1e-10, 1e-10)) << params.size();
+    }
+    x.mutable_grad().zero_();
+    expect_error([&] { any.forward(x, ids.narrow(1, 0, 20)); }, "segment_ids must be [B, L] = [1, 24] like the input");
+  }
+  // Rows longer than the learned table are fine while every sequence fits it.
+  rnn::LearnedPositionalEncoding small(12, 8);
+  EXPECT_NO_THROW(small(x.detach().to(torch::kFloat), ids));
+  expect_error([&] { small(x.detach().to(torch::kFloat)); }, "sequence length 24 exceeds the table's max_len=12");
+  expect_error([&] { small(x.detach().to(torch::kFloat), torch::zeros({1, 24}, torch::kLong)); },
+               "a packed sequence of length 24 exceeds the table's max_len=12");
+}
+
 TEST(Modules, ComposeInSequential) {
   // forward's default arguments work through AnyModule.
   torch::nn::Sequential model(rnn::SinusoidalPositionalEncoding(E), rnn::RelativeTransformerEncoderLayer(small_layer("alibi")),
