@@ -125,13 +125,14 @@ bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor
 // What a backward kernel reads besides the prepared arguments: grad_out with a stride-1 last dim, lse and
 // grad_lse contiguous in the accumulation dtype, and the per-row scratch of kernels/params.h
 // (AttentionBwdParams): delta, and row_tab/ds_sum (rel_k or rel_bias), row_doa/p_sum (rel_v), the sums
-// zero-filled. Checks grad_out/out/lse/grad_lse first (check_backward_args).
+// zero-filled unless `zero_sums` is false (kernels that write every element of them). Checks
+// grad_out/out/lse/grad_lse first (check_backward_args).
 struct BackwardBuffers {
   Tensor grad_out, lse, grad_lse;  // grad_lse undefined when absent
   Tensor delta, row_tab, ds_sum, row_doa, p_sum;
 };
 BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
-                                 const OptTensor& grad_lse);
+                                 const OptTensor& grad_lse, bool zero_sums = true);
 
 // fill_params plus the backward's pointers and strides (buffers and the gradients dq, dk, dv).
 void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Tensor& dq, const Tensor& dk,

@@ -401,7 +401,7 @@ bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor
 }
 
 BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
-                                 const OptTensor& grad_lse) {
+                                 const OptTensor& grad_lse, bool zero_sums) {
   const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
   const auto acc_opts = a.q.options().dtype(a.acc_dtype);
   const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
@@ -414,11 +414,11 @@ BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, cons
   s.delta = at::empty(rows, acc_opts);
   if (has_tab) {
     s.row_tab = at::empty(row_tables, acc_opts);
-    s.ds_sum = at::zeros(row_tables, acc_opts);
+    s.ds_sum = zero_sums ? at::zeros(row_tables, acc_opts) : at::empty(row_tables, acc_opts);
   }
   if (has_doa) {
     s.row_doa = at::empty(row_tables, acc_opts);
-    s.p_sum = at::zeros(row_tables, acc_opts);
+    s.p_sum = zero_sums ? at::zeros(row_tables, acc_opts) : at::empty(row_tables, acc_opts);
   }
   return s;
 }

@@ -96,6 +96,17 @@ inline void scale_row(double* s, int64_t n, double c) {
   for (int64_t j = 0; j < n; ++j) s[j] *= c;
 }
 
+// Σ_j a[j] b[j], four partial sums (so the compiler can vectorise without reordering one chain).
+template <typename acc_t>
+inline acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t s[4] = {0, 0, 0, 0};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4)
+    for (int u = 0; u < 4; ++u) s[u] += a[j + u] * b[j + u];
+  for (; j < n; ++j) s[0] += a[j] * b[j];
+  return (s[0] + s[1]) + (s[2] + s[3]);
+}
+
 template <typename acc_t>
 constexpr acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
@@ -685,8 +696,8 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
 
 // The fused backward (float32/float64 inputs, where `out` carries no rounding beyond acc_t's): one task per
 // (b, kv head) owns every row and key of its heads, so it adds dq, dk, dv and the bucket sums in place in a
-// single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ comes from
-// the binding as do·out - glse. dq (zeros) collects dS K unscaled, then dsb·aK and the scale.
+// single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ = do·out - glse
+// per row first (p.out: contiguous [B,H,Lq,Dv]). dq (zeros) collects dS K unscaled, then dsb·aK and the scale.
 template <typename scalar_t, typename acc_t>
 void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Tiles<acc_t>& t) {
   static_assert(std::is_same_v<scalar_t, acc_t>, "the fused backward adds into dq in place");
@@ -694,9 +705,17 @@ void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Til
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
       const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
       const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
       const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
-      fill_row_tables(p, h, (b * p.H + h) * p.Lq + i0, rows, qt, ldq, dot, lddo, t.Dv1);
+      fill_row_tables(p, h, row0, rows, qt, ldq, dot, lddo, t.Dv1);
+      const acc_t* out = static_cast<const acc_t*>(p.out) + row0 * p.Dv;
+      const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
+      acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t d = row_dot(dot + i * lddo, out + i * p.Dv, p.Dv);
+        delta[i] = glse ? d - glse[i] : d;
+      }
     }
   }
   for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) backward_key_block<scalar_t, acc_t>(p, b, g, j0, t, /*fused=*/true);
@@ -791,21 +810,26 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
-  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
-  Tensor dq = at::zeros({a.B, a.H, a.Lq, a.D}, q.options());
-  Tensor dk = at::zeros({a.B, a.Hk, a.Lk, a.D}, q.options());
-  Tensor dv = at::zeros({a.B, a.Hk, a.Lk, a.Dv}, q.options());
+  const bool run = a.B * a.H * a.Lq > 0;
+  const bool fused = run && cpu_backward_fused(a);
+  // The fused sweep adds into dq and the bucket sums; the two passes write every element of them. dk and dv
+  // are written whole by the key blocks either way. (Fresh large buffers cost page faults: zero only what
+  // is added into.)
+  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/fused);
+  auto grad = [&](int64_t heads, int64_t len, int64_t d, bool written) {
+    return written ? at::empty({a.B, heads, len, d}, q.options()) : at::zeros({a.B, heads, len, d}, q.options());
+  };
+  Tensor dq = grad(a.H, a.Lq, a.D, run && !fused);
+  Tensor dk = grad(a.Hk, a.Lk, a.D, run);
+  Tensor dv = grad(a.Hk, a.Lk, a.Dv, run);
 
-  if (a.B * a.H * a.Lq > 0) {
-    const bool fused = cpu_backward_fused(a);
-    if (fused) {
-      // Δ_i = do_i·out_i - glse_i: `out` is float32/float64 here, as accurate as the two passes' Σ_j p dp.
-      Tensor delta = (s.grad_out.to(a.acc_dtype) * out.to(a.acc_dtype)).sum(-1);
-      if (s.grad_lse.defined()) delta.sub_(s.grad_lse);
-      s.delta.copy_(delta);
-    }
+  if (run) {
     kernels::AttentionBwdParams p;
     fill_backward_params(a, s, dq, dk, dv, p);
+    // Δ_i = do_i·out_i - glse_i in the fused sweep: `out` is float32/float64 there, as accurate as the two
+    // passes' Σ_j p dp.
+    const Tensor out_rows = fused ? out.contiguous() : Tensor();
+    if (fused) p.out = out_rows.data_ptr();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       cpu::backward<scalar_t, acc_t>(p, fused);
