@@ -23,6 +23,7 @@
 //     dv = Σ Pᵀ dO,  dk = scale * Σ dSᵀ Q.
 //   The table gradients are then plain GEMMs of those row sums (table_grad_from_row_sums).
 // Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -369,6 +370,34 @@ inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_
   return {begin, std::max(begin, end)};
 }
 
+// Calls fn(first row, rows) for the runs of query rows [i0, i0 + rows) that see the same keys of packed
+// sequences: consecutive 16-row chunks (the dropout counters' grid) with one segment key span form a run.
+// A block that straddles sequences then computes each side's keys for that side's rows only; the chunk that
+// holds a boundary sees both. Without segments, or where a batch row's ids are not sorted (every span is
+// the whole row), the block is one run.
+template <typename Fn>
+inline void for_each_key_run(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, const Fn& fn) {
+  if (!p.has_segments() || p.segment_sorted[b] == 0 || rows <= 16) {
+    fn(i0, rows);
+    return;
+  }
+  auto span = [&](int64_t c) {
+    int64_t lo, hi;
+    kernels::segment_key_span(p, b, c, std::min<int64_t>(16, i0 + rows - c), lo, hi);
+    return std::pair<int64_t, int64_t>{lo / 16, hi};
+  };
+  int64_t start = i0;
+  std::pair<int64_t, int64_t> run = span(i0);
+  for (int64_t c = i0 + 16; c < i0 + rows; c += 16) {
+    const std::pair<int64_t, int64_t> next = span(c);
+    if (next == run) continue;
+    fn(start, c - start);
+    start = c;
+    run = next;
+  }
+  fn(start, i0 + rows - start);
+}
+
 // tab[i, r] = scale * q_i·aK[r] + bias[h, r]  ([rows, R1])
 template <typename acc_t>
 void row_key_table(const AttentionParams& p, int64_t h, int64_t rows, const acc_t* q, int64_t ldq, acc_t* tab,
@@ -392,8 +421,7 @@ void row_key_table(const AttentionParams& p, int64_t h, int64_t rows, const acc_
 // ------------------------------------------------------------------------------------------------
 
 template <typename scalar_t, typename acc_t>
-void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, Tiles<acc_t>& t) {
-  const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Tiles<acc_t>& t) {
   const int64_t g = h / (p.H / p.Hk);
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
   const bool has_tab = p.rel_k || p.rel_bias;
@@ -462,24 +490,42 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, T
   }
 }
 
+// Runs fn(task, tiles) for tasks [0, n) on torch's intra-op threads, each with its own tiles and BLAS kept on
+// that thread. Threads take the next task from a shared counter as they finish one, so tasks of unequal cost
+// (causal blocks, batch rows of packed sequences with different lengths) keep every thread busy; a static
+// split of the range would leave one thread with the costly half. Every task writes only its own outputs, so
+// results do not depend on which thread runs it.
+template <typename acc_t, typename Fn>
+void parallel_tasks(const AttentionParams& p, bool backward, int64_t n, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(n, std::max(1, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas blas_on_this_thread;
+    Tiles<acc_t> t(p, backward);
+    for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < n;
+         task = next.fetch_add(1, std::memory_order_relaxed))
+      fn(task, t);
+  });
+}
+
 // Runs fn(outer index, block start, tiles) for every (outer, block of `block` along `length`) task in
-// parallel, each thread with its own tiles and BLAS kept on that thread.
+// parallel (parallel_tasks), blocks in zigzag order so that costly and cheap causal blocks alternate.
 template <typename acc_t, typename Fn>
 void parallel_over_blocks(const AttentionParams& p, bool backward, int64_t outer, int64_t length, int64_t block,
                           const Fn& fn) {
   const int64_t nb = (length + block - 1) / block;
-  at::parallel_for(0, outer * nb, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas blas_on_this_thread;
-    Tiles<acc_t> t(p, backward);
-    for (int64_t task = begin; task < end; ++task) fn(task % outer, zigzag(task / outer, nb) * block, t);
-  });
+  parallel_tasks<acc_t>(p, backward, outer * nb,
+                        [&](int64_t task, Tiles<acc_t>& t) { fn(task % outer, zigzag(task / outer, nb) * block, t); });
 }
 
 template <typename scalar_t, typename acc_t>
 void forward(const AttentionParams& p) {
   parallel_over_blocks<acc_t>(p, /*backward=*/false, p.B * p.H, p.Lq, kBlockQ,
                               [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
-                                forward_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, i0, t);
+                                const int64_t b = bh / p.H, h = bh % p.H;
+                                for_each_key_run(p, b, i0, std::min(kBlockQ, p.Lq - i0), [&](int64_t i, int64_t n) {
+                                  forward_block<scalar_t, acc_t>(p, b, h, i, n, t);
+                                });
                               });
 }
 
@@ -555,8 +601,8 @@ void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t row0, int64
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, Tiles<acc_t>& t) {
-  const int64_t rows = std::min(kBlockQ, p.Lq - i0);
+void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                          Tiles<acc_t>& t) {
   const int64_t g = h / (p.H / p.Hk);
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
   const int64_t row0 = (b * p.H + h) * p.Lq + i0;  // index of this block's first row in [B,H,Lq]
@@ -651,37 +697,41 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   std::fill(t.dk.begin(), t.dk.end(), acc_t(0));
   std::fill(t.dv.begin(), t.dv.end(), acc_t(0));
 
+  // Rows [i0, i0 + rows) of head h against the block's columns they can see (from a multiple of 16, for the
+  // dropout counters): a key block that straddles two segments, or the causal diagonal, computes only its
+  // visible part.
+  auto query_rows = [&](int64_t h, int64_t i0, int64_t rows) {
+    const Range keys = key_range(p, b, i0, rows);
+    const int64_t c0 = std::max<int64_t>(0, keys.begin - j0), c1 = std::min(cols, keys.end - j0);
+    if (c1 <= c0) return;
+    const int64_t n = c1 - c0;
+    const acc_t* kc = kt + c0 * ldk;
+    const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+    const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
+    const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
+    const auto [tab, doa] = row_tables<acc_t>(p, row0);
+    probs_and_dscores(p, b, h, i0, rows, j0 + c0, n, qt, ldq, dot, lddo, kc, ldk, vt + c0 * ldv, ldv, tab, R, doa, R,
+                      static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
+    if (p.has_dropout()) apply_dropout(rows, n, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
+    mm_tn<acc_t>(n, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data() + c0 * Dv1, Dv1);
+    mm_tn<acc_t>(n, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data() + c0 * D1, D1);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      if (!fused) return;
+      mm_nn<acc_t>(rows, p.D, n, acc_t(1), t.dp.data(), kBlockK, kc, ldk, acc_t(1),
+                   static_cast<acc_t*>(p.dq) + row0 * p.D, ld1(p.D));
+      if (tab)
+        add_bucket_sums(rows, n, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
+                        t.row_buckets.data());
+      if (doa)
+        add_bucket_sums(rows, n, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
+                        t.row_buckets.data());
+    }
+  };
   const Range queries = query_range(p, b, j0, cols);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
     for (int64_t i0 = queries.begin; i0 < queries.end; i0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, p.Lq - i0);
-      // The block's columns these rows can see (a multiple of 16 on, for the dropout counters): a key block
-      // that straddles two segments, or the causal diagonal, computes only its visible part.
-      const Range keys = key_range(p, b, i0, rows);
-      const int64_t c0 = std::max<int64_t>(0, keys.begin - j0), c1 = std::min(cols, keys.end - j0);
-      if (c1 <= c0) continue;
-      const int64_t n = c1 - c0;
-      const acc_t* kc = kt + c0 * ldk;
-      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-      const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
-      const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
-      const auto [tab, doa] = row_tables<acc_t>(p, row0);
-      probs_and_dscores(p, b, h, i0, rows, j0 + c0, n, qt, ldq, dot, lddo, kc, ldk, vt + c0 * ldv, ldv, tab, R, doa,
-                        R, static_cast<const acc_t*>(p.lse) + row0, static_cast<const acc_t*>(p.delta) + row0, t);
-      if (p.has_dropout()) apply_dropout(rows, n, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
-      mm_tn<acc_t>(n, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data() + c0 * Dv1, Dv1);
-      mm_tn<acc_t>(n, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data() + c0 * D1, D1);
-      if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        if (!fused) continue;
-        mm_nn<acc_t>(rows, p.D, n, acc_t(1), t.dp.data(), kBlockK, kc, ldk, acc_t(1),
-                     static_cast<acc_t*>(p.dq) + row0 * p.D, ld1(p.D));
-        if (tab)
-          add_bucket_sums(rows, n, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
-                          t.row_buckets.data());
-        if (doa)
-          add_bucket_sums(rows, n, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
-                          t.row_buckets.data());
-      }
+      for_each_key_run(p, b, i0, std::min(kBlockQ, p.Lq - i0),
+                       [&](int64_t i, int64_t rows) { query_rows(h, i, rows); });
     }
   }
   const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
@@ -737,17 +787,18 @@ template <typename scalar_t, typename acc_t>
 void backward(const AttentionBwdParams& p, bool fused) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     if (fused) {
-      at::parallel_for(0, p.B * p.Hk, 1, [&](int64_t begin, int64_t end) {
-        SingleThreadedBlas blas_on_this_thread;
-        Tiles<acc_t> t(p, /*backward=*/true);
-        for (int64_t bg = begin; bg < end; ++bg) backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
+      parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
+        backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
       });
       return;
     }
   }
   parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.H, p.Lq, kBlockQ,
                               [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
-                                backward_query_block<scalar_t, acc_t>(p, bh / p.H, bh % p.H, i0, t);
+                                const int64_t b = bh / p.H, h = bh % p.H;
+                                for_each_key_run(p, b, i0, std::min(kBlockQ, p.Lq - i0), [&](int64_t i, int64_t n) {
+                                  backward_query_block<scalar_t, acc_t>(p, b, h, i, n, t);
+                                });
                               });
   parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.Hk, p.Lk, kBlockK,
                               [&](int64_t bg, int64_t j0, Tiles<acc_t>& t) {
