@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: set-up (scripts/setup.sh), then the C++ tests (ctest), the Python tests (pytest)
-# and the C++ example built against the installed package with find_package(relattn).
+# The test command: set-up (scripts/setup.sh), then the C++ tests (ctest), the C++ example built against
+# the installed package with find_package(relattn), the Python example, and the Python tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,6 +14,9 @@ prefix=$(cd /tmp && "$PY" -c "import relattn, torch; print(relattn.cmake_prefix_
 cmake -S examples/cpp -B build/example -G Ninja -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release > build/example-configure.log
 cmake --build build/example
 ./build/example/train_encoder
+
+echo "== Python example (packed sequences)"
+"$PY" examples/python/train_packed.py
 
 echo "== pytest"
 "$PY" -m pytest tests/python -q -p no:cacheprovider "$@"
