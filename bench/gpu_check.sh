@@ -18,7 +18,8 @@
 #   bash bench/gpu_check.sh                 # OUT defaults to bench/results/gpu/check-<date>
 #   RELATTN_CHECK_BUDGET_S=570 PYTHON=python3 bash bench/gpu_check.sh
 #   RELATTN_CHECK_STEPS="smoke bench" bash bench/gpu_check.sh   # only these steps (the build always runs);
-#                                           # steps: smoke pytest sanitizer bench (default: all)
+#                                           # steps: smoke pytest sanitizer bench (default: all), packing
+#                                           # (bench/packing_bench.py on the GPU; only when named)
 #   RELATTN_PYTEST_K="cuda and backward" bash bench/gpu_check.sh  # a narrower test selection (default: cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -163,6 +164,17 @@ elif (( BUILD_OK )); then
   for f in bench.csv bench.md bench.png; do [ -f "$OUT/$f" ] && cp "$OUT/$f" "bench/results/gpu/$f"; done
 else
   skip bench "build failed"
+fi
+
+# ---- 6. packed sequences (only when asked for: RELATTN_CHECK_STEPS="packing") ----------------------------
+if wants packing; then
+  if (( BUILD_OK )); then
+    step packing 180 $PY bench/packing_bench.py --device cuda --dtype bfloat16 --sequences 384 --max-len 2048 \
+      --row 16384 --out "$OUT/packing"
+    [ -f "$OUT/packing/packing.md" ] && cat "$OUT/packing/packing.md"
+  else
+    skip packing "build failed"
+  fi
 fi
 
 # ---- summary -------------------------------------------------------------------------------------------

@@ -140,7 +140,8 @@ def main(argv=None):
         print(results[-1], flush=True)
 
     os.makedirs(args.out, exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = os.environ.get("RELATTN_COMMIT") or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                                                capture_output=True, text=True).stdout.strip()
     where_run = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads"
     header = (f"commit {commit}, torch {torch.__version__}, {where_run}, {args.dtype}; {len(lengths)} sequences of "
               f"{min(lengths)}-{max(lengths)} tokens ({total} tokens), H={H}, D={D}, Shaw rel_k + rel_v + rel_bias, "

@@ -56,12 +56,6 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTen
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
 void fill_params(const Prepared& a, kernels::AttentionParams& p);
 
-// The CUDA tensor-core kernels run calls with segment ids in their dropout instances (the others are compiled
-// without the segment code and keep their registers). A call with segments and no dropout gets a seed and
-// threshold 0 here, so that every pair is kept with the factor 1 exactly. Returns the seed tensor, which must
-// live until the kernels are done (undefined when nothing was changed).
-Tensor route_segments_to_dropout_instance(const Prepared& a, kernels::AttentionParams& p);
-
 // The gradient of a relative table, in the table's own dtype, from the per-row bucket sums the
 // kernels leave behind: sum over (b, i) of row_sums[b,h,i,r] * rows[b,h,i,:] (per head, or over
 // heads for a shared table). Deterministic: plain batched matmuls and reductions.

@@ -356,15 +356,6 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   }
 }
 
-Tensor route_segments_to_dropout_instance(const Prepared& a, kernels::AttentionParams& p) {
-  if (!a.q_segment_ids.defined() || p.dropout_seed != nullptr) return {};
-  Tensor seed = at::zeros({1}, a.q.options().dtype(at::kLong));
-  p.dropout_seed = seed.data_ptr<int64_t>();
-  p.dropout_threshold = 0;  // every 16-bit number is >= 0: all kept
-  p.dropout_scale = kernels::dropout_scale(0);  // 1
-  return seed;
-}
-
 Tensor table_grad_from_row_sums(const Tensor& row_sums, const Tensor& rows, int64_t H, bool per_head,
                                 double alpha, at::ScalarType out_dtype) {
   // row_sums [B, H, Lq, R], rows [B, H, Lq, X] (both acc dtype) -> [H, R, X] or [R, X].

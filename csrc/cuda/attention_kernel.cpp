@@ -9,6 +9,9 @@
 //   dropout_p > 0      the same kernels, with the mask drawn in registers (kernels/dropout.h); the tensor-core
 //                      forward takes its table instance (the plain one draws no mask) and the backward's
 //                      kernel A sweeps the keys twice (exact Δ first).
+//   segment ids        tensor cores: the forward's table instance and both backward kernels in their
+//                      segment instances (tile ranges, per-pair test); with dropout, the dropout instances,
+//                      which carry the segment code too.
 //   D or Dv > 256      a clear error (the CPU kernel has no such limit).
 // The per-row relative tables (tab, bsum) live in shared memory when they fit in kTableSmemBudget, else
 // in a global scratch of O(B·H·Lq·R) floats that this binding allocates.
@@ -18,6 +21,8 @@
 //                                     tensor-core kernel; same inputs, float accumulation)
 //   RELATTN_CUDA_TABLES=smem|global   force where the per-row tables live (smem falls back to global
 //                                     when the device has too little shared memory)
+//   RELATTN_CUDA_SEGMENTS=dropout     run segment calls without dropout in the dropout instances (z = 1),
+//                                     to time them against the segment-only instances
 //   RELATTN_CHECK_IDS=always          read buckets / rel_index on the host on every call (default: once
 //                                     per tensor and version; see csrc/id_checks.h)
 //
@@ -41,6 +46,7 @@
 
 #include "../../kernels/cuda/backward.h"
 #include "../../kernels/cuda/forward.h"
+#include "../../kernels/dropout.h"
 #include "../attention.h"
 
 namespace relattn {
@@ -59,6 +65,20 @@ std::string env_str(const char* name) {
 
 // Rows of `t` may be read with 16-byte copies: aligned base, and every dimension that is ever indexed
 // (size > 1) has a stride that is a multiple of 16 bytes.
+// RELATTN_CUDA_SEGMENTS=dropout runs tensor-core calls with segment ids and no dropout in the dropout
+// instances, with a zero seed and threshold 0 (every pair kept with the factor 1.0 exactly), as before the
+// segment-only instances existed: a switch to time the two against each other. Returns the seed tensor,
+// which must live until the kernels are queued (undefined when nothing was changed).
+Tensor segments_via_dropout_instance(const Prepared& a, kernels::AttentionParams& p) {
+  if (!a.q_segment_ids.defined() || p.dropout_seed != nullptr || env_str("RELATTN_CUDA_SEGMENTS") != "dropout")
+    return {};
+  Tensor seed = at::zeros({1}, a.q.options().dtype(at::kLong));
+  p.dropout_seed = seed.data_ptr<int64_t>();
+  p.dropout_threshold = 0;  // every 16-bit number is >= 0: all kept
+  p.dropout_scale = kernels::dropout_scale(0);  // 1
+  return seed;
+}
+
 bool rows_16b_aligned(const Tensor& t) {
   const int64_t elem = static_cast<int64_t>(t.element_size());
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
@@ -120,7 +140,7 @@ Plan make_plan(const Prepared& a, at::ScalarType dtype, int64_t table_ld) {
     }
   } else {
     plan.head_dim = kc::mma_head_dim_for(std::max(a.D, a.Dv));
-    // dropout: the table instance draws the mask; segments run in it too (route_segments_to_dropout_instance)
+    // dropout and segments: the table instance (the plain one has neither)
     plan.plain = !a.rel_k.defined() && !a.rel_v.defined() && !a.rel_bias.defined() && !a.dropout_seed.defined() &&
                  !a.q_segment_ids.defined() && env_str("RELATTN_CUDA_PLAIN") != "0";
     const bool plain = plan.plain;
@@ -198,7 +218,6 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(q.device().index());
   cudaError_t err = cudaSuccess;
-  Tensor segment_seed;  // alive until the launch is queued (stream-ordered frees)
   if (plan.simt) {
     switch (dtype) {
       case at::kDouble: err = kc::launch_forward_simt<double>(p, smem, stream); break;
@@ -208,7 +227,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
       default: TORCH_CHECK(false, "relattn.attention: no CUDA kernel for dtype ", dtype);
     }
   } else {
-    segment_seed = route_segments_to_dropout_instance(a, p);
+    const Tensor segment_seed = segments_via_dropout_instance(a, p);
     with_mma_head_dim(plan.head_dim, [&](auto hd) {
       constexpr int HD = decltype(hd)::value;
       if (dtype == at::kHalf) {
@@ -275,7 +294,7 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
     std::vector<Tensor> single_sweep_inputs;  // alive until the kernels are done (stream-ordered frees)
     if (backward_uses_mma(a, dtype)) {
       single_sweep_inputs = single_sweep_backward_inputs(a, out, p);
-      single_sweep_inputs.push_back(route_segments_to_dropout_instance(a, p));
+      single_sweep_inputs.push_back(segments_via_dropout_instance(a, p));
       with_mma_head_dim(kc::mma_head_dim_for(std::max(a.D, a.Dv)), [&](auto hd) {
         constexpr int HD = decltype(hd)::value;
         if constexpr (HD <= kc::kBwdMmaMaxHeadDim) {

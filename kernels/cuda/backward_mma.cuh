@@ -76,9 +76,12 @@ RELATTN_DEVICE void pack_a(uint32_t (&pa)[kNT / 2][4], const float (&acc)[kNT][4
 // kDropout: two sweeps over the key tiles. The first only sums Σ P∘(z dP) for the exact Δ; the second
 // then centres dS0 on that Δ, so no correction is left to make (c = 0) and the P bucket sums can be those of
 // the dropped weights z·P, which d aV needs (the correction would need the undropped ones: a third channel).
-template <typename T, int kHeadDim, bool kDropout = false>
+// kSegments (the dropout instance has it too): segment ids, tile ranges and the per-pair test; without
+// dropout, one sweep as in the plain instance.
+template <typename T, int kHeadDim, bool kDropout = false, bool kSegments = kDropout>
 __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     backward_mma_query_kernel(const __grid_constant__ BackwardParams p) {
+  static_assert(!kDropout || kSegments, "the dropout instance runs segments too");
   using namespace mma_detail;
   using namespace bwd_detail;
   using Cfg = BwdMmaConfig<kHeadDim>;
@@ -112,7 +115,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
-  if constexpr (kDropout) clip_to_segments(p, tile);  // segments run in this instance (backward.h)
+  if constexpr (kSegments) clip_to_segments(p, tile);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
@@ -140,7 +143,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
-  const int64_t t_first = kDropout ? tile.key_begin / BN : 0;  // the first key tile (segments)
+  const int64_t t_first = kSegments ? tile.key_begin / BN : 0;  // the first key tile (segments)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
@@ -259,7 +262,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     int row_far[2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
     // Segments: a per-pair test unless the tile lies inside the segment of each of the warp's rows (warp-uniform).
     const int warp_rows = rows - warp_row0 < 16 ? rows - warp_row0 : 16;
-    const bool seg_test = kDropout && warp_rows > 0 &&
+    const bool seg_test = kSegments && warp_rows > 0 &&
                           segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, p.Lk - j0 < BN ? int(p.Lk - j0) : BN);
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -538,10 +541,12 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 }
 
 // kDropout: dPᵀ is the dropped weights' gradient z·dPᵀ, dSᵀ = Pᵀ(z dPᵀ - Δ) and dv takes z·Pᵀ (z drawn on the
-// fragments after the elements: dSᵀ = z (Pᵀ∘dPᵀ) - Pᵀ Δ).
-template <typename T, int kHeadDim, bool kDropout = false>
+// fragments after the elements: dSᵀ = z (Pᵀ∘dPᵀ) - Pᵀ Δ). kSegments (the dropout instance has it too): the
+// query-tile range of the keys' segments and the per-pair test.
+template <typename T, int kHeadDim, bool kDropout = false, bool kSegments = kDropout>
 __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     backward_mma_key_kernel(const __grid_constant__ BackwardParams p) {
+  static_assert(!kDropout || kSegments, "the dropout instance runs segments too");
   using namespace mma_detail;
   using namespace bwd_detail;
   using Cfg = BwdMmaConfig<kHeadDim>;
@@ -596,7 +601,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   // rows of the keys' segments.
   int64_t i_first = 0, i_end = p.Lq;
   if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
-  if (kDropout && p.q_segment_ids != nullptr) {
+  if (kSegments && p.q_segment_ids != nullptr) {
     int64_t lo, hi;
     segment_query_span(p, b, j0, keys, lo, hi);
     if (lo > i_first) i_first = lo;
@@ -701,7 +706,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     const float* dcol = sFar + (stage * 2 + 1) * BQ;
 
     // Segments: a per-pair test unless the query tile lies inside the segment of every key of the tile.
-    const bool seg_test = kDropout && segment_test_needed(p, b, i0, rows, j0, keys);
+    const bool seg_test = kSegments && segment_test_needed(p, b, i0, rows, j0, keys);
     const int32_t* q_seg = seg_test ? p.q_segment_ids + b * p.q_segment_stride + i0 : nullptr;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -788,12 +793,19 @@ cudaError_t launch_backward_mma(const BackwardParams& p, cudaStream_t stream) {
   using Cfg = BwdMmaConfig<kHeadDim>;
   const int64_t blocks_a = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
   const int64_t blocks_b = (p.Lk + Cfg::kBlockKeys - 1) / Cfg::kBlockKeys * p.B * p.Hk;
-  if (p.dropout_seed != nullptr) {  // dropout or segments (backward.h)
+  if (p.dropout_seed != nullptr) {  // dropout (and segments, if given)
     cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim, true>, blocks_a, Cfg::kThreads,
                                     Cfg::kABytes, stream, p);
     if (err != cudaSuccess) return err;
     return launch_kernel(backward_mma_key_kernel<T, kHeadDim, true>, blocks_b, Cfg::kThreads, Cfg::kBBytes, stream,
                          p);
+  }
+  if (p.has_segments()) {
+    cudaError_t err = launch_kernel(backward_mma_query_kernel<T, kHeadDim, false, true>, blocks_a, Cfg::kThreads,
+                                    Cfg::kABytes, stream, p);
+    if (err != cudaSuccess) return err;
+    return launch_kernel(backward_mma_key_kernel<T, kHeadDim, false, true>, blocks_b, Cfg::kThreads, Cfg::kBBytes,
+                         stream, p);
   }
   cudaError_t err =
       launch_kernel(backward_mma_query_kernel<T, kHeadDim>, blocks_a, Cfg::kThreads, Cfg::kABytes, stream, p);

@@ -47,8 +47,10 @@ struct ForwardParams : AttentionParams {
 
   RELATTN_HOST_DEVICE bool has_tab() const { return rel_k != nullptr || rel_bias != nullptr; }
   RELATTN_HOST_DEVICE bool has_bsum() const { return rel_v != nullptr; }
-  // (Dropout takes the table instance: the plain one does not draw the mask.)
-  RELATTN_HOST_DEVICE bool use_plain() const { return plain && !has_tab() && !has_bsum() && dropout_seed == nullptr; }
+  // (Dropout and segments take the table instance: the plain one has neither.)
+  RELATTN_HOST_DEVICE bool use_plain() const {
+    return plain && !has_tab() && !has_bsum() && dropout_seed == nullptr && q_segment_ids == nullptr;
+  }
 };
 
 // ---- tensor-core kernel: tile shapes and the shared-memory layout (host and device agree on them) ----

@@ -248,12 +248,13 @@ RELATTN_DEVICE void gemm_pv(float (&acc_o)[kMT][kHeadDim / 8][4], const uint32_t
 }  // namespace mma_detail
 
 // kDropout (table instance only): the weights of V and of the bucket sums are p̃·z, z the pair's dropout
-// factor (kernels/dropout.h), drawn in registers after l has taken every p̃. Calls with segment ids run
-// this instance too (with z = 1 when they have no dropout, forward.h): the instances without it keep their
-// registers.
-template <typename T, int kHeadDim, bool kPlain, bool kDropout = false>
+// factor (kernels/dropout.h), drawn in registers after l has taken every p̃. kSegments (table instance only;
+// the dropout instance has it too): segment ids, tile ranges and the per-pair test. Each is compiled only
+// into the instances that need it, so the others keep their registers.
+template <typename T, int kHeadDim, bool kPlain, bool kDropout = false, bool kSegments = kDropout>
 __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_constant__ ForwardParams p) {
-  static_assert(!(kPlain && kDropout), "dropout runs in the table instance");
+  static_assert(!(kPlain && (kDropout || kSegments)), "dropout and segments run in the table instance");
+  static_assert(!kDropout || kSegments, "the dropout instance runs segments too");
   using namespace mma_detail;
   using Cfg = MmaConfig<kHeadDim, kPlain>;
   constexpr int BM = Cfg::kBlockM;
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
-  if constexpr (kDropout) clip_to_segments(p, tile);  // segments run in this instance (forward.h)
+  if constexpr (kSegments) clip_to_segments(p, tile);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
-  const int64_t t_first = kDropout ? tile.key_begin / BN : 0;  // the first key tile (segments)
+  const int64_t t_first = kSegments ? tile.key_begin / BN : 0;  // the first key tile (segments)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
@@ -513,7 +514,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     // ids); warp-uniform. Padding rows of the last query tile test as its last row.
     const int warp_rows = rows - warp_row0 < kRowsPerWarp ? rows - warp_row0 : kRowsPerWarp;
     const bool seg_test =
-        kDropout && warp_rows > 0 && segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, lk_lim);
+        kSegments && warp_rows > 0 && segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, lk_lim);
     if (kpm || seg_test || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + p.q_offset)) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
@@ -836,8 +837,11 @@ cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaS
                          smem_bytes, stream, p);
   }
   constexpr int BM = MmaConfig<kHeadDim>::kBlockM;
-  if (p.dropout_seed != nullptr)  // dropout or segments (forward.h)
+  if (p.dropout_seed != nullptr)  // dropout (and segments, if given)
     return launch_kernel(forward_mma_kernel<T, kHeadDim, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
+                         kMmaThreads, smem_bytes, stream, p);
+  if (p.has_segments())
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
                          kMmaThreads, smem_bytes, stream, p);
   return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
                        smem_bytes, stream, p);

@@ -177,7 +177,6 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(at::kFloat));
   kc::ForwardParams p;
   relattn::ops::fill_params(a, p);
-  const Tensor segment_seed = relattn::ops::route_segments_to_dropout_instance(a, p);
   use_raw_ids(c, p);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr();
@@ -239,7 +238,6 @@ Grads backward(const Call& c, const Tensor& out, const Tensor& lse, const Tensor
   std::vector<Tensor> keep;
   if (single_sweep) {  // the tensor-core backward, as the binding sets it up
     keep = relattn::ops::single_sweep_backward_inputs(a, out, p);
-    keep.push_back(relattn::ops::route_segments_to_dropout_instance(a, p));
   }
   EXPECT_EQ(launch(p), cudaSuccess);
   auto [gk, gv, gb] = relattn::ops::table_grads(a, s.ds_sum, s.p_sum, grad_out, c.rel_k, c.rel_v, c.rel_bias);
@@ -680,6 +678,13 @@ TEST(CudaEmulation, SegmentsTensorCoresHd256PackedRelIndex) {
   Config c{.name = "seg_hd256_packed_index", .B = 2, .H = 2, .Hk = 1, .Lq = 140, .Lk = 140, .D = 256, .Dv = 256,
            .positions = "index", .segments = "packed"};
   check_mma<__nv_bfloat16, 256>(c);
+}
+// Segments alone without relative tables: the table instance with kSegments, not the plain one.
+TEST(CudaEmulation, SegmentsTensorCoresHd96PairNoTables) {
+  Config c{.name = "seg_hd96_pair_none", .dtype = at::kHalf, .B = 2, .H = 2, .Hk = 2, .Lq = 60, .Lk = 130,
+           .D = 80, .Dv = 96, .positions = "none", .rel_k = false, .rel_v = false, .rel_bias = false, .q_offset = 5,
+           .segments = "pair"};
+  check_mma<__half, 96>(c);
 }
 TEST(CudaEmulation, SegmentsSimtFloatPackedAndPair) {
   Config c{.name = "seg_simt_packed", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 150, .Lk = 150, .D = 16,
