@@ -287,15 +287,21 @@ needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and relattn.cuda_
                                 reason="needs a CUDA device and relattn's CUDA kernels")
 
 
+# "": the segment-only instances of the tensor-core kernels; "dropout": RELATTN_CUDA_SEGMENTS=dropout, the
+# dropout instances with every pair kept (the route kept for timing the two).
 @needs_cuda
+@pytest.mark.parametrize("route", ["", "dropout"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("case,kind", CASES + [
     (Case("hd128_shaw_kv_long", rel_k="shared", rel_v="shared", positions="clip", M=64, causal=True, B=2, H=4, Hk=2,
           Lq=700, D=128), "packed"),
     (Case("hd64_plain_long", B=2, H=2, Lq=600, D=64), "packed"),
 ], ids=_id)
-def test_cuda_segments_match_reference(case, kind, dtype):
+def test_cuda_segments_match_reference(case, kind, dtype, route, monkeypatch):
     """The CUDA kernels (tile ranges, per-pair test) against the float64 reference: out, lse, every gradient."""
+    if route and dtype == torch.float32:
+        pytest.skip("float32 runs the SIMT kernels, which have one route")
+    monkeypatch.setenv("RELATTN_CUDA_SEGMENTS", route)
     segment_ids = segments_for(case, kind)
     inp = make_inputs(case.with_(grad_lse=True), dtype, requires_grad=True)
     cuda = {n: (t.detach().cuda().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t)
