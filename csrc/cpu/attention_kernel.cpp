@@ -431,10 +431,11 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
   const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
   const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
   if (has_tab) row_key_table(p, h, rows, qt, ldq, t.tab.data(), R1);
-  std::fill(t.m.begin(), t.m.end(), neg_inf<acc_t>());
-  std::fill(t.l.begin(), t.l.end(), acc_t(0));
-  std::fill(t.acc.begin(), t.acc.end(), acc_t(0));
-  if (p.rel_v) std::fill(t.bsum.begin(), t.bsum.end(), acc_t(0));
+  // (Only the block's rows: blocks of packed sequences can be a 16-row run.)
+  std::fill_n(t.m.begin(), rows, neg_inf<acc_t>());
+  std::fill_n(t.l.begin(), rows, acc_t(0));
+  std::fill_n(t.acc.begin(), rows * Dv1, acc_t(0));
+  if (p.rel_v) std::fill_n(t.bsum.begin(), rows * R1, acc_t(0));
 
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
@@ -618,13 +619,13 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   // Δ_i = Σ_j p_ij dp_ij is accumulated here in acc_t rather than taken as do_i·out_i from the rounded
   // half-precision out (whose rounding error would otherwise become ds, e.g. for a row with one key).
   // So the sweep collects T = P∘dP and P: dq = scale*(T K - Δ P K + (Σ_β T - Δ Σ_β P)·aK).
-  std::fill(t.dq.begin(), t.dq.end(), acc_t(0));
-  std::fill(t.pk.begin(), t.pk.end(), acc_t(0));
-  std::fill(t.rowacc.begin(), t.rowacc.end(), acc_t(0));
-  std::fill(t.dsb.begin(), t.dsb.end(), acc_t(0));
-  std::fill(t.psum.begin(), t.psum.end(), acc_t(0));
+  std::fill_n(t.dq.begin(), rows * D1, acc_t(0));
+  std::fill_n(t.pk.begin(), rows * D1, acc_t(0));
+  std::fill_n(t.rowacc.begin(), rows, acc_t(0));
+  std::fill_n(t.dsb.begin(), rows * R1, acc_t(0));
+  std::fill_n(t.psum.begin(), rows * R1, acc_t(0));
   const bool drop = p.has_dropout();
-  if (drop) std::fill(t.pdsum.begin(), t.pdsum.end(), acc_t(0));
+  if (drop) std::fill_n(t.pdsum.begin(), rows * R1, acc_t(0));
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
   const Range keys = key_range(p, b, i0, rows);
