@@ -11,7 +11,7 @@
 // (RowBuckets). A row whose tile lies beyond ±M is the single-bucket fast path.
 //
 // Backward, float32/float64 with enough (b, kv head) tasks for the threads: one fused sweep per (b, kv head)
-//   (backward_group_fused): Δ = do·out - glse from the binding, then per tile S, dP, dS and the 5 GEMMs
+//   (backward_group_fused): Δ = do·out - glse per row first, then per tile S, dP, dS and the 5 GEMMs
 //   dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K (and S, dP), bucket sums added in place: the task owns every row.
 // Otherwise (half types, whose rounded `out` would put its error into Δ; or few tasks), two passes, so that
 // nothing is written by two tasks (deterministic, no atomics):
@@ -22,6 +22,9 @@
 //   pass B per (b, kv head, key block), over the heads of its group and all query blocks:
 //     dv = Σ Pᵀ dO,  dk = scale * Σ dSᵀ Q.
 //   The table gradients are then plain GEMMs of those row sums (table_grad_from_row_sums).
+// Packed sequences (segment ids): a query block of a sorted row runs as 16-row runs that see the same
+// sequences (for_each_key_run), each over its keys only; a key block sweeps only its sequences' queries.
+// Threads take tasks from a shared counter (parallel_tasks): tasks of unequal cost keep every thread busy.
 // Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
 #include <atomic>
 #include <cmath>
