@@ -523,6 +523,8 @@ torch::Tensor packed_positions(const torch::Tensor& segment_ids, const torch::Te
   TORCH_CHECK(segment_ids.dim() == 2 && segment_ids.size(0) == x.size(0) && segment_ids.size(1) == x.size(1),
               "relattn::nn::", who, ": segment_ids must be [B, L] = [", x.size(0), ", ", x.size(1),
               "] like the input, got ", segment_ids.sizes());
+  TORCH_CHECK(segment_ids.device() == x.device(), "relattn::nn::", who, ": segment_ids must be on the input's device (",
+              x.device(), "), got ", segment_ids.device());
   return relattn::segment_positions(segment_ids);
 }
 

@@ -626,6 +626,8 @@ def _packed_positions(segment_ids: Tensor, x: Tensor, who: str) -> Tensor:
     if segment_ids.dim() != 2 or tuple(segment_ids.shape) != tuple(x.shape[:2]):
         raise ValueError(f"{who}: segment_ids must be [B, L] = {list(x.shape[:2])} like the input, got "
                          f"{list(segment_ids.shape)}")
+    if segment_ids.device != x.device:
+        raise ValueError(f"{who}: segment_ids must be on the input's device ({x.device}), got {segment_ids.device}")
     return segment_positions(segment_ids)
 
 

@@ -666,6 +666,8 @@ TEST(PositionalEncodings, PackedSequencesRestartPositions) {
     }
     x.mutable_grad().zero_();
     expect_error([&] { any.forward(x, ids.narrow(1, 0, 20)); }, "segment_ids must be [B, L] = [1, 24] like the input");
+    expect_error([&] { any.forward(x.detach().to(torch::kMeta), ids); },
+                 "segment_ids must be on the input's device (meta), got cpu");
   }
   // Rows longer than the learned table are fine while every sequence fits it.
   rnn::LearnedPositionalEncoding small(12, 8);

@@ -209,6 +209,8 @@ def test_encoding_bad_segment_ids(name):
         enc(x, segment_ids=torch.zeros(5, dtype=torch.int64))
     with pytest.raises(RuntimeError, match="segment_ids must have an integer dtype"):
         enc(x, segment_ids=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match=rf"{cls}: segment_ids must be on the input's device \(meta\), got cpu"):
+        enc(x.to("meta"), segment_ids=torch.zeros(2, 5, dtype=torch.int64))
 
 
 @pytest.mark.parametrize("device", DEVICES)
