@@ -33,6 +33,23 @@ RELATTN_HD void segment_query_span(const Params& p, int64_t b, int64_t j0, int64
   hi = r[(keys - 1) * 2 + 1];
 }
 
+// Query rows [first, end) that can see a key of [j0, j0 + keys): with causal masking i + q_offset >= j0;
+// with segments, the rows of the keys' segments. kSegments = false leaves the segment code out (the CUDA
+// instances compiled without it). `first` may reach past `end` (no row sees the keys).
+template <bool kSegments = true, typename Params>
+RELATTN_HD void key_tile_queries(const Params& p, int64_t b, int64_t j0, int64_t keys, int64_t& first,
+                                 int64_t& end) {
+  first = 0;
+  end = p.Lq;
+  if (p.causal) first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
+  if (kSegments && p.q_segment_ids != nullptr) {
+    int64_t lo, hi;
+    segment_query_span(p, b, j0, keys, lo, hi);
+    if (lo > first) first = lo;
+    if (hi < end) end = hi;
+  }
+}
+
 // Whether pairs of query rows [i0, i0 + rows) and keys [j0, j0 + cols) need the per-pair segment test: with
 // segments, unless the batch row's ids are sorted and the keys lie inside every row's range (the last row's
 // lo is the largest, the first row's hi the smallest).

@@ -361,15 +361,9 @@ inline Range key_range(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
 
 // Query rows [begin, end) that can see a key of the block [j0, j0 + cols), begin a multiple of 16.
 inline Range query_range(const AttentionParams& p, int64_t b, int64_t j0, int64_t cols) {
-  int64_t begin = 0, end = p.Lq;
-  if (p.causal) begin = std::clamp<int64_t>(j0 - p.q_offset, 0, p.Lq);  // i + q_offset >= j0
-  if (p.has_segments()) {
-    int64_t lo, hi;
-    kernels::segment_query_span(p, b, j0, cols, lo, hi);
-    begin = std::max(begin, lo);
-    end = hi;
-  }
-  begin = begin / 16 * 16;
+  int64_t begin, end;
+  kernels::key_tile_queries(p, b, j0, cols, begin, end);  // kernels/segments.h
+  begin = std::min(begin, p.Lq) / 16 * 16;
   return {begin, std::max(begin, end)};
 }
 

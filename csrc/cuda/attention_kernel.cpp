@@ -63,8 +63,6 @@ std::string env_str(const char* name) {
   return v ? std::string(v) : std::string();
 }
 
-// Rows of `t` may be read with 16-byte copies: aligned base, and every dimension that is ever indexed
-// (size > 1) has a stride that is a multiple of 16 bytes.
 // RELATTN_CUDA_SEGMENTS=dropout runs tensor-core calls with segment ids and no dropout in the dropout
 // instances, with a zero seed and threshold 0 (every pair kept with the factor 1.0 exactly), as before the
 // segment-only instances existed: a switch to time the two against each other. Returns the seed tensor,
@@ -79,6 +77,8 @@ Tensor segments_via_dropout_instance(const Prepared& a, kernels::AttentionParams
   return seed;
 }
 
+// Rows of `t` may be read with 16-byte copies: aligned base, and every dimension that is ever indexed
+// (size > 1) has a stride that is a multiple of 16 bytes.
 bool rows_16b_aligned(const Tensor& t) {
   const int64_t elem = static_cast<int64_t>(t.element_size());
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;

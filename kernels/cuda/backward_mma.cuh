@@ -597,16 +597,8 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   const bool has_tab = p.has_tab();
   const bool has_doa = p.has_doa();
 
-  // Query rows that can see a key of this tile: with causal masking, i + q_offset >= j0; with segments, the
-  // rows of the keys' segments.
-  int64_t i_first = 0, i_end = p.Lq;
-  if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
-  if (kSegments && p.q_segment_ids != nullptr) {
-    int64_t lo, hi;
-    segment_query_span(p, b, j0, keys, lo, hi);
-    if (lo > i_first) i_first = lo;
-    if (hi < i_end) i_end = hi;
-  }
+  int64_t i_first, i_end;  // the query rows that can see a key of this tile
+  key_tile_queries<kSegments>(p, b, j0, keys, i_first, i_end);
   const int64_t nq = (i_end + BQ - 1) / BQ;  // one past the last query tile that can see the keys
   const int64_t qt_first = i_first >= i_end ? nq : i_first / BQ;
   const int64_t n_vis = nq - qt_first;

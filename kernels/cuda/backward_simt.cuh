@@ -300,14 +300,8 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
   load_rows<T, acc_t>(sK, D + 1, kg, p.k_stride[2], keys, BK, D, tid);
   load_rows<T, acc_t>(sV, Dv + 1, vg, p.v_stride[2], keys, BK, Dv, tid);
 
-  int64_t i_first = 0, i_end = p.Lq;
-  if (p.causal) i_first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
-  if (p.q_segment_ids != nullptr) {
-    int64_t lo, hi;
-    segment_query_span(p, b, j0, keys, lo, hi);
-    if (lo > i_first) i_first = lo;
-    if (hi < i_end) i_end = hi;
-  }
+  int64_t i_first, i_end;  // the query rows that can see a key of this tile
+  key_tile_queries(p, b, j0, keys, i_first, i_end);
 
   const int my_key = tid / 8;
   const int my_col = tid % 8;
