@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command: set-up (scripts/setup.sh), then the C++ tests (ctest), the C++ example built against
-# the installed package with find_package(relattn), the Python example, and the Python tests (pytest).
+# the installed package with find_package(relattn), the Python examples (one exports a model that a C++
+# example then runs), and the Python tests (pytest).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +18,10 @@ cmake --build build/example
 
 echo "== Python example (packed sequences)"
 "$PY" examples/python/train_packed.py
+
+echo "== Deployment example (train and export in Python with torch.export + AOTInductor, run from C++)"
+"$PY" examples/python/export_encoder.py --out build/export
+./build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt
 
 echo "== pytest"
 "$PY" -m pytest tests/python -q -p no:cacheprovider "$@"
