@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <type_traits>
+#include <tuple>
 #include <variant>
 
 #include <c10/util/StringUtil.h>
+#include <torch/autograd.h>
 #include <torch/nn/init.h>
 #include <torch/types.h>
 #include <torch/utils.h>
@@ -239,13 +242,72 @@ void RelativeMultiheadAttentionImpl::to(torch::Dtype dtype, bool non_blocking) {
   if (kept_slopes.defined()) alibi_slopes.set_data(kept_slopes);
 }
 
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ KVCache ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+KVCache::KVCache(int64_t max_length) {
+  TORCH_CHECK(max_length > 0, "relattn::nn::KVCache: max_length must be positive, got ", max_length);
+  state_ = std::make_shared<State>(State{max_length, {}});
+}
+
+int64_t KVCache::max_length() const { return state_ ? state_->max_length : 0; }
+
+int64_t KVCache::length() const { return state_ && !state_->slots.empty() ? state_->slots.front().length : 0; }
+
+void KVCache::reset() {
+  if (state_) state_->slots.clear();
+}
+
+void KVCache::reorder(const torch::Tensor& index) {
+  if (!state_) return;
+  for (Slot& slot : state_->slots) {
+    slot.keys = slot.keys.index_select(0, index.to(slot.keys.device()));
+    slot.values = slot.values.index_select(0, index.to(slot.values.device()));
+  }
+}
+
+std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* owner, const torch::Tensor& k,
+                                                                 const torch::Tensor& v) {
+  constexpr const char* who = "relattn::nn::KVCache: ";
+  TORCH_CHECK(state_, who, "append to an undefined (default-constructed) cache");
+  TORCH_CHECK(!(torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad())), who,
+              "the cache is for inference: decode under torch::NoGradGuard or c10::InferenceMode (this call "
+              "would record gradients)");
+  const int64_t B = k.size(0), Lq = k.size(2);
+  auto it = std::find_if(state_->slots.begin(), state_->slots.end(),
+                         [owner](const Slot& slot) { return slot.owner == owner; });
+  if (it == state_->slots.end()) {
+    state_->slots.push_back(Slot{owner, k.new_empty({B, k.size(1), state_->max_length, k.size(3)}),
+                                 v.new_empty({B, v.size(1), state_->max_length, v.size(3)}), 0});
+    it = std::prev(state_->slots.end());
+  }
+  Slot& slot = *it;
+  TORCH_CHECK(slot.keys.size(0) == B && slot.keys.scalar_type() == k.scalar_type() &&
+                  slot.keys.device() == k.device(),
+              who, "this call has batch ", B, ", ", k.scalar_type(), " on ", k.device(), ", the cached keys batch ",
+              slot.keys.size(0), ", ", slot.keys.scalar_type(), " on ", slot.keys.device(),
+              " (reset() starts over; reorder() selects rows)");
+  TORCH_CHECK(slot.length + Lq <= state_->max_length, who, slot.length, " cached + ", Lq,
+              " new positions exceed max_length (", state_->max_length, ")");
+  using torch::indexing::Slice;
+  const int64_t offset = slot.length;
+  slot.keys.index({Slice(), Slice(), Slice(offset, offset + Lq)}).copy_(k);
+  slot.values.index({Slice(), Slice(), Slice(offset, offset + Lq)}).copy_(v);
+  slot.length = offset + Lq;
+  return {slot.keys.index({Slice(), Slice(), Slice(0, slot.length)}),
+          slot.values.index({Slice(), Slice(), Slice(0, slot.length)}), offset};
+}
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
 torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query, const torch::Tensor& key,
                                                       const torch::Tensor& value,
                                                       const torch::Tensor& key_padding_mask, bool is_causal,
                                                       const torch::Tensor& rel_index,
-                                                      const torch::Tensor& segment_ids) {
+                                                      const torch::Tensor& segment_ids, KVCache cache) {
   constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
   const int64_t E = options.embed_dim();
+  TORCH_CHECK(!cache.defined() || ((!key.defined() || key.is_same(query)) && (!value.defined() || value.is_same(query))),
+              who, "cache is for self-attention; key and value must be undefined or query itself");
   const torch::Tensor& key_in = key.defined() ? key : query;
   const torch::Tensor& value_in = value.defined() ? value : key_in;
   TORCH_CHECK(query.dim() == 3 && key_in.dim() == 3 && value_in.dim() == 3, who,
@@ -272,11 +334,13 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
   // [B, L, heads * head_dim] -> [B, heads, L, head_dim]: a view whose last dimension stays contiguous,
   // which is all the op needs.
   const torch::Tensor q = q_proj(q_in).view({B, Lq, options.num_heads(), head_dim_}).transpose(1, 2);
-  const torch::Tensor k = k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
-  const torch::Tensor v = v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  torch::Tensor k = k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  torch::Tensor v = v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  int64_t q_offset = 0;
+  if (cache.defined()) std::tie(k, v, q_offset) = cache.append(this, k, v);
 
   AttentionOptions attn;
-  attn.causal(is_causal).scale(options.scale());
+  attn.causal(is_causal).scale(options.scale()).q_offset(q_offset);
   if (rel_k.defined()) attn.rel_k(rel_k);
   if (rel_v.defined()) attn.rel_v(rel_v);
   if (rel_bias.defined()) attn.rel_bias(rel_bias);
@@ -400,9 +464,9 @@ torch::Tensor RelativeTransformerEncoderLayerImpl::feed_forward(const torch::Ten
 torch::Tensor RelativeTransformerEncoderLayerImpl::forward(const torch::Tensor& src,
                                                            const torch::Tensor& src_key_padding_mask,
                                                            bool is_causal, const torch::Tensor& rel_index,
-                                                           const torch::Tensor& segment_ids) {
+                                                           const torch::Tensor& segment_ids, KVCache cache) {
   auto self_attention = [&](const torch::Tensor& x) {
-    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index, segment_ids));
+    return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index, segment_ids, cache));
   };
   if (options.norm_first()) {
     const torch::Tensor x = src + self_attention(norm1(src));
@@ -490,7 +554,7 @@ RelativeTransformerEncoderLayer RelativeTransformerEncoderImpl::layer(size_t i) 
 torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
                                                       const torch::Tensor& src_key_padding_mask, bool is_causal,
                                                       const torch::Tensor& rel_index,
-                                                      const torch::Tensor& segment_ids) {
+                                                      const torch::Tensor& segment_ids, KVCache cache) {
   // One int32 conversion for every layer; clamping keeps an id beyond int32 out of [0, R), so that the
   // op's range check reports it instead of a wrapped-around id passing as valid.
   torch::Tensor ids = rel_index;
@@ -499,7 +563,7 @@ torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
   }
   torch::Tensor x = src;
   for (size_t i = 0; i < layers->size(); ++i)
-    x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids, segment_ids);
+    x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids, segment_ids, cache);
   return norm.is_empty() ? x : norm.forward(x);
 }
 

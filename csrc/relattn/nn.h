@@ -27,9 +27,12 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <ostream>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <torch/nn/cloneable.h>
@@ -65,6 +68,54 @@ activation_t activation_from_string(const std::string& name);
 
 // Relative tables by name ("rel_k", "rel_v", "rel_bias").
 using RelativeTables = torch::OrderedDict<std::string, torch::Tensor>;
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ KVCache ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+// Keys and values of the positions seen so far, for incremental (token-by-token) decoding; as
+// relattn.nn.KVCache in Python. One cache serves a whole model: each RelativeMultiheadAttention that
+// receives it (directly or through the encoder layer / stack's `cache` argument) keeps its own slot, its
+// projected keys and values [B, Hk, max_length, E/H], allocated at its first call. A call with Lq new
+// tokens appends their keys and values and attends from the new queries to every cached key, the new
+// tokens at positions length() .. length() + Lq - 1 (AttentionOptions::q_offset): distances, buckets,
+// ALiBi and the causal mask are those of the whole sequence. Feed the prompt in one call, then one call
+// per generated token; with is_causal the outputs equal the causal model run over the whole sequence.
+//
+// For inference only: a call that would record gradients is an error (use torch::NoGradGuard or
+// c10::InferenceMode). A key_padding_mask passed with the cache covers every cached key,
+// [B, length() + Lq]. A module called twice per step (weights tied across layers) would append twice to
+// one slot. Copies share the state (a handle, like a module holder); a default-constructed KVCache is
+// "no cache".
+class KVCache {
+ public:
+  KVCache() = default;
+  explicit KVCache(int64_t max_length);
+
+  bool defined() const { return state_ != nullptr; }
+  int64_t max_length() const;
+  // Positions cached so far (by the first module that used the cache; all agree after a full step).
+  int64_t length() const;
+  // Forget every position (the next call starts a new sequence); frees the buffers.
+  void reset();
+  // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b].
+  void reorder(const torch::Tensor& index);
+
+  // Used by RelativeMultiheadAttention: appends k and v ([B, Hk, Lq, head_dim]) to `owner`'s slot and
+  // returns views of all its keys and values and the position of the first new token.
+  std::tuple<torch::Tensor, torch::Tensor, int64_t> append(const void* owner, const torch::Tensor& k,
+                                                          const torch::Tensor& v);
+
+ private:
+  struct Slot {
+    const void* owner;
+    torch::Tensor keys, values;
+    int64_t length;
+  };
+  struct State {
+    int64_t max_length;
+    std::vector<Slot> slots;  // in order of first use
+  };
+  std::shared_ptr<State> state_;
+};
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
@@ -127,12 +178,15 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   // out_proj's bias, never NaN); is_causal masks keys after the query (j > i); rel_index, integer
   // [Lq, Lk] or [B, Lq, Lk], replaces the distance buckets with an explicit bucket per pair
   // (structural positions; needs a scheme with tables); segment_ids, integer [B, Lk] with Lq == Lk (packed
-  // sequences: a query attends only to keys with its id; see AttentionOptions::segment_ids). Returns
-  // [B, Lq, E] ([Lq, B, E] when not batch_first). The distance of query i and key j is j - i.
+  // sequences: a query attends only to keys with its id; see AttentionOptions::segment_ids); cache, a
+  // KVCache for incremental decoding (self-attention: key and value undefined or query itself; the
+  // queries sit at positions cache.length() on and attend to every cached key, which key_padding_mask,
+  // rel_index and segment_ids then cover). Returns [B, Lq, E] ([Lq, B, E] when not batch_first). The
+  // distance of query i and key j is j - i.
   torch::Tensor forward(const torch::Tensor& query, const torch::Tensor& key = {},
                         const torch::Tensor& value = {}, const torch::Tensor& key_padding_mask = {},
                         bool is_causal = false, const torch::Tensor& rel_index = {},
-                        const torch::Tensor& segment_ids = {});
+                        const torch::Tensor& segment_ids = {}, KVCache cache = {});
 
   void reset() override;
   // Xavier-uniform projection weights, zero biases; rel_k / rel_v ~ N(0, 0.02²); rel_bias = 0 (so
@@ -180,7 +234,8 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(torch::Tensor())},
                            {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(false)},
-                           {5, torch::nn::AnyValue(torch::Tensor())}, {6, torch::nn::AnyValue(torch::Tensor())})
+                           {5, torch::nn::AnyValue(torch::Tensor())}, {6, torch::nn::AnyValue(torch::Tensor())},
+                           {7, torch::nn::AnyValue(KVCache())})
 
  private:
   // The tables the scheme uses ("rel_k", "rel_v", "rel_bias") and their shapes.
@@ -255,11 +310,12 @@ class RelativeTransformerEncoderLayerImpl
   // src [B, L, d_model] ([L, B, d_model] when not batch_first); src_key_padding_mask bool [B, L],
   // true = padding; is_causal: causal self-attention; rel_index, integer [L, L] or [B, L, L], an explicit
   // bucket per pair (structural positions) in place of the distance buckets (see
-  // RelativeMultiheadAttention); segment_ids, integer [B, L]: packed sequences. Returns a tensor shaped
-  // like src.
+  // RelativeMultiheadAttention); segment_ids, integer [B, L]: packed sequences; cache: a KVCache for
+  // incremental decoding (src holds the new tokens, src_key_padding_mask covers every cached position).
+  // Returns a tensor shaped like src.
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
                         bool is_causal = false, const torch::Tensor& rel_index = {},
-                        const torch::Tensor& segment_ids = {});
+                        const torch::Tensor& segment_ids = {}, KVCache cache = {});
 
   void reset() override;
   void reset_parameters();
@@ -284,7 +340,8 @@ class RelativeTransformerEncoderLayerImpl
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
-                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())})
+                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())},
+                          {5, torch::nn::AnyValue(KVCache())})
 
  private:
   torch::Tensor feed_forward(const torch::Tensor& x);
@@ -329,10 +386,13 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   // bool [B, L], true = padding; is_causal: causal self-attention in every layer; rel_index, integer
   // [L, L] or [B, L, L]: structural positions for every layer (an int64 one is converted to int32, what
   // the kernels read, once here rather than once per layer); segment_ids, integer [B, L]: packed sequences
-  // (several per batch row, each token attending only to tokens with its id) in every layer.
+  // (several per batch row, each token attending only to tokens with its id) in every layer; cache: a
+  // KVCache for incremental decoding, one slot per layer (src holds the new tokens: the prompt, then one
+  // token per call; src_key_padding_mask covers every cached position; with is_causal each call's output
+  // equals the new tokens' rows of a causal run over the whole sequence).
   torch::Tensor forward(const torch::Tensor& src, const torch::Tensor& src_key_padding_mask = {},
                         bool is_causal = false, const torch::Tensor& rel_index = {},
-                        const torch::Tensor& segment_ids = {});
+                        const torch::Tensor& segment_ids = {}, KVCache cache = {});
 
   void reset() override;
   // A deep copy; with share_relative_tables its layers share the copy's first-layer tables.
@@ -353,7 +413,8 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
-                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())})
+                          {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())},
+                          {5, torch::nn::AnyValue(KVCache())})
 
  private:
   void share_first_layer_tables();

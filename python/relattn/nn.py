@@ -20,6 +20,9 @@ pass ``tables={...}`` to use tables owned elsewhere (sharing across layers). The
 are derived from the constructor's arguments, so they are non-persistent buffers: a ``state_dict`` holds
 only what was learned.
 
+Causal stacks decode token by token with a :class:`KVCache` (``cache=`` of the attention layer, the encoder
+layer and the stack).
+
 Every module here is batch-first by default, works under ``torch.compile(fullgraph=True)`` and
 round-trips through ``state_dict``.
 """
@@ -36,6 +39,7 @@ from .functional import alibi_slopes, attention, clip_buckets, segment_lengths, 
 
 __all__ = [
     "POSITION_SCHEMES",
+    "KVCache",
     "RelativeMultiheadAttention",
     "RelativeTransformerEncoderLayer",
     "RelativeTransformerEncoder",
@@ -57,6 +61,77 @@ def _check_attn_mask(attn_mask: Optional[Tensor], is_causal: bool, name: str) ->
             f"relattn.nn: {name} is only accepted together with is_causal=True (it is then taken to be "
             "the causal mask and not read); the fused kernels support causal masking and "
             "key_padding_mask, not arbitrary attention masks")
+
+
+class KVCache:
+    r"""Keys and values of the positions seen so far, for incremental (token-by-token) decoding.
+
+    One cache serves a whole model. Each :class:`RelativeMultiheadAttention` that receives it (directly, or
+    through ``cache=`` of an encoder layer or stack) keeps its own slot: its projected keys and values,
+    ``[B, Hk, max_length, E/H]`` each, allocated at its first call. A call with ``Lq`` new tokens appends
+    their keys and values and attends from the new queries to every cached key, with the new tokens at
+    positions ``length .. length + Lq - 1`` (``q_offset`` of :func:`relattn.attention`): relative
+    distances, buckets, ALiBi and the causal mask are those of the whole sequence. A prompt goes in as one
+    call (prefill), then one call per generated token; with ``is_causal=True`` the results equal the
+    causal model run over the whole sequence at once.
+
+    The cache is for inference: a call that would record gradients raises (decode under
+    :func:`torch.no_grad` or :func:`torch.inference_mode`). A ``key_padding_mask`` passed with the cache
+    covers every cached key, ``[B, length + Lq]``. A module called twice per step (weights tied across
+    layers) would append twice to one slot: give each use its own module or cache.
+
+    Args:
+        max_length: the most positions the cache holds; appending beyond raises ``ValueError``.
+    """
+
+    def __init__(self, max_length: int) -> None:
+        if max_length <= 0:
+            raise ValueError(f"KVCache: max_length must be positive, got {max_length}")
+        self.max_length = int(max_length)
+        self._slots: Dict[nn.Module, list] = {}  # attention module -> [keys, values, length]
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (by the first module that used the cache; all agree after a full step)."""
+        return next(iter(self._slots.values()))[2] if self._slots else 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def reset(self) -> None:
+        """Forget every position (the next call starts a new sequence); buffers are freed."""
+        self._slots.clear()
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows of every slot, e.g. the surviving beams in beam search: row ``b`` becomes
+        row ``index[b]`` (an integer tensor; it may change the batch size)."""
+        for slot in self._slots.values():
+            slot[0] = slot[0].index_select(0, index.to(slot[0].device))
+            slot[1] = slot[1].index_select(0, index.to(slot[1].device))
+
+    def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("KVCache is for inference: run decoding under torch.no_grad() or "
+                               "torch.inference_mode() (this call would record gradients)")
+        B, Hk, Lq, Dh = k.shape
+        slot = self._slots.get(owner)
+        if slot is None:
+            shape = (B, Hk, self.max_length, Dh)
+            slot = [k.new_empty(shape), v.new_empty(shape[:3] + (v.shape[3],)), 0]
+            self._slots[owner] = slot
+        keys, values, length = slot
+        if keys.shape[0] != B or keys.dtype != k.dtype or keys.device != k.device:
+            raise ValueError(f"KVCache: this call has batch {B}, {k.dtype} on {k.device}, the cached keys "
+                             f"batch {keys.shape[0]}, {keys.dtype} on {keys.device} (reset() starts over; "
+                             f"reorder() selects rows)")
+        if length + Lq > self.max_length:
+            raise ValueError(f"KVCache: {length} cached + {Lq} new positions exceed max_length "
+                             f"({self.max_length})")
+        keys[:, :, length:length + Lq].copy_(k)
+        values[:, :, length:length + Lq].copy_(v)
+        slot[2] = length + Lq
+        return keys[:, :, :length + Lq], values[:, :, :length + Lq], length
 
 
 class RelativeMultiheadAttention(nn.Module):
@@ -261,6 +336,7 @@ class RelativeMultiheadAttention(nn.Module):
         causal: bool = False,
         rel_index: Optional[Tensor] = None,
         segment_ids: Union[Tensor, Tuple[Tensor, Tensor], None] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tuple[Tensor, None]:
         """Attend from ``query`` to ``key``/``value``.
 
@@ -284,6 +360,10 @@ class RelativeMultiheadAttention(nn.Module):
             segment_ids: packed sequences: integer ``[B, Lk]`` (or a pair ``(q_ids [B, Lq], k_ids
                 [B, Lk])``); a query attends only to keys of its own segment (see
                 :func:`relattn.attention`).
+            cache: a :class:`KVCache` for incremental decoding (self-attention only: ``key`` and
+                ``value`` absent or ``query`` itself). The new tokens' keys and values are appended and
+                the queries, at positions ``len(cache)`` on, attend to every cached key; a
+                ``key_padding_mask``, ``rel_index`` or ``segment_ids`` key side then covers all of them.
 
         Returns:
             ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
@@ -293,6 +373,9 @@ class RelativeMultiheadAttention(nn.Module):
                              "relattn kernels never materialise the attention weights")
         is_causal = bool(is_causal or causal)
         _check_attn_mask(attn_mask, is_causal, "attn_mask")
+        if cache is not None and not ((key is None or key is query) and (value is None or value is query)):
+            raise ValueError("RelativeMultiheadAttention: cache is for self-attention; key and value must be "
+                             "None or query itself")
         key = query if key is None else key
         value = key if value is None else value
         if not self.batch_first:
@@ -310,6 +393,9 @@ class RelativeMultiheadAttention(nn.Module):
         q = self.q_proj(query).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(key).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(value).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q_offset = 0
+        if cache is not None:
+            k, v, q_offset = cache._append(self, k, v)
 
         uses_buckets = self.buckets is not None
         if rel_index is not None and not uses_buckets:
@@ -324,6 +410,7 @@ class RelativeMultiheadAttention(nn.Module):
             key_padding_mask=key_padding_mask,
             causal=is_causal,
             scale=self.scale,
+            q_offset=q_offset,
             dropout_p=self.dropout if self.training else 0.0,
             segment_ids=segment_ids,
         )
@@ -453,6 +540,7 @@ class RelativeTransformerEncoderLayer(nn.Module):
         *,
         rel_index: Optional[Tensor] = None,
         segment_ids: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when not ``batch_first``).
@@ -465,25 +553,29 @@ class RelativeTransformerEncoderLayer(nn.Module):
                 buckets of "shaw"/"t5"/"clip_bias"; see :class:`RelativeMultiheadAttention`.
             segment_ids: optional integer ``[B, L]``: packed sequences, each token attending only to
                 tokens with its id (see :func:`relattn.attention`).
+            cache: a :class:`KVCache` for incremental decoding: ``src`` holds the new tokens only, and
+                ``src_key_padding_mask`` covers every cached position.
 
         Returns:
             a tensor shaped like ``src``.
         """
         _check_attn_mask(src_mask, is_causal, "src_mask")
         x = src
+        sa = (src_key_padding_mask, is_causal, rel_index, segment_ids, cache)
         if self.norm_first:
-            x = x + self._sa_block(self.norm1(x), src_key_padding_mask, is_causal, rel_index, segment_ids)
+            x = x + self._sa_block(self.norm1(x), *sa)
             x = x + self._ff_block(self.norm2(x))
         else:
             alpha = self.residual_alpha
-            x = self.norm1(alpha * x + self._sa_block(x, src_key_padding_mask, is_causal, rel_index, segment_ids))
+            x = self.norm1(alpha * x + self._sa_block(x, *sa))
             x = self.norm2(alpha * x + self._ff_block(x))
         return x
 
     def _sa_block(self, x: Tensor, key_padding_mask: Optional[Tensor], is_causal: bool,
-                  rel_index: Optional[Tensor], segment_ids: Optional[Tensor] = None) -> Tensor:
+                  rel_index: Optional[Tensor], segment_ids: Optional[Tensor] = None,
+                  cache: Optional[KVCache] = None) -> Tensor:
         x = self.self_attn(x, x, x, key_padding_mask=key_padding_mask, need_weights=False,
-                           is_causal=is_causal, rel_index=rel_index, segment_ids=segment_ids)[0]
+                           is_causal=is_causal, rel_index=rel_index, segment_ids=segment_ids, cache=cache)[0]
         return self.dropout1(x)
 
     def _ff_block(self, x: Tensor) -> Tensor:
@@ -562,6 +654,7 @@ class RelativeTransformerEncoder(nn.Module):
         *,
         rel_index: Optional[Tensor] = None,
         segment_ids: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
     ) -> Tensor:
         """Args:
             src: ``[B, L, d_model]`` (``[L, B, d_model]`` when the layers are not ``batch_first``).
@@ -574,6 +667,10 @@ class RelativeTransformerEncoder(nn.Module):
             segment_ids: optional integer ``[B, L]``: packed sequences (several per batch row), each
                 token attending only to tokens with its id, in every layer; relative positions stay
                 those within each sequence. See :func:`relattn.attention`.
+            cache: a :class:`KVCache` for incremental decoding, one slot per layer: ``src`` holds the new
+                tokens only (the prompt, then one token per call), ``src_key_padding_mask`` covers every
+                cached position. With ``is_causal=True`` each call's output equals the rows of the new
+                tokens in a causal run over the whole sequence.
 
         Returns:
             a tensor shaped like ``src``.
@@ -585,7 +682,7 @@ class RelativeTransformerEncoder(nn.Module):
             # check still reports it instead of a wrapped-around id passing as valid.
             rel_index = rel_index.clamp(-2**31, 2**31 - 1).to(torch.int32)
         x = src
-        use_checkpoint = self.checkpoint and torch.is_grad_enabled()
+        use_checkpoint = self.checkpoint and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
             if use_checkpoint:
                 x = torch.utils.checkpoint.checkpoint(
@@ -593,7 +690,7 @@ class RelativeTransformerEncoder(nn.Module):
                     use_reentrant=False)
             else:
                 x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index,
-                          segment_ids=segment_ids)
+                          segment_ids=segment_ids, cache=cache)
         if self.norm is not None:
             x = self.norm(x)
         return x

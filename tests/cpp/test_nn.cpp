@@ -383,6 +383,81 @@ TEST(RelativeTransformerEncoder, CausalIgnoresTheFuture) {
   EXPECT_FALSE(torch::allclose(y.index({Slice(), Slice(6, None)}), y2.index({Slice(), Slice(6, None)})));
 }
 
+// Incremental decoding with a KVCache: a prompt, then one or a few tokens per call, gives the rows of a
+// causal run over the whole sequence, for every scheme (float64, grouped-query heads, padding).
+TEST(KVCache, IncrementalDecodingEqualsCausalRun) {
+  for (const std::string& scheme : kSchemes) {
+    SCOPED_TRACE(scheme);
+    torch::manual_seed(0);
+    rnn::RelativeTransformerEncoder encoder(small_layer(scheme).norm_first(true).num_kv_heads(2), 3);
+    encoder->to(torch::kDouble);
+    encoder->eval();
+    torch::NoGradGuard no_grad;
+    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+    const Tensor x = torch::randn({2, 17, E}, torch::kDouble);
+    Tensor mask = torch::zeros({2, 17}, torch::kBool);
+    mask.index_put_({1, Slice(0, 3)}, true);  // a left-padded prompt
+    const Tensor want = encoder(x, mask, /*is_causal=*/true);
+    rnn::KVCache cache(20);
+    std::vector<Tensor> outs;
+    int64_t start = 0;
+    for (const int64_t n : {7, 1, 1, 3, 1, 1, 1, 1, 1}) {
+      outs.push_back(encoder(x.index({Slice(), Slice(start, start + n)}), mask.index({Slice(), Slice(0, start + n)}),
+                             true, Tensor(), Tensor(), cache));
+      start += n;
+    }
+    ASSERT_EQ(start, 17);
+    EXPECT_EQ(cache.length(), 17);
+    const Tensor got = torch::cat(outs, 1);
+    const Tensor real = mask.logical_not();
+    EXPECT_LT(max_abs(got.index({real}) - want.index({real})), 1e-10);
+  }
+}
+
+TEST(KVCache, ReorderResetAndAttentionModule) {
+  torch::NoGradGuard no_grad;
+  auto attn = make_attention("t5", rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(1).batch_first(false));
+  attn->to(torch::kDouble);
+  const Tensor x = torch::randn({10, 2, E}, torch::kDouble);  // [L, B, E]
+  rnn::KVCache cache(16);
+  attn(x.index({Slice(0, 6)}), Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+  // Three beams: rows 1, 0, 1; tokens 6..9 of the reordered rows.
+  const Tensor index = torch::tensor({1, 0, 1});
+  cache.reorder(index);
+  const Tensor xr = x.index_select(1, index);
+  const Tensor a = xr.index({Slice(6, 7)}), b = xr.index({Slice(7, 10)});
+  const Tensor got = torch::cat({attn(a, a, a, Tensor(), true, Tensor(), Tensor(), cache),
+                                 attn(b, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache)});
+  const Tensor want = attn(xr, Tensor(), Tensor(), Tensor(), true).index({Slice(6, None)});
+  EXPECT_LT(max_abs(got - want), 1e-10);
+  EXPECT_EQ(cache.length(), 10);
+  cache.reset();
+  EXPECT_EQ(cache.length(), 0);
+  const Tensor again = attn(x.index({Slice(0, 4)}), Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+  EXPECT_LT(max_abs(again - attn(x.index({Slice(0, 4)}), Tensor(), Tensor(), Tensor(), true)), 1e-10);
+}
+
+TEST(KVCache, BadUse) {
+  expect_error([] { rnn::KVCache(0); }, "max_length must be positive");
+  rnn::RelativeTransformerEncoder encoder(small_layer("shaw"), 1);
+  encoder->eval();
+  const Tensor x = torch::randn({2, 5, E});
+  rnn::KVCache cache(6);
+  {
+    torch::NoGradGuard no_grad;
+    encoder(x, Tensor(), true, Tensor(), Tensor(), cache);
+    expect_error([&] { encoder(x.index({Slice(), Slice(0, 2)}), Tensor(), true, Tensor(), Tensor(), cache); },
+                 "5 cached + 2 new positions exceed max_length (6)");
+    expect_error([&] { encoder(torch::randn({3, 1, E}), Tensor(), true, Tensor(), Tensor(), cache); }, "batch 3");
+    auto& attn = encoder->layer(0)->self_attn;
+    expect_error([&] { attn(x, torch::randn({2, 5, E}), Tensor(), Tensor(), false, Tensor(), Tensor(), rnn::KVCache(8)); },
+                 "cache is for self-attention");
+  }
+  // Recording gradients through the cache is refused (its keys are overwritten in place).
+  expect_error([&] { encoder(x.index({Slice(), Slice(0, 1)}), Tensor(), true, Tensor(), Tensor(), rnn::KVCache(4)); },
+               "the cache is for inference");
+}
+
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
 // gives the modules' own result and gradients (int64 and int32, 2-D and per batch); a per-batch index gives
 // each batch what its own 2-D index gives; an int64 id past int32 is still reported, not wrapped into range.

@@ -1,0 +1,158 @@
+"""relattn.nn.KVCache: incremental decoding equals the causal model run over the whole sequence.
+
+The reference is the same model's causal forward over all tokens at once (itself checked against the
+float64 reference in test_nn.py / test_accuracy.py); decoding feeds a prompt, then one or a few tokens per
+call, and must give the rows of the new tokens.
+"""
+import pytest
+import torch
+
+import relattn
+from relattn.nn import (KVCache, RelativeMultiheadAttention, RelativeTransformerEncoder,
+                        RelativeTransformerEncoderLayer)
+
+F64 = torch.float64
+HAS_CUDA = torch.cuda.is_available() and relattn.cuda_kernels_built()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels"))]
+
+SCHEMES = [
+    dict(position="shaw", max_distance=3),
+    dict(position="shaw", max_distance=4, rel_k=False, per_head_tables=True),
+    dict(position="t5", num_buckets=8, max_distance=20, bidirectional=False),
+    dict(position="clip_bias", max_distance=2),
+    dict(position="alibi"),
+    dict(position="none"),
+]
+
+
+def _stack(scheme, dtype=F64, device="cpu", layers=3, norm_first=True, kv_heads=2, seed=0):
+    torch.manual_seed(seed)
+    layer = RelativeTransformerEncoderLayer(32, 4, 48, dropout=0.0, norm_first=norm_first, num_kv_heads=kv_heads,
+                                            **scheme, dtype=dtype)
+    encoder = RelativeTransformerEncoder(layer, layers).eval().to(device)
+    # Nonzero relative tables (biases start at zero), so that a wrong offset changes the result.
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return encoder
+
+
+def _decode(model, x, steps, cache, **kwargs):
+    """Feeds x[:, :steps[0]], then the next steps[1] tokens, ...; returns the concatenated outputs."""
+    outs, start = [], 0
+    for n in steps:
+        # Key-side inputs cover every cached position.
+        call = {name: None if t is None else t[:, :start + n] for name, t in kwargs.items()}
+        outs.append(model(x[:, start:start + n], is_causal=True, cache=cache, **call))
+        start += n
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+@pytest.mark.parametrize("steps", [(9,) + (1,) * 10, (1,) * 6 + (5, 3, 2)], ids=["prefill", "mixed"])
+def test_incremental_decoding_equals_causal_run(scheme, steps):
+    model = _stack(scheme)
+    x = torch.randn(3, sum(steps), 32, dtype=F64)
+    cache = KVCache(max_length=24)
+    with torch.no_grad():
+        want = model(x, is_causal=True)
+        got = _decode(model, x, steps, cache)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert len(cache) == sum(steps)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_incremental_decoding_with_padding(device):
+    # Batched generation with left-padded prompts: the padding stays masked for every later token.
+    model = _stack(SCHEMES[0], dtype=torch.float32, device=device, norm_first=False)
+    x = torch.randn(3, 14, 32, device=device)
+    mask = torch.zeros(3, 14, dtype=torch.bool, device=device)
+    mask[1, :3] = True
+    mask[2, :6] = True
+    with torch.no_grad():
+        want = model(x, src_key_padding_mask=mask, is_causal=True)
+        got = _decode(model, x, (6, 1, 1, 1, 4, 1), KVCache(20), src_key_padding_mask=mask)
+    real = ~mask  # a fully padded query row (row 2, position 0..5) has no keys; compare the real ones
+    torch.testing.assert_close(got[real], want[real], rtol=1e-4, atol=1e-4)
+
+
+def test_incremental_decoding_with_segment_ids():
+    # Two sequences packed in a row; the second one is generated token by token (query ids are read at
+    # q_offset + i, so one id tensor over all cached positions serves).
+    model = _stack(SCHEMES[1])
+    x = torch.randn(2, 15, 32, dtype=F64)
+    ids = torch.tensor([[0] * 6 + [1] * 9, [0] * 10 + [1] * 5])
+    with torch.no_grad():
+        want = model(x, is_causal=True, segment_ids=ids)
+        got = _decode(model, x, (8,) + (1,) * 7, KVCache(15), segment_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_attention_module_directly_seq_first():
+    torch.manual_seed(0)
+    attn = RelativeMultiheadAttention(16, 4, batch_first=False, num_kv_heads=1, position="t5", num_buckets=6,
+                                      max_distance=9, dtype=F64).eval()
+    torch.nn.init.normal_(attn.rel_bias)
+    x = torch.randn(12, 2, 16, dtype=F64)  # [L, B, E]
+    cache = KVCache(12)
+
+    def self_attention(token):  # the form an encoder layer uses: key and value are the query tensor
+        return attn(token, token, token, cache=cache, is_causal=True)[0]
+
+    with torch.no_grad():
+        want = attn(x, is_causal=True)[0]
+        got = torch.cat([attn(x[:5], cache=cache, is_causal=True)[0]]
+                        + [self_attention(x[t:t + 1]) for t in range(5, 12)])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reorder_selects_rows_like_beam_search():
+    model = _stack(SCHEMES[2])
+    x = torch.randn(2, 10, 32, dtype=F64)
+    cache = KVCache(16)
+    index = torch.tensor([1, 0, 1])
+    with torch.no_grad():
+        _decode(model, x[:, :6], (6,), cache)
+        cache.reorder(index)  # three beams now: row 1, row 0, row 1
+        got = _decode(model, x[index, 6:], (1, 3), cache)  # tokens 6..9 of the reordered rows
+        want = model(x[index], is_causal=True)[:, 6:]
+    assert len(cache) == 10
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reset_starts_a_new_sequence():
+    model = _stack(SCHEMES[4])
+    cache = KVCache(8)
+    a, b = torch.randn(1, 8, 32, dtype=F64), torch.randn(1, 5, 32, dtype=F64)
+    with torch.no_grad():
+        _decode(model, a, (8,), cache)
+        cache.reset()
+        assert len(cache) == 0
+        got = _decode(model, b, (2, 1, 2), cache)
+        want = model(b, is_causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_bad_use_raises():
+    model = _stack(SCHEMES[0], layers=1)
+    x = torch.randn(2, 5, 32, dtype=F64)
+    with pytest.raises(ValueError, match="max_length must be positive"):
+        KVCache(0)
+    cache = KVCache(6)
+    with torch.no_grad():
+        model(x, is_causal=True, cache=cache)
+        with pytest.raises(ValueError, match=r"5 cached \+ 2 new positions exceed max_length \(6\)"):
+            model(x[:, :2], is_causal=True, cache=cache)
+        with pytest.raises(ValueError, match="batch 3"):
+            model(torch.randn(3, 1, 32, dtype=F64), is_causal=True, cache=cache)
+        with pytest.raises(ValueError, match="float32"):
+            model.float()(x[:, :1].float(), is_causal=True, cache=cache)
+    model.double()
+    # Recording gradients through a cache is refused (the cached keys are overwritten in place).
+    with pytest.raises(RuntimeError, match="inference"):
+        model(x[:, :1], is_causal=True, cache=KVCache(4))
+    attn = model.layers[0].self_attn
+    with pytest.raises(ValueError, match="self-attention"):
+        with torch.no_grad():
+            attn(x, torch.randn_like(x), cache=KVCache(8))
