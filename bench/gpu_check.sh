@@ -19,7 +19,8 @@
 #   RELATTN_CHECK_BUDGET_S=570 PYTHON=python3 bash bench/gpu_check.sh
 #   RELATTN_CHECK_STEPS="smoke bench" bash bench/gpu_check.sh   # only these steps (the build always runs);
 #                                           # steps: smoke pytest sanitizer bench (default: all), packing
-#                                           # (bench/packing_bench.py on the GPU; only when named)
+#                                           # (bench/packing_bench.py on the GPU) and decode
+#                                           # (bench/decode_bench.py on the GPU), only when named
 #   RELATTN_PYTEST_K="cuda and backward" bash bench/gpu_check.sh  # a narrower test selection (default: cuda)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -174,6 +175,16 @@ if wants packing; then
     [ -f "$OUT/packing/packing.md" ] && cat "$OUT/packing/packing.md"
   else
     skip packing "build failed"
+  fi
+fi
+
+# ---- 7. token-by-token decoding (only when asked for: RELATTN_CHECK_STEPS="decode") ----------------------
+if wants decode; then
+  if (( BUILD_OK )); then
+    step decode 150 $PY bench/decode_bench.py --device cuda --dtype bfloat16 --out "$OUT/decode"
+    [ -f "$OUT/decode/decode.md" ] && cat "$OUT/decode/decode.md"
+  else
+    skip decode "build failed"
   fi
 fi
 

@@ -78,7 +78,8 @@ class KVCache:
     The cache is for inference: a call that would record gradients raises (decode under
     :func:`torch.no_grad` or :func:`torch.inference_mode`). A ``key_padding_mask`` passed with the cache
     covers every cached key, ``[B, length + Lq]``. A module called twice per step (weights tied across
-    layers) would append twice to one slot: give each use its own module or cache.
+    layers) would append twice to one slot: give each use its own module or cache. The cached length is a
+    Python int, so :func:`torch.compile` specialises on it (a new graph per length): decode eagerly.
 
     Args:
         max_length: the most positions the cache holds; appending beyond raises ``ValueError``.
