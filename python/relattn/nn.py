@@ -43,6 +43,8 @@ __all__ = [
     "RelativeMultiheadAttention",
     "RelativeTransformerEncoderLayer",
     "RelativeTransformerEncoder",
+    "RelativeTransformerDecoderLayer",
+    "RelativeTransformerDecoder",
     "SinusoidalPositionalEncoding",
     "LearnedPositionalEncoding",
     "MLPPositionalEncoding",
@@ -75,6 +77,10 @@ class KVCache:
     call (prefill), then one call per generated token; with ``is_causal=True`` the results equal the
     causal model run over the whole sequence at once.
 
+    Cross-attention (``key`` given and not ``query``, as in a decoder layer attending to the encoder's
+    output) keeps the projected keys and values of its first call and reuses them: the memory does not
+    change while decoding, so it is projected once.
+
     The cache is for inference: a call that would record gradients raises (decode under
     :func:`torch.no_grad` or :func:`torch.inference_mode`). A ``key_padding_mask`` passed with the cache
     covers every cached key, ``[B, length + Lq]``. A module called twice per step (weights tied across
@@ -89,7 +95,8 @@ class KVCache:
         if max_length <= 0:
             raise ValueError(f"KVCache: max_length must be positive, got {max_length}")
         self.max_length = int(max_length)
-        self._slots: Dict[nn.Module, list] = {}  # attention module -> [keys, values, length]
+        self._slots: Dict[nn.Module, list] = {}  # self-attention module -> [keys, values, length]
+        self._cross_slots: Dict[nn.Module, list] = {}  # cross-attention module -> [keys, values]
 
     @property
     def length(self) -> int:
@@ -100,21 +107,39 @@ class KVCache:
         return self.length
 
     def reset(self) -> None:
-        """Forget every position (the next call starts a new sequence); buffers are freed."""
+        """Forget every position and the cross-attention memory (the next call starts a new sequence)."""
         self._slots.clear()
+        self._cross_slots.clear()
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows of every slot, e.g. the surviving beams in beam search: row ``b`` becomes
         row ``index[b]`` (an integer tensor; it may change the batch size)."""
-        for slot in self._slots.values():
+        for slot in (*self._slots.values(), *self._cross_slots.values()):
             slot[0] = slot[0].index_select(0, index.to(slot[0].device))
             slot[1] = slot[1].index_select(0, index.to(slot[1].device))
 
-    def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
-        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset."""
+    @staticmethod
+    def _check_inference(k: Tensor, v: Tensor) -> None:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             raise RuntimeError("KVCache is for inference: run decoding under torch.no_grad() or "
                                "torch.inference_mode() (this call would record gradients)")
+
+    def _cross(self, owner: nn.Module, batch: int, project: Callable[[], Tuple[Tensor, Tensor]]
+               ) -> Tuple[Tensor, Tensor]:
+        """Cross-attention: owner's projected memory keys and values, from project() at its first call."""
+        slot = self._cross_slots.get(owner)
+        if slot is None:
+            k, v = project()
+            self._check_inference(k, v)
+            slot = self._cross_slots[owner] = [k, v]
+        if slot[0].shape[0] != batch:
+            raise ValueError(f"KVCache: this call has batch {batch}, the cached cross-attention keys batch "
+                             f"{slot[0].shape[0]} (reset() starts over; reorder() selects rows)")
+        return slot[0], slot[1]
+
+    def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
+        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset."""
+        self._check_inference(k, v)
         B, Hk, Lq, Dh = k.shape
         slot = self._slots.get(owner)
         if slot is None:
@@ -361,10 +386,11 @@ class RelativeMultiheadAttention(nn.Module):
             segment_ids: packed sequences: integer ``[B, Lk]`` (or a pair ``(q_ids [B, Lq], k_ids
                 [B, Lk])``); a query attends only to keys of its own segment (see
                 :func:`relattn.attention`).
-            cache: a :class:`KVCache` for incremental decoding (self-attention only: ``key`` and
-                ``value`` absent or ``query`` itself). The new tokens' keys and values are appended and
-                the queries, at positions ``len(cache)`` on, attend to every cached key; a
+            cache: a :class:`KVCache` for incremental decoding. Self-attention (``key`` and ``value``
+                absent or ``query`` itself): the new tokens' keys and values are appended and the
+                queries, at positions ``len(cache)`` on, attend to every cached key; a
                 ``key_padding_mask``, ``rel_index`` or ``segment_ids`` key side then covers all of them.
+                Cross-attention: the keys and values projected at the first call are reused.
 
         Returns:
             ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
@@ -374,9 +400,7 @@ class RelativeMultiheadAttention(nn.Module):
                              "relattn kernels never materialise the attention weights")
         is_causal = bool(is_causal or causal)
         _check_attn_mask(attn_mask, is_causal, "attn_mask")
-        if cache is not None and not ((key is None or key is query) and (value is None or value is query)):
-            raise ValueError("RelativeMultiheadAttention: cache is for self-attention; key and value must be "
-                             "None or query itself")
+        self_attention = (key is None or key is query) and (value is None or value is query)
         key = query if key is None else key
         value = key if value is None else value
         if not self.batch_first:
@@ -392,11 +416,21 @@ class RelativeMultiheadAttention(nn.Module):
 
         # [B, L, heads*Dh] -> [B, heads, L, Dh]: a view whose last dimension stays contiguous.
         q = self.q_proj(query).view(B, Lq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(key).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(value).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        def project_kv() -> Tuple[Tensor, Tensor]:
+            return (self.k_proj(key).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2),
+                    self.v_proj(value).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2))
+
         q_offset = 0
-        if cache is not None:
-            k, v, q_offset = cache._append(self, k, v)
+        if cache is None:
+            k, v = project_kv()
+        elif self_attention:
+            k, v, q_offset = cache._append(self, *project_kv())
+        else:
+            if is_causal:
+                raise ValueError("RelativeMultiheadAttention: causal cross-attention with a cache is not "
+                                 "supported (the cached memory has no positions relative to the new tokens)")
+            k, v = cache._cross(self, B, project_kv)
 
         uses_buckets = self.buckets is not None
         if rel_index is not None and not uses_buckets:
@@ -584,6 +618,25 @@ class RelativeTransformerEncoderLayer(nn.Module):
         return self.dropout2(x)
 
 
+def _copies(layer: nn.Module, num_layers: int, share_relative_tables: bool) -> nn.ModuleList:
+    """num_layers deep copies of layer; with share_relative_tables all use the first one's relative tables."""
+    layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+    if share_relative_tables:
+        tables = layers[0].self_attn.relative_tables()
+        for other in layers[1:]:
+            other.self_attn.set_relative_tables(tables)
+    return layers
+
+
+def _int32_ids(rel_index: Optional[Tensor]) -> Optional[Tensor]:
+    """An int64 rel_index as int32 (what the kernels read), once for every layer of a stack. Clamping keeps
+    an id beyond int32 out of [0, R), so that the op's range check still reports it instead of a
+    wrapped-around id passing as valid."""
+    if rel_index is not None and rel_index.dtype == torch.int64:
+        rel_index = rel_index.clamp(-2**31, 2**31 - 1).to(torch.int32)
+    return rel_index
+
+
 class RelativeTransformerEncoder(nn.Module):
     r"""A stack of ``num_layers`` copies of an encoder layer, like :class:`torch.nn.TransformerEncoder`.
 
@@ -619,16 +672,12 @@ class RelativeTransformerEncoder(nn.Module):
         super().__init__()
         if num_layers <= 0:
             raise ValueError(f"RelativeTransformerEncoder: num_layers must be positive, got {num_layers}")
-        self.layers = nn.ModuleList([copy.deepcopy(encoder_layer) for _ in range(num_layers)])
+        self.layers = _copies(encoder_layer, num_layers, share_relative_tables)
         self.num_layers = num_layers
         self.norm = norm
         self.checkpoint = checkpoint
         self.share_relative_tables = share_relative_tables
         self.deepnorm = deepnorm
-        if share_relative_tables:
-            tables = self.layers[0].self_attn.relative_tables()
-            for layer in self.layers[1:]:
-                layer.self_attn.set_relative_tables(tables)
         if deepnorm:
             self._init_deepnorm()
 
@@ -678,10 +727,7 @@ class RelativeTransformerEncoder(nn.Module):
         """
         is_causal = bool(is_causal)
         _check_attn_mask(mask, is_causal, "mask")
-        if rel_index is not None and rel_index.dtype == torch.int64:
-            # Once for every layer. Clamping keeps an id beyond int32 out of [0, R), so that the op's range
-            # check still reports it instead of a wrapped-around id passing as valid.
-            rel_index = rel_index.clamp(-2**31, 2**31 - 1).to(torch.int32)
+        rel_index = _int32_ids(rel_index)
         x = src
         use_checkpoint = self.checkpoint and torch.is_grad_enabled() and cache is None
         for layer in self.layers:
@@ -692,6 +738,198 @@ class RelativeTransformerEncoder(nn.Module):
             else:
                 x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index,
                           segment_ids=segment_ids, cache=cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+
+class RelativeTransformerDecoderLayer(nn.Module):
+    r"""A Transformer decoder layer: relative self-attention, cross-attention to a memory (the encoder's
+    output), feed-forward — the decoder of an encoder-decoder model such as T5.
+
+    Takes :class:`torch.nn.TransformerDecoderLayer`'s arguments, under the same names and with the same
+    submodule names (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``, ``norm1``-``norm3``,
+    ``dropout``, ``dropout1``-``dropout3``), plus the positional-scheme arguments of
+    :class:`RelativeMultiheadAttention` for the self-attention. The cross-attention ``multihead_attn`` has
+    no positions (``position="none"``, as in T5): queries and memory are different sequences. With
+    ``position="none"`` and dropout 0 it computes exactly what ``nn.TransformerDecoderLayer`` computes with
+    the same weights.
+
+    Post-LN (``norm_first=False``)::
+
+        x = norm1(x + dropout1(self_attn(x)))
+        x = norm2(x + dropout2(multihead_attn(x, memory)))
+        x = norm3(x + dropout3(linear2(dropout(activation(linear1(x))))))
+
+    Pre-LN (``norm_first=True``) applies each norm to the sub-layer's input instead.
+
+    Args: as :class:`RelativeTransformerEncoderLayer` (``num_kv_heads`` and ``attention_dropout`` apply
+    to both attention blocks; the positional scheme to the self-attention only).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = "relu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = True,
+        norm_first: bool = False,
+        bias: bool = True,
+        *,
+        num_kv_heads: Optional[int] = None,
+        attention_dropout: float = 0.0,
+        position: str = "shaw",
+        max_distance: Optional[int] = None,
+        rel_k: bool = True,
+        rel_v: bool = True,
+        per_head_tables: bool = False,
+        num_buckets: int = 32,
+        bidirectional: bool = True,
+        tables: Optional[Mapping[str, Tensor]] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        common = dict(dropout=attention_dropout, bias=bias, batch_first=batch_first, num_kv_heads=num_kv_heads,
+                      **factory)
+        self.self_attn = RelativeMultiheadAttention(
+            d_model, nhead, position=position, max_distance=max_distance, rel_k=rel_k, rel_v=rel_v,
+            per_head_tables=per_head_tables, num_buckets=num_buckets, bidirectional=bidirectional, tables=tables,
+            **common)
+        self.multihead_attn = RelativeMultiheadAttention(d_model, nhead, position="none", **common)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.batch_first = batch_first
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        *,
+        rel_index: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> Tensor:
+        """Args:
+            tgt: ``[B, Lt, d_model]`` (``[Lt, B, d_model]`` when not ``batch_first``).
+            memory: ``[B, Lm, d_model]``, the encoder's output.
+            tgt_mask, memory_mask: accepted only with ``tgt_is_causal`` / ``memory_is_causal`` (the
+                causal-mask hints of ``nn.TransformerDecoderLayer``; not read).
+            tgt_key_padding_mask: bool ``[B, Lt]``, ``True`` = padding target positions.
+            memory_key_padding_mask: bool ``[B, Lm]``, ``True`` = padding memory positions.
+            tgt_is_causal: causal self-attention (what a decoder needs; no ``tgt_mask``).
+            memory_is_causal: causal cross-attention (target ``i`` sees memory ``j <= i``).
+            rel_index: optional integer ``[Lt, Lt]`` or ``[B, Lt, Lt]``: structural positions of the
+                self-attention (see :class:`RelativeMultiheadAttention`).
+            cache: a :class:`KVCache` for incremental decoding: ``tgt`` holds the new tokens,
+                ``tgt_key_padding_mask`` covers every cached position, and the memory is projected once.
+
+        Returns:
+            a tensor shaped like ``tgt``.
+        """
+        _check_attn_mask(tgt_mask, tgt_is_causal, "tgt_mask")
+        _check_attn_mask(memory_mask, memory_is_causal, "memory_mask")
+        x = tgt
+
+        def sa(y: Tensor) -> Tensor:
+            return self.dropout1(self.self_attn(y, y, y, key_padding_mask=tgt_key_padding_mask,
+                                                is_causal=tgt_is_causal, rel_index=rel_index, cache=cache)[0])
+
+        def ca(y: Tensor) -> Tensor:
+            return self.dropout2(self.multihead_attn(y, memory, memory, key_padding_mask=memory_key_padding_mask,
+                                                     is_causal=memory_is_causal, cache=cache)[0])
+
+        if self.norm_first:
+            x = x + sa(self.norm1(x))
+            x = x + ca(self.norm2(x))
+            x = x + self._ff_block(self.norm3(x))
+        else:
+            x = self.norm1(x + sa(x))
+            x = self.norm2(x + ca(x))
+            x = self.norm3(x + self._ff_block(x))
+        return x
+
+    def _ff_block(self, x: Tensor) -> Tensor:
+        return self.dropout3(self.linear2(self.dropout(self.activation(self.linear1(x)))))
+
+
+class RelativeTransformerDecoder(nn.Module):
+    r"""A stack of ``num_layers`` copies of a decoder layer, like :class:`torch.nn.TransformerDecoder`.
+
+    Args:
+        decoder_layer: the layer to copy (a :class:`RelativeTransformerDecoderLayer`).
+        num_layers: number of layers ``N``.
+        norm: optional final module applied to the output.
+        share_relative_tables: all layers' self-attention uses the first layer's relative tables (T5).
+        checkpoint: activation checkpointing of every layer while gradients are enabled (see
+            :class:`RelativeTransformerEncoder`).
+    """
+
+    def __init__(
+        self,
+        decoder_layer: RelativeTransformerDecoderLayer,
+        num_layers: int,
+        norm: Optional[nn.Module] = None,
+        *,
+        share_relative_tables: bool = False,
+        checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_layers <= 0:
+            raise ValueError(f"RelativeTransformerDecoder: num_layers must be positive, got {num_layers}")
+        self.layers = _copies(decoder_layer, num_layers, share_relative_tables)
+        self.num_layers = num_layers
+        self.norm = norm
+        self.checkpoint = checkpoint
+        self.share_relative_tables = share_relative_tables
+
+    def forward(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        tgt_mask: Optional[Tensor] = None,
+        memory_mask: Optional[Tensor] = None,
+        tgt_key_padding_mask: Optional[Tensor] = None,
+        memory_key_padding_mask: Optional[Tensor] = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        *,
+        rel_index: Optional[Tensor] = None,
+        cache: Optional[KVCache] = None,
+    ) -> Tensor:
+        """The arguments of :meth:`RelativeTransformerDecoderLayer.forward`, for every layer (with a
+        :class:`KVCache`, one self-attention and one cross-attention slot per layer). Returns a tensor
+        shaped like ``tgt``."""
+        _check_attn_mask(tgt_mask, bool(tgt_is_causal), "tgt_mask")
+        _check_attn_mask(memory_mask, bool(memory_is_causal), "memory_mask")
+        rel_index = _int32_ids(rel_index)
+        x = tgt
+        use_checkpoint = self.checkpoint and torch.is_grad_enabled() and cache is None
+        for layer in self.layers:
+            args = (x, memory, None, None, tgt_key_padding_mask, memory_key_padding_mask, bool(tgt_is_causal),
+                    bool(memory_is_causal))
+            if use_checkpoint:
+                x = torch.utils.checkpoint.checkpoint(layer, *args, rel_index=rel_index, use_reentrant=False)
+            else:
+                x = layer(*args, rel_index=rel_index, cache=cache)
         if self.norm is not None:
             x = self.norm(x)
         return x

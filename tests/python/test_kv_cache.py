@@ -153,6 +153,22 @@ def test_bad_use_raises():
     with pytest.raises(RuntimeError, match="inference"):
         model(x[:, :1], is_causal=True, cache=KVCache(4))
     attn = model.layers[0].self_attn
-    with pytest.raises(ValueError, match="self-attention"):
+    with pytest.raises(ValueError, match="causal cross-attention with a cache is not supported"):
         with torch.no_grad():
-            attn(x, torch.randn_like(x), cache=KVCache(8))
+            attn(x, torch.randn_like(x), is_causal=True, cache=KVCache(8))
+
+
+def test_cross_attention_projects_the_memory_once():
+    torch.manual_seed(0)
+    attn = RelativeMultiheadAttention(16, 4, kdim=12, vdim=10, position="none", dtype=F64).eval()
+    memory = torch.randn(2, 7, 12, dtype=F64)
+    values = torch.randn(2, 7, 10, dtype=F64)
+    x = torch.randn(2, 5, 16, dtype=F64)
+    cache = KVCache(4)  # max_length bounds the self-attention slots only
+    with torch.no_grad():
+        first = attn(x, memory, values, cache=cache)[0]
+        # Later calls reuse the first call's projected memory, whatever key and value they pass.
+        again = attn(x[:, :2], memory.flip(1), values.flip(1), cache=cache)[0]
+    torch.testing.assert_close(first, attn(x, memory, values)[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again, first[:, :2], rtol=1e-12, atol=1e-12)
+    assert len(cache) == 0
