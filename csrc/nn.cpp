@@ -254,24 +254,55 @@ int64_t KVCache::max_length() const { return state_ ? state_->max_length : 0; }
 int64_t KVCache::length() const { return state_ && !state_->slots.empty() ? state_->slots.front().length : 0; }
 
 void KVCache::reset() {
-  if (state_) state_->slots.clear();
+  if (!state_) return;
+  state_->slots.clear();
+  state_->cross_slots.clear();
 }
 
 void KVCache::reorder(const torch::Tensor& index) {
   if (!state_) return;
-  for (Slot& slot : state_->slots) {
-    slot.keys = slot.keys.index_select(0, index.to(slot.keys.device()));
-    slot.values = slot.values.index_select(0, index.to(slot.values.device()));
+  for (auto* slots : {&state_->slots, &state_->cross_slots}) {
+    for (Slot& slot : *slots) {
+      slot.keys = slot.keys.index_select(0, index.to(slot.keys.device()));
+      slot.values = slot.values.index_select(0, index.to(slot.values.device()));
+    }
   }
+}
+
+namespace {
+
+constexpr const char* kCacheWho = "relattn::nn::KVCache: ";
+
+void check_inference(const torch::Tensor& k, const torch::Tensor& v) {
+  TORCH_CHECK(!(torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad())), kCacheWho,
+              "the cache is for inference: decode under torch::NoGradGuard or c10::InferenceMode (this call "
+              "would record gradients)");
+}
+
+}  // namespace
+
+std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
+    const void* owner, int64_t batch, const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project) {
+  TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
+  auto it = std::find_if(state_->cross_slots.begin(), state_->cross_slots.end(),
+                         [owner](const Slot& slot) { return slot.owner == owner; });
+  if (it == state_->cross_slots.end()) {
+    auto [k, v] = project();
+    check_inference(k, v);
+    state_->cross_slots.push_back(Slot{owner, std::move(k), std::move(v), 0});
+    it = std::prev(state_->cross_slots.end());
+  }
+  TORCH_CHECK(it->keys.size(0) == batch, kCacheWho, "this call has batch ", batch,
+              ", the cached cross-attention keys batch ", it->keys.size(0),
+              " (reset() starts over; reorder() selects rows)");
+  return {it->keys, it->values};
 }
 
 std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* owner, const torch::Tensor& k,
                                                                  const torch::Tensor& v) {
-  constexpr const char* who = "relattn::nn::KVCache: ";
-  TORCH_CHECK(state_, who, "append to an undefined (default-constructed) cache");
-  TORCH_CHECK(!(torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad())), who,
-              "the cache is for inference: decode under torch::NoGradGuard or c10::InferenceMode (this call "
-              "would record gradients)");
+  const char* who = kCacheWho;
+  TORCH_CHECK(state_, who, "use of an undefined (default-constructed) cache");
+  check_inference(k, v);
   const int64_t B = k.size(0), Lq = k.size(2);
   auto it = std::find_if(state_->slots.begin(), state_->slots.end(),
                          [owner](const Slot& slot) { return slot.owner == owner; });
@@ -306,8 +337,10 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
                                                       const torch::Tensor& segment_ids, KVCache cache) {
   constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
   const int64_t E = options.embed_dim();
-  TORCH_CHECK(!cache.defined() || ((!key.defined() || key.is_same(query)) && (!value.defined() || value.is_same(query))),
-              who, "cache is for self-attention; key and value must be undefined or query itself");
+  const bool self_attention = (!key.defined() || key.is_same(query)) && (!value.defined() || value.is_same(query));
+  TORCH_CHECK(!cache.defined() || self_attention || !is_causal, who,
+              "causal cross-attention with a cache is not supported (the cached memory has no positions relative "
+              "to the new tokens)");
   const torch::Tensor& key_in = key.defined() ? key : query;
   const torch::Tensor& value_in = value.defined() ? value : key_in;
   TORCH_CHECK(query.dim() == 3 && key_in.dim() == 3 && value_in.dim() == 3, who,
@@ -334,10 +367,20 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
   // [B, L, heads * head_dim] -> [B, heads, L, head_dim]: a view whose last dimension stays contiguous,
   // which is all the op needs.
   const torch::Tensor q = q_proj(q_in).view({B, Lq, options.num_heads(), head_dim_}).transpose(1, 2);
-  torch::Tensor k = k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
-  torch::Tensor v = v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2);
+  auto project_kv = [&]() -> std::pair<torch::Tensor, torch::Tensor> {
+    return {k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2),
+            v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2)};
+  };
+  torch::Tensor k, v;
   int64_t q_offset = 0;
-  if (cache.defined()) std::tie(k, v, q_offset) = cache.append(this, k, v);
+  if (!cache.defined()) {
+    std::tie(k, v) = project_kv();
+  } else if (self_attention) {
+    auto [k_new, v_new] = project_kv();
+    std::tie(k, v, q_offset) = cache.append(this, k_new, v_new);
+  } else {
+    std::tie(k, v) = cache.cross(this, B, project_kv);
+  }
 
   AttentionOptions attn;
   attn.causal(is_causal).scale(options.scale()).q_offset(q_offset);
@@ -487,6 +530,25 @@ void RelativeTransformerEncoderLayerImpl::pretty_print(std::ostream& stream) con
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerEncoder ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
+namespace {
+
+// An int64 rel_index as int32 (what the kernels read), once for every layer of a stack; clamping keeps an
+// id beyond int32 out of [0, R), so that the op's range check reports it instead of a wrapped-around id
+// passing as valid.
+torch::Tensor int32_ids(const torch::Tensor& rel_index) {
+  if (!rel_index.defined() || rel_index.scalar_type() != torch::kLong) return rel_index;
+  return rel_index.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(torch::kInt);
+}
+
+// Every layer of a stack (encoder or decoder) takes its first layer's self-attention tables.
+template <typename Stack>
+void share_self_attention_tables(Stack& stack) {
+  const RelativeTables tables = stack.layer(0)->self_attn->relative_tables();
+  for (size_t i = 1; i < stack.layers->size(); ++i) stack.layer(i)->self_attn->set_relative_tables(tables);
+}
+
+}  // namespace
+
 RelativeTransformerEncoderOptions::RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayer encoder_layer,
                                                                      int64_t num_layers)
     : encoder_layer_(std::move(encoder_layer)), num_layers_(num_layers) {}
@@ -533,10 +595,7 @@ void RelativeTransformerEncoderImpl::reset() {
   }
 }
 
-void RelativeTransformerEncoderImpl::share_first_layer_tables() {
-  const RelativeTables tables = layer(0)->self_attn->relative_tables();
-  for (size_t i = 1; i < layers->size(); ++i) layer(i)->self_attn->set_relative_tables(tables);
-}
+void RelativeTransformerEncoderImpl::share_first_layer_tables() { share_self_attention_tables(*this); }
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderImpl::clone(
     const std::optional<torch::Device>& device) const {
@@ -555,12 +614,7 @@ torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
                                                       const torch::Tensor& src_key_padding_mask, bool is_causal,
                                                       const torch::Tensor& rel_index,
                                                       const torch::Tensor& segment_ids, KVCache cache) {
-  // One int32 conversion for every layer; clamping keeps an id beyond int32 out of [0, R), so that the
-  // op's range check reports it instead of a wrapped-around id passing as valid.
-  torch::Tensor ids = rel_index;
-  if (ids.defined() && ids.scalar_type() == torch::kLong) {
-    ids = ids.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(torch::kInt);
-  }
+  const torch::Tensor ids = int32_ids(rel_index);
   torch::Tensor x = src;
   for (size_t i = 0; i < layers->size(); ++i)
     x = layer(i)->forward(x, src_key_padding_mask, is_causal, ids, segment_ids, cache);
@@ -571,6 +625,142 @@ void RelativeTransformerEncoderImpl::pretty_print(std::ostream& stream) const {
   stream << "relattn::nn::RelativeTransformerEncoder(num_layers=" << options.num_layers()
          << ", share_relative_tables=" << bool_str(options.share_relative_tables())
          << ", deepnorm=" << bool_str(options.deepnorm()) << ")";
+}
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerDecoderLayer ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+RelativeTransformerDecoderLayerImpl::RelativeTransformerDecoderLayerImpl(
+    RelativeTransformerDecoderLayerOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void RelativeTransformerDecoderLayerImpl::reset() {
+  constexpr const char* who = "relattn::nn::RelativeTransformerDecoderLayer: ";
+  const int64_t E = options.d_model();
+  TORCH_CHECK(options.dim_feedforward() > 0, who, "dim_feedforward must be positive, got ", options.dim_feedforward());
+  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0, who, "dropout must lie in [0, 1], got ",
+              options.dropout());
+  using torch::nn::Dropout;
+  using torch::nn::LayerNorm;
+  using torch::nn::LayerNormOptions;
+  using torch::nn::Linear;
+  using torch::nn::LinearOptions;
+  self_attn = register_module("self_attn", RelativeMultiheadAttention(options.attention_options()));
+  multihead_attn = register_module(
+      "multihead_attn", RelativeMultiheadAttention(options.attention_options().position(PositionScheme::kNone)));
+  linear1 = register_module("linear1", Linear(LinearOptions(E, options.dim_feedforward()).bias(options.bias())));
+  dropout = register_module("dropout", Dropout(options.dropout()));
+  linear2 = register_module("linear2", Linear(LinearOptions(options.dim_feedforward(), E).bias(options.bias())));
+  norm1 = register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
+  norm2 = register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
+  norm3 = register_module("norm3", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
+  dropout1 = register_module("dropout1", Dropout(options.dropout()));
+  dropout2 = register_module("dropout2", Dropout(options.dropout()));
+  dropout3 = register_module("dropout3", Dropout(options.dropout()));
+}
+
+void RelativeTransformerDecoderLayerImpl::reset_parameters() {
+  self_attn->reset_parameters();
+  multihead_attn->reset_parameters();
+  linear1->reset_parameters();
+  linear2->reset_parameters();
+  norm1->reset_parameters();
+  norm2->reset_parameters();
+  norm3->reset_parameters();
+}
+
+torch::Tensor RelativeTransformerDecoderLayerImpl::forward(const torch::Tensor& tgt, const torch::Tensor& memory,
+                                                           const torch::Tensor& tgt_key_padding_mask,
+                                                           const torch::Tensor& memory_key_padding_mask,
+                                                           bool tgt_is_causal, bool memory_is_causal,
+                                                           const torch::Tensor& rel_index, KVCache cache) {
+  auto self_attention = [&](const torch::Tensor& x) {
+    return dropout1(self_attn(x, x, x, tgt_key_padding_mask, tgt_is_causal, rel_index, torch::Tensor(), cache));
+  };
+  auto cross_attention = [&](const torch::Tensor& x) {
+    return dropout2(multihead_attn(x, memory, memory, memory_key_padding_mask, memory_is_causal, torch::Tensor(),
+                                   torch::Tensor(), cache));
+  };
+  auto feed_forward = [&](const torch::Tensor& x) {
+    return dropout3(linear2(dropout(apply_activation(options.activation(), linear1(x)))));
+  };
+  torch::Tensor x = tgt;
+  if (options.norm_first()) {
+    x = x + self_attention(norm1(x));
+    x = x + cross_attention(norm2(x));
+    return x + feed_forward(norm3(x));
+  }
+  x = norm1(x + self_attention(x));
+  x = norm2(x + cross_attention(x));
+  return norm3(x + feed_forward(x));
+}
+
+void RelativeTransformerDecoderLayerImpl::pretty_print(std::ostream& stream) const {
+  stream << "relattn::nn::RelativeTransformerDecoderLayer(d_model=" << options.d_model()
+         << ", nhead=" << options.nhead() << ", dim_feedforward=" << options.dim_feedforward()
+         << ", dropout=" << options.dropout() << ", norm_first=" << bool_str(options.norm_first()) << ")";
+}
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerDecoder ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+RelativeTransformerDecoderOptions::RelativeTransformerDecoderOptions(RelativeTransformerDecoderLayer decoder_layer,
+                                                                     int64_t num_layers)
+    : decoder_layer_(std::move(decoder_layer)), num_layers_(num_layers) {}
+
+RelativeTransformerDecoderOptions::RelativeTransformerDecoderOptions(
+    const RelativeTransformerDecoderLayerOptions& layer_options, int64_t num_layers)
+    : decoder_layer_(RelativeTransformerDecoderLayer(layer_options)), num_layers_(num_layers) {}
+
+RelativeTransformerDecoderImpl::RelativeTransformerDecoderImpl(RelativeTransformerDecoderOptions options_)
+    : options(std::move(options_)) {
+  reset();
+}
+
+void RelativeTransformerDecoderImpl::reset() {
+  constexpr const char* who = "relattn::nn::RelativeTransformerDecoder: ";
+  TORCH_CHECK(!options.decoder_layer().is_empty(), who, "decoder_layer is an empty module holder");
+  TORCH_CHECK(options.num_layers() > 0, who, "num_layers must be positive, got ", options.num_layers());
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < options.num_layers(); ++i) layers->push_back(options.decoder_layer()->clone());
+  norm = torch::nn::AnyModule();
+  if (!options.norm().is_empty()) {
+    norm = options.norm().clone();
+    register_module("norm", norm.ptr());
+  }
+  if (options.share_relative_tables()) share_self_attention_tables(*this);
+}
+
+std::shared_ptr<torch::nn::Module> RelativeTransformerDecoderImpl::clone(
+    const std::optional<torch::Device>& device) const {
+  auto copy = std::dynamic_pointer_cast<RelativeTransformerDecoderImpl>(
+      torch::nn::Cloneable<RelativeTransformerDecoderImpl>::clone(device));
+  // The layers were cloned one by one and still point at this decoder's tables.
+  if (copy->options.share_relative_tables()) share_self_attention_tables(*copy);
+  return copy;
+}
+
+RelativeTransformerDecoderLayer RelativeTransformerDecoderImpl::layer(size_t i) const {
+  return RelativeTransformerDecoderLayer(layers->ptr<RelativeTransformerDecoderLayerImpl>(i));
+}
+
+torch::Tensor RelativeTransformerDecoderImpl::forward(const torch::Tensor& tgt, const torch::Tensor& memory,
+                                                      const torch::Tensor& tgt_key_padding_mask,
+                                                      const torch::Tensor& memory_key_padding_mask,
+                                                      bool tgt_is_causal, bool memory_is_causal,
+                                                      const torch::Tensor& rel_index, KVCache cache) {
+  const torch::Tensor ids = int32_ids(rel_index);
+  torch::Tensor x = tgt;
+  for (size_t i = 0; i < layers->size(); ++i) {
+    x = layer(i)->forward(x, memory, tgt_key_padding_mask, memory_key_padding_mask, tgt_is_causal, memory_is_causal,
+                          ids, cache);
+  }
+  return norm.is_empty() ? x : norm.forward(x);
+}
+
+void RelativeTransformerDecoderImpl::pretty_print(std::ostream& stream) const {
+  stream << "relattn::nn::RelativeTransformerDecoder(num_layers=" << options.num_layers()
+         << ", share_relative_tables=" << bool_str(options.share_relative_tables()) << ")";
 }
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ absolute positional encodings ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~

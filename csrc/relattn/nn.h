@@ -1,7 +1,7 @@
 // relattn::nn — LibTorch modules built on relattn::attention: a multi-head attention layer with
-// relative positions, a Transformer encoder layer and stack, and the absolute positional encodings a
-// model may still add to its input. Same names and arguments as the Python package `relattn.nn`
-// (Python keyword arguments are TORCH_ARG options here):
+// relative positions, Transformer encoder and decoder layers and stacks, a KVCache for token-by-token
+// decoding, and the absolute positional encodings a model may still add to its input. Same names and
+// arguments as the Python package `relattn.nn` (Python keyword arguments are TORCH_ARG options here):
 //
 //   #include <relattn/nn.h>
 //   namespace rnn = relattn::nn;
@@ -27,6 +27,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <ostream>
@@ -80,6 +81,10 @@ using RelativeTables = torch::OrderedDict<std::string, torch::Tensor>;
 // ALiBi and the causal mask are those of the whole sequence. Feed the prompt in one call, then one call
 // per generated token; with is_causal the outputs equal the causal model run over the whole sequence.
 //
+// Cross-attention (key given and not query itself, as in a decoder layer attending to the encoder's
+// output) keeps the keys and values projected at its first call and reuses them: the memory does not
+// change while decoding.
+//
 // For inference only: a call that would record gradients is an error (use torch::NoGradGuard or
 // c10::InferenceMode). A key_padding_mask passed with the cache covers every cached key,
 // [B, length() + Lq]. A module called twice per step (weights tied across layers) would append twice to
@@ -94,7 +99,7 @@ class KVCache {
   int64_t max_length() const;
   // Positions cached so far (by the first module that used the cache; all agree after a full step).
   int64_t length() const;
-  // Forget every position (the next call starts a new sequence); frees the buffers.
+  // Forget every position and the cross-attention memory (the next call starts a new sequence).
   void reset();
   // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b].
   void reorder(const torch::Tensor& index);
@@ -103,6 +108,10 @@ class KVCache {
   // returns views of all its keys and values and the position of the first new token.
   std::tuple<torch::Tensor, torch::Tensor, int64_t> append(const void* owner, const torch::Tensor& k,
                                                           const torch::Tensor& v);
+  // Used by RelativeMultiheadAttention for cross-attention: `owner`'s projected memory keys and values,
+  // from project() at its first call; `batch` is checked against them.
+  std::pair<torch::Tensor, torch::Tensor> cross(const void* owner, int64_t batch,
+                                                const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project);
 
  private:
   struct Slot {
@@ -112,7 +121,8 @@ class KVCache {
   };
   struct State {
     int64_t max_length;
-    std::vector<Slot> slots;  // in order of first use
+    std::vector<Slot> slots;        // self-attention, in order of first use
+    std::vector<Slot> cross_slots;  // cross-attention (length unused)
   };
   std::shared_ptr<State> state_;
 };
@@ -179,9 +189,10 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   // [Lq, Lk] or [B, Lq, Lk], replaces the distance buckets with an explicit bucket per pair
   // (structural positions; needs a scheme with tables); segment_ids, integer [B, Lk] with Lq == Lk (packed
   // sequences: a query attends only to keys with its id; see AttentionOptions::segment_ids); cache, a
-  // KVCache for incremental decoding (self-attention: key and value undefined or query itself; the
+  // KVCache for incremental decoding (self-attention, key and value undefined or query itself: the
   // queries sit at positions cache.length() on and attend to every cached key, which key_padding_mask,
-  // rel_index and segment_ids then cover). Returns [B, Lq, E] ([Lq, B, E] when not batch_first). The
+  // rel_index and segment_ids then cover; cross-attention: the keys and values projected at the first
+  // call are reused). Returns [B, Lq, E] ([Lq, B, E] when not batch_first). The
   // distance of query i and key j is j - i.
   torch::Tensor forward(const torch::Tensor& query, const torch::Tensor& key = {},
                         const torch::Tensor& value = {}, const torch::Tensor& key_padding_mask = {},
@@ -420,6 +431,113 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   void share_first_layer_tables();
 };
 TORCH_MODULE(RelativeTransformerEncoder);
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerDecoderLayer ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+// The same options as the encoder layer: the positional scheme applies to the self-attention, num_kv_heads
+// and attention_dropout to both attention blocks.
+using RelativeTransformerDecoderLayerOptions = RelativeTransformerEncoderLayerOptions;
+
+// A Transformer decoder layer (relative self-attention, cross-attention to a memory such as the encoder's
+// output, feed-forward), the decoder of an encoder-decoder model such as T5, with
+// torch::nn::TransformerDecoderLayer's submodule names. The cross-attention multihead_attn has no
+// positions ("none", as in T5). With position "none" and dropout 0 it computes what torch's decoder layer
+// computes with the same weights.
+//   post-LN: x = norm1(x + dropout1(self_attn(x)));  x = norm2(x + dropout2(multihead_attn(x, memory)));
+//            x = norm3(x + dropout3(ff(x)))
+//   pre-LN:  each norm applies to its sub-layer's input instead.
+class RelativeTransformerDecoderLayerImpl : public torch::nn::Cloneable<RelativeTransformerDecoderLayerImpl> {
+ public:
+  RelativeTransformerDecoderLayerImpl(int64_t d_model, int64_t nhead)
+      : RelativeTransformerDecoderLayerImpl(RelativeTransformerDecoderLayerOptions(d_model, nhead)) {}
+  explicit RelativeTransformerDecoderLayerImpl(RelativeTransformerDecoderLayerOptions options);
+
+  // tgt [B, Lt, d_model] ([Lt, B, d_model] when not batch_first); memory [B, Lm, d_model];
+  // tgt_key_padding_mask bool [B, Lt] and memory_key_padding_mask bool [B, Lm], true = padding;
+  // tgt_is_causal: causal self-attention (what a decoder needs); memory_is_causal: target i sees memory
+  // j <= i; rel_index, integer [Lt, Lt] or [B, Lt, Lt]: structural positions of the self-attention; cache:
+  // a KVCache for incremental decoding (tgt holds the new tokens, tgt_key_padding_mask covers every cached
+  // position, the memory is projected once). Returns a tensor shaped like tgt.
+  torch::Tensor forward(const torch::Tensor& tgt, const torch::Tensor& memory,
+                        const torch::Tensor& tgt_key_padding_mask = {},
+                        const torch::Tensor& memory_key_padding_mask = {}, bool tgt_is_causal = false,
+                        bool memory_is_causal = false, const torch::Tensor& rel_index = {}, KVCache cache = {});
+
+  void reset() override;
+  void reset_parameters();
+  void pretty_print(std::ostream& stream) const override;
+
+  RelativeTransformerDecoderLayerOptions options;
+
+  RelativeMultiheadAttention self_attn = nullptr;
+  RelativeMultiheadAttention multihead_attn = nullptr;
+  torch::nn::Linear linear1 = nullptr;
+  torch::nn::Dropout dropout = nullptr;
+  torch::nn::Linear linear2 = nullptr;
+  torch::nn::LayerNorm norm1 = nullptr;
+  torch::nn::LayerNorm norm2 = nullptr;
+  torch::nn::LayerNorm norm3 = nullptr;
+  torch::nn::Dropout dropout1 = nullptr;
+  torch::nn::Dropout dropout2 = nullptr;
+  torch::nn::Dropout dropout3 = nullptr;
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())}, {3, torch::nn::AnyValue(torch::Tensor())},
+                          {4, torch::nn::AnyValue(false)}, {5, torch::nn::AnyValue(false)},
+                          {6, torch::nn::AnyValue(torch::Tensor())}, {7, torch::nn::AnyValue(KVCache())})
+};
+TORCH_MODULE(RelativeTransformerDecoderLayer);
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeTransformerDecoder ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+struct RelativeTransformerDecoderOptions {
+  // The layers are deep copies (clone()) of decoder_layer, or fresh layers built from layer options.
+  RelativeTransformerDecoderOptions(RelativeTransformerDecoderLayer decoder_layer, int64_t num_layers);
+  RelativeTransformerDecoderOptions(const RelativeTransformerDecoderLayerOptions& layer_options, int64_t num_layers);
+
+  TORCH_ARG(RelativeTransformerDecoderLayer, decoder_layer);
+  TORCH_ARG(int64_t, num_layers);
+  // Optional final module applied to the output; the decoder holds its own copy.
+  TORCH_ARG(torch::nn::AnyModule, norm);
+  // All layers' self-attention uses the first layer's relative tables (as T5 shares its bias).
+  TORCH_ARG(bool, share_relative_tables) = false;
+};
+
+// A stack of RelativeTransformerDecoderLayer, optionally followed by `norm`.
+class RelativeTransformerDecoderImpl : public torch::nn::Cloneable<RelativeTransformerDecoderImpl> {
+ public:
+  RelativeTransformerDecoderImpl(RelativeTransformerDecoderLayer decoder_layer, int64_t num_layers)
+      : RelativeTransformerDecoderImpl(RelativeTransformerDecoderOptions(std::move(decoder_layer), num_layers)) {}
+  RelativeTransformerDecoderImpl(const RelativeTransformerDecoderLayerOptions& layer_options, int64_t num_layers)
+      : RelativeTransformerDecoderImpl(RelativeTransformerDecoderOptions(layer_options, num_layers)) {}
+  explicit RelativeTransformerDecoderImpl(RelativeTransformerDecoderOptions options);
+
+  // The arguments of RelativeTransformerDecoderLayer::forward, for every layer (with a KVCache, one
+  // self-attention and one cross-attention slot per layer). Returns a tensor shaped like tgt.
+  torch::Tensor forward(const torch::Tensor& tgt, const torch::Tensor& memory,
+                        const torch::Tensor& tgt_key_padding_mask = {},
+                        const torch::Tensor& memory_key_padding_mask = {}, bool tgt_is_causal = false,
+                        bool memory_is_causal = false, const torch::Tensor& rel_index = {}, KVCache cache = {});
+
+  void reset() override;
+  // A deep copy; with share_relative_tables its layers share the copy's first-layer tables.
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
+  void pretty_print(std::ostream& stream) const override;
+
+  // The i-th layer.
+  RelativeTransformerDecoderLayer layer(size_t i) const;
+
+  RelativeTransformerDecoderOptions options;
+  torch::nn::ModuleList layers = nullptr;
+  torch::nn::AnyModule norm;  // empty without a final norm
+
+ protected:
+  FORWARD_HAS_DEFAULT_ARGS({2, torch::nn::AnyValue(torch::Tensor())}, {3, torch::nn::AnyValue(torch::Tensor())},
+                          {4, torch::nn::AnyValue(false)}, {5, torch::nn::AnyValue(false)},
+                          {6, torch::nn::AnyValue(torch::Tensor())}, {7, torch::nn::AnyValue(KVCache())})
+};
+TORCH_MODULE(RelativeTransformerDecoder);
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ absolute positional encodings ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 // Each maps x [B, L, d_model] to x + P[:L], P holding one row per absolute position. With segment_ids

@@ -450,12 +450,91 @@ TEST(KVCache, BadUse) {
                  "5 cached + 2 new positions exceed max_length (6)");
     expect_error([&] { encoder(torch::randn({3, 1, E}), Tensor(), true, Tensor(), Tensor(), cache); }, "batch 3");
     auto& attn = encoder->layer(0)->self_attn;
-    expect_error([&] { attn(x, torch::randn({2, 5, E}), Tensor(), Tensor(), false, Tensor(), Tensor(), rnn::KVCache(8)); },
-                 "cache is for self-attention");
+    expect_error([&] { attn(x, torch::randn({2, 5, E}), Tensor(), Tensor(), true, Tensor(), Tensor(), rnn::KVCache(8)); },
+                 "causal cross-attention with a cache is not supported");
   }
   // Recording gradients through the cache is refused (its keys are overwritten in place).
   expect_error([&] { encoder(x.index({Slice(), Slice(0, 1)}), Tensor(), true, Tensor(), Tensor(), rnn::KVCache(4)); },
                "the cache is for inference");
+}
+
+// The decoder: relative self-attention, position-free cross-attention; gradients, shared tables (also in
+// a clone), and incremental decoding with the memory projected once.
+rnn::RelativeTransformerDecoder small_decoder(const std::string& scheme, bool share = false) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerDecoder decoder(
+      rnn::RelativeTransformerDecoderOptions(small_layer(scheme).norm_first(true).num_kv_heads(2), 3)
+          .norm(torch::nn::AnyModule(torch::nn::LayerNorm(torch::nn::LayerNormOptions({E}))))
+          .share_relative_tables(share));
+  decoder->to(torch::kDouble);
+  torch::NoGradGuard no_grad;
+  for (auto& p : decoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+  return decoder;
+}
+
+TEST(RelativeTransformerDecoder, PositionsInSelfAttentionOnlyAndGradients) {
+  auto decoder = small_decoder("clip_bias");
+  EXPECT_EQ(keys(decoder->layer(0)->self_attn->relative_tables()), (std::set<std::string>{"rel_bias"}));
+  EXPECT_TRUE(decoder->layer(0)->multihead_attn->relative_tables().is_empty());
+  const Tensor tgt = torch::randn({2, 6, E}, torch::kDouble);
+  const Tensor memory = torch::randn({2, 9, E}, torch::dtype(torch::kDouble).requires_grad(true));
+  const Tensor out = decoder(tgt, memory, Tensor(), Tensor(), /*tgt_is_causal=*/true);
+  // The memory's order does not matter to a position-free cross-attention.
+  const Tensor perm = torch::randperm(9);
+  EXPECT_LT(max_abs(out - decoder(tgt, memory.index_select(1, perm), Tensor(), Tensor(), true)), 1e-12);
+  out.square().sum().backward();
+  expect_gradients_everywhere(*decoder);
+  EXPECT_GT(max_abs(memory.grad()), 0.0);
+  // Causal: the first rows ignore later targets.
+  Tensor tgt2 = tgt.clone();
+  tgt2.index_put_({Slice(), Slice(4, None)}, torch::randn({2, 2, E}, torch::kDouble));
+  EXPECT_LT(max_abs((decoder(tgt2, memory, Tensor(), Tensor(), true) - out).index({Slice(), Slice(0, 4)})), 1e-12);
+}
+
+TEST(RelativeTransformerDecoder, SharedTablesSurviveClone) {
+  auto decoder = small_decoder("shaw", /*share=*/true);
+  const Tensor first = decoder->layer(0)->self_attn->rel_k;
+  for (size_t i = 1; i < decoder->layers->size(); ++i) EXPECT_TRUE(decoder->layer(i)->self_attn->rel_k.is_same(first));
+  auto copy = std::dynamic_pointer_cast<rnn::RelativeTransformerDecoderImpl>(decoder->clone());
+  const Tensor copied = copy->layer(0)->self_attn->rel_k;
+  EXPECT_FALSE(copied.is_same(first));
+  for (size_t i = 1; i < copy->layers->size(); ++i) EXPECT_TRUE(copy->layer(i)->self_attn->rel_k.is_same(copied));
+}
+
+TEST(RelativeTransformerDecoder, IncrementalDecodingWithCache) {
+  for (const std::string& scheme : {"t5", "shaw", "alibi"}) {
+    SCOPED_TRACE(scheme);
+    auto decoder = small_decoder(scheme);
+    decoder->eval();
+    torch::NoGradGuard no_grad;
+    const Tensor tgt = torch::randn({3, 11, E}, torch::kDouble);
+    const Tensor memory = torch::randn({3, 8, E}, torch::kDouble);
+    Tensor memory_padding = torch::zeros({3, 8}, torch::kBool);
+    memory_padding.index_put_({2, Slice(5, None)}, true);
+    const Tensor want = decoder(tgt, memory, Tensor(), memory_padding, true);
+    rnn::KVCache cache(12);
+    std::vector<Tensor> outs;
+    int64_t start = 0;
+    for (const int64_t n : {5, 1, 1, 2, 1, 1}) {
+      // After the first call the cross-attention uses the memory it projected then: another memory changes
+      // nothing.
+      const Tensor mem = start == 0 ? memory : torch::randn_like(memory);
+      outs.push_back(decoder(tgt.index({Slice(), Slice(start, start + n)}), mem, Tensor(), memory_padding, true,
+                             false, Tensor(), cache));
+      start += n;
+    }
+    EXPECT_EQ(cache.length(), 11);
+    EXPECT_LT(max_abs(torch::cat(outs, 1) - want), 1e-10);
+    // reorder() covers the cross-attention memory too.
+    cache.reset();
+    const Tensor index = torch::tensor({2, 0, 2});
+    decoder(tgt.index({Slice(), Slice(0, 6)}), memory, Tensor(), memory_padding, true, false, Tensor(), cache);
+    cache.reorder(index);
+    const Tensor got = decoder(tgt.index({index, Slice(6, None)}), memory.index({index}),
+                               Tensor(), memory_padding.index({index}), true, false, Tensor(), cache);
+    const Tensor full = decoder(tgt.index({index}), memory.index({index}), Tensor(), memory_padding.index({index}), true);
+    EXPECT_LT(max_abs(got - full.index({Slice(), Slice(6, None)})), 1e-10);
+  }
 }
 
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
