@@ -19,6 +19,9 @@ cmake --build build/example
 echo "== Python example (packed sequences)"
 "$PY" examples/python/train_packed.py
 
+echo "== Python example (encoder-decoder, greedy decoding with a KVCache)"
+"$PY" examples/python/seq2seq_sort.py
+
 echo "== Deployment example (train and export in Python with torch.export + AOTInductor, run from C++)"
 "$PY" examples/python/export_encoder.py --out build/export
 ./build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt
