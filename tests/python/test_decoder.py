@@ -165,3 +165,34 @@ def test_bad_input():
             cross(torch.randn(3, 1, E, dtype=F64), memory3, memory3, cache=cache)
         with pytest.raises(ValueError, match="causal cross-attention with a cache"):
             decoder(tgt[:, :1], memory, tgt_is_causal=True, memory_is_causal=True, cache=rnn.KVCache(8))
+
+
+def test_decoder_compiles_fullgraph():
+    torch._dynamo.reset()
+    decoder = _decoder("t5", dtype=torch.float32, share=True, checkpoint=True)
+    tgt, memory = torch.randn(2, 7, E), torch.randn(2, 9, E)
+    memory_padding = torch.zeros(2, 9, dtype=torch.bool)
+    memory_padding[0, 6:] = True
+
+    def forward(t, m):
+        return decoder(t, m, memory_key_padding_mask=memory_padding, tgt_is_causal=True)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (compiled, forward):
+        decoder.zero_grad()
+        out = fn(tgt, memory)
+        out.square().sum().backward()
+        results.append((out, [p.grad.clone() for p in decoder.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_state_dict_names_follow_torch():
+    ours = rnn.RelativeTransformerDecoderLayer(E, H, 64, position="none")
+    theirs = nn.TransformerDecoderLayer(E, H, 64, batch_first=True)
+    # torch packs q/k/v into in_proj; every other name matches torch's decoder layer.
+    ours_names = {n.split(".")[0] for n in ours.state_dict()}
+    theirs_names = {n.split(".")[0] for n in theirs.state_dict()}
+    assert ours_names == theirs_names
