@@ -126,12 +126,13 @@ def main(argv=None):
         w.writerows(steps)
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(f"{header}\n\nOne decode step (one query, Lk cached keys; ms, median):\n\n"
-                "| B | H | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |\n|---|---|---|---|---|---|---|\n")
+                "| B | H | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |\n"
+                "|---|---|---|---|---|---|---|\n")
         for r in steps:
             f.write(f"| {r['B']} | {r['H']} | {r['Lk']} | {r['D']} | {r['relattn_shaw_kv_bias']} | "
                     f"{r['relattn_plain']} | {r['sdpa_plain']} |\n")
-        f.write(f"\nGeneration, {gen['layers']}-layer causal stack (d_model {gen['d_model']}, T5 bias), B={gen['B']}, "
-                f"{gen['prompt']}-token prompt, {gen['new_tokens']} new tokens:\n\n"
+        f.write(f"\nGeneration, {gen['layers']}-layer causal stack (d_model {gen['d_model']}, T5 bias), "
+                f"B={gen['B']}, {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens:\n\n"
                 "| KVCache ms (per new token, prompt included) | no cache ms | speed-up |\n|---|---|---|\n"
                 f"| {gen['kv_cache_ms']} ({gen['kv_cache_ms_per_token']}) | {gen['no_cache_ms']} | "
                 f"{gen['speedup']}x |\n")

@@ -462,25 +462,35 @@ RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
   reset();
 }
 
-void RelativeTransformerEncoderLayerImpl::reset() {
-  constexpr const char* who = "relattn::nn::RelativeTransformerEncoderLayer: ";
-  const int64_t E = options.d_model();
-  TORCH_CHECK(options.dim_feedforward() > 0, who, "dim_feedforward must be positive, got ", options.dim_feedforward());
-  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0, who, "dropout must lie in [0, 1], got ",
-              options.dropout());
+namespace {
+
+// The parts an encoder and a decoder layer share (torch's submodule names): the option checks, self_attn,
+// the feed-forward linear1 / dropout / linear2, norm1 and norm2, dropout1 and dropout2.
+template <typename Layer>
+void register_shared_parts(Layer& layer, const char* who) {
+  const RelativeTransformerEncoderLayerOptions& o = layer.options;
+  const int64_t E = o.d_model();
+  TORCH_CHECK(o.dim_feedforward() > 0, who, "dim_feedforward must be positive, got ", o.dim_feedforward());
+  TORCH_CHECK(o.dropout() >= 0.0 && o.dropout() <= 1.0, who, "dropout must lie in [0, 1], got ", o.dropout());
   using torch::nn::Dropout;
   using torch::nn::LayerNorm;
   using torch::nn::LayerNormOptions;
   using torch::nn::Linear;
   using torch::nn::LinearOptions;
-  self_attn = register_module("self_attn", RelativeMultiheadAttention(options.attention_options()));
-  linear1 = register_module("linear1", Linear(LinearOptions(E, options.dim_feedforward()).bias(options.bias())));
-  dropout = register_module("dropout", Dropout(options.dropout()));
-  linear2 = register_module("linear2", Linear(LinearOptions(options.dim_feedforward(), E).bias(options.bias())));
-  norm1 = register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
-  norm2 = register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
-  dropout1 = register_module("dropout1", Dropout(options.dropout()));
-  dropout2 = register_module("dropout2", Dropout(options.dropout()));
+  layer.self_attn = layer.register_module("self_attn", RelativeMultiheadAttention(o.attention_options()));
+  layer.linear1 = layer.register_module("linear1", Linear(LinearOptions(E, o.dim_feedforward()).bias(o.bias())));
+  layer.dropout = layer.register_module("dropout", Dropout(o.dropout()));
+  layer.linear2 = layer.register_module("linear2", Linear(LinearOptions(o.dim_feedforward(), E).bias(o.bias())));
+  layer.norm1 = layer.register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
+  layer.norm2 = layer.register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
+  layer.dropout1 = layer.register_module("dropout1", Dropout(o.dropout()));
+  layer.dropout2 = layer.register_module("dropout2", Dropout(o.dropout()));
+}
+
+}  // namespace
+
+void RelativeTransformerEncoderLayerImpl::reset() {
+  register_shared_parts(*this, "relattn::nn::RelativeTransformerEncoderLayer: ");
 }
 
 void RelativeTransformerEncoderLayerImpl::reset_parameters() {
@@ -636,28 +646,12 @@ RelativeTransformerDecoderLayerImpl::RelativeTransformerDecoderLayerImpl(
 }
 
 void RelativeTransformerDecoderLayerImpl::reset() {
-  constexpr const char* who = "relattn::nn::RelativeTransformerDecoderLayer: ";
-  const int64_t E = options.d_model();
-  TORCH_CHECK(options.dim_feedforward() > 0, who, "dim_feedforward must be positive, got ", options.dim_feedforward());
-  TORCH_CHECK(options.dropout() >= 0.0 && options.dropout() <= 1.0, who, "dropout must lie in [0, 1], got ",
-              options.dropout());
-  using torch::nn::Dropout;
-  using torch::nn::LayerNorm;
-  using torch::nn::LayerNormOptions;
-  using torch::nn::Linear;
-  using torch::nn::LinearOptions;
-  self_attn = register_module("self_attn", RelativeMultiheadAttention(options.attention_options()));
+  register_shared_parts(*this, "relattn::nn::RelativeTransformerDecoderLayer: ");
   multihead_attn = register_module(
       "multihead_attn", RelativeMultiheadAttention(options.attention_options().position(PositionScheme::kNone)));
-  linear1 = register_module("linear1", Linear(LinearOptions(E, options.dim_feedforward()).bias(options.bias())));
-  dropout = register_module("dropout", Dropout(options.dropout()));
-  linear2 = register_module("linear2", Linear(LinearOptions(options.dim_feedforward(), E).bias(options.bias())));
-  norm1 = register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
-  norm2 = register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
-  norm3 = register_module("norm3", LayerNorm(LayerNormOptions({E}).eps(options.layer_norm_eps())));
-  dropout1 = register_module("dropout1", Dropout(options.dropout()));
-  dropout2 = register_module("dropout2", Dropout(options.dropout()));
-  dropout3 = register_module("dropout3", Dropout(options.dropout()));
+  const auto norm_options = torch::nn::LayerNormOptions({options.d_model()}).eps(options.layer_norm_eps());
+  norm3 = register_module("norm3", torch::nn::LayerNorm(norm_options));
+  dropout3 = register_module("dropout3", torch::nn::Dropout(options.dropout()));
 }
 
 void RelativeTransformerDecoderLayerImpl::reset_parameters() {

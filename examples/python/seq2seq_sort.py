@@ -99,8 +99,8 @@ def main(argv=None):
     t_cached = time.perf_counter() - t0
     agree = torch.equal(plain, cached)
     solved = (cached == target).all(1).float().mean().item()
-    print(f"greedy decoding of 256 sources: without cache {t_plain * 1e3:.0f} ms, with KVCache {t_cached * 1e3:.0f} ms; "
-          f"same tokens: {agree}; sorted exactly: {solved:.3f}")
+    print(f"greedy decoding of 256 sources: without cache {t_plain * 1e3:.0f} ms, with KVCache "
+          f"{t_cached * 1e3:.0f} ms; same tokens: {agree}; sorted exactly: {solved:.3f}")
     print("example:", source[0].tolist(), "->", cached[0].tolist())
     return 0 if agree and solved >= 0.9 else 1
 

@@ -480,7 +480,63 @@ def _activation(activation: Union[str, Callable[[Tensor], Tensor]]) -> Callable[
     raise ValueError(f"activation should be 'relu', 'gelu' or a callable, got {activation!r}")
 
 
-class RelativeTransformerEncoderLayer(nn.Module):
+class _TransformerLayer(nn.Module):
+    """The constructor the encoder and decoder layers share (torch's argument and submodule names)."""
+
+    _cross_attention = False  # the decoder layer adds multihead_attn, norm3 and dropout3
+
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: Union[str, Callable[[Tensor], Tensor]] = "relu",
+        layer_norm_eps: float = 1e-5,
+        batch_first: bool = True,
+        norm_first: bool = False,
+        bias: bool = True,
+        *,
+        num_kv_heads: Optional[int] = None,
+        attention_dropout: float = 0.0,
+        position: str = "shaw",
+        max_distance: Optional[int] = None,
+        rel_k: bool = True,
+        rel_v: bool = True,
+        per_head_tables: bool = False,
+        num_buckets: int = 32,
+        bidirectional: bool = True,
+        tables: Optional[Mapping[str, Tensor]] = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        common = dict(dropout=attention_dropout, bias=bias, batch_first=batch_first, num_kv_heads=num_kv_heads,
+                      **factory)
+        self.self_attn = RelativeMultiheadAttention(
+            d_model, nhead, position=position, max_distance=max_distance, rel_k=rel_k, rel_v=rel_v,
+            per_head_tables=per_head_tables, num_buckets=num_buckets, bidirectional=bidirectional, tables=tables,
+            **common)
+        if self._cross_attention:
+            self.multihead_attn = RelativeMultiheadAttention(d_model, nhead, position="none", **common)
+        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
+        self.norm_first = norm_first
+        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        if self._cross_attention:
+            self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        if self._cross_attention:
+            self.dropout3 = nn.Dropout(dropout)
+        self.activation = _activation(activation)
+        self.batch_first = batch_first
+
+
+class RelativeTransformerEncoderLayer(_TransformerLayer):
     r"""A Transformer encoder layer (self-attention + feed-forward) using :class:`RelativeMultiheadAttention`.
 
     Takes :class:`torch.nn.TransformerEncoderLayer`'s arguments, under the same names and with the same
@@ -521,50 +577,8 @@ class RelativeTransformerEncoderLayer(nn.Module):
         device, dtype: factory arguments for parameters.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: Union[str, Callable[[Tensor], Tensor]] = "relu",
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = True,
-        norm_first: bool = False,
-        bias: bool = True,
-        *,
-        num_kv_heads: Optional[int] = None,
-        attention_dropout: float = 0.0,
-        position: str = "shaw",
-        max_distance: Optional[int] = None,
-        rel_k: bool = True,
-        rel_v: bool = True,
-        per_head_tables: bool = False,
-        num_buckets: int = 32,
-        bidirectional: bool = True,
-        tables: Optional[Mapping[str, Tensor]] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        self.self_attn = RelativeMultiheadAttention(
-            d_model, nhead, dropout=attention_dropout, bias=bias, batch_first=batch_first,
-            num_kv_heads=num_kv_heads, position=position, max_distance=max_distance, rel_k=rel_k,
-            rel_v=rel_v, per_head_tables=per_head_tables, num_buckets=num_buckets,
-            bidirectional=bidirectional, tables=tables, **factory)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.activation = _activation(activation)
-        self.batch_first = batch_first
-        #: Residual scale of the post-LN sub-layers (DeepNorm's alpha); 1 for a plain layer.
-        self.residual_alpha = 1.0
+    #: Residual scale of the post-LN sub-layers (DeepNorm's alpha); 1 for a plain layer.
+    residual_alpha: float = 1.0
 
     def forward(
         self,
@@ -743,7 +757,7 @@ class RelativeTransformerEncoder(nn.Module):
         return x
 
 
-class RelativeTransformerDecoderLayer(nn.Module):
+class RelativeTransformerDecoderLayer(_TransformerLayer):
     r"""A Transformer decoder layer: relative self-attention, cross-attention to a memory (the encoder's
     output), feed-forward — the decoder of an encoder-decoder model such as T5.
 
@@ -767,52 +781,7 @@ class RelativeTransformerDecoderLayer(nn.Module):
     to both attention blocks; the positional scheme to the self-attention only).
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: Union[str, Callable[[Tensor], Tensor]] = "relu",
-        layer_norm_eps: float = 1e-5,
-        batch_first: bool = True,
-        norm_first: bool = False,
-        bias: bool = True,
-        *,
-        num_kv_heads: Optional[int] = None,
-        attention_dropout: float = 0.0,
-        position: str = "shaw",
-        max_distance: Optional[int] = None,
-        rel_k: bool = True,
-        rel_v: bool = True,
-        per_head_tables: bool = False,
-        num_buckets: int = 32,
-        bidirectional: bool = True,
-        tables: Optional[Mapping[str, Tensor]] = None,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__()
-        factory = {"device": device, "dtype": dtype}
-        common = dict(dropout=attention_dropout, bias=bias, batch_first=batch_first, num_kv_heads=num_kv_heads,
-                      **factory)
-        self.self_attn = RelativeMultiheadAttention(
-            d_model, nhead, position=position, max_distance=max_distance, rel_k=rel_k, rel_v=rel_v,
-            per_head_tables=per_head_tables, num_buckets=num_buckets, bidirectional=bidirectional, tables=tables,
-            **common)
-        self.multihead_attn = RelativeMultiheadAttention(d_model, nhead, position="none", **common)
-        self.linear1 = nn.Linear(d_model, dim_feedforward, bias=bias, **factory)
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model, bias=bias, **factory)
-        self.norm_first = norm_first
-        self.norm1 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm2 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.norm3 = nn.LayerNorm(d_model, eps=layer_norm_eps, bias=bias, **factory)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
-        self.activation = _activation(activation)
-        self.batch_first = batch_first
+    _cross_attention = True
 
     def forward(
         self,
