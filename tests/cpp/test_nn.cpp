@@ -537,6 +537,39 @@ TEST(RelativeTransformerDecoder, IncrementalDecodingWithCache) {
   }
 }
 
+// torch::save / torch::load of whole models: a fresh model with the same options gives the same outputs
+// (encoder with shared tables, decoder), and the shared tables stay shared after loading.
+TEST(Serialization, SaveLoadRoundTrip) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(
+      rnn::RelativeTransformerEncoderOptions(small_layer("shaw"), 2).share_relative_tables(true));
+  auto decoder = small_decoder("t5", /*share=*/true);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+  }
+  std::stringstream encoder_bytes, decoder_bytes;
+  torch::save(encoder, encoder_bytes);
+  torch::save(decoder, decoder_bytes);
+  torch::manual_seed(1);  // different initial weights
+  rnn::RelativeTransformerEncoder encoder2(
+      rnn::RelativeTransformerEncoderOptions(small_layer("shaw"), 2).share_relative_tables(true));
+  rnn::RelativeTransformerDecoder decoder2(rnn::RelativeTransformerDecoderOptions(
+      small_layer("t5").norm_first(true).num_kv_heads(2), 3)
+      .norm(torch::nn::AnyModule(torch::nn::LayerNorm(torch::nn::LayerNormOptions({E}))))
+      .share_relative_tables(true));
+  decoder2->to(torch::kDouble);
+  torch::load(encoder2, encoder_bytes);
+  torch::load(decoder2, decoder_bytes);
+  const Tensor x = torch::randn({2, 9, E});
+  EXPECT_LT(max_abs(encoder2(x) - encoder(x)), 1e-6);
+  const Tensor tgt = torch::randn({2, 5, E}, torch::kDouble), memory = torch::randn({2, 7, E}, torch::kDouble);
+  EXPECT_LT(max_abs(decoder2(tgt, memory, Tensor(), Tensor(), true) - decoder(tgt, memory, Tensor(), Tensor(), true)),
+            1e-12);
+  EXPECT_TRUE(encoder2->layer(1)->self_attn->rel_k.is_same(encoder2->layer(0)->self_attn->rel_k));
+  EXPECT_TRUE(decoder2->layer(2)->self_attn->rel_bias.is_same(decoder2->layer(0)->self_attn->rel_bias));
+}
+
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
 // gives the modules' own result and gradients (int64 and int32, 2-D and per batch); a per-batch index gives
 // each batch what its own 2-D index gives; an int64 id past int32 is still reported, not wrapped into range.
