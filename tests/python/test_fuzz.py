@@ -118,23 +118,30 @@ def make(case, dtype, device):
 
 
 def check(case, dtype, device):
+    """out, lse and every gradient within SPEC §6's bound of the float64 reference (for half inputs: twice
+    the error of the naive formula evaluated in that dtype)."""
     t, flags = make(case, dtype, device)
     kwargs = {n: x for n, x in t.items() if n not in ("q", "k", "v") and x is not None}
     out, lse = relattn.attention(t["q"], t["k"], t["v"], **kwargs, **flags, return_lse=True)
 
-    def ref(name, x):  # a float64 CPU copy, a new leaf
+    def copy(name, x, to_dtype):  # a CPU copy in to_dtype, a new leaf
         if isinstance(x, tuple):
-            return tuple(ref(name, y) for y in x)
+            return tuple(copy(name, y, to_dtype) for y in x)
         if x.is_floating_point():
-            return x.detach().cpu().double().requires_grad_(name in LEAVES)
+            return x.detach().cpu().to(to_dtype if name != "alibi_slopes" else x.dtype).requires_grad_(name in LEAVES)
         return x.cpu()
 
-    ref_t = {n: ref(n, x) for n, x in t.items()}
-    ref_kwargs = {n: x for n, x in ref_t.items() if n not in ("q", "k", "v")}
-    ref_out, ref_lse = reference_attention(ref_t["q"], ref_t["k"], ref_t["v"], **ref_kwargs, **flags,
-                                           dtype=torch.float64)
-    assert_accurate("out", out, ref_out, dtype)
-    assert_accurate("lse", lse, ref_lse, dtype)
+    def reference(to_dtype):
+        inputs = {n: copy(n, x, to_dtype) for n, x in t.items()}
+        kw = {n: x for n, x in inputs.items() if n not in ("q", "k", "v")}
+        return inputs, reference_attention(inputs["q"], inputs["k"], inputs["v"], **kw, **flags, dtype=to_dtype)
+
+    ref_t, (ref_out, ref_lse) = reference(torch.float64)
+    half = dtype in (torch.float16, torch.bfloat16)
+    if half:
+        naive_t, (naive_out, naive_lse) = reference(dtype)
+    assert_accurate("out", out, ref_out, dtype, naive_out if half else None)
+    assert_accurate("lse", lse, ref_lse, dtype, naive_lse if half else None)
 
     g = torch.Generator().manual_seed(case["seed"] + 1)
     grad_out = torch.randn(out.shape, generator=g, dtype=torch.float64)
@@ -143,8 +150,9 @@ def check(case, dtype, device):
     ref_leaves = {n: ref_t[n] for n in leaves}
     got = gradients(out, lse, leaves, grad_out.to(device, out.dtype), grad_lse.to(device, lse.dtype))
     want = gradients(ref_out, ref_lse, ref_leaves, grad_out, grad_lse)
+    naive = gradients(naive_out, naive_lse, {n: naive_t[n] for n in leaves}, grad_out, grad_lse) if half else {}
     for name in leaves:
-        assert_accurate(f"d{name}", got[name].cpu(), want[name], dtype)
+        assert_accurate(f"d{name}", got[name].cpu(), want[name], dtype, naive.get(name))
 
 
 CASES = [draw_case(seed) for seed in range(NUM_CASES)]
@@ -162,7 +170,14 @@ def test_random_mix_float32(case):
     check(case, torch.float32, "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", CASES[1::4], ids=case_id)
+def test_random_mix_half(case, dtype):
+    check(case, dtype, "cpu")
+
+
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_cuda_random_mix_float32(case):
-    check(case, torch.float32, "cuda")
+def test_cuda_random_mix(case, dtype):
+    check(case, dtype, "cuda")
