@@ -510,6 +510,17 @@ TEST(CudaEmulation, TensorCoresHd64PlainInteriorTiles) {
   check_mma<__nv_bfloat16, 64>(causal);
 }
 
+// Token-by-token decoding (relattn.nn.KVCache): one or a few query rows at the end of a long key range
+// (q_offset = Lk - Lq), a query tile holding 1-3 valid rows; most key tiles are far for those rows.
+TEST(CudaEmulation, TensorCoresDecodeSteps) {
+  Config step{.name = "decode step, tables", .B = 2, .H = 4, .Hk = 1, .Lq = 1, .Lk = 300, .D = 64, .Dv = 64, .M = 8,
+              .per_head = true, .alibi = true, .causal = true, .q_offset = 299};
+  check_mma<__nv_bfloat16, 64>(step);
+  Config plain{.name = "decode steps, plain", .H = 2, .Hk = 2, .Lq = 3, .Lk = 200, .D = 128, .Dv = 128,
+               .positions = "none", .causal = true, .q_offset = 197};
+  check_mma<__nv_bfloat16, 128>(plain);
+}
+
 // Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
 TEST(CudaEmulation, TensorCoresHd64BiasOnlyCausal) {
   Config c{.name = "T5 bias only", .H = 2, .Lq = 70, .Lk = 70, .D = 64, .Dv = 64, .positions = "t5",
