@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 #include <iterator>
 #include <limits>
 #include <type_traits>
@@ -13,6 +14,7 @@
 #include <c10/util/StringUtil.h>
 #include <torch/autograd.h>
 #include <torch/nn/init.h>
+#include <torch/serialize.h>
 #include <torch/types.h>
 #include <torch/utils.h>
 
@@ -928,6 +930,89 @@ void MLPPositionalEncodingImpl::pretty_print(std::ostream& stream) const {
     stream << "none";
   }
   stream << ")";
+}
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ weights from Python ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+namespace {
+
+constexpr const char* kLoadWho = "relattn::nn::load_state_dict: ";
+
+// Buffers relattn's modules compute from their options; Python keeps them out of its state_dict.
+bool derived_buffer(const torch::nn::Module& owner, const std::string& leaf) {
+  if (dynamic_cast<const RelativeMultiheadAttentionImpl*>(&owner) != nullptr)
+    return leaf == "buckets" || leaf == "alibi_slopes";
+  if (dynamic_cast<const SinusoidalPositionalEncodingImpl*>(&owner) != nullptr) return leaf == "table";
+  return false;
+}
+
+// A relative table of an attention module that uses another layer's tables (share_relative_tables):
+// Python lists it under every layer, C++ under the first only.
+bool shared_table(const torch::nn::Module* owner, const std::string& leaf) {
+  const auto* attn = dynamic_cast<const RelativeMultiheadAttentionImpl*>(owner);
+  return attn != nullptr && attn->uses_external_tables() &&
+         (leaf == "rel_k" || leaf == "rel_v" || leaf == "rel_bias");
+}
+
+}  // namespace
+
+void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::string, torch::Tensor>& state,
+                     bool strict) {
+  // Every module with its name prefix ("" for the root, "layers.0." for a child, ...).
+  std::vector<std::pair<std::string, const torch::nn::Module*>> owners{{"", &module}};
+  std::unordered_map<std::string, const torch::nn::Module*> by_name{{"", &module}};
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
+    owners.emplace_back(item.key() + ".", item.value().get());
+    by_name[item.key()] = item.value().get();
+  }
+  torch::NoGradGuard no_grad;
+  std::unordered_map<std::string, bool> used;
+  for (const auto& [prefix, owner] : owners) {
+    auto visit = [&, prefix = prefix, owner = owner](const torch::OrderedDict<std::string, torch::Tensor>& tensors,
+                                                     bool parameters) {
+      for (const auto& item : tensors) {
+        const std::string name = prefix + item.key();
+        torch::Tensor target = item.value();
+        const auto found = state.find(name);
+        if (found == state.end()) {
+          TORCH_CHECK(!strict || (!parameters && derived_buffer(*owner, item.key())), kLoadWho,
+                      parameters ? "parameter " : "buffer ", name, " is missing from the weights");
+          continue;
+        }
+        TORCH_CHECK(found->second.sizes() == target.sizes(), kLoadWho, name, " has shape ", found->second.sizes(),
+                    " in the weights, the model's is ", target.sizes());
+        target.copy_(found->second);
+        used[name] = true;
+      }
+    };
+    visit(owner->named_parameters(/*recurse=*/false), true);
+    visit(owner->named_buffers(/*recurse=*/false), false);
+  }
+  if (!strict) return;
+  for (const auto& [name, tensor] : state) {
+    if (used.count(name)) continue;
+    const auto dot = name.rfind('.');
+    const auto owner = by_name.find(dot == std::string::npos ? "" : name.substr(0, dot));
+    const std::string leaf = dot == std::string::npos ? name : name.substr(dot + 1);
+    TORCH_CHECK(owner != by_name.end() && shared_table(owner->second, leaf), kLoadWho, "the weights have ", name,
+                ", which names no parameter or buffer of the model (strict = false ignores it)");
+  }
+}
+
+void load_state_dict(torch::nn::Module& module, const std::string& path, bool strict) {
+  std::ifstream file(path, std::ios::binary);
+  TORCH_CHECK(file, kLoadWho, "cannot open ", path);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const c10::IValue value = torch::pickle_load(bytes);
+  TORCH_CHECK(value.isGenericDict(), kLoadWho, path, " holds a ", value.tagKind(),
+              ", expected a dict of tensors: torch.save(dict(model.state_dict()), path)");
+  std::unordered_map<std::string, torch::Tensor> state;
+  for (const auto& item : value.toGenericDict()) {
+    TORCH_CHECK(item.key().isString() && item.value().isTensor(), kLoadWho, path,
+                " must map names to tensors, found a ", item.key().tagKind(), " -> ", item.value().tagKind(), " entry");
+    state.emplace(item.key().toStringRef(), item.value().toTensor());
+  }
+  load_state_dict(module, state, strict);
 }
 
 }  // namespace nn

@@ -33,6 +33,7 @@
 #include <ostream>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -648,6 +649,21 @@ class MLPPositionalEncodingImpl : public torch::nn::Cloneable<MLPPositionalEncod
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
 };
 TORCH_MODULE(MLPPositionalEncoding);
+
+// ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ weights from Python ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+
+// Loads weights trained in Python into a C++ model built from these modules (same names: a Python
+// relattn.nn model and its C++ counterpart have the same parameter and buffer names). The file is a dict
+// of tensors written by torch.save(dict(model.state_dict()), path) (a plain dict: an OrderedDict's
+// metadata does not load in C++). Every tensor is copied into the parameter or buffer of its name,
+// converted to its dtype and device. With strict (the default) every parameter must be in the file and
+// every entry must name a parameter or buffer, except: buffers these modules derive from their options
+// (buckets, alibi_slopes, the sinusoidal table), which Python does not save; and the entries under every
+// layer's name for relative tables shared across layers (share_relative_tables), which C++ keeps in the
+// first layer only. Shapes must match. Errors (c10::Error) name the entry.
+void load_state_dict(torch::nn::Module& module, const std::string& path, bool strict = true);
+void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::string, torch::Tensor>& state,
+                     bool strict = true);
 
 }  // namespace nn
 }  // namespace relattn

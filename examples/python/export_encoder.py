@@ -8,10 +8,12 @@ program that loads the package needs relattn's library loaded: `import relattn` 
 `relattn::relattn` in C++ (examples/cpp/run_exported.cpp).
 
     python examples/python/export_encoder.py [--out build/export] [--steps 120] [--device cpu|cuda]
-    build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt
+    build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt \
+        build/export/copy_back_state.pt
 
-Writes `<out>/copy_back.pt2` (the package) and `<out>/copy_back_io.pt` (test inputs at lengths 32 and 96,
-with the eager model's logits). Exits 1 if the model did not learn the task or the package disagrees.
+Writes `<out>/copy_back.pt2` (the package), `<out>/copy_back_io.pt` (test inputs at lengths 32 and 96, with
+the eager model's logits) and `<out>/copy_back_state.pt` (the weights, for the same model built in C++ from
+relattn::nn). Exits 1 if the model did not learn the task or the package disagrees.
 """
 import argparse
 import os
@@ -111,6 +113,9 @@ def main(argv=None):
         io.update({f"tokens_{length}": tokens.cpu(), f"padding_{length}": padding.cpu(),
                    f"targets_{length}": targets.cpu(), f"logits_{length}": expected.cpu()})
     torch.save(io, os.path.join(args.out, "copy_back_io.pt"))
+    # The weights alone, for a C++ program that builds the same model from relattn::nn and loads them
+    # (relattn::nn::load_state_dict; a plain dict, which C++ reads).
+    torch.save({n: t.cpu() for n, t in model.state_dict().items()}, os.path.join(args.out, "copy_back_state.pt"))
     print("package matches the eager model" if ok else "FAILED: package disagrees or the model did not learn")
     return 0 if ok else 1
 

@@ -1,9 +1,11 @@
 // relattn::nn from C++: shapes, masks, gradients to every parameter, shared relative tables, DeepNorm
 // training of a deep stack, and the absolute positional encodings.
 #include <cmath>
+#include <fstream>
 #include <set>
 #include <sstream>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -568,6 +570,56 @@ TEST(Serialization, SaveLoadRoundTrip) {
             1e-12);
   EXPECT_TRUE(encoder2->layer(1)->self_attn->rel_k.is_same(encoder2->layer(0)->self_attn->rel_k));
   EXPECT_TRUE(decoder2->layer(2)->self_attn->rel_bias.is_same(decoder2->layer(0)->self_attn->rel_bias));
+}
+
+// load_state_dict: a dict of tensors as Python's torch.save(dict(model.state_dict())) writes it (here
+// written from C++ with torch::pickle_save, the same format) goes into a model of different initial weights.
+TEST(LoadStateDict, PythonLayoutIntoCppModel) {
+  torch::manual_seed(0);
+  auto options = rnn::RelativeTransformerEncoderOptions(small_layer("t5").norm_first(true), 3).share_relative_tables(true);
+  rnn::RelativeTransformerEncoder trained(options);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : trained->parameters()) p.add_(0.1 * torch::randn_like(p));
+  }
+  // Python's layout: every parameter, the shared table under every layer's name, no derived buffers.
+  c10::Dict<std::string, Tensor> dict;
+  std::unordered_map<std::string, Tensor> state;
+  for (const auto& p : trained->named_parameters()) state[p.key()] = p.value().detach().clone();
+  for (int i = 1; i < 3; ++i) state["layers." + std::to_string(i) + ".self_attn.rel_bias"] = state["layers.0.self_attn.rel_bias"];
+  for (const auto& [name, tensor] : state) dict.insert(name, tensor);
+  const std::string path = ::testing::TempDir() + "relattn_state.pt";
+  {
+    const std::vector<char> bytes = torch::pickle_save(c10::IValue(dict));
+    std::ofstream(path, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  torch::manual_seed(1);
+  rnn::RelativeTransformerEncoder fresh(options);
+  fresh->to(torch::kDouble);  // copied weights are converted to the model's dtype
+  const Tensor x = torch::randn({2, 11, E});
+  EXPECT_GT(max_abs(fresh(x.to(torch::kDouble)).to(torch::kFloat) - trained(x)), 1e-3);
+  rnn::load_state_dict(*fresh, path);
+  EXPECT_LT(max_abs(fresh(x.to(torch::kDouble)).to(torch::kFloat) - trained(x)), 1e-5);
+  EXPECT_TRUE(fresh->layer(2)->self_attn->rel_bias.is_same(fresh->layer(0)->self_attn->rel_bias));
+
+  // Strict checks name the entry; strict = false skips what does not fit.
+  auto without = state;
+  without.erase("layers.1.linear1.weight");
+  expect_error([&] { rnn::load_state_dict(*fresh, without); }, "parameter layers.1.linear1.weight is missing");
+  auto extra = state;
+  extra["layers.0.self_attn.rel_k"] = torch::zeros({3});
+  expect_error([&] { rnn::load_state_dict(*fresh, extra); }, "layers.0.self_attn.rel_k, which names no parameter");
+  rnn::load_state_dict(*fresh, extra, /*strict=*/false);
+  auto wrong = state;
+  wrong["layers.0.norm1.weight"] = torch::ones({E + 1});
+  expect_error([&] { rnn::load_state_dict(*fresh, wrong); }, "layers.0.norm1.weight has shape [33] in the weights");
+  const std::string not_a_dict = ::testing::TempDir() + "relattn_not_a_dict.pt";
+  {
+    const std::vector<char> bytes = torch::pickle_save(c10::IValue(torch::ones({2})));
+    std::ofstream(not_a_dict, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  }
+  expect_error([&] { rnn::load_state_dict(*fresh, not_a_dict); }, "expected a dict of tensors");
+  expect_error([&] { rnn::load_state_dict(*fresh, "/nonexistent/weights.pt"); }, "cannot open /nonexistent/weights.pt");
 }
 
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
