@@ -999,6 +999,27 @@ void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::st
   }
 }
 
+void save_state_dict(const torch::nn::Module& module, const std::string& path) {
+  c10::Dict<std::string, torch::Tensor> state;
+  auto add = [&](const std::string& prefix, const torch::nn::Module& owner) {
+    for (const auto& item : owner.named_parameters(/*recurse=*/false))
+      state.insert(prefix + item.key(), item.value().detach().cpu());
+    for (const auto& item : owner.named_buffers(/*recurse=*/false))
+      if (!derived_buffer(owner, item.key())) state.insert(prefix + item.key(), item.value().detach().cpu());
+    // A layer using shared tables: Python lists them under its name too.
+    if (const auto* attn = dynamic_cast<const RelativeMultiheadAttentionImpl*>(&owner);
+        attn != nullptr && attn->uses_external_tables()) {
+      for (const auto& item : attn->relative_tables()) state.insert(prefix + item.key(), item.value().detach().cpu());
+    }
+  };
+  add("", module);
+  for (const auto& item : module.named_modules("", /*include_self=*/false)) add(item.key() + ".", *item.value());
+  const std::vector<char> bytes = torch::pickle_save(c10::IValue(state));
+  std::ofstream file(path, std::ios::binary);
+  TORCH_CHECK(file, "relattn::nn::save_state_dict: cannot write ", path);
+  file.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
 void load_state_dict(torch::nn::Module& module, const std::string& path, bool strict) {
   std::ifstream file(path, std::ios::binary);
   TORCH_CHECK(file, kLoadWho, "cannot open ", path);

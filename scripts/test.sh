@@ -24,7 +24,9 @@ echo "== Python example (encoder-decoder, greedy decoding with a KVCache)"
 
 echo "== Deployment example (train and export in Python with torch.export + AOTInductor, run from C++)"
 "$PY" examples/python/export_encoder.py --out build/export
-./build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt build/export/copy_back_state.pt
+./build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt build/export/copy_back_state.pt \
+  build/export/copy_back_state_cpp.pt
+"$PY" examples/python/export_encoder.py --out build/export --check-cpp-weights build/export/copy_back_state_cpp.pt
 
 echo "== pytest"
 "$PY" -m pytest tests/python -q -p no:cacheprovider "$@"

@@ -665,5 +665,10 @@ void load_state_dict(torch::nn::Module& module, const std::string& path, bool st
 void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::string, torch::Tensor>& state,
                      bool strict = true);
 
+// The reverse: writes module's weights as Python's state_dict lists them (a dict of CPU tensors by name,
+// without the derived buffers, with shared relative tables under every layer's name), for
+// model.load_state_dict(relattn.nn.load_weights(path)) in Python (strict).
+void save_state_dict(const torch::nn::Module& module, const std::string& path);
+
 }  // namespace nn
 }  // namespace relattn

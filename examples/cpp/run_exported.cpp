@@ -4,7 +4,10 @@
 //   2. the same model built here from relattn::nn modules, with the Python weights loaded by name
 //      (relattn::nn::load_state_dict): eager C++, which can also go on training.
 //
-//   run_exported <package.pt2> <io.pt> <state.pt>
+//   run_exported <package.pt2> <io.pt> <state.pt> [<state out.pt>]
+//
+// With a fourth argument it writes the C++ model's weights back in Python's layout
+// (relattn::nn::save_state_dict), for `export_encoder.py --check-cpp-weights` to load into Python.
 //
 // The compiled model calls relattn's ops through the torch dispatcher (torch.ops.relattn.*), so this
 // program links relattn::relattn, which registers them when the library loads. Exits 1 if any output
@@ -63,8 +66,8 @@ struct CopyBack : torch::nn::Module {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: %s <package.pt2> <io.pt> <state.pt>\n", argv[0]);
+  if (argc != 4 && argc != 5) {
+    std::fprintf(stderr, "usage: %s <package.pt2> <io.pt> <state.pt> [<state out.pt>]\n", argv[0]);
     return 2;
   }
   // Referencing the library also keeps the linker from dropping it: the package finds relattn's ops in
@@ -103,6 +106,7 @@ int main(int argc, char** argv) {
       ok = ok && diff < 1e-4 && accuracy >= 0.95;
     }
   }
+  if (argc == 5) rnn::save_state_dict(model, argv[4]);
   std::printf("%s\n", ok ? "the C++ runs match Python" : "FAILED");
   return ok ? 0 : 1;
 }

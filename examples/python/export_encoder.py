@@ -9,7 +9,8 @@ program that loads the package needs relattn's library loaded: `import relattn` 
 
     python examples/python/export_encoder.py [--out build/export] [--steps 120] [--device cpu|cuda]
     build/example/run_exported build/export/copy_back.pt2 build/export/copy_back_io.pt \
-        build/export/copy_back_state.pt
+        build/export/copy_back_state.pt build/export/copy_back_state_cpp.pt
+    python examples/python/export_encoder.py --check-cpp-weights build/export/copy_back_state_cpp.pt
 
 Writes `<out>/copy_back.pt2` (the package), `<out>/copy_back_io.pt` (test inputs at lengths 32 and 96, with
 the eager model's logits) and `<out>/copy_back_state.pt` (the weights, for the same model built in C++ from
@@ -62,12 +63,28 @@ def accuracy(logits, targets):
     return (logits.argmax(-1)[real] == targets[real]).float().mean().item()
 
 
+def check_cpp_weights(cpp_path, python_path):
+    """Python -> C++ -> Python: the model loads the C++ file strictly, and every tensor is unchanged."""
+    model = CopyBack()
+    model.load_state_dict(rnn.load_weights(cpp_path))  # strict: every name, no extra one
+    saved = torch.load(python_path, weights_only=True)
+    same = all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
+    print(f"weights written back by C++ ({cpp_path}): load strictly, {len(saved)} tensors, "
+          f"{'all equal to' if same else 'DIFFERENT from'} the ones Python saved")
+    return 0 if same else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="build/export")
     ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--check-cpp-weights", metavar="PATH",
+                    help="instead: check that the weights run_exported wrote back from C++ "
+                         "(relattn::nn::save_state_dict) load into the Python model and equal the saved ones")
     args = ap.parse_args(argv)
+    if args.check_cpp_weights:
+        return check_cpp_weights(args.check_cpp_weights, os.path.join(args.out, "copy_back_state.pt"))
     os.makedirs(args.out, exist_ok=True)
 
     torch.manual_seed(0)

@@ -48,6 +48,7 @@ __all__ = [
     "SinusoidalPositionalEncoding",
     "LearnedPositionalEncoding",
     "MLPPositionalEncoding",
+    "load_weights",
 ]
 
 #: The values ``position=`` accepts.
@@ -1082,3 +1083,19 @@ class MLPPositionalEncoding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, hidden={self.hidden}, scale={self.scale}"
+
+
+def load_weights(path: str, map_location=None) -> Dict[str, Tensor]:
+    """Reads the weights a C++ program wrote with ``relattn::nn::save_state_dict`` (a dict of tensors by
+    name, in Python's ``state_dict`` layout), for ``model.load_state_dict(relattn.nn.load_weights(path))``.
+
+    The file is loaded with ``weights_only=True``; the one global it needs beyond tensors is the type tag
+    LibTorch's pickler writes for its typed dict, allowed here for this load only.
+    """
+    import torch.jit._pickle  # noqa: F401  (the module of the type tag)
+
+    with torch.serialization.safe_globals([torch.jit._pickle.restore_type_tag]):
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ValueError(f"relattn.nn.load_weights: {path} does not hold a dict of tensors by name")
+    return state

@@ -622,6 +622,28 @@ TEST(LoadStateDict, PythonLayoutIntoCppModel) {
   expect_error([&] { rnn::load_state_dict(*fresh, "/nonexistent/weights.pt"); }, "cannot open /nonexistent/weights.pt");
 }
 
+// save_state_dict writes Python's layout (no derived buffers, shared tables under every layer), which
+// load_state_dict (strict) reads back.
+TEST(LoadStateDict, SaveLoadRoundTripInPythonLayout) {
+  auto decoder = small_decoder("shaw", /*share=*/true);
+  const std::string path = ::testing::TempDir() + "relattn_saved.pt";
+  rnn::save_state_dict(*decoder, path);
+  std::ifstream file(path, std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const auto saved = torch::pickle_load(bytes).toGenericDict();
+  EXPECT_TRUE(saved.contains("layers.2.self_attn.rel_k"));  // the shared table, under every layer
+  EXPECT_FALSE(saved.contains("layers.0.self_attn.buckets"));  // derived from the options
+  auto fresh = small_decoder("shaw", /*share=*/true);
+  {
+    torch::NoGradGuard no_grad;
+    for (auto& p : fresh->parameters()) p.add_(0.5);
+  }
+  rnn::load_state_dict(*fresh, path);
+  const Tensor tgt = torch::randn({2, 5, E}, torch::kDouble), memory = torch::randn({2, 7, E}, torch::kDouble);
+  EXPECT_LT(max_abs(fresh(tgt, memory, Tensor(), Tensor(), true) - decoder(tgt, memory, Tensor(), Tensor(), true)),
+            1e-12);
+}
+
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
 // gives the modules' own result and gradients (int64 and int32, 2-D and per batch); a per-batch index gives
 // each batch what its own 2-D index gives; an int64 id past int32 is still reported, not wrapped into range.

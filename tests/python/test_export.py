@@ -171,3 +171,17 @@ def test_aoti_package_matches_eager(tmp_path, device):
         with torch.no_grad():
             want = model(*inputs)
         torch.testing.assert_close(compiled(*inputs), want, rtol=1e-4, atol=1e-4)
+
+
+def test_load_weights_reads_dicts_of_tensors_only(tmp_path):
+    # The C++ side (relattn::nn::save_state_dict) is checked by scripts/test.sh: run_exported writes the
+    # weights back and export_encoder.py --check-cpp-weights loads them. Here: a plain dict loads, other
+    # contents are refused by name.
+    from relattn.nn import load_weights
+    good = {"a.weight": torch.ones(2, 3), "b": torch.zeros(1)}
+    torch.save(good, tmp_path / "good.pt")
+    got = load_weights(str(tmp_path / "good.pt"))
+    assert got.keys() == good.keys() and all(torch.equal(got[n], good[n]) for n in good)
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="does not hold a dict of tensors by name"):
+        load_weights(str(tmp_path / "list.pt"))
