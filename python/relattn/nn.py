@@ -633,14 +633,21 @@ class RelativeTransformerEncoderLayer(_TransformerLayer):
         return self.dropout2(x)
 
 
-def _copies(layer: nn.Module, num_layers: int, share_relative_tables: bool) -> nn.ModuleList:
-    """num_layers deep copies of layer; with share_relative_tables all use the first one's relative tables."""
-    layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
+def _init_stack(stack: nn.Module, layer: nn.Module, num_layers: int, norm: Optional[nn.Module],
+                share_relative_tables: bool, checkpoint: bool) -> None:
+    """The attributes an encoder or decoder stack shares: num_layers deep copies of layer (with
+    share_relative_tables all using the first one's relative tables), the final norm, checkpointing."""
+    if num_layers <= 0:
+        raise ValueError(f"{type(stack).__name__}: num_layers must be positive, got {num_layers}")
+    stack.layers = nn.ModuleList([copy.deepcopy(layer) for _ in range(num_layers)])
     if share_relative_tables:
-        tables = layers[0].self_attn.relative_tables()
-        for other in layers[1:]:
+        tables = stack.layers[0].self_attn.relative_tables()
+        for other in stack.layers[1:]:
             other.self_attn.set_relative_tables(tables)
-    return layers
+    stack.num_layers = num_layers
+    stack.norm = norm
+    stack.checkpoint = checkpoint
+    stack.share_relative_tables = share_relative_tables
 
 
 def _int32_ids(rel_index: Optional[Tensor]) -> Optional[Tensor]:
@@ -685,13 +692,7 @@ class RelativeTransformerEncoder(nn.Module):
         deepnorm: bool = False,
     ) -> None:
         super().__init__()
-        if num_layers <= 0:
-            raise ValueError(f"RelativeTransformerEncoder: num_layers must be positive, got {num_layers}")
-        self.layers = _copies(encoder_layer, num_layers, share_relative_tables)
-        self.num_layers = num_layers
-        self.norm = norm
-        self.checkpoint = checkpoint
-        self.share_relative_tables = share_relative_tables
+        _init_stack(self, encoder_layer, num_layers, norm, share_relative_tables, checkpoint)
         self.deepnorm = deepnorm
         if deepnorm:
             self._init_deepnorm()
@@ -863,13 +864,7 @@ class RelativeTransformerDecoder(nn.Module):
         checkpoint: bool = False,
     ) -> None:
         super().__init__()
-        if num_layers <= 0:
-            raise ValueError(f"RelativeTransformerDecoder: num_layers must be positive, got {num_layers}")
-        self.layers = _copies(decoder_layer, num_layers, share_relative_tables)
-        self.num_layers = num_layers
-        self.norm = norm
-        self.checkpoint = checkpoint
-        self.share_relative_tables = share_relative_tables
+        _init_stack(self, decoder_layer, num_layers, norm, share_relative_tables, checkpoint)
 
     def forward(
         self,
