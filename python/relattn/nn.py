@@ -89,7 +89,8 @@ class KVCache:
     Python int, so :func:`torch.compile` specialises on it (a new graph per length): decode eagerly.
 
     Args:
-        max_length: the most positions the cache holds; appending beyond raises ``ValueError``.
+        max_length: the most positions a self-attention slot holds; appending beyond raises ``ValueError``
+            (a cross-attention memory may have any length).
     """
 
     def __init__(self, max_length: int) -> None:
