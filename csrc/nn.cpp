@@ -7,8 +7,9 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
-#include <type_traits>
 #include <tuple>
+#include <type_traits>
+#include <unordered_set>
 #include <variant>
 
 #include <c10/util/StringUtil.h>
@@ -281,13 +282,18 @@ void check_inference(const torch::Tensor& k, const torch::Tensor& v) {
               "would record gradients)");
 }
 
+// `owner`'s slot in `slots`, or slots.end().
+template <typename Slots>
+auto find_slot(Slots& slots, const void* owner) {
+  return std::find_if(slots.begin(), slots.end(), [owner](const auto& slot) { return slot.owner == owner; });
+}
+
 }  // namespace
 
 std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
     const void* owner, int64_t batch, const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project) {
   TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
-  auto it = std::find_if(state_->cross_slots.begin(), state_->cross_slots.end(),
-                         [owner](const Slot& slot) { return slot.owner == owner; });
+  auto it = find_slot(state_->cross_slots, owner);
   if (it == state_->cross_slots.end()) {
     auto [k, v] = project();
     check_inference(k, v);
@@ -302,12 +308,10 @@ std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
 
 std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* owner, const torch::Tensor& k,
                                                                  const torch::Tensor& v) {
-  const char* who = kCacheWho;
-  TORCH_CHECK(state_, who, "use of an undefined (default-constructed) cache");
+  TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
   check_inference(k, v);
   const int64_t B = k.size(0), Lq = k.size(2);
-  auto it = std::find_if(state_->slots.begin(), state_->slots.end(),
-                         [owner](const Slot& slot) { return slot.owner == owner; });
+  auto it = find_slot(state_->slots, owner);
   if (it == state_->slots.end()) {
     state_->slots.push_back(Slot{owner, k.new_empty({B, k.size(1), state_->max_length, k.size(3)}),
                                  v.new_empty({B, v.size(1), state_->max_length, v.size(3)}), 0});
@@ -316,10 +320,10 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* ow
   Slot& slot = *it;
   TORCH_CHECK(slot.keys.size(0) == B && slot.keys.scalar_type() == k.scalar_type() &&
                   slot.keys.device() == k.device(),
-              who, "this call has batch ", B, ", ", k.scalar_type(), " on ", k.device(), ", the cached keys batch ",
-              slot.keys.size(0), ", ", slot.keys.scalar_type(), " on ", slot.keys.device(),
+              kCacheWho, "this call has batch ", B, ", ", k.scalar_type(), " on ", k.device(),
+              ", the cached keys batch ", slot.keys.size(0), ", ", slot.keys.scalar_type(), " on ", slot.keys.device(),
               " (reset() starts over; reorder() selects rows)");
-  TORCH_CHECK(slot.length + Lq <= state_->max_length, who, slot.length, " cached + ", Lq,
+  TORCH_CHECK(slot.length + Lq <= state_->max_length, kCacheWho, slot.length, " cached + ", Lq,
               " new positions exceed max_length (", state_->max_length, ")");
   using torch::indexing::Slice;
   const int64_t offset = slot.length;
@@ -559,6 +563,23 @@ void share_self_attention_tables(Stack& stack) {
   for (size_t i = 1; i < stack.layers->size(); ++i) stack.layer(i)->self_attn->set_relative_tables(tables);
 }
 
+// What an encoder and a decoder stack build alike: num_layers clones of `layer`, a copy of the final norm,
+// and (share_relative_tables) the first layer's tables in every layer.
+template <typename Stack, typename Layer>
+void build_stack(Stack& stack, const Layer& layer, const char* layer_name, const char* who) {
+  const auto& o = stack.options;
+  TORCH_CHECK(!layer.is_empty(), who, layer_name, " is an empty module holder");
+  TORCH_CHECK(o.num_layers() > 0, who, "num_layers must be positive, got ", o.num_layers());
+  stack.layers = stack.register_module("layers", torch::nn::ModuleList());
+  for (int64_t i = 0; i < o.num_layers(); ++i) stack.layers->push_back(layer->clone());
+  stack.norm = torch::nn::AnyModule();
+  if (!o.norm().is_empty()) {
+    stack.norm = o.norm().clone();
+    stack.register_module("norm", stack.norm.ptr());
+  }
+  if (o.share_relative_tables()) share_self_attention_tables(stack);
+}
+
 }  // namespace
 
 RelativeTransformerEncoderOptions::RelativeTransformerEncoderOptions(RelativeTransformerEncoderLayer encoder_layer,
@@ -585,18 +606,9 @@ double RelativeTransformerEncoderImpl::deepnorm_beta(int64_t num_layers) {
 void RelativeTransformerEncoderImpl::reset() {
   constexpr const char* who = "relattn::nn::RelativeTransformerEncoder: ";
   const int64_t N = options.num_layers();
-  TORCH_CHECK(!options.encoder_layer().is_empty(), who, "encoder_layer is an empty module holder");
-  TORCH_CHECK(N > 0, who, "num_layers must be positive, got ", N);
+  build_stack(*this, options.encoder_layer(), "encoder_layer", who);
   TORCH_CHECK(!options.deepnorm() || !options.encoder_layer()->options.norm_first(), who,
               "deepnorm is defined for post-LN layers (norm_first = false)");
-  layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < N; ++i) layers->push_back(options.encoder_layer()->clone());
-  norm = torch::nn::AnyModule();
-  if (!options.norm().is_empty()) {
-    norm = options.norm().clone();
-    register_module("norm", norm.ptr());
-  }
-  if (options.share_relative_tables()) share_first_layer_tables();
   if (options.deepnorm()) {
     const double alpha = deepnorm_alpha(N);
     const double beta = deepnorm_beta(N);
@@ -607,14 +619,12 @@ void RelativeTransformerEncoderImpl::reset() {
   }
 }
 
-void RelativeTransformerEncoderImpl::share_first_layer_tables() { share_self_attention_tables(*this); }
-
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderImpl::clone(
     const std::optional<torch::Device>& device) const {
   auto copy = std::dynamic_pointer_cast<RelativeTransformerEncoderImpl>(
       torch::nn::Cloneable<RelativeTransformerEncoderImpl>::clone(device));
   // The layers were cloned one by one and still point at this encoder's tables.
-  if (copy->options.share_relative_tables()) copy->share_first_layer_tables();
+  if (copy->options.share_relative_tables()) share_self_attention_tables(*copy);
   return copy;
 }
 
@@ -714,17 +724,7 @@ RelativeTransformerDecoderImpl::RelativeTransformerDecoderImpl(RelativeTransform
 }
 
 void RelativeTransformerDecoderImpl::reset() {
-  constexpr const char* who = "relattn::nn::RelativeTransformerDecoder: ";
-  TORCH_CHECK(!options.decoder_layer().is_empty(), who, "decoder_layer is an empty module holder");
-  TORCH_CHECK(options.num_layers() > 0, who, "num_layers must be positive, got ", options.num_layers());
-  layers = register_module("layers", torch::nn::ModuleList());
-  for (int64_t i = 0; i < options.num_layers(); ++i) layers->push_back(options.decoder_layer()->clone());
-  norm = torch::nn::AnyModule();
-  if (!options.norm().is_empty()) {
-    norm = options.norm().clone();
-    register_module("norm", norm.ptr());
-  }
-  if (options.share_relative_tables()) share_self_attention_tables(*this);
+  build_stack(*this, options.decoder_layer(), "decoder_layer", "relattn::nn::RelativeTransformerDecoder: ");
 }
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerDecoderImpl::clone(
@@ -946,27 +946,28 @@ bool derived_buffer(const torch::nn::Module& owner, const std::string& leaf) {
   return false;
 }
 
-// A relative table of an attention module that uses another layer's tables (share_relative_tables):
-// Python lists it under every layer, C++ under the first only.
-bool shared_table(const torch::nn::Module* owner, const std::string& leaf) {
-  const auto* attn = dynamic_cast<const RelativeMultiheadAttentionImpl*>(owner);
-  return attn != nullptr && attn->uses_external_tables() &&
-         (leaf == "rel_k" || leaf == "rel_v" || leaf == "rel_bias");
+// An attention module using another layer's relative tables (share_relative_tables): Python lists the
+// tables under every layer's name, C++ under the first layer only. Null for any other module.
+const RelativeMultiheadAttentionImpl* sharing_attention(const torch::nn::Module& owner) {
+  const auto* attn = dynamic_cast<const RelativeMultiheadAttentionImpl*>(&owner);
+  return attn != nullptr && attn->uses_external_tables() ? attn : nullptr;
+}
+
+// The module and every submodule, each with the prefix of its entries ("" for the root, "layers.0.", ...).
+std::vector<std::pair<std::string, const torch::nn::Module*>> modules_by_prefix(const torch::nn::Module& module) {
+  std::vector<std::pair<std::string, const torch::nn::Module*>> out{{"", &module}};
+  for (const auto& item : module.named_modules("", /*include_self=*/false))
+    out.emplace_back(item.key() + ".", item.value().get());
+  return out;
 }
 
 }  // namespace
 
 void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::string, torch::Tensor>& state,
                      bool strict) {
-  // Every module with its name prefix ("" for the root, "layers.0." for a child, ...).
-  std::vector<std::pair<std::string, const torch::nn::Module*>> owners{{"", &module}};
-  std::unordered_map<std::string, const torch::nn::Module*> by_name{{"", &module}};
-  for (const auto& item : module.named_modules("", /*include_self=*/false)) {
-    owners.emplace_back(item.key() + ".", item.value().get());
-    by_name[item.key()] = item.value().get();
-  }
+  const auto owners = modules_by_prefix(module);
   torch::NoGradGuard no_grad;
-  std::unordered_map<std::string, bool> used;
+  std::unordered_set<std::string> used;
   for (const auto& [prefix, owner] : owners) {
     auto visit = [&, prefix = prefix, owner = owner](const torch::OrderedDict<std::string, torch::Tensor>& tensors,
                                                      bool parameters) {
@@ -982,38 +983,33 @@ void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::st
         TORCH_CHECK(found->second.sizes() == target.sizes(), kLoadWho, name, " has shape ", found->second.sizes(),
                     " in the weights, the model's is ", target.sizes());
         target.copy_(found->second);
-        used[name] = true;
+        used.insert(name);
       }
     };
     visit(owner->named_parameters(/*recurse=*/false), true);
     visit(owner->named_buffers(/*recurse=*/false), false);
   }
   if (!strict) return;
+  // The aliases of shared tables are expected; they were loaded through the first layer.
+  for (const auto& [prefix, owner] : owners)
+    if (const auto* attn = sharing_attention(*owner))
+      for (const auto& item : attn->relative_tables()) used.insert(prefix + item.key());
   for (const auto& [name, tensor] : state) {
-    if (used.count(name)) continue;
-    const auto dot = name.rfind('.');
-    const auto owner = by_name.find(dot == std::string::npos ? "" : name.substr(0, dot));
-    const std::string leaf = dot == std::string::npos ? name : name.substr(dot + 1);
-    TORCH_CHECK(owner != by_name.end() && shared_table(owner->second, leaf), kLoadWho, "the weights have ", name,
+    TORCH_CHECK(used.count(name), kLoadWho, "the weights have ", name,
                 ", which names no parameter or buffer of the model (strict = false ignores it)");
   }
 }
 
 void save_state_dict(const torch::nn::Module& module, const std::string& path) {
   c10::Dict<std::string, torch::Tensor> state;
-  auto add = [&](const std::string& prefix, const torch::nn::Module& owner) {
-    for (const auto& item : owner.named_parameters(/*recurse=*/false))
+  for (const auto& [prefix, owner] : modules_by_prefix(module)) {
+    for (const auto& item : owner->named_parameters(/*recurse=*/false))
       state.insert(prefix + item.key(), item.value().detach().cpu());
-    for (const auto& item : owner.named_buffers(/*recurse=*/false))
-      if (!derived_buffer(owner, item.key())) state.insert(prefix + item.key(), item.value().detach().cpu());
-    // A layer using shared tables: Python lists them under its name too.
-    if (const auto* attn = dynamic_cast<const RelativeMultiheadAttentionImpl*>(&owner);
-        attn != nullptr && attn->uses_external_tables()) {
+    for (const auto& item : owner->named_buffers(/*recurse=*/false))
+      if (!derived_buffer(*owner, item.key())) state.insert(prefix + item.key(), item.value().detach().cpu());
+    if (const auto* attn = sharing_attention(*owner))  // Python lists shared tables under every layer
       for (const auto& item : attn->relative_tables()) state.insert(prefix + item.key(), item.value().detach().cpu());
-    }
-  };
-  add("", module);
-  for (const auto& item : module.named_modules("", /*include_self=*/false)) add(item.key() + ".", *item.value());
+  }
   const std::vector<char> bytes = torch::pickle_save(c10::IValue(state));
   std::ofstream file(path, std::ios::binary);
   TORCH_CHECK(file, "relattn::nn::save_state_dict: cannot write ", path);

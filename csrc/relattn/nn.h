@@ -427,9 +427,6 @@ class RelativeTransformerEncoderImpl : public torch::nn::Cloneable<RelativeTrans
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())}, {2, torch::nn::AnyValue(false)},
                           {3, torch::nn::AnyValue(torch::Tensor())}, {4, torch::nn::AnyValue(torch::Tensor())},
                           {5, torch::nn::AnyValue(KVCache())})
-
- private:
-  void share_first_layer_tables();
 };
 TORCH_MODULE(RelativeTransformerEncoder);
 

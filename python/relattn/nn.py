@@ -651,6 +651,19 @@ def _init_stack(stack: nn.Module, layer: nn.Module, num_layers: int, norm: Optio
     stack.share_relative_tables = share_relative_tables
 
 
+def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, cache: Optional[KVCache]) -> Tensor:
+    """x through every layer of an encoder or decoder stack (``layer(x, *args, **kwargs, cache=cache)``),
+    each under activation checkpointing when the stack asks for it and gradients are on (never with a
+    cache, which is for inference), then the final norm."""
+    use_checkpoint = stack.checkpoint and torch.is_grad_enabled() and cache is None
+    for layer in stack.layers:
+        if use_checkpoint:
+            x = torch.utils.checkpoint.checkpoint(layer, x, *args, **kwargs, use_reentrant=False)
+        else:
+            x = layer(x, *args, **kwargs, cache=cache)
+    return x if stack.norm is None else stack.norm(x)
+
+
 def _int32_ids(rel_index: Optional[Tensor]) -> Optional[Tensor]:
     """An int64 rel_index as int32 (what the kernels read), once for every layer of a stack. Clamping keeps
     an id beyond int32 out of [0, R), so that the op's range check still reports it instead of a
@@ -745,19 +758,8 @@ class RelativeTransformerEncoder(nn.Module):
         is_causal = bool(is_causal)
         _check_attn_mask(mask, is_causal, "mask")
         rel_index = _int32_ids(rel_index)
-        x = src
-        use_checkpoint = self.checkpoint and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
-            if use_checkpoint:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, None, src_key_padding_mask, is_causal, rel_index=rel_index, segment_ids=segment_ids,
-                    use_reentrant=False)
-            else:
-                x = layer(x, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, rel_index=rel_index,
-                          segment_ids=segment_ids, cache=cache)
-        if self.norm is not None:
-            x = self.norm(x)
-        return x
+        return _run_stack(self, src, (None, src_key_padding_mask, is_causal),
+                          dict(rel_index=rel_index, segment_ids=segment_ids), cache)
 
 
 class RelativeTransformerDecoderLayer(_TransformerLayer):
@@ -887,18 +889,9 @@ class RelativeTransformerDecoder(nn.Module):
         _check_attn_mask(tgt_mask, bool(tgt_is_causal), "tgt_mask")
         _check_attn_mask(memory_mask, bool(memory_is_causal), "memory_mask")
         rel_index = _int32_ids(rel_index)
-        x = tgt
-        use_checkpoint = self.checkpoint and torch.is_grad_enabled() and cache is None
-        for layer in self.layers:
-            args = (x, memory, None, None, tgt_key_padding_mask, memory_key_padding_mask, bool(tgt_is_causal),
-                    bool(memory_is_causal))
-            if use_checkpoint:
-                x = torch.utils.checkpoint.checkpoint(layer, *args, rel_index=rel_index, use_reentrant=False)
-            else:
-                x = layer(*args, rel_index=rel_index, cache=cache)
-        if self.norm is not None:
-            x = self.norm(x)
-        return x
+        args = (memory, None, None, tgt_key_padding_mask, memory_key_padding_mask, bool(tgt_is_causal),
+                bool(memory_is_causal))
+        return _run_stack(self, tgt, args, dict(rel_index=rel_index), cache)
 
 
 # -- absolute encodings added to the input -----------------------------------------------------------
