@@ -13,15 +13,15 @@ TORCH_LIBRARY(relattn, m) {
       "attention_forward(Tensor q, Tensor k, Tensor v, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, "
       "Tensor? buckets, Tensor? rel_index, Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, "
       "float? scale, int q_offset, float dropout_p=0., Tensor? dropout_seed=None, Tensor? q_segment_ids=None, "
-      "Tensor? k_segment_ids=None) -> (Tensor out, Tensor lse)");
+      "Tensor? k_segment_ids=None, Tensor? q_offsets=None) -> (Tensor out, Tensor lse)");
   // Gradients of absent tables come back as empty tensors.
   m.def(
       "attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor? rel_k, Tensor? rel_v, Tensor? rel_bias, Tensor? buckets, Tensor? rel_index, "
       "Tensor? alibi_slopes, Tensor? key_padding_mask, bool causal, float? scale, int q_offset, "
-      "float dropout_p=0., Tensor? dropout_seed=None, Tensor? q_segment_ids=None, Tensor? k_segment_ids=None) -> "
-      "(Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_rel_k, Tensor grad_rel_v, "
-      "Tensor grad_rel_bias)");
+      "float dropout_p=0., Tensor? dropout_seed=None, Tensor? q_segment_ids=None, Tensor? k_segment_ids=None, "
+      "Tensor? q_offsets=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v, Tensor grad_rel_k, "
+      "Tensor grad_rel_v, Tensor grad_rel_bias)");
   m.def("clip_buckets(int max_distance) -> Tensor", &relattn::clip_buckets);
   m.def("t5_buckets(int num_buckets=32, int max_distance=128, bool bidirectional=True) -> Tensor",
         &relattn::t5_buckets);
@@ -38,12 +38,13 @@ ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
                                 const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                 const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                 int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
-                                const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                const OptTensor& q_offsets) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relattn::attention_forward", "")
                        .typed<decltype(attention_forward)>();
   return op.call(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask, causal,
-                 scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
+                 scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids, q_offsets);
 }
 
 BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
@@ -53,12 +54,13 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
                                   const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
                                   std::optional<double> scale, int64_t q_offset, double dropout_p,
                                   const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                                  const OptTensor& k_segment_ids) {
+                                  const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("relattn::attention_backward", "")
                        .typed<decltype(attention_backward)>();
   return op.call(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
-                 key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
+                 key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
+                 q_offsets);
 }
 
 }  // namespace ops
@@ -88,11 +90,14 @@ std::tuple<at::Tensor, at::Tensor> attention_with_lse(const at::Tensor& q, const
   if (o.segment_ids().has_value()) {
     TORCH_CHECK(!q_seg.has_value() && !k_seg.has_value(),
                 "relattn.attention: segment_ids excludes q_segment_ids and k_segment_ids; give one form");
+    TORCH_CHECK(!o.q_offsets().has_value(),
+                "relattn.attention: segment_ids gives query i the id of key position i + q_offset, which needs a "
+                "scalar offset; with q_offsets pass q_segment_ids and k_segment_ids");
     std::tie(q_seg, k_seg) = self_segment_ids(*o.segment_ids(), q, k, o.q_offset());
   }
   return ops::attention_forward(q, k, v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
                                 o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset(),
-                                o.dropout_p(), seed, q_seg, k_seg);
+                                o.dropout_p(), seed, q_seg, k_seg, o.q_offsets());
 }
 
 at::Tensor draw_dropout_seed(const at::Tensor& like) {

@@ -28,6 +28,7 @@ struct Prepared {
   double scale = 1.0;
   bool causal = false;
   int64_t q_offset = 0;
+  Tensor q_offsets;  // per-batch query offsets, int32 [B], added to q_offset; undefined when not given
   at::ScalarType acc_dtype = at::kFloat;  // float64 for float64 inputs, else float32
   // Dropout of the attention weights (kernels/dropout.h); the seed is undefined when dropout is off.
   Tensor dropout_seed;
@@ -44,14 +45,15 @@ struct Prepared {
 // dropout_p (in [0, 1]) and dropout_seed (an int64 tensor of one element on q's device, required when
 // dropout_p > 0; dropout is off when p rounds to 0, kernels/dropout.h), and the segment ids (both or
 // neither; integer [B, Lq] and [B, Lk], read as int32: other dtypes are converted, their values checked to
-// fit, on the host for CPU tensors and by a device-side assertion on CUDA).
+// fit, on the host for CPU tensors and by a device-side assertion on CUDA), and the per-batch query offsets
+// q_offsets (integer [B], read as int32 the same way).
 Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& rel_k,
                  const OptTensor& rel_v, const OptTensor& rel_bias, const OptTensor& buckets,
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                  int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
                  const OptTensor& q_segment_ids = std::nullopt, const OptTensor& k_segment_ids = std::nullopt,
-                 IdCheck id_check = IdCheck::kHost);
+                 const OptTensor& q_offsets = std::nullopt, IdCheck id_check = IdCheck::kHost);
 
 // Pointers and strides of a prepared call (out/lse/gradients are filled by the backend).
 void fill_params(const Prepared& a, kernels::AttentionParams& p);
@@ -73,7 +75,7 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& key_padding_mask, bool causal,
                                     std::optional<double> scale, int64_t q_offset, double dropout_p,
                                     const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                                    const OptTensor& k_segment_ids);
+                                    const OptTensor& k_segment_ids, const OptTensor& q_offsets);
 
 BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& grad_lse,
                                       const Tensor& q, const Tensor& k, const Tensor& v,
@@ -84,7 +86,7 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& key_padding_mask, bool causal,
                                       std::optional<double> scale, int64_t q_offset, double dropout_p,
                                       const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                                      const OptTensor& k_segment_ids);
+                                      const OptTensor& k_segment_ids, const OptTensor& q_offsets);
 
 // Typed handles of the dispatcher ops (what the public API, autograd and autocast call).
 ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -95,7 +97,8 @@ ForwardResult attention_forward(const Tensor& q, const Tensor& k, const Tensor& 
                                 std::optional<double> scale, int64_t q_offset, double dropout_p = 0.0,
                                 const OptTensor& dropout_seed = std::nullopt,
                                 const OptTensor& q_segment_ids = std::nullopt,
-                                const OptTensor& k_segment_ids = std::nullopt);
+                                const OptTensor& k_segment_ids = std::nullopt,
+                                const OptTensor& q_offsets = std::nullopt);
 
 BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_lse,
                                   const Tensor& q, const Tensor& k, const Tensor& v,
@@ -106,7 +109,8 @@ BackwardResult attention_backward(const Tensor& grad_out, const OptTensor& grad_
                                   bool causal, std::optional<double> scale, int64_t q_offset,
                                   double dropout_p = 0.0, const OptTensor& dropout_seed = std::nullopt,
                                   const OptTensor& q_segment_ids = std::nullopt,
-                                  const OptTensor& k_segment_ids = std::nullopt);
+                                  const OptTensor& k_segment_ids = std::nullopt,
+                                  const OptTensor& q_offsets = std::nullopt);
 
 // Shape of a gradient for an absent table: an empty tensor (the schema returns Tensor, not Tensor?).
 Tensor absent_grad(const Tensor& like);

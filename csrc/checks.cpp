@@ -61,26 +61,42 @@ void check_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed)
   a.dropout_scale = kernels::dropout_scale(threshold);
 }
 
-// One side's segment ids as int32 [B, L] with a unit last stride. Ids of another integer dtype are
-// converted; that they fit in int32 is checked on the host for CPU tensors and by a device-side assertion
-// on CUDA (no host sync, so that a training step never waits and capture stays legal).
+// An integer tensor as int32 with a unit last stride. Other integer dtypes are converted; that the values
+// fit in int32 is checked on the host for CPU tensors and by a device-side assertion on CUDA (no host sync,
+// so that a training step never waits and capture stays legal). `what` names the values in the error.
+Tensor int32_checked(const Tensor& t, const char* name, const char* what) {
+  if (t.scalar_type() == at::kInt) return last_dim_contiguous(t);
+  Tensor t32 = t.to(at::kInt).contiguous();
+  if (t.numel() > 0) {
+    const std::string msg = c10::str("relattn.attention: ", name, " holds ", what, " that does not fit in int32");
+    if (t.is_cpu()) {
+      TORCH_CHECK(t32.to(t.scalar_type()).eq(t).all().item<bool>(), msg);
+    } else {
+      at::_assert_async(t32.to(t.scalar_type()).eq(t).all(), msg);
+    }
+  }
+  return t32;
+}
+
+// One side's segment ids as int32 [B, L] (segment ids are compared as int32).
 Tensor segment_ids_int32(const Tensor& q, const Tensor& ids, const char* name, int64_t B, int64_t L,
                          const char* L_name) {
   check_same_device(q, ids, name);
   check_integer(ids, name);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == L, "relattn.attention: ", name, " must be [B, ",
               L_name, "] = [", B, ", ", L, "], got shape ", shape_str(ids));
-  if (ids.scalar_type() == at::kInt) return last_dim_contiguous(ids);
-  Tensor ids32 = ids.to(at::kInt).contiguous();
-  if (ids.numel() > 0) {
-    const char* what = "holds an id that does not fit in int32 (segment ids are compared as int32)";
-    if (ids.is_cpu()) {
-      TORCH_CHECK(ids32.to(ids.scalar_type()).eq(ids).all().item<bool>(), "relattn.attention: ", name, " ", what);
-    } else {
-      at::_assert_async(ids32.to(ids.scalar_type()).eq(ids).all(), c10::str("relattn.attention: ", name, " ", what));
-    }
-  }
-  return ids32;
+  return int32_checked(ids, name, "an id");
+}
+
+// Per-batch query offsets [B] into `a` as int32 (kernels/params.h: added to q_offset).
+void check_q_offsets(Prepared& a, const OptTensor& q_offsets) {
+  if (!q_offsets.has_value() || !q_offsets->defined()) return;
+  const Tensor& t = *q_offsets;
+  check_same_device(a.q, t, "q_offsets");
+  check_integer(t, "q_offsets");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B, "relattn.attention: q_offsets (per-batch query offsets) must be [B] = [",
+              a.B, "], got shape ", shape_str(t));
+  a.q_offsets = int32_checked(t, "q_offsets", "an offset").contiguous();
 }
 
 // q_segment_ids / k_segment_ids into `a`, with the per-row ranges of kernels/params.h: for a batch row whose
@@ -125,7 +141,8 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
                  const OptTensor& rel_index, const OptTensor& alibi_slopes,
                  const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                  int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
-                 const OptTensor& q_segment_ids, const OptTensor& k_segment_ids, IdCheck id_check) {
+                 const OptTensor& q_segment_ids, const OptTensor& k_segment_ids, const OptTensor& q_offsets,
+                 IdCheck id_check) {
   Prepared a;
   TORCH_CHECK(q_in.defined() && k_in.defined() && v_in.defined(),
               "relattn.attention: q, k and v must be tensors");
@@ -291,6 +308,7 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
     a.key_padding_mask = last_dim_contiguous(m);
   }
   check_segments(a, q_segment_ids, k_segment_ids);
+  check_q_offsets(a, q_offsets);
   return a;
 }
 
@@ -349,6 +367,7 @@ void fill_params(const Prepared& a, kernels::AttentionParams& p) {
   p.causal = a.causal;
   p.scale = a.scale;
   p.q_offset = a.q_offset;
+  if (a.q_offsets.defined()) p.q_offsets = a.q_offsets.data_ptr<int32_t>();
   if (a.dropout_seed.defined()) {
     p.dropout_seed = a.dropout_seed.data_ptr<int64_t>();
     p.dropout_threshold = a.dropout_threshold;

@@ -15,6 +15,14 @@
 
 #include <cstdint>
 
+#ifndef RELATTN_HD
+#if defined(__CUDACC__)
+#define RELATTN_HD __host__ __device__ __forceinline__
+#else
+#define RELATTN_HD inline
+#endif
+#endif
+
 namespace relattn {
 namespace kernels {
 
@@ -88,7 +96,11 @@ struct AttentionParams {
 
   bool causal = false;
   double scale = 1.0;
+  // Position of query row i in batch row b: i + q_offset + q_offsets[b]. q_offsets is int32 [B] (a device
+  // tensor on CUDA, so that decode steps with per-row cache lengths need no host value and stay capturable
+  // in a CUDA graph); null when not given. Read it through batch_q_offset.
   int64_t q_offset = 0;
+  const int32_t* q_offsets = nullptr;
 
   // Dropout of the attention weights (kernels/dropout.h): null when off. The seed is one int64 in the
   // inputs' memory (a device tensor on CUDA, read by the kernels). Pair (i, j) is kept when its 16-bit
@@ -100,6 +112,9 @@ struct AttentionParams {
   bool has_bucket_terms() const { return rel_k != nullptr || rel_v != nullptr || rel_bias != nullptr; }
   bool has_dropout() const { return dropout_seed != nullptr; }
   bool has_segments() const { return q_segment_ids != nullptr; }
+  RELATTN_HD int64_t batch_q_offset(int64_t b) const {
+    return q_offsets == nullptr ? q_offset : q_offset + q_offsets[b];
+  }
 };
 
 // The backward adds the incoming gradients, the outputs and the per-row scratch it shares between

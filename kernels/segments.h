@@ -8,13 +8,7 @@
 
 #include <cstdint>
 
-#ifndef RELATTN_HD
-#if defined(__CUDACC__)
-#define RELATTN_HD __host__ __device__ __forceinline__
-#else
-#define RELATTN_HD inline
-#endif
-#endif
+#include "params.h"  // RELATTN_HD
 
 namespace relattn {
 namespace kernels {
@@ -41,7 +35,10 @@ RELATTN_HD void key_tile_queries(const Params& p, int64_t b, int64_t j0, int64_t
                                  int64_t& end) {
   first = 0;
   end = p.Lq;
-  if (p.causal) first = j0 - p.q_offset < 0 ? 0 : j0 - p.q_offset;
+  if (p.causal) {
+    const int64_t off = p.batch_q_offset(b);
+    first = j0 - off < 0 ? 0 : j0 - off;
+  }
   if (kSegments && p.q_segment_ids != nullptr) {
     int64_t lo, hi;
     segment_query_span(p, b, j0, keys, lo, hi);

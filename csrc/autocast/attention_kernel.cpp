@@ -17,7 +17,8 @@ ForwardResult attention_forward_autocast(const Tensor& q, const Tensor& k, const
                                          const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                          bool causal, std::optional<double> scale, int64_t q_offset,
                                          double dropout_p, const OptTensor& dropout_seed,
-                                         const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                         const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                         const OptTensor& q_offsets) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const at::ScalarType dt = at::autocast::get_autocast_dtype(device);
   auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, device); };
@@ -30,7 +31,7 @@ ForwardResult attention_forward_autocast(const Tensor& q, const Tensor& k, const
   };
   return attention_forward(qc, kc, vc, table(rel_k), table(rel_v), table(rel_bias), buckets, rel_index,
                            table(alibi_slopes), key_padding_mask, causal, scale, q_offset, dropout_p,
-                           dropout_seed, q_segment_ids, k_segment_ids);
+                           dropout_seed, q_segment_ids, k_segment_ids, q_offsets);
 }
 
 }  // namespace

@@ -20,15 +20,15 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
                                const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
                                std::optional<double> scale, int64_t q_offset, double dropout_p,
                                const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                               const OptTensor& k_segment_ids) {
+                               const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [out, lse] = attention_forward(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
                                         key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
-                                        q_segment_ids, k_segment_ids);
+                                        q_segment_ids, k_segment_ids, q_offsets);
     auto opt = [](const OptTensor& t) { return t.has_value() ? *t : Tensor(); };
     ctx->save_for_backward({q, k, v, out, lse, opt(rel_k), opt(rel_v), opt(rel_bias), opt(buckets),
                             opt(rel_index), opt(alibi_slopes), opt(key_padding_mask), opt(dropout_seed),
-                            opt(q_segment_ids), opt(k_segment_ids)});
+                            opt(q_segment_ids), opt(k_segment_ids), opt(q_offsets)});
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["scale"] = scale.has_value() ? c10::IValue(*scale) : c10::IValue();
@@ -47,7 +47,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
         attention_backward(grad_out, opt(grads[1]), s[0], s[1], s[2], out, s[4], opt(s[5]), opt(s[6]), opt(s[7]),
                            opt(s[8]), opt(s[9]), opt(s[10]), opt(s[11]), ctx->saved_data["causal"].toBool(), scale,
                            ctx->saved_data["q_offset"].toInt(), ctx->saved_data["dropout_p"].toDouble(), opt(s[12]),
-                           opt(s[13]), opt(s[14]));
+                           opt(s[13]), opt(s[14]), opt(s[15]));
     const Tensor none;
     return {dq,
             dk,
@@ -55,6 +55,7 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
             s[5].defined() ? drk : none,
             s[6].defined() ? drv : none,
             s[7].defined() ? drb : none,
+            none,
             none,
             none,
             none,
@@ -75,10 +76,11 @@ ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const
                                          const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                          bool causal, std::optional<double> scale, int64_t q_offset,
                                          double dropout_p, const OptTensor& dropout_seed,
-                                         const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                         const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                         const OptTensor& q_offsets) {
   auto r = AttentionFunction::apply(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
                                     key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
-                                    q_segment_ids, k_segment_ids);
+                                    q_segment_ids, k_segment_ids, q_offsets);
   return {r[0], r[1]};
 }
 

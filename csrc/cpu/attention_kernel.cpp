@@ -204,7 +204,7 @@ inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
       continue;
     }
     const int64_t M = p.max_distance;
-    const int64_t c = i0 + i + p.q_offset - j0;  // column of distance 0 (may lie outside the tile)
+    const int64_t c = i0 + i + p.batch_q_offset(b) - j0;  // column of distance 0 (may lie outside the tile)
     // distance of column j is j - c: <= -M for j <= c - M, >= M for j >= c + M
     const int64_t a = std::clamp<int64_t>(c - M + 1, 0, cols);
     const int64_t e = std::max(a, std::clamp<int64_t>(c + M, 0, cols));
@@ -319,7 +319,7 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
                                           : nullptr;
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
-    const int64_t pos = i0 + i + p.q_offset;
+    const int64_t pos = i0 + i + p.batch_q_offset(b);
     if (p.alibi_slopes) {
       sub_alibi(s, cols, slope, j0 - pos);
     }
@@ -349,7 +349,7 @@ struct Range {
 };
 inline Range key_range(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows) {
   int64_t begin = 0, end = p.Lk;
-  if (p.causal) end = std::min(end, std::max<int64_t>(0, i0 + rows - 1 + p.q_offset + 1));
+  if (p.causal) end = std::min(end, std::max<int64_t>(0, i0 + rows - 1 + p.batch_q_offset(b) + 1));
   if (p.has_segments()) {
     int64_t lo, hi;
     kernels::segment_key_span(p, b, i0, rows, lo, hi);
@@ -814,9 +814,11 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
                                     const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                     const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                     int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
-                                    const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                    const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                    const OptTensor& q_offsets) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
+                       q_offsets);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, q.options().dtype(a.acc_dtype));
   if (a.B * a.H * a.Lq == 0) return {out, lse};
@@ -856,9 +858,11 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                                       const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                       bool causal, std::optional<double> scale, int64_t q_offset,
                                       double dropout_p, const OptTensor& dropout_seed,
-                                      const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                      const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                      const OptTensor& q_offsets) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids);
+                       causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
+                       q_offsets);
   const bool run = a.B * a.H * a.Lq > 0;
   const bool fused = run && cpu_backward_fused(a);
   // The fused sweep adds into dq and the bucket sums; the two passes write every element of them. dk and dv

@@ -159,10 +159,11 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
                                      const OptTensor& rel_index, const OptTensor& alibi_slopes,
                                      const OptTensor& key_padding_mask, bool causal, std::optional<double> scale,
                                      int64_t q_offset, double dropout_p, const OptTensor& dropout_seed,
-                                     const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                     const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                     const OptTensor& q_offsets) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
-                       id_check_mode(q));
+                       q_offsets, id_check_mode(q));
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,
               " and Dv = ", a.Dv, "; run this call on the CPU");
@@ -255,10 +256,11 @@ BackwardResult attention_backward_cuda(const Tensor& grad_out, const OptTensor& 
                                        const OptTensor& alibi_slopes, const OptTensor& key_padding_mask,
                                        bool causal, std::optional<double> scale, int64_t q_offset,
                                        double dropout_p, const OptTensor& dropout_seed,
-                                       const OptTensor& q_segment_ids, const OptTensor& k_segment_ids) {
+                                       const OptTensor& q_segment_ids, const OptTensor& k_segment_ids,
+                                       const OptTensor& q_offsets) {
   Prepared a = prepare(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
-                       id_check_mode(q));
+                       q_offsets, id_check_mode(q));
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse);
   TORCH_CHECK(a.D <= kc::kMaxHeadDim && a.Dv <= kc::kMaxHeadDim,
               "relattn.attention: the CUDA kernels support head dims up to ", kc::kMaxHeadDim, ", got D = ", a.D,

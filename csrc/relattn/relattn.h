@@ -39,6 +39,12 @@ struct AttentionOptions {
   TORCH_ARG(std::optional<double>, scale) = std::nullopt;
   // Position of query row i is i + q_offset; of key j is j.
   TORCH_ARG(int64_t, q_offset) = 0;
+  // Per-batch query offsets: an integer tensor [B] on q's device (int32 is read as it is), added to q_offset:
+  // query i of batch row b sits at i + q_offset + q_offsets[b]. The kernels read it on the device, never on
+  // the host, so a decode step over sequences of different cached lengths is one call with static shapes
+  // (causal masks each row's unfilled cache slots) that a CUDA graph can capture. Excludes segment_ids
+  // (pass q_segment_ids and k_segment_ids).
+  TORCH_ARG(std::optional<at::Tensor>, q_offsets) = std::nullopt;
   // Dropout on the attention weights: each (query, key) weight is dropped with probability dropout_p
   // (used as a multiple of 1/65536) and the kept ones are scaled by 1 / (1 - dropout_p). The mask comes
   // from a counter-based generator (Philox4x32-10) keyed by dropout_seed, so the backward regenerates it;

@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
   if constexpr (kSegments) clip_to_segments(p, tile);
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
   const int Dv = static_cast<int>(p.Dv);
@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
-                                                  sWin + stage * kWin, kg, vg, kpm, i0, t * BN, tid);
+                                                  sWin + stage * kWin, kg, vg, kpm, i0, q_off, t * BN, tid);
   };
 
   load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
@@ -269,7 +269,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       const int row = warp_row0 + g + hf * 8;
       const bool row_ok = row < rows;
       const int32_t row_seg = seg_test && row_ok ? q_segment(p, b, i0 + row) : 0;
-      const int64_t pos = i0 + row + p.q_offset;
+      const int64_t pos = i0 + row + q_off;
       const int64_t dj = j0 - pos;
       // (far_side(dj, dj + BN - 1, M) spelled out: that form keeps this kernel out of spills at hd 96/128)
       int rb = -1;
@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
           for (int hf = 0; hf < 2; ++hf) {
             const int row = warp_row0 + g + hf * 8;
             if (row_far[hf] != 0 || row >= rows) continue;
-            const int64_t dj = j0 - (i0 + row + p.q_offset);
+            const int64_t dj = j0 - (i0 + row + q_off);
 #pragma unroll
             for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -584,6 +584,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   const int64_t kb = slot % nkb;  // causal: the first key tiles have the most query tiles, and go first
   const int64_t bg = slot / nkb;
   const int64_t b = bg / p.Hk;
+  const int64_t q_off = p.batch_q_offset(b);
   const int64_t kv_head = bg % p.Hk;
   const int64_t group = p.H / p.Hk;
   const int64_t j0 = kb * BK;
@@ -618,7 +619,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
   // A (key tile, query tile) pair whose distances all lie beyond ±M on one side has one bucket; -1 if not.
   auto far_bucket = [&](int64_t i0) -> int {
     if (!use_window) return -1;
-    const int side = far_side(j0 - (i0 + BQ - 1 + p.q_offset), (j0 + BK - 1) - (i0 + p.q_offset), M);
+    const int side = far_side(j0 - (i0 + BQ - 1 + q_off), (j0 + BK - 1) - (i0 + q_off), M);
     return side == 1 ? bucket_first : (side == 2 ? bucket_last : -1);
   };
 
@@ -649,7 +650,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
     }
     if (use_window) {
       // entry w holds the bucket of key row kr and query column c with w = kr - c + BQ - 1
-      const int64_t d0 = j0 - i0 - p.q_offset - (BQ - 1);
+      const int64_t d0 = j0 - i0 - q_off - (BQ - 1);
       for (int w = tid; w < BK + BQ - 1; w += kThreads) {
         int64_t d = d0 + w;
         d = d < -M ? -M : (d > M ? M : d);
@@ -705,7 +706,7 @@ __global__ void __launch_bounds__(BwdMmaConfig<kHeadDim>::kThreads)
       const int kr = warp_key0 + g + hf * 8;
       const bool key_ok = sKpm[kr] == 0;  // inside Lk and not padding
       const int32_t key_seg = q_seg != nullptr && key_ok ? k_segment(p, b, j0 + kr) : 0;
-      const int64_t dk0 = j0 + kr - (i0 + p.q_offset);  // distance to query column 0
+      const int64_t dk0 = j0 + kr - (i0 + q_off);  // distance to query column 0
       // causal: the key is after query column c's position (d = dk0 - c > 0) for the columns c < c_vis
       const int c_vis = p.causal ? static_cast<int>(dk0 < 0 ? 0 : (dk0 > BQ ? BQ : dk0)) : 0;
       // P and dS of one element, given its table values in log2 units (tv) and natural units (dv).

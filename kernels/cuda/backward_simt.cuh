@@ -38,11 +38,12 @@ RELATTN_DEVICE void load_rows(acc_t* s, int ld, const T* g, int64_t row_stride, 
   }
 }
 
-// Bucket of pair (i, j) (global indices), or 0 when the relative terms have none.
-RELATTN_DEVICE int32_t bucket_of(const BackwardParams& p, int64_t b, int64_t i, int64_t j) {
+// Bucket of pair (i, j) (global indices; q_off is batch row b's query offset), or 0 when the relative terms
+// have none.
+RELATTN_DEVICE int32_t bucket_of(const BackwardParams& p, int64_t b, int64_t q_off, int64_t i, int64_t j) {
   if (p.buckets) {
     const int64_t M = p.max_distance;
-    int64_t d = j - (i + p.q_offset);
+    int64_t d = j - (i + q_off);
     d = d < -M ? -M : (d > M ? M : d);
     return clamp_id(p.buckets[d + M], p.id_max);
   }
@@ -57,12 +58,12 @@ RELATTN_DEVICE int32_t bucket_of(const BackwardParams& p, int64_t b, int64_t i, 
 // With dropout (factor z of the pair), dP is the gradient of the dropped weight, z·do·(v + aV), and *pz
 // is the dropped weight P·z (the weight of v and aV); without, *pz = *pv.
 template <typename acc_t>
-RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t i, int64_t j, bool valid,
-                         const acc_t* qrow, const acc_t* dorow, const acc_t* krow, const acc_t* vrow,
+RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t q_off, int64_t h, int64_t i, int64_t j,
+                         bool valid, const acc_t* qrow, const acc_t* dorow, const acc_t* krow, const acc_t* vrow,
                          const acc_t* tab, const acc_t* doa, acc_t lse, acc_t delta, bool with_delta, acc_t* pv,
                          acc_t* pz, acc_t* dv, int32_t* beta_out) {
   const int D = static_cast<int>(p.D), Dv = static_cast<int>(p.Dv);
-  const int64_t d = j - (i + p.q_offset);
+  const int64_t d = j - (i + q_off);
   const bool masked = !valid || (p.causal && d > 0) || lse == static_cast<acc_t>(-INFINITY) ||
                       (p.q_segment_ids != nullptr && q_segment(p, b, i) != k_segment(p, b, j));
   if (masked) {
@@ -72,7 +73,7 @@ RELATTN_DEVICE void pair(const BackwardParams& p, int64_t b, int64_t h, int64_t 
     *beta_out = 0;
     return;
   }
-  const int32_t beta = (tab || doa) ? bucket_of(p, b, i, j) : 0;
+  const int32_t beta = (tab || doa) ? bucket_of(p, b, q_off, i, j) : 0;
   acc_t s = 0;
   for (int c = 0; c < D; ++c) s += qrow[c] * krow[c];
   s *= static_cast<acc_t>(p.scale);
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
   clip_to_segments(p, tile);
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const int64_t row0 = bh * p.Lq + i0;
   const bool has_tab = p.has_tab();
@@ -192,7 +193,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
         const bool valid = r < rows && c < cols && !(kpm && kpm[j * p.key_padding_mask_stride[1]]);
         acc_t pv, pz, xv;
         int32_t beta;
-        pair<acc_t>(p, b, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
+        pair<acc_t>(p, b, q_off, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
                     sV + c * (Dv + 1), valid && has_tab ? tab_g + r * R : nullptr,
                     valid && has_doa ? doa_g + r * R : nullptr, sL[r], sweep == 1 ? sDl[r] : acc_t(0), sweep == 1,
                     &pv, &pz, &xv, &beta);
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_query_kernel(co
           const acc_t xv = sX[r * (BN + 1) + c];
           if (sweep == 0) rowacc += xv;
           if (need_beta) {
-            const int32_t beta = bucket_of(p, b, i0 + r, j0 + c);
+            const int32_t beta = bucket_of(p, b, q_off, i0 + r, j0 + c);
             if (sweep == 0) psb_g[r * R + beta] += pv;
             else dsb_g[r * R + beta] += xv;
           }
@@ -286,6 +287,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
   const int64_t kb = slot % nkb;
   const int64_t bg = slot / nkb;
   const int64_t b = bg / p.Hk;
+  const int64_t q_off = p.batch_q_offset(b);
   const int64_t kv_head = bg % p.Hk;
   const int64_t group = p.H / p.Hk;
   const int64_t j0 = kb * BK;
@@ -335,7 +337,7 @@ __global__ void __launch_bounds__(kBwdSimtThreads) backward_simt_key_kernel(cons
         const bool valid = r < rows && c < keys && !(kpm && kpm[j * p.key_padding_mask_stride[1]]);
         acc_t pv, pz, ds;
         int32_t beta;
-        pair<acc_t>(p, b, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
+        pair<acc_t>(p, b, q_off, h, i0 + r, j, valid, sQ + r * (D + 1), sDo + r * (Dv + 1), sK + c * (D + 1),
                     sV + c * (Dv + 1), valid && has_tab ? tab_g + r * R : nullptr,
                     valid && has_doa ? doa_g + r * R : nullptr, sL[r], sDl[r], true, &pv, &pz, &ds, &beta);
         sP[r * (BK + 1) + c] = pz;  // dv = Σ (P·z) do

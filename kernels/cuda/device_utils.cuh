@@ -350,9 +350,10 @@ RELATTN_DEVICE double log_acc(double x) { return log(x); }
 // backwards' kernel A). CTAs take the query tiles fastest, the last one (the heaviest under causal
 // masking) first. Keys [key_begin, key_end) can be seen by some row of the tile: with causal masking none
 // after the position of its last row; with segments (clip_to_segments) only those of its rows' segments
-// (key_begin is exact: the kernels round it down to their key-tile grid).
+// (key_begin is exact: the kernels round it down to their key-tile grid). q_off is the batch row's query
+// offset (params.h: query i sits at position i + q_off).
 struct QueryTile {
-  int64_t bh, b, h, kv_head, i0, key_begin, key_end;
+  int64_t bh, b, h, kv_head, i0, q_off, key_begin, key_end;
   int rows;
 };
 
@@ -366,10 +367,11 @@ RELATTN_DEVICE QueryTile query_tile(const Params& p, int64_t slot) {
   t.kv_head = t.h / (p.H / p.Hk);
   t.i0 = (nqb - 1 - slot % nqb) * kBlockM;
   t.rows = static_cast<int>(p.Lq - t.i0 < kBlockM ? p.Lq - t.i0 : kBlockM);
+  t.q_off = p.batch_q_offset(t.b);
   t.key_begin = 0;
   t.key_end = p.Lk;
   if (p.causal) {
-    const int64_t last = t.i0 + t.rows + p.q_offset;  // one past the last row's position
+    const int64_t last = t.i0 + t.rows + t.q_off;  // one past the last row's position
     t.key_end = last < 0 ? 0 : (last < p.Lk ? last : p.Lk);
   }
   return t;

@@ -151,12 +151,13 @@ RELATTN_DEVICE void store_tile(T* dst, int64_t ld, const T* s, int rows, int col
 
 // Stages the key tile [j0, j0 + kBlockN) of a query tile starting at row i0 (kBlockM rows) into one
 // shared-memory stage: K and V rows (cp.async where allowed), the padding bytes (1 beyond Lk) and the window
-// of bucket ids, entry w holding the bucket of distance j0 - (i0 + kBlockM-1 + q_offset) + w. `kg`/`vg`
+// of bucket ids, entry w holding the bucket of distance j0 - (i0 + kBlockM-1 + q_off) + w. `kg`/`vg`
 // point at key 0 of this (b, kv head); `kpm` at this batch's mask row or null. The metadata is written
 // with plain stores; like the cp.async data, it is read only after the next __syncthreads.
 template <typename T, int kBlockM, int kBlockN, int kHeadDim, int kThreads, typename Params>
 RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm, int32_t* sWin, const T* kg,
-                                   const T* vg, const uint8_t* kpm, int64_t i0, int64_t j0, int tid) {
+                                   const T* vg, const uint8_t* kpm, int64_t i0, int64_t q_off, int64_t j0,
+                                   int tid) {
   const int cols = static_cast<int>(p.Lk - j0 < kBlockN ? p.Lk - j0 : kBlockN);
   load_tile<T, kBlockN, kHeadDim, kThreads>(sK, kg + j0 * p.k_stride[2], p.k_stride[2], cols,
                                             static_cast<int>(p.D), p.k_vec_ok, tid);
@@ -168,7 +169,7 @@ RELATTN_DEVICE void stage_key_tile(const Params& p, T* sK, T* sV, uint8_t* sKpm,
   }
   if (p.buckets) {
     const int64_t M = p.max_distance;
-    const int64_t d0 = j0 - (i0 + kBlockM - 1 + p.q_offset);
+    const int64_t d0 = j0 - (i0 + kBlockM - 1 + q_off);
     for (int w = tid; w < kBlockM + kBlockN - 1; w += kThreads) {
       int64_t d = d0 + w;
       d = d < -M ? -M : (d > M ? M : d);
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
   if constexpr (kSegments) clip_to_segments(p, tile);
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
   const int Dv = static_cast<int>(p.Dv);
@@ -309,7 +310,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
-                                                  sWin + stage * kWin, kg, vg, kpm, i0, t * BN, tid);
+                                                  sWin + stage * kWin, kg, vg, kpm, i0, q_off, t * BN, tid);
   };
 
   load_tile<T, BM, kHeadDim, kThreads>(sQ, qg, p.q_stride[2], rows, D, p.q_vec_ok, tid);
@@ -432,7 +433,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     int row_far[kMT][2];  // 1: the row's distances in this tile are all <= -M, 2: all >= M, 0: neither
     // The same for every row of the warp at once (from its first and last row), 0 unless all rows agree;
     // not at head dim 32, where the path below made ptxas spill 20 bytes on sm_90.
-    const int64_t wpos = i0 + warp_row0 + p.q_offset;  // the warp's first row's position
+    const int64_t wpos = i0 + warp_row0 + q_off;  // the warp's first row's position
     const int warp_far =
         !kPlain && kHeadDim >= 64 && use_window ? far_side(j0 - (wpos + kRowsPerWarp - 1), j0 + BN - 1 - wpos, M) : 0;
     if constexpr (kPlain) {
@@ -470,7 +471,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
           const int row = warp_row0 + mt * 16 + g + hf * 8;
-          const int64_t dj = j0 - (i0 + row + p.q_offset);  // distance of the tile's first column
+          const int64_t dj = j0 - (i0 + row + q_off);  // distance of the tile's first column
           const int far = use_window ? far_side(dj, dj + BN - 1, M) : 0;
           row_far[mt][hf] = far;
           const float tab_row = far == 1 ? tab_far[mt][hf][0] : tab_far[mt][hf][1];
@@ -502,7 +503,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int64_t dj = j0 - (i0 + warp_row0 + mt * 16 + g + hf * 8 + p.q_offset);
+          const int64_t dj = j0 - (i0 + warp_row0 + mt * 16 + g + hf * 8 + q_off);
 #pragma unroll
           for (int nt = 0; nt < kNT; ++nt)
 #pragma unroll
@@ -515,7 +516,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     const int warp_rows = rows - warp_row0 < kRowsPerWarp ? rows - warp_row0 : kRowsPerWarp;
     const bool seg_test =
         kSegments && warp_rows > 0 && segment_test_needed(p, b, i0 + warp_row0, warp_rows, j0, lk_lim);
-    if (kpm || seg_test || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + p.q_offset)) {
+    if (kpm || seg_test || lk_lim < BN || (p.causal && j0 + BN - 1 > i0 + warp_row0 + q_off)) {
 #pragma unroll
       for (int mt = 0; mt < kMT; ++mt) {
 #pragma unroll
@@ -523,7 +524,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
           // columns c < col_lim are inside Lk and, with causal masking, not after the row's position
           // (j - pos <= 0  <=>  c < 1 - dj)
           const int row = warp_row0 + mt * 16 + g + hf * 8;
-          const int64_t dj = j0 - (i0 + row + p.q_offset);
+          const int64_t dj = j0 - (i0 + row + q_off);
           int64_t lim = lk_lim;
           if (p.causal && 1 - dj < lim) lim = 1 - dj;
           const int col_lim = static_cast<int>(lim < 0 ? 0 : lim);
@@ -638,7 +639,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
             for (int hf = 0; hf < 2; ++hf) {
               if (row_far[mt][hf] != 0) continue;
               const int row = warp_row0 + mt * 16 + g + hf * 8;
-              const int64_t dj = j0 - (i0 + row + p.q_offset);
+              const int64_t dj = j0 - (i0 + row + q_off);
               float* br = bsum + row * ld;
 #pragma unroll
               for (int nt2 = 0; nt2 < kNT / 2; ++nt2) {

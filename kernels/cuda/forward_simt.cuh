@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
   const int64_t slot = blockIdx.x;
   QueryTile tile = query_tile<BM>(p, slot);
   clip_to_segments(p, tile);
-  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0;
+  const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const bool has_tab = p.has_tab();
   const bool has_bsum = p.has_bsum();
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
       const int row = warp * RW + rr;
       if (row >= rows) continue;  // warp-uniform
       const int64_t i = i0 + row;
-      const int64_t d = j - (i + p.q_offset);
+      const int64_t d = j - (i + q_off);
       acc_t s = 0;
       for (int c = 0; c < D; ++c) s += sQ[row * D + c] * sK[lane * ldk + c];
       s *= scale;

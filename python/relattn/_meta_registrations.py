@@ -9,7 +9,7 @@ def _acc_dtype(dtype):
 @torch.library.register_fake("relattn::attention_forward")
 def _attention_forward_fake(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes,
                             key_padding_mask, causal, scale, q_offset, dropout_p=0.0, dropout_seed=None,
-                            q_segment_ids=None, k_segment_ids=None):
+                            q_segment_ids=None, k_segment_ids=None, q_offsets=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
                  lambda: "relattn.attention: q, k, v must be 4-D")
     B, H, Lq, _ = q.shape
@@ -21,7 +21,7 @@ def _attention_forward_fake(q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index,
 @torch.library.register_fake("relattn::attention_backward")
 def _attention_backward_fake(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets,
                              rel_index, alibi_slopes, key_padding_mask, causal, scale, q_offset, dropout_p=0.0,
-                             dropout_seed=None, q_segment_ids=None, k_segment_ids=None):
+                             dropout_seed=None, q_segment_ids=None, k_segment_ids=None, q_offsets=None):
     def table_grad(t):
         return q.new_empty((0,)) if t is None else t.new_empty(t.shape)
 

@@ -25,7 +25,7 @@ def attention(
     key_padding_mask: Optional[Tensor] = None,
     causal: bool = False,
     scale: Optional[float] = None,
-    q_offset: int = 0,
+    q_offset: Union[int, Tensor] = 0,
     return_lse: bool = False,
     dropout_p: float = 0.0,
     dropout_seed: Optional[Tensor] = None,
@@ -59,6 +59,12 @@ def attention(
         causal: mask keys after the query's position.
         scale: softmax scale, default ``1/sqrt(D)``.
         q_offset: position of query row ``i`` is ``i + q_offset`` (decoding with a cache, chunks).
+            An int, or an integer tensor ``[B]`` (or 0-d) on ``q``'s device giving each batch row its own
+            offset: query ``i`` of row ``b`` then sits at ``i + q_offset[b]``. The tensor form is read by
+            the kernels, never on the host, so a decode step over a batch of sequences of different
+            cached lengths is one call with static shapes (``causal=True`` masks each row's unfilled
+            cache slots), capturable in a CUDA graph and compiled once by :func:`torch.compile`.
+            Excludes the single-tensor form of ``segment_ids``.
         return_lse: also return ``lse [B, H, Lq]`` = log Σ_j exp(s_ij) (float32; float64 for float64).
         dropout_p: dropout on the attention weights: each ``p_ij`` (the weight of ``v_j`` and of
             ``rel_v[β]`` alike) is dropped with probability ``dropout_p`` and the kept ones are scaled
@@ -87,12 +93,26 @@ def attention(
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed(q)
+    q_offsets = None
+    if isinstance(q_offset, Tensor):
+        q_offsets, q_offset = _q_offsets(q_offset, q), 0
+        if segment_ids is not None and not isinstance(segment_ids, (tuple, list)):
+            raise ValueError("relattn.attention: segment_ids as one [B, Lk] tensor gives query i the id of key "
+                             "position i + q_offset, which needs an int q_offset; with per-batch offsets pass a "
+                             "pair (q_ids, k_ids)")
     q_segment_ids, k_segment_ids = _segment_pair(segment_ids, q, k, int(q_offset))
     out, lse = torch.ops.relattn.attention_forward(
         q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
         bool(causal), None if scale is None else float(scale), int(q_offset), dropout_p, dropout_seed,
-        q_segment_ids, k_segment_ids)
+        q_segment_ids, k_segment_ids, q_offsets)
     return (out, lse) if return_lse else out
+
+
+def _q_offsets(q_offset: Tensor, q: Tensor) -> Tensor:
+    """A tensor ``q_offset`` as the op's per-batch offsets ``[B]`` (a 0-d tensor is broadcast)."""
+    if q_offset.dim() == 0 and q.dim() == 4:
+        return q_offset.expand(q.shape[0])
+    return q_offset
 
 
 def _segment_pair(segment_ids, q: Tensor, k: Tensor, q_offset: int):

@@ -415,7 +415,7 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
                                                const OptTensor&, const OptTensor&, const OptTensor&,
                                                const OptTensor&, const OptTensor&, const OptTensor&, bool,
                                                std::optional<double>, int64_t, double, const OptTensor&,
-                                               const OptTensor&, const OptTensor&);
+                                               const OptTensor&, const OptTensor&, const OptTensor&);
   const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("relattn::attention_forward", "").typed<ForwardFn>();
   Case c;
@@ -427,7 +427,7 @@ TEST(Dispatcher, SchemaCallMatchesPublicApi) {
   const auto& o = p.options;
   auto [out, lse] = op.call(p.q, p.k, p.v, o.rel_k(), o.rel_v(), o.rel_bias(), o.buckets(), o.rel_index(),
                             o.alibi_slopes(), o.key_padding_mask(), o.causal(), o.scale(), o.q_offset(), 0.0,
-                            std::nullopt, std::nullopt, std::nullopt);
+                            std::nullopt, std::nullopt, std::nullopt, std::nullopt);
   auto [api_out, api_lse] = relattn::attention_with_lse(p.q, p.k, p.v, o);
   EXPECT_TRUE(torch::equal(out, api_out));
   EXPECT_TRUE(torch::equal(lse, api_lse));
@@ -553,6 +553,57 @@ TEST(Segments, MatchReference) {
     const auto want = torch::autograd::grad({ref}, leaves, {go});
     for (size_t i = 0; i < leaves.size(); ++i) EXPECT_LE(max_err(got[i], want[i]), 1e-10) << "gradient " << i;
   }
+}
+
+// Per-batch query offsets (q_offsets [B], added to q_offset): row b equals the call on row b alone with the int
+// offset q_offset + q_offsets[b], forward and gradients; the table gradients are the sums over the rows.
+TEST(BatchOffsets, EachRowEqualsItsIntOffset) {
+  torch::manual_seed(0);
+  const int64_t B = 3, H = 2, Lq = 40, Lk = 90, D = 8;
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble).requires_grad(true);
+  const Tensor q = torch::randn({B, H, Lq, D}, f64), k = torch::randn({B, 1, Lk, D}, f64),
+               v = torch::randn({B, 1, Lk, D}, f64);
+  const Tensor rel_k = torch::randn({H, 9, D}, f64), rel_v = torch::randn({9, D}, f64),
+               rel_bias = torch::randn({H, 9}, f64);
+  const std::vector<int64_t> offsets{-12, 30, 75};
+  relattn::AttentionOptions o;
+  o.rel_k(rel_k).rel_v(rel_v).rel_bias(rel_bias).buckets(relattn::clip_buckets(4)).causal(true);
+  o.alibi_slopes(relattn::alibi_slopes(H).to(torch::kDouble)).q_offset(5);
+  o.q_offsets(torch::tensor(offsets, torch::kLong) - 5);
+  auto [out, lse] = relattn::attention_with_lse(q, k, v, o);
+  const Tensor go = torch::randn_like(out);
+  const std::vector<Tensor> leaves{q, k, v, rel_k, rel_v, rel_bias};
+  const auto got = torch::autograd::grad({out}, leaves, {go});
+  std::vector<Tensor> table_sums{torch::zeros_like(rel_k), torch::zeros_like(rel_v), torch::zeros_like(rel_bias)};
+  for (int64_t b = 0; b < B; ++b) {
+    SCOPED_TRACE(b);
+    relattn::AttentionOptions ob = o;
+    ob.q_offsets(std::nullopt).q_offset(offsets[b]);
+    const Tensor qb = q.narrow(0, b, 1), kb = k.narrow(0, b, 1), vb = v.narrow(0, b, 1);
+    auto [out_b, lse_b] = relattn::attention_with_lse(qb, kb, vb, ob);
+    EXPECT_TRUE(torch::equal(out.narrow(0, b, 1), out_b));
+    EXPECT_TRUE(torch::equal(lse.narrow(0, b, 1), lse_b));
+    auto [ref, ref_lse] = reference_attention(qb, kb, vb, ob);
+    EXPECT_LE(max_err(out_b, ref), 1e-12);
+    const auto want = torch::autograd::grad({out_b}, {qb, kb, vb, rel_k, rel_v, rel_bias}, {go.narrow(0, b, 1)});
+    for (int i = 0; i < 3; ++i) EXPECT_LE(max_err(got[i].narrow(0, b, 1), want[i]), 1e-12) << "gradient " << i;
+    for (int i = 0; i < 3; ++i) table_sums[i] += want[3 + i];
+  }
+  for (int i = 0; i < 3; ++i) EXPECT_LE(max_err(got[3 + i], table_sums[i]), 1e-10) << "table gradient " << i;
+
+  const Tensor x = torch::randn({2, 2, 6, 8});
+  expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({3}, torch::kInt))); },
+               "q_offsets (per-batch query offsets) must be [B] = [2], got shape [3]");
+  expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({2}))); },
+               "q_offsets must have an integer dtype");
+  expect_error([&] {
+    relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::full({2}, int64_t(1) << 40)));
+  }, "q_offsets holds an offset that does not fit in int32");
+  expect_error([&] {
+    relattn::attention(x, x, x,
+                       relattn::AttentionOptions().q_offsets(torch::zeros({2}, torch::kInt)).segment_ids(
+                           torch::zeros({2, 6}, torch::kInt)));
+  }, "with q_offsets pass q_segment_ids and k_segment_ids");
 }
 
 TEST(Errors, BadInputsRaiseClearMessages) {

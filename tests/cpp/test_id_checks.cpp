@@ -133,7 +133,8 @@ TEST(IdChecks, CachedModeSeesInPlaceChanges) {
   Tensor rel_index = torch::zeros({5, 6}, torch::kLong);
   auto call = [&](std::optional<Tensor> b, std::optional<Tensor> ri, IdCheck mode) {
     return relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, rel_bias, b, ri, std::nullopt,
-                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt, mode);
+                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt,
+                                 std::nullopt, mode);
   };
   for (IdCheck mode : {IdCheck::kHost, IdCheck::kHostCached}) {
     buckets.copy_(ids({0, 1, 2, 3, 4}));
@@ -179,7 +180,8 @@ TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
   const Tensor rel_bias = torch::randn({2, 5});
   auto call = [&](std::optional<Tensor> b, std::optional<Tensor> ri) {
     return relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, rel_bias, b, ri, std::nullopt,
-                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt, IdCheck::kDevice);
+                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt,
+                                 std::nullopt, IdCheck::kDevice);
   };
   const auto a = call(ids({0, 1, 2, 3, 4}), std::nullopt);
   EXPECT_FALSE(a.buckets_distinct);
@@ -208,7 +210,8 @@ TEST(IdChecks, DeviceModeReusesTheLayoutReadBeforeCaptureAndAssertsIt) {
   const Tensor rel_bias = torch::randn({2, 6});
   auto call = [&](const Tensor& b, IdCheck mode) {
     return relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, rel_bias, b, std::nullopt, std::nullopt,
-                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt, mode);
+                                 std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt, std::nullopt, std::nullopt,
+                                 std::nullopt, mode);
   };
   auto expect_layout_error = [&](const Tensor& b, const char* what) {
     try {

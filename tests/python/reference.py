@@ -6,6 +6,13 @@ import math
 import torch
 
 
+def positions(Lq, q_offset, device):
+    """[1 or B, Lq, 1] position of every query row: i + q_offset, with q_offset an int or a [B] tensor (one
+    offset per batch row)."""
+    off = torch.as_tensor(q_offset, device=device).long().reshape(-1, 1, 1)
+    return torch.arange(Lq, device=device).view(1, -1, 1) + off
+
+
 def pair_buckets(Lq, Lk, *, buckets=None, rel_index=None, q_offset=0, B=1, device="cpu"):
     """[B, Lq, Lk] int64 bucket of every (query, key) pair, or None when no bucket source is given."""
     if rel_index is not None:
@@ -14,8 +21,8 @@ def pair_buckets(Lq, Lk, *, buckets=None, rel_index=None, q_offset=0, B=1, devic
     if buckets is None:
         return None
     M = (buckets.numel() - 1) // 2
-    i = torch.arange(Lq, device=device).view(-1, 1) + q_offset
-    j = torch.arange(Lk, device=device).view(1, -1)
+    i = positions(Lq, q_offset, device)
+    j = torch.arange(Lk, device=device).view(1, 1, -1)
     d = (j - i).clamp(-M, M) + M
     return buckets.long().to(device)[d].expand(B, Lq, Lk)
 
@@ -25,6 +32,7 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
                         dtype=None, dropout_keep=None, segment_ids=None):
     """Returns (out, lse) computed naively in `dtype` (default: q's dtype).
 
+    q_offset: an int, or a [B] tensor giving each batch row its own offset.
     dropout_keep: optional [B, H, Lq, Lk] factors (0 for a dropped pair, 1/(1-p) for a kept one) that
     multiply the attention weights of v and rel_v (not lse).
     segment_ids: [B, Lk] ids (query i has the id of key i + q_offset) or a pair (q_ids [B, Lq],
@@ -52,16 +60,16 @@ def reference_attention(q, k, v, *, rel_k=None, rel_v=None, rel_bias=None, bucke
     s = s * scale
     if rel_bias is not None:
         s = s + rel_bias.to(dtype)[:, beta].permute(1, 0, 2, 3)  # [B, H, Lq, Lk]
-    i = torch.arange(Lq, device=q.device).view(-1, 1) + q_offset
-    j = torch.arange(Lk, device=q.device).view(1, -1)
-    dist = (j - i).to(dtype)
+    i = positions(Lq, q_offset, q.device)
+    j = torch.arange(Lk, device=q.device).view(1, 1, -1)
+    dist = (j - i).to(dtype).unsqueeze(1)  # [1 or B, 1, Lq, Lk]
     if alibi_slopes is not None:
         s = s - alibi_slopes.to(dtype).view(1, H, 1, 1) * dist.abs()
     mask = torch.zeros(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
     if key_padding_mask is not None:
         mask = mask | key_padding_mask.view(B, 1, 1, Lk)
     if causal:
-        mask = mask | (dist > 0).view(1, 1, Lq, Lk)
+        mask = mask | (dist > 0)
     if segment_ids is not None:
         if isinstance(segment_ids, (tuple, list)):
             q_ids, k_ids = segment_ids

@@ -39,6 +39,7 @@ struct Config {
   bool rel_k = true, rel_v = true, rel_bias = true, per_head = false, alibi = false, padding = false;
   bool causal = false;
   int64_t q_offset = 0;
+  std::vector<int32_t> q_offsets;  // per-batch query offsets [B] (added to q_offset); none when empty
   bool tables_in_global = false;  // forward only
   bool with_grad_lse = true;
   // The kernels read ids the binding never checked (see raw_ids below): out of range, negative, extreme.
@@ -55,6 +56,7 @@ struct Call {
   OptTensor rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask;
   bool causal = false;
   int64_t q_offset = 0;
+  OptTensor q_offsets;
   double dropout_p = 0.0;
   OptTensor dropout_seed;
   OptTensor q_segment_ids, k_segment_ids;
@@ -107,6 +109,7 @@ Call make_call(const Config& c) {
   }
   call.causal = c.causal;
   call.q_offset = c.q_offset;
+  if (!c.q_offsets.empty()) call.q_offsets = at::tensor(c.q_offsets, at::kInt);
   if (c.segments == "packed") {
     const int64_t lengths[][6] = {{3, 61, 66, 1, 40, 300}, {64, 64, 17, 100, 300, 0}};
     Tensor ids = at::empty({c.B, c.Lk}, at::kInt);
@@ -138,7 +141,7 @@ Call make_call(const Config& c) {
 Prepared prepare(const Call& c) {
   return relattn::ops::prepare(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets, c.rel_index,
                                c.alibi_slopes, c.key_padding_mask, c.causal, std::nullopt, c.q_offset, c.dropout_p,
-                               c.dropout_seed, c.q_segment_ids, c.k_segment_ids);
+                               c.dropout_seed, c.q_segment_ids, c.k_segment_ids, c.q_offsets);
 }
 
 bool aligned16(const Tensor& t) {
@@ -301,7 +304,8 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   auto [ref_out, ref_lse] = relattn::ops::attention_forward(r.q, r.k, r.v, r.rel_k, r.rel_v, r.rel_bias, r.buckets,
                                                             r.rel_index, r.alibi_slopes, r.key_padding_mask,
                                                             r.causal, std::nullopt, r.q_offset, r.dropout_p,
-                                                            r.dropout_seed, r.q_segment_ids, r.k_segment_ids);
+                                                            r.dropout_seed, r.q_segment_ids, r.k_segment_ids,
+                                                            r.q_offsets);
   ASSERT_GT(ref_out.abs().max().item<double>(), 0.0) << "a vacuous case: every row is masked";
   auto [out, lse] = fwd(c);
   if (cfg.raw_ids && raw_out_differs)
@@ -317,7 +321,7 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
   auto ref = relattn::ops::attention_backward(grad_out, grad_lse, r.q, r.k, r.v, ref_out, ref_lse, r.rel_k, r.rel_v,
                                               r.rel_bias, r.buckets, r.rel_index, r.alibi_slopes,
                                               r.key_padding_mask, r.causal, std::nullopt, r.q_offset, r.dropout_p,
-                                              r.dropout_seed, r.q_segment_ids, r.k_segment_ids);
+                                              r.dropout_seed, r.q_segment_ids, r.k_segment_ids, r.q_offsets);
   const Grads want{std::get<0>(ref), std::get<1>(ref), std::get<2>(ref),
                    std::get<3>(ref), std::get<4>(ref), std::get<5>(ref)};
   const Grads got = bwd(c, ref_out, ref_lse, grad_out, grad_lse);
@@ -519,6 +523,29 @@ TEST(CudaEmulation, TensorCoresDecodeSteps) {
   Config plain{.name = "decode steps, plain", .H = 2, .Hk = 2, .Lq = 3, .Lk = 200, .D = 128, .Dv = 128,
                .positions = "none", .causal = true, .q_offset = 197};
   check_mma<__nv_bfloat16, 128>(plain);
+}
+
+// Per-batch query offsets (a [B] tensor the kernels read on the device): each batch row's tile positions,
+// causal limits, far tiles and segment query spans follow its own offset. Decode steps of a ragged batch
+// (rows with 41, 258 and 131 cached keys in one 260-key cache; causal masks the unfilled slots), a prefill
+// chunk with offsets of both signs, the plain instance, dropout and segments (kernel B's query span).
+TEST(CudaEmulation, BatchOffsets) {
+  Config ragged{.name = "ragged decode", .B = 3, .H = 4, .Hk = 2, .Lq = 2, .Lk = 260, .D = 64, .Dv = 64, .M = 8,
+                .per_head = true, .alibi = true, .causal = true, .q_offsets = {39, 256, 129}};
+  check_mma<__nv_bfloat16, 64>(ragged);
+  Config chunk{.name = "chunk, T5", .B = 2, .H = 2, .Lq = 70, .Lk = 150, .D = 128, .Dv = 128, .positions = "t5",
+               .padding = true, .causal = true, .q_offset = 5, .q_offsets = {-10, 80}, .tables_in_global = true};
+  check_mma<__nv_bfloat16, 128>(chunk);
+  Config plain{.name = "plain", .B = 2, .H = 2, .Hk = 2, .Lq = 33, .Lk = 140, .D = 32, .Dv = 32,
+               .positions = "none", .alibi = true, .causal = true, .q_offsets = {0, 100}};
+  check_mma<__nv_bfloat16, 32>(plain);
+  Config drop{.name = "dropout, segments", .B = 2, .H = 2, .Lq = 40, .Lk = 120, .D = 64, .Dv = 64, .causal = true,
+              .q_offsets = {70, 20}, .dropout = 0.2, .segments = "pair"};
+  check_mma<__nv_bfloat16, 64>(drop);
+  Config simt{.name = "simt f32", .dtype = at::kFloat, .B = 3, .H = 2, .Hk = 1, .Lq = 20, .Lk = 70, .D = 24,
+              .Dv = 40, .positions = "t5", .alibi = true, .causal = true, .q_offsets = {3, -20, 55},
+              .segments = "pair"};
+  check_simt<float>(simt);
 }
 
 // Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
