@@ -8,7 +8,9 @@ step      one query against Lk cached keys (relattn.attention with q_offset = Lk
 generate  a 6-layer causal stack (d_model 256, 8 heads, T5 bias buckets) generating `--new` tokens after a
           `--prompt`-token prompt, B=4: with a relattn.nn.KVCache (the prompt in one call, then one token
           per call) against re-running the whole causal stack on the growing sequence at every token (no
-          cache). Checks that both give the same hidden states first.
+          cache); also with KVCache(static_shapes=True) (per-row lengths on the device, whole slots
+          attended; on CUDA, in addition, its decode step captured once in a CUDA graph and replayed).
+          Checks that all give the same hidden states first.
 
 Times are medians (ms); writes decode.csv and decode.md under --out.
 """
@@ -82,18 +84,56 @@ def generate_row(dev, dtype, prompt, new, repeat):
             out.append(model(x[:, t:t + 1], is_causal=True, cache=cache))
         return torch.cat(out, 1)
 
+    def with_static_cache():
+        cache = KVCache(prompt + new, static_shapes=True)
+        out = [model(x[:, :prompt], is_causal=True, cache=cache)[:, -1:]]
+        for t in range(prompt, prompt + new):
+            out.append(model(x[:, t:t + 1], is_causal=True, cache=cache))
+        return torch.cat(out, 1)
+
+    def with_cuda_graph():
+        # The decode step captured once (after two warm-up steps whose lengths are rewound) and replayed.
+        cache = KVCache(prompt + new, static_shapes=True)
+        out = [model(x[:, :prompt], is_causal=True, cache=cache)[:, -1:]]
+        token = x[:, prompt:prompt + 1].clone()
+        saved = cache.lengths
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(token, is_causal=True, cache=cache)
+        torch.cuda.current_stream().wait_stream(side)
+        cache.set_lengths(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step_out = model(token, is_causal=True, cache=cache)
+        cache.set_lengths(saved)
+        for t in range(prompt, prompt + new):
+            token.copy_(x[:, t:t + 1])
+            graph.replay()
+            out.append(step_out.clone())
+        return torch.cat(out, 1)
+
     def without_cache():
         return torch.cat([model(x[:, :t], is_causal=True)[:, -1:] for t in range(prompt, prompt + new + 1)], 1)
 
+    variants = {"kv_cache": with_cache, "static_cache": with_static_cache}
+    if dev.type == "cuda":
+        variants["cuda_graph"] = with_cuda_graph
+    times = {}
     with torch.no_grad():
         # The cached hidden state of every generated position equals the uncached one.
-        torch.testing.assert_close(with_cache()[:, 1:].float(), without_cache()[:, 1:].float(),
-                                   rtol=2e-2, atol=2e-2)
-        cached = median_ms(with_cache, dev, repeat)
+        want = without_cache()[:, 1:].float()
+        for name, fn in variants.items():
+            torch.testing.assert_close(fn()[:, 1:].float(), want, rtol=2e-2, atol=2e-2, msg=name)
+            times[name] = median_ms(fn, dev, repeat)
         uncached = median_ms(without_cache, dev, max(1, repeat // 2))
+    cached = times["kv_cache"]
     row = dict(B=4, layers=6, d_model=256, prompt=prompt, new_tokens=new,
                kv_cache_ms=round(cached, 1), no_cache_ms=round(uncached, 1),
-               kv_cache_ms_per_token=round(cached / new, 3), speedup=round(uncached / cached, 1))
+               kv_cache_ms_per_token=round(cached / new, 3), speedup=round(uncached / cached, 1),
+               static_cache_ms=round(times["static_cache"], 1),
+               cuda_graph_ms=round(times["cuda_graph"], 1) if "cuda_graph" in times else "")
     print(row, flush=True)
     return row
 
@@ -133,9 +173,10 @@ def main(argv=None):
                     f"{r['relattn_plain']} | {r['sdpa_plain']} |\n")
         f.write(f"\nGeneration, {gen['layers']}-layer causal stack (d_model {gen['d_model']}, T5 bias), "
                 f"B={gen['B']}, {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens:\n\n"
-                "| KVCache ms (per new token, prompt included) | no cache ms | speed-up |\n|---|---|---|\n"
+                "| KVCache ms (per new token, prompt included) | no cache ms | speed-up | static_shapes ms | "
+                "static_shapes + CUDA graph ms |\n|---|---|---|---|---|\n"
                 f"| {gen['kv_cache_ms']} ({gen['kv_cache_ms_per_token']}) | {gen['no_cache_ms']} | "
-                f"{gen['speedup']}x |\n")
+                f"{gen['speedup']}x | {gen['static_cache_ms']} | {gen['cuda_graph_ms'] or 'n/a (CPU)'} |\n")
     print(header)
 
 

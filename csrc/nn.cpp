@@ -247,34 +247,66 @@ void RelativeMultiheadAttentionImpl::to(torch::Dtype dtype, bool non_blocking) {
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ KVCache ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 
-KVCache::KVCache(int64_t max_length) {
+namespace {
+constexpr const char* kCacheWho = "relattn::nn::KVCache: ";
+}  // namespace
+
+KVCache::KVCache(int64_t max_length, bool static_shapes) {
   TORCH_CHECK(max_length > 0, "relattn::nn::KVCache: max_length must be positive, got ", max_length);
-  state_ = std::make_shared<State>(State{max_length, {}});
+  state_ = std::make_shared<State>(State{max_length, static_shapes, {}, {}, {}});
 }
 
 int64_t KVCache::max_length() const { return state_ ? state_->max_length : 0; }
 
-int64_t KVCache::length() const { return state_ && !state_->slots.empty() ? state_->slots.front().length : 0; }
+bool KVCache::static_shapes() const { return state_ && state_->static_shapes; }
+
+int64_t KVCache::length() const {
+  TORCH_CHECK(!static_shapes(), kCacheWho, "a cache with static_shapes keeps one length per row, on the device; "
+              "read lengths()");
+  return state_ && !state_->slots.empty() ? state_->slots.front().length : 0;
+}
+
+torch::Tensor KVCache::lengths() const {
+  TORCH_CHECK(static_shapes(), kCacheWho, "lengths() is for static_shapes; read length()");
+  if (!state_->slots.empty()) return state_->slots.front().lengths.clone();
+  return state_->start.defined() ? state_->start.clone() : torch::Tensor();
+}
+
+void KVCache::set_lengths(const torch::Tensor& lengths) {
+  TORCH_CHECK(static_shapes(), kCacheWho, "set_lengths() is for static_shapes");
+  TORCH_CHECK(lengths.dim() == 1 && at::isIntegralType(lengths.scalar_type(), /*includeBool=*/false), kCacheWho,
+              "lengths must be an integer [B] tensor, got ", lengths.scalar_type(), " of shape ", lengths.sizes());
+  if (state_->slots.empty()) state_->start = lengths.to(torch::kInt);
+  for (Slot& slot : state_->slots) {
+    TORCH_CHECK(lengths.size(0) == slot.lengths.size(0), kCacheWho, "lengths has ", lengths.size(0),
+                " rows, the cache ", slot.lengths.size(0));
+    slot.lengths.copy_(lengths);
+  }
+}
 
 void KVCache::reset() {
   if (!state_) return;
   state_->slots.clear();
   state_->cross_slots.clear();
+  state_->start = torch::Tensor();
 }
 
 void KVCache::reorder(const torch::Tensor& index) {
   if (!state_) return;
+  auto select = [&](torch::Tensor& t) {
+    if (t.defined()) t = t.index_select(0, index.to(t.device()));
+  };
   for (auto* slots : {&state_->slots, &state_->cross_slots}) {
     for (Slot& slot : *slots) {
-      slot.keys = slot.keys.index_select(0, index.to(slot.keys.device()));
-      slot.values = slot.values.index_select(0, index.to(slot.values.device()));
+      select(slot.keys);
+      select(slot.values);
+      select(slot.lengths);
     }
   }
+  select(state_->start);
 }
 
 namespace {
-
-constexpr const char* kCacheWho = "relattn::nn::KVCache: ";
 
 void check_inference(const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(!(torch::GradMode::is_enabled() && (k.requires_grad() || v.requires_grad())), kCacheWho,
@@ -297,7 +329,7 @@ std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
   if (it == state_->cross_slots.end()) {
     auto [k, v] = project();
     check_inference(k, v);
-    state_->cross_slots.push_back(Slot{owner, std::move(k), std::move(v), 0});
+    state_->cross_slots.push_back(Slot{owner, std::move(k), std::move(v), 0, {}});
     it = std::prev(state_->cross_slots.end());
   }
   TORCH_CHECK(it->keys.size(0) == batch, kCacheWho, "this call has batch ", batch,
@@ -306,15 +338,30 @@ std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
   return {it->keys, it->values};
 }
 
-std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* owner, const torch::Tensor& k,
-                                                                 const torch::Tensor& v) {
+std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append(const void* owner,
+                                                                                const torch::Tensor& k,
+                                                                                const torch::Tensor& v) {
   TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
   check_inference(k, v);
   const int64_t B = k.size(0), Lq = k.size(2);
+  const bool fixed = state_->static_shapes;
   auto it = find_slot(state_->slots, owner);
   if (it == state_->slots.end()) {
-    state_->slots.push_back(Slot{owner, k.new_empty({B, k.size(1), state_->max_length, k.size(3)}),
-                                 v.new_empty({B, v.size(1), state_->max_length, v.size(3)}), 0});
+    const std::vector<int64_t> ks{B, k.size(1), state_->max_length, k.size(3)};
+    const std::vector<int64_t> vs{B, v.size(1), state_->max_length, v.size(3)};
+    torch::Tensor lengths;
+    if (fixed) {
+      lengths = torch::zeros({B}, k.options().dtype(torch::kInt));
+      if (state_->start.defined()) {
+        TORCH_CHECK(state_->start.size(0) == B, kCacheWho, "set_lengths gave ", state_->start.size(0),
+                    " rows, this call has ", B);
+        lengths.copy_(state_->start);
+      }
+    }
+    // static_shapes: zeros, not empty: a slot not yet written is masked, but its value still enters the P·V
+    // product of its tile with weight 0, so it must be finite.
+    state_->slots.push_back(Slot{owner, fixed ? k.new_zeros(ks) : k.new_empty(ks),
+                                 fixed ? v.new_zeros(vs) : v.new_empty(vs), 0, lengths});
     it = std::prev(state_->slots.end());
   }
   Slot& slot = *it;
@@ -323,6 +370,18 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* ow
               kCacheWho, "this call has batch ", B, ", ", k.scalar_type(), " on ", k.device(),
               ", the cached keys batch ", slot.keys.size(0), ", ", slot.keys.scalar_type(), " on ", slot.keys.device(),
               " (reset() starts over; reorder() selects rows)");
+  if (fixed) {
+    TORCH_CHECK(Lq <= state_->max_length, kCacheWho, Lq, " new positions exceed max_length (", state_->max_length,
+                ")");
+    const torch::Tensor offsets = slot.lengths.clone();
+    const torch::Tensor pos =
+        (offsets.to(torch::kLong).view({B, 1}) + torch::arange(Lq, offsets.options().dtype(torch::kLong)))
+            .view({B, 1, Lq, 1});
+    slot.keys.scatter_(2, pos.expand({B, k.size(1), Lq, k.size(3)}), k);
+    slot.values.scatter_(2, pos.expand({B, v.size(1), Lq, v.size(3)}), v);
+    slot.lengths.add_(Lq);
+    return {slot.keys, slot.values, 0, offsets};
+  }
   TORCH_CHECK(slot.length + Lq <= state_->max_length, kCacheWho, slot.length, " cached + ", Lq,
               " new positions exceed max_length (", state_->max_length, ")");
   using torch::indexing::Slice;
@@ -331,7 +390,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t> KVCache::append(const void* ow
   slot.values.index({Slice(), Slice(), Slice(offset, offset + Lq)}).copy_(v);
   slot.length = offset + Lq;
   return {slot.keys.index({Slice(), Slice(), Slice(0, slot.length)}),
-          slot.values.index({Slice(), Slice(), Slice(0, slot.length)}), offset};
+          slot.values.index({Slice(), Slice(), Slice(0, slot.length)}), offset, torch::Tensor()};
 }
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -377,19 +436,27 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
     return {k_proj(k_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2),
             v_proj(v_in).view({B, Lk, num_kv_heads_, head_dim_}).transpose(1, 2)};
   };
-  torch::Tensor k, v;
+  torch::Tensor k, v, q_offsets, mask = key_padding_mask;
   int64_t q_offset = 0;
   if (!cache.defined()) {
     std::tie(k, v) = project_kv();
   } else if (self_attention) {
     auto [k_new, v_new] = project_kv();
-    std::tie(k, v, q_offset) = cache.append(this, k_new, v_new);
+    std::tie(k, v, q_offset, q_offsets) = cache.append(this, k_new, v_new);
+    if (q_offsets.defined() && !is_causal) {
+      // static shapes: hide the slots no row has written yet (with causal masking they are after every
+      // query's position already)
+      const torch::Tensor unwritten = torch::arange(k.size(2), q_offsets.options().dtype(torch::kLong)).view({1, -1}) >=
+                                      (q_offsets + Lq).view({-1, 1});
+      mask = mask.defined() ? mask.logical_or(unwritten) : unwritten;
+    }
   } else {
     std::tie(k, v) = cache.cross(this, B, project_kv);
   }
 
   AttentionOptions attn;
   attn.causal(is_causal).scale(options.scale()).q_offset(q_offset);
+  if (q_offsets.defined()) attn.q_offsets(q_offsets);
   if (rel_k.defined()) attn.rel_k(rel_k);
   if (rel_v.defined()) attn.rel_v(rel_v);
   if (rel_bias.defined()) attn.rel_bias(rel_bias);
@@ -399,7 +466,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
     attn.buckets(buckets);
   }
   if (alibi_slopes.defined()) attn.alibi_slopes(alibi_slopes);
-  if (key_padding_mask.defined()) attn.key_padding_mask(key_padding_mask);
+  if (mask.defined()) attn.key_padding_mask(mask);
   if (is_training()) attn.dropout_p(options.dropout());
   if (segment_ids.defined()) attn.segment_ids(segment_ids);
   const torch::Tensor heads = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]

@@ -91,24 +91,43 @@ using RelativeTables = torch::OrderedDict<std::string, torch::Tensor>;
 // [B, length() + Lq]. A module called twice per step (weights tied across layers) would append twice to
 // one slot. Copies share the state (a handle, like a module holder); a default-constructed KVCache is
 // "no cache".
+//
+// static_shapes = true: every batch row keeps its own length in an int32 [B] tensor on the device
+// (lengths()), new keys and values are written at each row's length, and each call attends to the whole
+// max_length slot with the lengths as AttentionOptions::q_offsets. No shape and no host value changes from
+// step to step (a decode step can be captured in a CUDA graph), and rows may hold sequences of different
+// lengths (prefill prompts padded on the right, then set_lengths to the true lengths). With is_causal the
+// causal mask hides the slots not yet written; otherwise a key padding mask built from the lengths does,
+// and a key_padding_mask passed with the cache covers the whole slot, [B, max_length]. The lengths are never
+// read on the host: writing beyond max_length is caught by the indexing op (an error on the CPU, a
+// device-side assertion on CUDA).
 class KVCache {
  public:
   KVCache() = default;
-  explicit KVCache(int64_t max_length);
+  explicit KVCache(int64_t max_length, bool static_shapes = false);
 
   bool defined() const { return state_ != nullptr; }
   int64_t max_length() const;
-  // Positions cached so far (by the first module that used the cache; all agree after a full step).
+  bool static_shapes() const;
+  // Positions cached so far (by the first module that used the cache; all agree after a full step). Not for
+  // static_shapes (an error): read lengths().
   int64_t length() const;
+  // static_shapes: the positions cached so far in each row, int32 [B] (a copy; undefined before the first
+  // call unless set_lengths gave them).
+  torch::Tensor lengths() const;
+  // static_shapes: sets every row's cached length (integer [B]); before the first call, where it writes.
+  void set_lengths(const torch::Tensor& lengths);
   // Forget every position and the cross-attention memory (the next call starts a new sequence).
   void reset();
   // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b].
   void reorder(const torch::Tensor& index);
 
   // Used by RelativeMultiheadAttention: appends k and v ([B, Hk, Lq, head_dim]) to `owner`'s slot and
-  // returns views of all its keys and values and the position of the first new token.
-  std::tuple<torch::Tensor, torch::Tensor, int64_t> append(const void* owner, const torch::Tensor& k,
-                                                          const torch::Tensor& v);
+  // returns views of all its keys and values and the position of the first new token: an int, or with
+  // static_shapes the whole slot and the rows' lengths before this call (int32 [B], the int then 0).
+  std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> append(const void* owner,
+                                                                         const torch::Tensor& k,
+                                                                         const torch::Tensor& v);
   // Used by RelativeMultiheadAttention for cross-attention: `owner`'s projected memory keys and values,
   // from project() at its first call; `batch` is checked against them.
   std::pair<torch::Tensor, torch::Tensor> cross(const void* owner, int64_t batch,
@@ -119,11 +138,14 @@ class KVCache {
     const void* owner;
     torch::Tensor keys, values;
     int64_t length;
+    torch::Tensor lengths;  // static_shapes: int32 [B]
   };
   struct State {
     int64_t max_length;
+    bool static_shapes;
     std::vector<Slot> slots;        // self-attention, in order of first use
     std::vector<Slot> cross_slots;  // cross-attention (length unused)
+    torch::Tensor start;            // static_shapes: set_lengths() before the first slot exists
   };
   std::shared_ptr<State> state_;
 };

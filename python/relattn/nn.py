@@ -21,7 +21,8 @@ are derived from the constructor's arguments, so they are non-persistent buffers
 only what was learned.
 
 Causal stacks decode token by token with a :class:`KVCache` (``cache=`` of the attention layer, the encoder
-layer and the stack).
+layer and the stack); ``KVCache(..., static_shapes=True)`` keeps per-row lengths on the device, so a decode
+step compiles once and replays in a CUDA graph.
 
 Every module here is batch-first by default, works under ``torch.compile(fullgraph=True)`` and
 round-trips through ``state_dict``.
@@ -85,25 +86,71 @@ class KVCache:
     The cache is for inference: a call that would record gradients raises (decode under
     :func:`torch.no_grad` or :func:`torch.inference_mode`). A ``key_padding_mask`` passed with the cache
     covers every cached key, ``[B, length + Lq]``. A module called twice per step (weights tied across
-    layers) would append twice to one slot: give each use its own module or cache. The cached length is a
-    Python int, so :func:`torch.compile` specialises on it (a new graph per length): decode eagerly.
+    layers) would append twice to one slot: give each use its own module or cache.
+
+    By default the cached length is a Python int and each call attends to the keys cached so far, so
+    :func:`torch.compile` specialises on it (a new graph per length): decode such a cache eagerly. With
+    ``static_shapes=True`` every row of the batch keeps its own length in a device tensor
+    (:attr:`lengths`), new keys and values are written at each row's length, and each call attends to the
+    whole ``max_length`` slot with the per-row lengths as :func:`relattn.attention`'s tensor ``q_offset``:
+    no shape and no host value changes from step to step, so a decode step compiles once and can be
+    captured in a CUDA graph, and the rows of a batch may hold sequences of different lengths (a prompt batch
+    padded on the right: prefill it whole, then :meth:`set_lengths` to the true lengths; later tokens
+    overwrite the padding). With ``is_causal=True`` the causal mask hides the slots not yet written (the
+    kernels skip them); otherwise a key padding mask built from the lengths does, and a
+    ``key_padding_mask`` passed with the cache covers the whole slot, ``[B, max_length]``. The lengths are
+    never read on the host, so writing beyond ``max_length`` is caught by the indexing op (an error on the
+    CPU, a device-side assertion on CUDA) rather than by a ``ValueError``.
 
     Args:
         max_length: the most positions a self-attention slot holds; appending beyond raises ``ValueError``
             (a cross-attention memory may have any length).
+        static_shapes: keep per-row lengths on the device and attend to whole slots (see above).
     """
 
-    def __init__(self, max_length: int) -> None:
+    def __init__(self, max_length: int, static_shapes: bool = False) -> None:
         if max_length <= 0:
             raise ValueError(f"KVCache: max_length must be positive, got {max_length}")
         self.max_length = int(max_length)
-        self._slots: Dict[nn.Module, list] = {}  # self-attention module -> [keys, values, length]
+        self.static_shapes = bool(static_shapes)
+        # self-attention module -> [keys, values, length]; the length is an int32 [B] tensor with static_shapes
+        self._slots: Dict[nn.Module, list] = {}
         self._cross_slots: Dict[nn.Module, list] = {}  # cross-attention module -> [keys, values]
+        self._start: Optional[Tensor] = None  # static_shapes: set_lengths() before the first slot exists
 
     @property
     def length(self) -> int:
         """Positions cached so far (by the first module that used the cache; all agree after a full step)."""
+        if self.static_shapes:
+            raise TypeError("KVCache: a cache with static_shapes=True keeps one length per row, on the device; "
+                            "read cache.lengths")
         return next(iter(self._slots.values()))[2] if self._slots else 0
+
+    @property
+    def lengths(self) -> Optional[Tensor]:
+        """static_shapes: the positions cached so far in each row, int32 ``[B]`` (a copy; ``None`` before the
+        first call)."""
+        if not self.static_shapes:
+            raise TypeError("KVCache: lengths is for static_shapes=True; read cache.length")
+        if self._slots:
+            return next(iter(self._slots.values()))[2].clone()
+        return None if self._start is None else self._start.clone()
+
+    def set_lengths(self, lengths: Tensor) -> None:
+        """static_shapes: set every row's cached length (integer ``[B]``), e.g. to the true prompt lengths
+        after a right-padded prefill; the next call writes row ``b``'s keys from position ``lengths[b]`` on.
+        Before the first call it sets where the first call writes."""
+        if not self.static_shapes:
+            raise TypeError("KVCache: set_lengths is for static_shapes=True")
+        if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+            raise ValueError(f"KVCache: lengths must be an integer [B] tensor, got {lengths.dtype} of shape "
+                             f"{tuple(lengths.shape)}")
+        if not self._slots:
+            self._start = lengths.to(torch.int32)
+        for slot in self._slots.values():
+            if lengths.shape[0] != slot[2].shape[0]:
+                raise ValueError(f"KVCache: lengths has {lengths.shape[0]} rows, the cache {slot[2].shape[0]}")
+            slot[2].copy_(lengths)
 
     def __len__(self) -> int:
         return self.length
@@ -112,6 +159,7 @@ class KVCache:
         """Forget every position and the cross-attention memory (the next call starts a new sequence)."""
         self._slots.clear()
         self._cross_slots.clear()
+        self._start = None
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows of every slot, e.g. the surviving beams in beam search: row ``b`` becomes
@@ -119,6 +167,11 @@ class KVCache:
         for slot in (*self._slots.values(), *self._cross_slots.values()):
             slot[0] = slot[0].index_select(0, index.to(slot[0].device))
             slot[1] = slot[1].index_select(0, index.to(slot[1].device))
+        for slot in self._slots.values():
+            if isinstance(slot[2], Tensor):
+                slot[2] = slot[2].index_select(0, index.to(slot[2].device))
+        if self._start is not None:
+            self._start = self._start.index_select(0, index.to(self._start.device))
 
     @staticmethod
     def _check_inference(k: Tensor, v: Tensor) -> None:
@@ -139,20 +192,41 @@ class KVCache:
                              f"{slot[0].shape[0]} (reset() starts over; reorder() selects rows)")
         return slot[0], slot[1]
 
-    def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, int]:
-        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset."""
+    def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Union[int, Tensor]]:
+        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset (an
+        int, or with static_shapes the whole slot and the rows' lengths before this call, a [B] tensor)."""
         self._check_inference(k, v)
         B, Hk, Lq, Dh = k.shape
         slot = self._slots.get(owner)
         if slot is None:
             shape = (B, Hk, self.max_length, Dh)
-            slot = [k.new_empty(shape), v.new_empty(shape[:3] + (v.shape[3],)), 0]
+            start: Union[int, Tensor] = 0
+            if self.static_shapes:
+                # zeros, not empty: a slot not yet written is masked, but its value still enters the P·V
+                # product of its tile with weight 0, so it must be finite
+                start = torch.zeros(B, dtype=torch.int32, device=k.device)
+                if self._start is not None:
+                    if self._start.shape[0] != B:
+                        raise ValueError(f"KVCache: set_lengths gave {self._start.shape[0]} rows, this call has {B}")
+                    start.copy_(self._start)
+                slot = [k.new_zeros(shape), v.new_zeros(shape[:3] + (v.shape[3],)), start]
+            else:
+                slot = [k.new_empty(shape), v.new_empty(shape[:3] + (v.shape[3],)), start]
             self._slots[owner] = slot
         keys, values, length = slot
         if keys.shape[0] != B or keys.dtype != k.dtype or keys.device != k.device:
             raise ValueError(f"KVCache: this call has batch {B}, {k.dtype} on {k.device}, the cached keys "
                              f"batch {keys.shape[0]}, {keys.dtype} on {keys.device} (reset() starts over; "
                              f"reorder() selects rows)")
+        if self.static_shapes:
+            if Lq > self.max_length:
+                raise ValueError(f"KVCache: {Lq} new positions exceed max_length ({self.max_length})")
+            offsets = length.clone()
+            pos = (offsets.long().view(B, 1) + torch.arange(Lq, device=k.device)).view(B, 1, Lq, 1)
+            keys.scatter_(2, pos.expand(B, Hk, Lq, Dh), k)
+            values.scatter_(2, pos.expand(B, Hk, Lq, v.shape[3]), v)
+            length.add_(Lq)
+            return keys, values, offsets
         if length + Lq > self.max_length:
             raise ValueError(f"KVCache: {length} cached + {Lq} new positions exceed max_length "
                              f"({self.max_length})")
@@ -390,8 +464,9 @@ class RelativeMultiheadAttention(nn.Module):
                 :func:`relattn.attention`).
             cache: a :class:`KVCache` for incremental decoding. Self-attention (``key`` and ``value``
                 absent or ``query`` itself): the new tokens' keys and values are appended and the
-                queries, at positions ``len(cache)`` on, attend to every cached key; a
-                ``key_padding_mask``, ``rel_index`` or ``segment_ids`` key side then covers all of them.
+                queries, at positions ``len(cache)`` on (with ``static_shapes``: each row's own length),
+                attend to every cached key; a ``key_padding_mask``, ``rel_index`` or ``segment_ids`` key
+                side then covers all of them (with ``static_shapes``: the whole slot, ``max_length``).
                 Cross-attention: the keys and values projected at the first call are reused.
 
         Returns:
@@ -423,11 +498,16 @@ class RelativeMultiheadAttention(nn.Module):
             return (self.k_proj(key).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2),
                     self.v_proj(value).view(B, Lk, self.num_kv_heads, self.head_dim).transpose(1, 2))
 
-        q_offset = 0
+        q_offset: Union[int, Tensor] = 0
         if cache is None:
             k, v = project_kv()
         elif self_attention:
             k, v, q_offset = cache._append(self, *project_kv())
+            if isinstance(q_offset, Tensor) and not is_causal:
+                # static shapes: hide the slots no row has written yet (with causal masking they are after
+                # every query's position already)
+                unwritten = torch.arange(k.shape[2], device=k.device).view(1, -1) >= (q_offset + Lq).view(-1, 1)
+                key_padding_mask = unwritten if key_padding_mask is None else key_padding_mask | unwritten
         else:
             if is_causal:
                 raise ValueError("RelativeMultiheadAttention: causal cross-attention with a cache is not "

@@ -416,6 +416,66 @@ TEST(KVCache, IncrementalDecodingEqualsCausalRun) {
   }
 }
 
+// static_shapes: per-row lengths on the device, whole slots attended. Ragged prompts (right-padded, prefilled
+// as one batch, then set_lengths to the true lengths) decoded one token per row per call give each sequence's
+// causal run alone, for every scheme; without causal masking the lengths hide the unwritten slots.
+TEST(KVCache, StaticShapesRaggedRowsEqualEachSequenceAlone) {
+  for (const std::string& scheme : kSchemes) {
+    SCOPED_TRACE(scheme);
+    torch::manual_seed(0);
+    rnn::RelativeTransformerEncoder encoder(small_layer(scheme).norm_first(true).num_kv_heads(2), 2);
+    encoder->to(torch::kDouble);
+    encoder->eval();
+    torch::NoGradGuard no_grad;
+    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+    const std::vector<int64_t> lengths{9, 14}, prompt{6, 2};
+    const Tensor x = torch::randn({2, 14, E}, torch::kDouble);
+    rnn::KVCache cache(20, /*static_shapes=*/true);  // finished rows keep taking (unused) tokens: 6 + 12
+    EXPECT_TRUE(cache.static_shapes());
+    std::vector<std::vector<Tensor>> outs(2);
+    const Tensor first = encoder(x.index({Slice(), Slice(0, 6)}), Tensor(), true, Tensor(), Tensor(), cache);
+    for (int b = 0; b < 2; ++b) outs[b].push_back(first.index({Slice(b, b + 1), Slice(0, prompt[b])}));
+    cache.set_lengths(torch::tensor(prompt));
+    std::vector<int64_t> pos = prompt;
+    while (pos[0] < lengths[0] || pos[1] < lengths[1]) {
+      std::vector<Tensor> tokens;
+      for (int b = 0; b < 2; ++b) tokens.push_back(x.index({Slice(b, b + 1), Slice(std::min(pos[b], lengths[b] - 1),
+                                                                                  std::min(pos[b], lengths[b] - 1) + 1)}));
+      const Tensor y = encoder(torch::cat(tokens), Tensor(), true, Tensor(), Tensor(), cache);
+      for (int b = 0; b < 2; ++b)
+        if (pos[b] < lengths[b]) outs[b].push_back(y.index({Slice(b, b + 1)}));
+      for (auto& p : pos) ++p;
+    }
+    for (int b = 0; b < 2; ++b) {
+      const Tensor alone = encoder(x.index({Slice(b, b + 1), Slice(0, lengths[b])}), Tensor(), true);
+      EXPECT_LT(max_abs(torch::cat(outs[b], 1) - alone), 1e-10) << "row " << b;
+    }
+    EXPECT_TRUE(torch::equal(cache.lengths(), torch::tensor({18, 14}, torch::kInt)));
+  }
+  // Bidirectional (no causal mask): every call equals attention over the positions written so far.
+  torch::NoGradGuard no_grad;
+  auto attn = make_attention("shaw", rnn::RelativeMultiheadAttentionOptions(E, H));
+  attn->to(torch::kDouble);
+  const Tensor x = torch::randn({2, 9, E}, torch::kDouble);
+  rnn::KVCache cache(12, true);
+  int64_t start = 0;
+  for (const int64_t n : {4, 2, 3}) {
+    const Tensor xs = x.index({Slice(), Slice(start, start + n)});
+    const Tensor got = attn(xs, Tensor(), Tensor(), Tensor(), false, Tensor(), Tensor(), cache);
+    const Tensor seen = x.index({Slice(), Slice(0, start + n)});
+    EXPECT_LT(max_abs(got - attn(seen, Tensor(), Tensor(), Tensor(), false).index({Slice(), Slice(start, None)})), 1e-10);
+    start += n;
+  }
+  cache.reorder(torch::tensor({1}));
+  EXPECT_TRUE(torch::equal(cache.lengths(), torch::tensor({9}, torch::kInt)));
+  expect_error([&] { cache.length(); }, "read lengths()");
+  expect_error([&] { cache.set_lengths(torch::tensor({1, 2})); }, "lengths has 2 rows, the cache 1");
+  expect_error([&] { cache.set_lengths(torch::tensor({1.0})); }, "lengths must be an integer [B] tensor");
+  expect_error([&] { rnn::KVCache(4).lengths(); }, "lengths() is for static_shapes");
+  cache.reset();
+  EXPECT_FALSE(cache.lengths().defined());
+}
+
 TEST(KVCache, ReorderResetAndAttentionModule) {
   torch::NoGradGuard no_grad;
   auto attn = make_attention("t5", rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(1).batch_first(false));

@@ -247,7 +247,7 @@ def test_offsets_exclude_the_single_segment_ids_form():
 
 
 @pytest.mark.skipif(not CUDA, reason="needs a second device")
-def test_offsets_on_another_device():
+def test_cuda_offsets_on_another_device():
     q = torch.randn(2, 2, 3, 8, device="cuda")
     with pytest.raises(RuntimeError, match="q_offsets is on cpu but q is on cuda"):
         relattn.attention(q, q, q, q_offset=torch.tensor([0, 1]))
@@ -284,6 +284,7 @@ def test_cuda_offsets_match_reference(case, dtype):
     naive = ref(inp.as_dtype(dtype), dtype)[0] if dtype == torch.bfloat16 else None
     assert_accurate("out", out.cpu(), ref_out, dtype, naive)
     assert_accurate("lse", lse.cpu(), ref_lse, torch.float32)
+    check_gradients(case.with_(grad_lse=True), dtype, cuda_op, ref)  # through .cuda(): CPU leaves, CUDA kernels
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

@@ -4,8 +4,8 @@ The accuracy grid (test_accuracy.py) picks its cases by hand; here a seeded gene
 (lengths across several CPU tiles of 64 queries x 128 keys, odd head dims, Dv != D, grouped heads) and
 switches every feature on or off independently: distance buckets (clip or T5, any M) or per-pair ids,
 rel_k / rel_v shared or per head, rel_bias, ALiBi, key padding (with fully masked rows), causal masks,
-q_offset of either sign, a custom scale, segment ids (sorted or not, one tensor or a query/key pair) and
-non-contiguous inputs. Each case compares out, lse and every gradient (through out and lse) with the
+q_offset of either sign (an int, or one per batch row), a custom scale, segment ids (sorted or not, one
+tensor or a query/key pair) and non-contiguous inputs. Each case compares out, lse and every gradient (through out and lse) with the
 reference, with both CPU backward algorithms, and on the GPU where present.
 """
 import random
@@ -44,6 +44,7 @@ def draw_case(seed):
     if case["positions"] is None:  # tables need buckets
         case["rel_k"] = case["rel_v"] = None
         case["rel_bias"] = False
+    case["batch_offsets"] = r.random() < 0.3  # q_offset as a [B] tensor: q_offset + a shift of its own per row
     return case
 
 
@@ -52,7 +53,7 @@ def case_id(case):
              case["rel_v"] and f"v-{case['rel_v']}", case["rel_bias"] and "bias", case["alibi"] and "alibi",
              case["padding"] and f"pad-{case['padding']}", case["causal"] and "causal",
              case["q_offset"] and f"off{case['q_offset']}", case["segments"] and f"seg-{case['segments']}",
-             case["strided"] and "strided"]
+             case["batch_offsets"] and "batchoff", case["strided"] and "strided"]
     shape = f"B{case['B']}H{case['H']}k{case['Hk']}q{case['Lq']}k{case['Lk']}D{case['D']}v{case['Dv']}"
     return f"{case['seed']}-{shape}-" + "-".join(f for f in flags if f)
 
@@ -98,7 +99,7 @@ def make(case, dtype, device):
             k_ids = k_ids[:, torch.randperm(Lk, generator=g)] % 3
         if case["segments"] == "pair":
             t["segment_ids"] = (torch.randint(0, 4, (B, Lq), generator=g), k_ids % 4)
-        elif 0 <= case["q_offset"] and Lq + case["q_offset"] <= Lk:
+        elif not case["batch_offsets"] and 0 <= case["q_offset"] and Lq + case["q_offset"] <= Lk:
             t["segment_ids"] = k_ids
         else:  # the single form needs every query position among the keys: give the pair
             t["segment_ids"] = (k_ids[:, torch.arange(Lq) % Lk], k_ids)
@@ -113,7 +114,10 @@ def make(case, dtype, device):
         return x.to(device)
 
     t = {n: to(n, x) for n, x in t.items()}
-    flags = dict(causal=case["causal"], q_offset=case["q_offset"], scale=case["scale"])
+    q_offset = case["q_offset"]
+    if case["batch_offsets"]:
+        q_offset = (q_offset + torch.randint(-20, 30, (B,), generator=g)).to(device)
+    flags = dict(causal=case["causal"], q_offset=q_offset, scale=case["scale"])
     return t, flags
 
 

@@ -190,3 +190,145 @@ def test_half_decoding_matches_float32(device, dtype):
     err_decode = (got - want).abs().max().item()
     err_full = (full - want).abs().max().item()
     assert err_decode <= 2 * err_full + 1e-3, (err_decode, err_full)
+
+
+# ---- static_shapes=True: per-row lengths on the device, whole slots attended -------------------------------
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=lambda s: "-".join(f"{v}" for v in s.values()))
+def test_static_cache_equals_causal_run(scheme):
+    model = _stack(scheme)
+    steps = (7, 1, 1, 3, 1, 2)
+    x = torch.randn(3, sum(steps), 32, dtype=F64)
+    cache = KVCache(max_length=20, static_shapes=True)
+    with torch.no_grad():
+        want = model(x, is_causal=True)
+        got = _decode(model, x, steps, cache)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert cache.lengths.tolist() == [sum(steps)] * 3
+
+
+def test_static_cache_ragged_prompts_equal_each_sequence_alone():
+    """Prompts of different lengths padded on the right, prefilled as one batch; set_lengths to the true
+    lengths, then one token per row per step: each row's outputs are its sequence's causal run alone."""
+    model = _stack(SCHEMES[2])
+    lengths, prompt = [16, 11, 19], [4, 9, 1]
+    seqs = [torch.randn(1, n, 32, dtype=F64) for n in lengths]
+    cache = KVCache(max_length=28, static_shapes=True)  # finished rows keep taking (unused) tokens: 9 + 18
+    outs = [[] for _ in seqs]
+    with torch.no_grad():
+        padded = torch.zeros(3, max(prompt), 32, dtype=F64)
+        for b, (s, p) in enumerate(zip(seqs, prompt)):
+            padded[b, :p] = s[0, :p]
+        y = model(padded, is_causal=True, cache=cache)
+        for b, p in enumerate(prompt):
+            outs[b].append(y[b:b + 1, :p])
+        cache.set_lengths(torch.tensor(prompt))
+        pos = list(prompt)
+        while any(p < n for p, n in zip(pos, lengths)):
+            # rows that are done feed a dummy token: its slot is past their sequence, and its output unused
+            tok = torch.stack([s[0, min(p, n - 1)] for s, p, n in zip(seqs, pos, lengths)]).unsqueeze(1)
+            y = model(tok, is_causal=True, cache=cache)
+            for b in range(3):
+                if pos[b] < lengths[b]:
+                    outs[b].append(y[b:b + 1])
+            pos = [p + 1 for p in pos]
+        for b, s in enumerate(seqs):
+            torch.testing.assert_close(torch.cat(outs[b], 1), model(s, is_causal=True), rtol=1e-10, atol=1e-10)
+
+
+def test_static_cache_without_causal_masks_unwritten_slots():
+    """Bidirectional attention over the cached keys (no causal mask): each call equals the model over the
+    positions written so far, the slots beyond them hidden by the lengths (not by the zeros they hold)."""
+    torch.manual_seed(3)
+    mha = RelativeMultiheadAttention(32, 4, position="shaw", max_distance=3, dtype=F64).eval()
+    with torch.no_grad():
+        for p in mha.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 9, 32, dtype=F64)
+    cache = KVCache(max_length=12, static_shapes=True)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 2] = True  # a padding key among the cached ones
+    with torch.no_grad():
+        start = 0
+        for n in (4, 2, 3):
+            got = mha(x[:, start:start + n], cache=cache, key_padding_mask=mask)[0]
+            keys = x[:, :start + n]
+            full = mha(keys, key_padding_mask=mask[:, :start + n])  # every position attends to all written ones
+            torch.testing.assert_close(got, full[0][:, start:], rtol=1e-10, atol=1e-10)
+            start += n
+
+
+def test_static_cache_decode_step_compiles_once():
+    """A decode step with a static cache is one graph for every step: the lengths change on the device, never a
+    shape or a Python int."""
+    from torch._dynamo.testing import CompileCounter
+
+    model = _stack(SCHEMES[0], dtype=torch.float32)
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        want = model(x, is_causal=True)
+        cache = KVCache(max_length=16, static_shapes=True)
+        outs = [model(x[:, :6], is_causal=True, cache=cache)]  # prefill, eager
+
+        counter = CompileCounter()
+        step = torch.compile(lambda t: model(t, is_causal=True, cache=cache), backend=counter)
+        for t in range(6, 12):
+            outs.append(step(x[:, t:t + 1]))
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-5, atol=1e-5)
+    assert counter.frame_count == 1, counter.frame_count
+
+
+def test_static_cache_reorder_reset_and_bad_use():
+    model = _stack(SCHEMES[0], layers=1)
+    x = torch.randn(3, 8, 32, dtype=F64)
+    cache = KVCache(max_length=10, static_shapes=True)
+    with torch.no_grad():
+        model(x[:, :5], is_causal=True, cache=cache)
+        cache.set_lengths(torch.tensor([5, 3, 4]))
+        cache.reorder(torch.tensor([2, 0]))
+        assert cache.lengths.tolist() == [4, 5]
+        with pytest.raises(TypeError, match="read cache.lengths"):
+            len(cache)
+        with pytest.raises(ValueError, match="lengths has 3 rows, the cache 2"):
+            cache.set_lengths(torch.tensor([1, 2, 3]))
+        with pytest.raises(ValueError, match="lengths must be an integer"):
+            cache.set_lengths(torch.tensor([1.0, 2.0]))
+        with pytest.raises(ValueError, match="11 new positions exceed max_length"):
+            model(torch.randn(2, 11, 32, dtype=F64), is_causal=True, cache=cache)
+        cache.reset()
+        assert cache.lengths is None
+        cache.set_lengths(torch.tensor([2, 0, 1]))  # before the first call: where it writes
+        model(x[:, :2], is_causal=True, cache=cache)
+        assert cache.lengths.tolist() == [4, 2, 3]
+    with pytest.raises(TypeError, match="for static_shapes=True"):
+        KVCache(4).lengths
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels")
+def test_cuda_static_cache_step_replays_in_a_cuda_graph():
+    """A whole decode step (a 3-layer stack with a static cache) captured once in a CUDA graph, replayed for
+    every later token: the same outputs as eager decoding."""
+    model = _stack(SCHEMES[2], dtype=torch.float32, device="cuda")
+    x = torch.randn(2, 16, 32, device="cuda")
+    with torch.no_grad():
+        want = model(x, is_causal=True)
+        cache = KVCache(max_length=16, static_shapes=True)
+        outs = [model(x[:, :4], is_causal=True, cache=cache)]
+        token = x[:, 4:5].clone()
+        saved = cache.lengths
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):  # warm-up steps (then rewind the lengths: the same slots are rewritten)
+            for _ in range(2):
+                model(token, is_causal=True, cache=cache)
+        torch.cuda.current_stream().wait_stream(s)
+        cache.set_lengths(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(token, is_causal=True, cache=cache)
+        cache.set_lengths(saved)  # capture ran nothing; the lengths tensor was not advanced either
+        for t in range(4, 16):
+            token.copy_(x[:, t:t + 1])
+            graph.replay()
+            outs.append(out.clone())
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-4, atol=1e-4)
