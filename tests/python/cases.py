@@ -235,3 +235,20 @@ def assert_accurate(what, got, ref, dtype, naive=None):
     detail = f" (naive {dtype} error {max_abs_error(naive, ref):.3g})" if naive is not None else ""
     assert err <= bound, f"{what}: max abs error {err:.3g} > allowed {bound:.3g}{detail}, max|ref| {max_abs(ref):.3g}"
 
+
+def capture(step, after_warmup=None):
+    """step() captured into a CUDA graph after two warm-up calls on a side stream (as torch.cuda.graph's
+    documentation asks; after_warmup() runs between them and the capture, e.g. to rewind state the warm-up
+    advanced); returns the graph and the captured call's outputs (refilled by every replay)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    if after_warmup is not None:
+        after_warmup()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import relattn
-from cases import ALL_DTYPES, Case, assert_accurate, case_id, check_gradients, make_inputs
+from cases import ALL_DTYPES, Case, assert_accurate, capture, case_id, check_gradients, make_inputs
 from reference import reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -301,15 +301,7 @@ def test_cuda_decode_step_replays_in_a_graph_with_new_offsets():
     def step():
         return relattn.attention(q, k, v, **tables, causal=True, q_offset=offsets)
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
+    graph, out = capture(step)
     moves = torch.tensor([1, -7, 13], device="cuda", dtype=torch.int32)
     torch.cuda.set_sync_debug_mode("error")
     try:

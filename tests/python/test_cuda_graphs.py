@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import relattn
-from cases import HALF_DTYPES, Case, Inputs, assert_accurate, case_id, gradients, make_grad_outputs, make_inputs, \
-    run_reference
+from cases import HALF_DTYPES, Case, Inputs, assert_accurate, capture, case_id, gradients, make_grad_outputs, \
+    make_inputs, run_reference
 from test_cuda import HAS_CUDA, to_device
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and relattn built with its CUDA kernels")
@@ -23,21 +23,6 @@ GRAPH_CASES = [
     Case("index3d_padding", rel_k="shared", rel_v="shared", positions="index3d", R_index=9, padding="random",
          B=2, H=4, Lq=65, Lk=100, D=32),
 ]
-
-
-def capture(step):
-    """step() captured into a CUDA graph after two warm-up calls on a side stream (as torch.cuda.graph's
-    documentation asks); returns the graph and the captured call's outputs (refilled by every replay)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = step()
-    return graph, outputs
 
 
 def check_result(inp_cpu, dtype, grad_out, out, grads):

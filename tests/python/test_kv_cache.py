@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import relattn
+from cases import capture
 from relattn.nn import (KVCache, RelativeMultiheadAttention, RelativeTransformerEncoder,
                         RelativeTransformerEncoderLayer)
 
@@ -316,17 +317,9 @@ def test_cuda_static_cache_step_replays_in_a_cuda_graph():
         outs = [model(x[:, :4], is_causal=True, cache=cache)]
         token = x[:, 4:5].clone()
         saved = cache.lengths
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up steps (then rewind the lengths: the same slots are rewritten)
-            for _ in range(2):
-                model(token, is_causal=True, cache=cache)
-        torch.cuda.current_stream().wait_stream(s)
-        cache.set_lengths(saved)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = model(token, is_causal=True, cache=cache)
-        cache.set_lengths(saved)  # capture ran nothing; the lengths tensor was not advanced either
+        # the warm-up steps advance the lengths: rewind them (the same slots are rewritten); capture runs nothing
+        graph, out = capture(lambda: model(token, is_causal=True, cache=cache),
+                             after_warmup=lambda: cache.set_lengths(saved))
         for t in range(4, 16):
             token.copy_(x[:, t:t + 1])
             graph.replay()
