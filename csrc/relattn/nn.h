@@ -119,7 +119,8 @@ class KVCache {
   void set_lengths(const torch::Tensor& lengths);
   // Forget every position and the cross-attention memory (the next call starts a new sequence).
   void reset();
-  // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b].
+  // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b]. The
+  // slots become new tensors: a CUDA graph captured before holds the old ones (capture after reordering).
   void reorder(const torch::Tensor& index);
 
   // Used by RelativeMultiheadAttention: appends k and v ([B, Hk, Lq, head_dim]) to `owner`'s slot and

@@ -163,7 +163,8 @@ class KVCache:
 
     def reorder(self, index: Tensor) -> None:
         """Select batch rows of every slot, e.g. the surviving beams in beam search: row ``b`` becomes
-        row ``index[b]`` (an integer tensor; it may change the batch size)."""
+        row ``index[b]`` (an integer tensor; it may change the batch size). The slots become new tensors: a
+        CUDA graph captured before holds the old ones (capture after reordering)."""
         for slot in (*self._slots.values(), *self._cross_slots.values()):
             slot[0] = slot[0].index_select(0, index.to(slot[0].device))
             slot[1] = slot[1].index_select(0, index.to(slot[1].device))

@@ -106,15 +106,18 @@ def test_gradients_shared_tables_and_checkpointing(share):
     assert all(t is tables[0] for t in tables) == share
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static_shapes"])
 @pytest.mark.parametrize("position", ["t5", "shaw", "alibi", "none"])
-def test_incremental_decoding_equals_causal_run(position):
+def test_incremental_decoding_equals_causal_run(position, static):
     decoder = _decoder(position, num_kv_heads=2).eval()
     tgt, memory = torch.randn(3, 12, E, dtype=F64), torch.randn(3, 10, E, dtype=F64)
     memory_padding = torch.zeros(3, 10, dtype=torch.bool)
     memory_padding[2, 6:] = True
     tgt_padding = torch.zeros(3, 12, dtype=torch.bool)
     tgt_padding[1, :2] = True  # a left-padded prompt
-    cache = rnn.KVCache(16)
+    cache = rnn.KVCache(16, static_shapes=static)
+    # the self-attention's key padding mask covers the cached keys: the whole slot with static shapes
+    cached_padding = torch.cat([tgt_padding, torch.zeros(3, 4, dtype=torch.bool)], 1) if static else tgt_padding
     projected = []
     for layer in decoder.layers:  # count the memory projections of the cross-attention
         layer.multihead_attn.k_proj.register_forward_hook(lambda *args: projected.append(1))
@@ -124,10 +127,11 @@ def test_incremental_decoding_equals_causal_run(position):
         projected.clear()
         outs, start = [], 0
         for n in (4, 1, 1, 3, 1, 1, 1):
-            outs.append(decoder(tgt[:, start:start + n], memory, tgt_key_padding_mask=tgt_padding[:, :start + n],
+            mask = cached_padding if static else tgt_padding[:, :start + n]
+            outs.append(decoder(tgt[:, start:start + n], memory, tgt_key_padding_mask=mask,
                                 memory_key_padding_mask=memory_padding, tgt_is_causal=True, cache=cache))
             start += n
-    assert start == 12 and len(cache) == 12
+    assert start == 12 and (cache.lengths.tolist() == [12] * 3 if static else len(cache) == 12)
     assert len(projected) == len(decoder.layers)  # once per layer, at the first call
     real = ~tgt_padding
     torch.testing.assert_close(torch.cat(outs, 1)[real], want[real], rtol=1e-10, atol=1e-10)
