@@ -94,8 +94,9 @@ void check_q_offsets(Prepared& a, const OptTensor& q_offsets) {
   const Tensor& t = *q_offsets;
   check_same_device(a.q, t, "q_offsets");
   check_integer(t, "q_offsets");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B, "relattn.attention: q_offsets (per-batch query offsets) must be [B] = [",
-              a.B, "], got shape ", shape_str(t));
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B,
+              "relattn.attention: q_offsets (per-batch query offsets) must be [B] = [", a.B, "], got shape ",
+              shape_str(t));
   a.q_offsets = int32_checked(t, "q_offsets", "an offset").contiguous();
 }
 

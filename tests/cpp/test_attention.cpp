@@ -592,8 +592,9 @@ TEST(BatchOffsets, EachRowEqualsItsIntOffset) {
   for (int i = 0; i < 3; ++i) EXPECT_LE(max_err(got[3 + i], table_sums[i]), 1e-10) << "table gradient " << i;
 
   const Tensor x = torch::randn({2, 2, 6, 8});
-  expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({3}, torch::kInt))); },
-               "q_offsets (per-batch query offsets) must be [B] = [2], got shape [3]");
+  expect_error([&] {
+    relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({3}, torch::kInt)));
+  }, "q_offsets (per-batch query offsets) must be [B] = [2], got shape [3]");
   expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({2}))); },
                "q_offsets must have an integer dtype");
   expect_error([&] {
