@@ -303,13 +303,16 @@ def test_cuda_decode_step_replays_in_a_graph_with_new_offsets():
 
     graph, out = capture(step)
     moves = torch.tensor([1, -7, 13], device="cuda", dtype=torch.int32)
+    pairs = []
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
             offsets.add_(moves)
             q.copy_(torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16, generator=g))
             graph.replay()
-            want = step()
-            torch.testing.assert_close(out, want, rtol=0, atol=0)
+            pairs.append((out.clone(), step()))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    for got, want in pairs:  # compared outside: the comparison itself synchronises
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(pairs[0][0], pairs[-1][0])  # the replays did follow the new offsets and queries
