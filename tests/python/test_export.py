@@ -124,6 +124,33 @@ def test_save_load_roundtrip():
     _check_matches_eager(loaded.module(), CASES[2].with_(Lq=21, Lk=19))
 
 
+class DecodeStep(torch.nn.Module):
+    """One decode step over a preallocated cache with per-row offsets (the tensor q_offset)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.rel_k = torch.nn.Parameter(torch.randn(9, 8, generator=g))
+        self.rel_bias = torch.nn.Parameter(torch.randn(2, 9, generator=g))
+        self.register_buffer("buckets", relattn.clip_buckets(4))
+
+    def forward(self, q, k_cache, v_cache, lengths):
+        return relattn.attention(q, k_cache, v_cache, rel_k=self.rel_k, rel_bias=self.rel_bias, buckets=self.buckets,
+                                 causal=True, q_offset=lengths)
+
+
+def test_export_decode_step_with_tensor_offsets():
+    """The offsets are a graph input: one exported program serves every step and every mix of row lengths."""
+    step = DecodeStep()
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(3, 2, L, 8, generator=g) for L in (1, 40, 40))
+    ep = torch.export.export(step, (q, k, v, torch.tensor([3, 17, 39], dtype=torch.int32)))
+    assert len(_attention_nodes(ep.graph_module)) == 1
+    for lengths in ([0, 5, 9], [39, 20, 1], [12, 12, 12]):
+        lengths = torch.tensor(lengths, dtype=torch.int32)
+        torch.testing.assert_close(ep.module()(q, k, v, lengths), step(q, k, v, lengths), rtol=0, atol=0)
+
+
 class PackedEncoderBlock(torch.nn.Module):
     """An attention block over packed sequences: projections, relative key embeddings, a T5-style bias
     table over clipped distances, segment ids and padding — the ops around the custom one are compiled
