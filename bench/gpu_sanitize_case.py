@@ -7,7 +7,8 @@ Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Forward
 kernel at every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
 distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in global
 scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32, float64
-and (forced) bf16, and calls with attention-weight dropout and with segment ids (sorted and not).
+and (forced) bf16, and calls with attention-weight dropout, with segment ids (sorted and not) and with
+per-batch query offsets.
 
 Backward (loss through out and lse; gradients of q, k, v and every table): every bf16 call (tensor-core
 kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
@@ -30,7 +31,7 @@ _backward = True
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
          alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None,
-         unchecked_ids=False, dropout_p=0.0, segments=None):
+         unchecked_ids=False, dropout_p=0.0, segments=None, q_offsets=None):
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
@@ -47,6 +48,8 @@ def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="
         q = randn(B, H, Lq, D)
     k, v = randn(B, Hk, Lk, D), randn(B, Hk, Lk, Dv)
     kw = dict(causal=causal, q_offset=q_offset)
+    if q_offsets is not None:  # per-batch offsets, read by the kernels from device memory
+        kw["q_offset"] = torch.tensor(q_offsets, dtype=torch.int32, device="cuda")
     if dropout_p:
         kw["dropout_p"] = dropout_p  # the seed is drawn on the device
     if segments == "packed":  # sorted ids: tile ranges from the per-row spans, boundaries inside tiles
@@ -142,6 +145,11 @@ def main(argv=None):
     call(torch.float16, B=2, D=128, Lq=70, Lk=90, positions="index", R=7, q_offset=10, segments="packed")
     call(torch.bfloat16, B=2, D=32, Lq=40, Lk=70, tables=(), padding=True, segments="unsorted")
     call(torch.float32, B=2, D=40, Lq=60, Lk=60, causal=True, segments="packed")
+    # Per-batch query offsets (a [B] tensor): decode rows of a ragged batch (one row sees no key), the plain
+    # instance, SIMT.
+    call(torch.bfloat16, B=3, D=64, Lq=2, Lk=200, alibi=True, causal=True, q_offsets=[10, 198, -5])
+    call(torch.bfloat16, B=2, D=128, Lq=70, Lk=130, positions="none", tables=(), causal=True, q_offsets=[0, 60])
+    call(torch.float32, B=2, D=40, Dv=24, Lq=30, Lk=50, causal=True, q_offsets=[5, -10])
     # ids changed behind the binding's back (checked once per tensor version on CUDA): clamped in the kernels
     for dtype in (torch.bfloat16, torch.float32):
         call(dtype, D=64, Lq=40, Lk=60, unchecked_ids=True)
