@@ -567,8 +567,8 @@ TEST(RelativeTransformerDecoder, SharedTablesSurviveClone) {
 }
 
 TEST(RelativeTransformerDecoder, IncrementalDecodingWithCache) {
-  for (const std::string& scheme : {"t5", "shaw", "alibi"}) {
-    SCOPED_TRACE(scheme);
+  for (const std::string& scheme : {"t5", "shaw", "alibi"}) for (const bool fixed : {false, true}) {
+    SCOPED_TRACE(scheme + (fixed ? ", static shapes" : ""));
     auto decoder = small_decoder(scheme);
     decoder->eval();
     torch::NoGradGuard no_grad;
@@ -577,7 +577,7 @@ TEST(RelativeTransformerDecoder, IncrementalDecodingWithCache) {
     Tensor memory_padding = torch::zeros({3, 8}, torch::kBool);
     memory_padding.index_put_({2, Slice(5, None)}, true);
     const Tensor want = decoder(tgt, memory, Tensor(), memory_padding, true);
-    rnn::KVCache cache(12);
+    rnn::KVCache cache(12, fixed);
     std::vector<Tensor> outs;
     int64_t start = 0;
     for (const int64_t n : {5, 1, 1, 2, 1, 1}) {
@@ -588,7 +588,11 @@ TEST(RelativeTransformerDecoder, IncrementalDecodingWithCache) {
                              false, Tensor(), cache));
       start += n;
     }
-    EXPECT_EQ(cache.length(), 11);
+    if (fixed) {
+      EXPECT_TRUE(torch::equal(cache.lengths(), torch::full({3}, 11, torch::kInt)));
+    } else {
+      EXPECT_EQ(cache.length(), 11);
+    }
     EXPECT_LT(max_abs(torch::cat(outs, 1) - want), 1e-10);
     // reorder() covers the cross-attention memory too.
     cache.reset();
