@@ -77,15 +77,8 @@ def generate_row(dev, dtype, prompt, new, repeat):
     model = RelativeTransformerEncoder(layer, 6, norm=torch.nn.LayerNorm(256)).eval().to(dev, dtype)
     x = torch.randn(4, prompt + new, 256, generator=torch.Generator().manual_seed(1)).to(dev, dtype)
 
-    def with_cache():
-        cache = KVCache(prompt + new)
-        out = [model(x[:, :prompt], is_causal=True, cache=cache)[:, -1:]]
-        for t in range(prompt, prompt + new):
-            out.append(model(x[:, t:t + 1], is_causal=True, cache=cache))
-        return torch.cat(out, 1)
-
-    def with_static_cache():
-        cache = KVCache(prompt + new, static_shapes=True)
+    def with_cache(static_shapes=False):
+        cache = KVCache(prompt + new, static_shapes=static_shapes)
         out = [model(x[:, :prompt], is_causal=True, cache=cache)[:, -1:]]
         for t in range(prompt, prompt + new):
             out.append(model(x[:, t:t + 1], is_causal=True, cache=cache))
@@ -117,7 +110,7 @@ def generate_row(dev, dtype, prompt, new, repeat):
     def without_cache():
         return torch.cat([model(x[:, :t], is_causal=True)[:, -1:] for t in range(prompt, prompt + new + 1)], 1)
 
-    variants = {"kv_cache": with_cache, "static_cache": with_static_cache}
+    variants = {"kv_cache": with_cache, "static_cache": lambda: with_cache(static_shapes=True)}
     if dev.type == "cuda":
         variants["cuda_graph"] = with_cuda_graph
     times = {}

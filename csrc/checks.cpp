@@ -97,7 +97,7 @@ void check_q_offsets(Prepared& a, const OptTensor& q_offsets) {
   TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B,
               "relattn.attention: q_offsets (per-batch query offsets) must be [B] = [", a.B, "], got shape ",
               shape_str(t));
-  a.q_offsets = int32_checked(t, "q_offsets", "an offset").contiguous();
+  a.q_offsets = int32_checked(t, "q_offsets", "an offset");  // 1-D: unit stride
 }
 
 // q_segment_ids / k_segment_ids into `a`, with the per-row ranges of kernels/params.h: for a batch row whose

@@ -446,8 +446,8 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
     if (q_offsets.defined() && !is_causal) {
       // static shapes: hide the slots no row has written yet (with causal masking they are after every
       // query's position already)
-      const torch::Tensor unwritten = torch::arange(k.size(2), q_offsets.options().dtype(torch::kLong)).view({1, -1}) >=
-                                      (q_offsets + Lq).view({-1, 1});
+      const torch::Tensor slots = torch::arange(k.size(2), q_offsets.options().dtype(torch::kLong));
+      const torch::Tensor unwritten = slots.view({1, -1}) >= (q_offsets + Lq).view({-1, 1});
       mask = mask.defined() ? mask.logical_or(unwritten) : unwritten;
     }
   } else {

@@ -195,6 +195,7 @@ struct Tiles {
 
 inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
                        int32_t* ids, RowBuckets* rb) {
+  const int64_t pos0 = i0 + p.batch_q_offset(b);  // position of row i0 (read once: `ids` may alias it)
   for (int64_t i = 0; i < rows; ++i) {
     int32_t* id = ids + i * kBlockK;
     if (p.rel_index != nullptr) {
@@ -204,7 +205,7 @@ inline void bucket_ids(const AttentionParams& p, int64_t b, int64_t i0, int64_t 
       continue;
     }
     const int64_t M = p.max_distance;
-    const int64_t c = i0 + i + p.batch_q_offset(b) - j0;  // column of distance 0 (may lie outside the tile)
+    const int64_t c = pos0 + i - j0;  // column of distance 0 (may lie outside the tile)
     // distance of column j is j - c: <= -M for j <= c - M, >= M for j >= c + M
     const int64_t a = std::clamp<int64_t>(c - M + 1, 0, cols);
     const int64_t e = std::max(a, std::clamp<int64_t>(c + M, 0, cols));
@@ -317,9 +318,10 @@ inline void add_alibi_and_masks(const AttentionParams& p, int64_t b, int64_t h, 
   const uint8_t* kpm = p.key_padding_mask ? p.key_padding_mask + b * p.key_padding_mask_stride[0] +
                                                 j0 * p.key_padding_mask_stride[1]
                                           : nullptr;
+  const int64_t pos0 = i0 + p.batch_q_offset(b);  // position of row i0
   for (int64_t i = 0; i < rows; ++i) {
     acc_t* s = S + i * kBlockK;
-    const int64_t pos = i0 + i + p.batch_q_offset(b);
+    const int64_t pos = pos0 + i;
     if (p.alibi_slopes) {
       sub_alibi(s, cols, slope, j0 - pos);
     }

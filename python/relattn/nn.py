@@ -166,11 +166,9 @@ class KVCache:
         row ``index[b]`` (an integer tensor; it may change the batch size). The slots become new tensors: a
         CUDA graph captured before holds the old ones (capture after reordering)."""
         for slot in (*self._slots.values(), *self._cross_slots.values()):
-            slot[0] = slot[0].index_select(0, index.to(slot[0].device))
-            slot[1] = slot[1].index_select(0, index.to(slot[1].device))
-        for slot in self._slots.values():
-            if isinstance(slot[2], Tensor):
-                slot[2] = slot[2].index_select(0, index.to(slot[2].device))
+            for i, t in enumerate(slot):  # keys, values and (static_shapes) the lengths
+                if isinstance(t, Tensor):
+                    slot[i] = t.index_select(0, index.to(t.device))
         if self._start is not None:
             self._start = self._start.index_select(0, index.to(self._start.device))
 
@@ -203,13 +201,13 @@ class KVCache:
             shape = (B, Hk, self.max_length, Dh)
             start: Union[int, Tensor] = 0
             if self.static_shapes:
-                # zeros, not empty: a slot not yet written is masked, but its value still enters the P·V
-                # product of its tile with weight 0, so it must be finite
                 start = torch.zeros(B, dtype=torch.int32, device=k.device)
                 if self._start is not None:
                     if self._start.shape[0] != B:
                         raise ValueError(f"KVCache: set_lengths gave {self._start.shape[0]} rows, this call has {B}")
                     start.copy_(self._start)
+                # zeros, not empty: a slot not yet written is masked, but its value still enters the P·V
+                # product of its tile with weight 0, so it must be finite
                 slot = [k.new_zeros(shape), v.new_zeros(shape[:3] + (v.shape[3],)), start]
             else:
                 slot = [k.new_empty(shape), v.new_empty(shape[:3] + (v.shape[3],)), start]

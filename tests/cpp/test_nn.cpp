@@ -385,17 +385,25 @@ TEST(RelativeTransformerEncoder, CausalIgnoresTheFuture) {
   EXPECT_FALSE(torch::allclose(y.index({Slice(), Slice(6, None)}), y2.index({Slice(), Slice(6, None)})));
 }
 
+// A float64 encoder in eval mode (norm first, 2 kv heads) with perturbed weights, so that the relative tables
+// are nonzero and a wrong offset changes the result; seeded.
+rnn::RelativeTransformerEncoder decoding_encoder(const std::string& scheme, int64_t layers) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerEncoder encoder(small_layer(scheme).norm_first(true).num_kv_heads(2), layers);
+  encoder->to(torch::kDouble);
+  encoder->eval();
+  torch::NoGradGuard no_grad;
+  for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
+  return encoder;
+}
+
 // Incremental decoding with a KVCache: a prompt, then one or a few tokens per call, gives the rows of a
 // causal run over the whole sequence, for every scheme (float64, grouped-query heads, padding).
 TEST(KVCache, IncrementalDecodingEqualsCausalRun) {
   for (const std::string& scheme : kSchemes) {
     SCOPED_TRACE(scheme);
-    torch::manual_seed(0);
-    rnn::RelativeTransformerEncoder encoder(small_layer(scheme).norm_first(true).num_kv_heads(2), 3);
-    encoder->to(torch::kDouble);
-    encoder->eval();
+    rnn::RelativeTransformerEncoder encoder = decoding_encoder(scheme, 3);
     torch::NoGradGuard no_grad;
-    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
     const Tensor x = torch::randn({2, 17, E}, torch::kDouble);
     Tensor mask = torch::zeros({2, 17}, torch::kBool);
     mask.index_put_({1, Slice(0, 3)}, true);  // a left-padded prompt
@@ -422,12 +430,8 @@ TEST(KVCache, IncrementalDecodingEqualsCausalRun) {
 TEST(KVCache, StaticShapesRaggedRowsEqualEachSequenceAlone) {
   for (const std::string& scheme : kSchemes) {
     SCOPED_TRACE(scheme);
-    torch::manual_seed(0);
-    rnn::RelativeTransformerEncoder encoder(small_layer(scheme).norm_first(true).num_kv_heads(2), 2);
-    encoder->to(torch::kDouble);
-    encoder->eval();
+    rnn::RelativeTransformerEncoder encoder = decoding_encoder(scheme, 2);
     torch::NoGradGuard no_grad;
-    for (auto& p : encoder->parameters()) p.add_(0.1 * torch::randn_like(p));
     const std::vector<int64_t> lengths{9, 14}, prompt{6, 2};
     const Tensor x = torch::randn({2, 14, E}, torch::kDouble);
     rnn::KVCache cache(20, /*static_shapes=*/true);  // finished rows keep taking (unused) tokens: 6 + 12
