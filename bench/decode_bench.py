@@ -2,9 +2,10 @@
 
     python bench/decode_bench.py [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--quick]
 
-step      one query against Lk cached keys (relattn.attention with q_offset = Lk - 1, causal), H=8, D=64:
-          relattn with Shaw rel_k + rel_v + a bias table over clipped distances (k=32); relattn with no
-          positional terms; torch's scaled_dot_product_attention with no positional terms (the ceiling).
+step      one query against Lk cached keys (relattn.attention with q_offset = Lk - 1, causal), H heads
+          over Hk kv heads: relattn with Shaw rel_k + rel_v + a bias table over clipped distances (k=32);
+          relattn with no positional terms; torch's scaled_dot_product_attention with no positional terms
+          (the ceiling; enable_gqa where Hk < H).
 generate  a 6-layer causal stack (d_model 256, 8 heads, T5 bias buckets) generating `--new` tokens after a
           `--prompt`-token prompt, B=4: with a relattn.nn.KVCache (the prompt in one call, then one token
           per call) against re-running the whole causal stack on the growing sequence at every token (no
@@ -45,12 +46,12 @@ def median_ms(fn, dev, repeat):
 
 
 def step_rows(dev, dtype, repeat, shapes):
-    H, D, K = 8, 64, 32
+    K = 32
     g = torch.Generator().manual_seed(0)
     rows = []
-    for B, Lk in shapes:
+    for B, H, Hk, Lk, D in shapes:
         q = torch.randn(B, H, 1, D, generator=g).to(dev, dtype)
-        k, v = (torch.randn(B, H, Lk, D, generator=g).to(dev, dtype) for _ in range(2))
+        k, v = (torch.randn(B, Hk, Lk, D, generator=g).to(dev, dtype) for _ in range(2))
         tables = dict(rel_k=(0.5 * torch.randn(2 * K + 1, D, generator=g)).to(dev, dtype),
                       rel_v=(0.5 * torch.randn(2 * K + 1, D, generator=g)).to(dev, dtype),
                       rel_bias=torch.randn(H, 2 * K + 1, generator=g).to(dev, dtype),
@@ -58,12 +59,12 @@ def step_rows(dev, dtype, repeat, shapes):
         fns = {
             "relattn_shaw_kv_bias": lambda: relattn.attention(q, k, v, **tables, causal=True, q_offset=Lk - 1),
             "relattn_plain": lambda: relattn.attention(q, k, v, causal=True, q_offset=Lk - 1),
-            "sdpa_plain": lambda: F.scaled_dot_product_attention(q, k, v),
+            "sdpa_plain": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hk < H),
         }
         with torch.no_grad():
             torch.testing.assert_close(fns["relattn_plain"]().float(), fns["sdpa_plain"]().float(),
                                        rtol=2e-2, atol=2e-3)
-            row = dict(B=B, H=H, Lk=Lk, D=D)
+            row = dict(B=B, H=H, Hk=Hk, Lk=Lk, D=D)
             row.update({name: round(median_ms(fn, dev, repeat), 3) for name, fn in fns.items()})
         rows.append(row)
         print(row, flush=True)
@@ -142,7 +143,10 @@ def main(argv=None):
     ap.add_argument("--out", default="bench/results/cpu/decode")
     args = ap.parse_args(argv)
     dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    shapes = [(1, 2048), (8, 2048)] if args.quick else [(1, 512), (1, 2048), (1, 8192), (8, 2048), (8, 8192)]
+    # (B, H, Hk, Lk, D): multi-head, then grouped-query heads (Llama-like: 32 query heads over 8 kv heads)
+    shapes = ([(1, 8, 8, 2048, 64), (8, 8, 8, 2048, 64), (4, 32, 8, 2048, 128)] if args.quick else
+              [(1, 8, 8, 512, 64), (1, 8, 8, 2048, 64), (1, 8, 8, 8192, 64), (8, 8, 8, 2048, 64),
+               (8, 8, 8, 8192, 64), (4, 32, 8, 4096, 64), (1, 32, 8, 8192, 128), (4, 32, 4, 2048, 128)])
     repeat = 5 if args.quick else args.repeat
     steps = step_rows(dev, dtype, repeat, shapes)
     gen = generate_row(dev, dtype, args.prompt, args.new, max(2, repeat // 4))
@@ -159,10 +163,10 @@ def main(argv=None):
         w.writerows(steps)
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(f"{header}\n\nOne decode step (one query, Lk cached keys; ms, median):\n\n"
-                "| B | H | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |\n"
-                "|---|---|---|---|---|---|---|\n")
+                "| B | H | Hk | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |\n"
+                "|---|---|---|---|---|---|---|---|\n")
         for r in steps:
-            f.write(f"| {r['B']} | {r['H']} | {r['Lk']} | {r['D']} | {r['relattn_shaw_kv_bias']} | "
+            f.write(f"| {r['B']} | {r['H']} | {r['Hk']} | {r['Lk']} | {r['D']} | {r['relattn_shaw_kv_bias']} | "
                     f"{r['relattn_plain']} | {r['sdpa_plain']} |\n")
         f.write(f"\nGeneration, {gen['layers']}-layer causal stack (d_model {gen['d_model']}, T5 bias), "
                 f"B={gen['B']}, {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens:\n\n"

@@ -62,6 +62,17 @@ using ops::Tensor;
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
+// Grouped-query decoding: with at most kPackMaxLq queries and G = H / Hk > 1, a forward task takes all G
+// query heads of a kv group at once (G·Lq tile rows, at most kPackMaxRows), so every key and value tile
+// is read once per group instead of once per head (forward_block).
+constexpr int64_t kPackMaxLq = 16;
+constexpr int64_t kPackMaxRows = 256;
+// Decode steps (at most kPackMaxLq queries) with fewer than kDecodeTasks (batch row, head tile) tasks split
+// the keys into chunks of at least kSplitKeys, one task each, and combine the chunks' partial results
+// (flash-decoding): a step of one batch row and few kv heads then still keeps every thread busy. The chunks
+// are fixed by the shapes, never by the thread count, so results do not depend on it.
+constexpr int64_t kSplitKeys = 2048;
+constexpr int64_t kDecodeTasks = 64;
 
 // Row loops of the hot path: float goes through the vectorised VecOps (vec.h), double through plain loops.
 inline float row_max(const float* s, int64_t n) { return vec_ops().row_max(s, n); }
@@ -153,7 +164,7 @@ struct RowBuckets {
   int32_t a, b, left, right;
 };
 
-// Per-thread tiles.
+// Per-thread tiles, for query tiles of up to `rows` rows.
 template <typename acc_t>
 struct Tiles {
   int64_t D1, Dv1, R1;
@@ -161,23 +172,24 @@ struct Tiles {
   std::vector<acc_t> keep, pdsum;  // dropout: the tile's factors (0 or 1/(1-p)); pass A's sums of dropped P
   std::vector<int32_t> ids;
   std::vector<RowBuckets> row_buckets;
-  Tiles(const AttentionParams& p, bool backward) : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
-    q.resize(kBlockQ * D1);
+  Tiles(const AttentionParams& p, bool backward, int64_t rows = kBlockQ)
+      : D1(ld1(p.D)), Dv1(ld1(p.Dv)), R1(ld1(p.R)) {
+    q.resize(rows * D1);
     k.resize(kBlockK * D1);
     v.resize(kBlockK * Dv1);
-    s.resize(kBlockQ * kBlockK);
-    tab.resize(kBlockQ * R1);
-    bsum.resize(kBlockQ * R1);
-    ids.resize(kBlockQ * kBlockK);
-    row_buckets.resize(kBlockQ);
+    s.resize(rows * kBlockK);
+    tab.resize(rows * R1);
+    bsum.resize(rows * R1);
+    ids.resize(rows * kBlockK);
+    row_buckets.resize(rows);
     if (p.has_dropout()) {
-      keep.resize(kBlockQ * kBlockK);
-      if (backward) pdsum.resize(kBlockQ * R1);
+      keep.resize(rows * kBlockK);
+      if (backward) pdsum.resize(rows * R1);
     }
     if (!backward) {
-      acc.resize(kBlockQ * Dv1);
-      m.resize(kBlockQ);
-      l.resize(kBlockQ);
+      acc.resize(rows * Dv1);
+      m.resize(rows);
+      l.resize(rows);
     } else {
       dp.resize(kBlockQ * kBlockK);
       dout.resize(kBlockQ * Dv1);
@@ -419,17 +431,57 @@ void row_key_table(const AttentionParams& p, int64_t h, int64_t rows, const acc_
 // Forward
 // ------------------------------------------------------------------------------------------------
 
+// The ids of rows [0, n) copied to the rows of heads 1 … heads - 1 of a packed tile (forward_block): the
+// buckets depend on the query and key positions only, which every head's rows share.
+inline void repeat_bucket_ids(int64_t n, int64_t heads, int32_t* ids, RowBuckets* rb) {
+  for (int64_t r = n; r < heads * n; ++r) {
+    const RowBuckets src = rb[r % n];
+    rb[r] = src;
+    std::copy(ids + (r % n) * kBlockK + src.a, ids + (r % n) * kBlockK + src.b, ids + r * kBlockK + src.a);
+  }
+}
+
+// One forward task: the query rows [i0, i0 + n) of the `heads` consecutive query heads h0, h0 + 1, … of one
+// kv group, stacked into one tile (row r is query i0 + r % n of head h0 + r / n). heads = 1 is the plain
+// query block; heads = G packs a grouped-query decode step, so that each key and value tile is read and
+// multiplied once for the whole group. The per-head terms (row tables, ALiBi, dropout, aV, the outputs) are
+// applied to each head's rows; masks and bucket ids depend on positions only.
+// A task's share of the keys, and where its results go. The default is all keys, results into out and lse;
+// a key chunk of a split decode step (kSplitKeys) writes its normalised partial output and log-sum-exp to
+// out[(((b * H + h) * chunks + chunk) * Lq + i) * Dv + d] and lse[((b * H + h) * chunks + chunk) * Lq + i].
+template <typename acc_t>
+struct KeyChunk {
+  int64_t begin = 0, end = std::numeric_limits<int64_t>::max();
+  acc_t* out = nullptr;
+  acc_t* lse = nullptr;
+  int64_t chunk = 0, chunks = 1;
+};
+
 template <typename scalar_t, typename acc_t>
-void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Tiles<acc_t>& t) {
-  const int64_t g = h / (p.H / p.Hk);
+void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t n,
+                   Tiles<acc_t>& t, const KeyChunk<acc_t>& chunk = {}) {
+  const int64_t g = h0 / (p.H / p.Hk);
+  const int64_t rows = heads * n;
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
   const bool has_tab = p.rel_k || p.rel_bias;
   const bool buckets = p.has_bucket_terms();
   const acc_t scale = static_cast<acc_t>(p.scale);
 
-  const auto* qp = static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
-  const auto [qt, ldq] = tile_rows(qp, p.q_stride[2], rows, p.D, t.q.data(), D1);
-  if (has_tab) row_key_table(p, h, rows, qt, ldq, t.tab.data(), R1);
+  auto q_rows = [&](int64_t h) {
+    return static_cast<const scalar_t*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] + i0 * p.q_stride[2];
+  };
+  const acc_t* qt = t.q.data();
+  int64_t ldq = D1;
+  if (heads == 1) {
+    std::tie(qt, ldq) = tile_rows(q_rows(h0), p.q_stride[2], n, p.D, t.q.data(), D1);
+  } else {
+    for (int64_t hh = 0; hh < heads; ++hh)
+      load_rows(q_rows(h0 + hh), p.q_stride[2], n, p.D, t.q.data() + hh * n * D1, D1);
+  }
+  if (has_tab) {
+    for (int64_t hh = 0; hh < heads; ++hh)
+      row_key_table(p, h0 + hh, n, qt + hh * n * ldq, ldq, t.tab.data() + hh * n * R1, R1);
+  }
   // (Only the block's rows: blocks of packed sequences can be a 16-row run.)
   std::fill_n(t.m.begin(), rows, neg_inf<acc_t>());
   std::fill_n(t.l.begin(), rows, acc_t(0));
@@ -438,16 +490,21 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
 
   const auto* kbase = static_cast<const scalar_t*>(p.k) + b * p.k_stride[0] + g * p.k_stride[1];
   const auto* vbase = static_cast<const scalar_t*>(p.v) + b * p.v_stride[0] + g * p.v_stride[1];
-  const Range keys = key_range(p, b, i0, rows);
+  Range keys = key_range(p, b, i0, n);
+  keys.begin = std::max(keys.begin, chunk.begin);  // both multiples of 16 (dropout)
+  keys.end = std::min(keys.end, chunk.end);
   for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
     const int64_t cols = std::min(kBlockK, keys.end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     acc_t* S = t.s.data();
     mm_nt<acc_t>(rows, cols, p.D, scale, qt, ldq, kt, ldk, acc_t(0), S, kBlockK);
-    if (buckets) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_buckets.data());
+    if (buckets) {
+      bucket_ids(p, b, i0, n, j0, cols, t.ids.data(), t.row_buckets.data());
+      repeat_bucket_ids(n, heads, t.ids.data(), t.row_buckets.data());
+    }
     if (has_tab) add_row_table(rows, cols, S, t.tab.data(), R1, t.ids.data(), t.row_buckets.data());
-    add_alibi_and_masks(p, b, h, i0, rows, j0, cols, S);
+    for (int64_t hh = 0; hh < heads; ++hh) add_alibi_and_masks(p, b, h0 + hh, i0, n, j0, cols, S + hh * n * kBlockK);
 
     // Online softmax: S becomes p̃ = exp(S - m_new); the accumulators are rescaled to the new max.
     for (int64_t i = 0; i < rows; ++i) {
@@ -468,40 +525,86 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h, int64_t i0, i
     }
     // Dropout acts on the weights of v and aV only: l (and so lse) keeps every p̃.
     if (p.has_dropout()) {
-      dropout_tile(p, b, h, i0, rows, j0, cols, t.keep.data());
+      for (int64_t hh = 0; hh < heads; ++hh)
+        dropout_tile(p, b, h0 + hh, i0, n, j0, cols, t.keep.data() + hh * n * kBlockK);
       apply_dropout(rows, cols, S, t.keep.data());
     }
     if (p.rel_v) add_bucket_sums(rows, cols, S, t.bsum.data(), R1, t.ids.data(), t.row_buckets.data());
     mm_nn<acc_t>(rows, p.Dv, cols, acc_t(1), S, kBlockK, vt, ldv, acc_t(1), t.acc.data(), Dv1);
   }
-  if (p.rel_v) {
-    const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
-    mm_nn<acc_t>(rows, p.Dv, R, acc_t(1), t.bsum.data(), R1, rv, Dv1, acc_t(1), t.acc.data(), Dv1);
-  }
 
-  auto* out = static_cast<scalar_t*>(p.out) + ((b * p.H + h) * p.Lq + i0) * p.Dv;
-  auto* lse = static_cast<acc_t*>(p.lse) + (b * p.H + h) * p.Lq + i0;
-  for (int64_t i = 0; i < rows; ++i) {
-    const acc_t l = t.l[i];
-    const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
-    const acc_t* a = t.acc.data() + i * Dv1;
-    for (int64_t d = 0; d < p.Dv; ++d) out[i * p.Dv + d] = static_cast<scalar_t>(a[d] * inv);
-    lse[i] = l > acc_t(0) ? t.m[i] + std::log(l) : neg_inf<acc_t>();
+  for (int64_t hh = 0; hh < heads; ++hh) {
+    const int64_t h = h0 + hh, r0 = hh * n;
+    if (p.rel_v) {
+      const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
+      mm_nn<acc_t>(n, p.Dv, R, acc_t(1), t.bsum.data() + r0 * R1, R1, rv, Dv1, acc_t(1), t.acc.data() + r0 * Dv1,
+                   Dv1);
+    }
+    auto write = [&](auto* out, acc_t* lse) {
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t l = t.l[r0 + i];
+        const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+        const acc_t* a = t.acc.data() + (r0 + i) * Dv1;
+        using out_t = std::remove_pointer_t<decltype(out)>;
+        for (int64_t d = 0; d < p.Dv; ++d) out[i * p.Dv + d] = static_cast<out_t>(a[d] * inv);
+        lse[i] = l > acc_t(0) ? t.m[r0 + i] + std::log(l) : neg_inf<acc_t>();
+      }
+    };
+    if (chunk.out) {
+      const int64_t row0 = ((b * p.H + h) * chunk.chunks + chunk.chunk) * p.Lq + i0;
+      write(chunk.out + row0 * p.Dv, chunk.lse + row0);
+    } else {
+      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+      write(static_cast<scalar_t*>(p.out) + row0 * p.Dv, static_cast<acc_t*>(p.lse) + row0);
+    }
   }
+}
+
+// out and lse of a split decode step from its chunks' partial results (KeyChunk), chunks in order:
+// lse = log Σ_c exp(lse_c) and out = Σ_c exp(lse_c - lse) out_c. A row that no chunk saw (every key masked)
+// gets out = 0 and lse = -inf, as unsplit.
+template <typename scalar_t, typename acc_t>
+void combine_chunks(const AttentionParams& p, int64_t chunks, const acc_t* part_out, const acc_t* part_lse) {
+  const int64_t rows = p.B * p.H * p.Lq;
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> w(chunks);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bh = r / p.Lq, i = r % p.Lq;
+      const acc_t* lse_c = part_lse + bh * chunks * p.Lq + i;  // chunk c at lse_c[c * Lq]
+      acc_t m = neg_inf<acc_t>();
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, lse_c[c * p.Lq]);
+      auto* out = static_cast<scalar_t*>(p.out) + r * p.Dv;
+      auto* lse = static_cast<acc_t*>(p.lse) + r;
+      if (m == neg_inf<acc_t>()) {
+        std::fill(out, out + p.Dv, static_cast<scalar_t>(0));
+        *lse = m;
+        continue;
+      }
+      acc_t sum = 0;
+      for (int64_t c = 0; c < chunks; ++c) sum += (w[c] = std::exp(lse_c[c * p.Lq] - m));
+      for (int64_t c = 0; c < chunks; ++c) w[c] /= sum;
+      for (int64_t d = 0; d < p.Dv; ++d) {
+        acc_t o = 0;
+        for (int64_t c = 0; c < chunks; ++c) o += w[c] * part_out[((bh * chunks + c) * p.Lq + i) * p.Dv + d];
+        out[d] = static_cast<scalar_t>(o);
+      }
+      *lse = m + std::log(sum);
+    }
+  });
 }
 
 // Runs fn(task, tiles) for tasks [0, n) on torch's intra-op threads, each with its own tiles and BLAS kept on
 // that thread. Threads take the next task from a shared counter as they finish one, so tasks of unequal cost
 // (causal blocks, batch rows of packed sequences with different lengths) keep every thread busy; a static
 // split of the range would leave one thread with the costly half. Every task writes only its own outputs, so
-// results do not depend on which thread runs it.
+// results do not depend on which thread runs it. Each thread's tiles hold query tiles of up to `rows` rows.
 template <typename acc_t, typename Fn>
-void parallel_tasks(const AttentionParams& p, bool backward, int64_t n, const Fn& fn) {
+void parallel_tasks(const AttentionParams& p, bool backward, int64_t n, const Fn& fn, int64_t rows = kBlockQ) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(n, std::max(1, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     SingleThreadedBlas blas_on_this_thread;
-    Tiles<acc_t> t(p, backward);
+    Tiles<acc_t> t(p, backward, rows);
     for (int64_t task = next.fetch_add(1, std::memory_order_relaxed); task < n;
          task = next.fetch_add(1, std::memory_order_relaxed))
       fn(task, t);
@@ -520,11 +623,38 @@ void parallel_over_blocks(const AttentionParams& p, bool backward, int64_t outer
 
 template <typename scalar_t, typename acc_t>
 void forward(const AttentionParams& p) {
+  if (p.Lq <= kPackMaxLq) {  // a decode step: grouped-query heads packed, long caches split
+    const int64_t G = p.H / p.Hk;
+    const int64_t heads = G > 1 && G * p.Lq <= kPackMaxRows ? G : 1;
+    const int64_t units = p.H / heads;  // tasks per batch row and key chunk
+    const int64_t tasks = p.B * units;
+    const int64_t want = std::min((kDecodeTasks + tasks - 1) / tasks, (p.Lk + kSplitKeys - 1) / kSplitKeys);
+    const int64_t chunk_keys = want > 1 ? ((p.Lk + want - 1) / want + 15) / 16 * 16 : p.Lk;
+    const int64_t chunks = want > 1 ? (p.Lk + chunk_keys - 1) / chunk_keys : 1;
+    std::vector<acc_t> part_out, part_lse;
+    if (chunks > 1) {
+      part_out.resize(p.B * p.H * chunks * p.Lq * p.Dv);
+      part_lse.resize(p.B * p.H * chunks * p.Lq);
+    }
+    parallel_tasks<acc_t>(
+        p, /*backward=*/false, tasks * chunks,
+        [&](int64_t task, Tiles<acc_t>& t) {
+          const int64_t c = task % chunks, b = task / chunks / units, h0 = task / chunks % units * heads;
+          KeyChunk<acc_t> chunk;
+          if (chunks > 1) chunk = {c * chunk_keys, (c + 1) * chunk_keys, part_out.data(), part_lse.data(), c, chunks};
+          for_each_key_run(p, b, 0, p.Lq, [&](int64_t i, int64_t n) {
+            forward_block<scalar_t, acc_t>(p, b, h0, heads, i, n, t, chunk);
+          });
+        },
+        heads * p.Lq);
+    if (chunks > 1) combine_chunks<scalar_t>(p, chunks, part_out.data(), part_lse.data());
+    return;
+  }
   parallel_over_blocks<acc_t>(p, /*backward=*/false, p.B * p.H, p.Lq, kBlockQ,
                               [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
                                 const int64_t b = bh / p.H, h = bh % p.H;
                                 for_each_key_run(p, b, i0, std::min(kBlockQ, p.Lq - i0), [&](int64_t i, int64_t n) {
-                                  forward_block<scalar_t, acc_t>(p, b, h, i, n, t);
+                                  forward_block<scalar_t, acc_t>(p, b, h, 1, i, n, t);
                                 });
                               });
 }

@@ -607,6 +607,29 @@ TEST(BatchOffsets, EachRowEqualsItsIntOffset) {
   }, "with q_offsets pass q_segment_ids and k_segment_ids");
 }
 
+// A decode step on the CPU packs the query heads of a kv group into one tile, and splits a long cache into key
+// chunks whose partial results are combined (fewer than 64 tasks, more than 2048 keys): one query of 8 heads
+// over 2 kv heads and 4100 keys, and a 3-query chunk, with every term, against the float64 reference.
+TEST(Decode, PackedHeadsAndSplitKeysMatchReference) {
+  torch::manual_seed(3);
+  const int64_t H = 8, Hk = 2, Lk = 4100, D = 16;
+  const auto f64 = torch::TensorOptions().dtype(torch::kDouble);
+  const Tensor k = torch::randn({1, Hk, Lk, D}, f64), v = torch::randn({1, Hk, Lk, D}, f64);
+  relattn::AttentionOptions o;
+  o.rel_k(0.5 * torch::randn({H, 65, D}, f64)).rel_v(0.5 * torch::randn({65, D}, f64));
+  o.rel_bias(torch::randn({H, 65}, f64)).buckets(relattn::clip_buckets(32)).causal(true);
+  o.alibi_slopes(relattn::alibi_slopes(H).to(torch::kDouble));
+  for (const int64_t Lq : {1, 3}) {
+    SCOPED_TRACE(Lq);
+    const Tensor q = torch::randn({1, H, Lq, D}, f64);
+    o.q_offset(Lk - Lq);
+    auto [out, lse] = relattn::attention_with_lse(q, k, v, o);
+    auto [ref, ref_lse] = reference_attention(q, k, v, o);
+    EXPECT_LE(max_err(out, ref), 1e-12);
+    EXPECT_LE(max_err(lse, ref_lse), 1e-12);
+  }
+}
+
 TEST(Errors, BadInputsRaiseClearMessages) {
   const Tensor q = torch::randn({2, 4, 6, 8});
   const Tensor k = torch::randn({2, 4, 6, 8});
