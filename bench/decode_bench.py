@@ -5,7 +5,8 @@
 step      one query against Lk cached keys (relattn.attention with q_offset = Lk - 1, causal), H heads
           over Hk kv heads: relattn with Shaw rel_k + rel_v + a bias table over clipped distances (k=32);
           relattn with no positional terms; torch's scaled_dot_product_attention with no positional terms
-          (the ceiling; enable_gqa where Hk < H).
+          (the ceiling; enable_gqa where Hk < H). On CUDA also the Shaw call with its keys never split
+          (RELATTN_CUDA_SPLITS=1), against the binding's split decode step.
 generate  a 6-layer causal stack (d_model 256, 8 heads, T5 bias buckets) generating `--new` tokens after a
           `--prompt`-token prompt, B=4: with a relattn.nn.KVCache (the prompt in one call, then one token
           per call) against re-running the whole causal stack on the growing sequence at every token (no
@@ -45,6 +46,17 @@ def median_ms(fn, dev, repeat):
     return statistics.median(ts) * 1e3
 
 
+def unsplit(fn):
+    """fn with the CUDA binding's key split turned off (RELATTN_CUDA_SPLITS=1), for that call only."""
+    def run():
+        os.environ["RELATTN_CUDA_SPLITS"] = "1"
+        try:
+            return fn()
+        finally:
+            del os.environ["RELATTN_CUDA_SPLITS"]
+    return run
+
+
 def step_rows(dev, dtype, repeat, shapes):
     K = 32
     g = torch.Generator().manual_seed(0)
@@ -61,6 +73,8 @@ def step_rows(dev, dtype, repeat, shapes):
             "relattn_plain": lambda: relattn.attention(q, k, v, causal=True, q_offset=Lk - 1),
             "sdpa_plain": lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=Hk < H),
         }
+        if dev.type == "cuda":
+            fns["relattn_shaw_kv_bias_unsplit"] = unsplit(fns["relattn_shaw_kv_bias"])
         with torch.no_grad():
             torch.testing.assert_close(fns["relattn_plain"]().float(), fns["sdpa_plain"]().float(),
                                        rtol=2e-2, atol=2e-3)
@@ -163,11 +177,13 @@ def main(argv=None):
         w.writerows(steps)
     with open(os.path.join(args.out, "decode.md"), "w") as f:
         f.write(f"{header}\n\nOne decode step (one query, Lk cached keys; ms, median):\n\n"
-                "| B | H | Hk | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |\n"
-                "|---|---|---|---|---|---|---|---|\n")
+                "| B | H | Hk | Lk | D | relattn Shaw K+V+bias | relattn plain | SDPA plain |"
+                + (" Shaw K+V+bias, keys not split |" if dev.type == "cuda" else "") + "\n"
+                "|---|---|---|---|---|---|---|---|" + ("---|" if dev.type == "cuda" else "") + "\n")
         for r in steps:
             f.write(f"| {r['B']} | {r['H']} | {r['Hk']} | {r['Lk']} | {r['D']} | {r['relattn_shaw_kv_bias']} | "
-                    f"{r['relattn_plain']} | {r['sdpa_plain']} |\n")
+                    f"{r['relattn_plain']} | {r['sdpa_plain']} |"
+                    + (f" {r['relattn_shaw_kv_bias_unsplit']} |" if dev.type == "cuda" else "") + "\n")
         f.write(f"\nGeneration, {gen['layers']}-layer causal stack (d_model {gen['d_model']}, T5 bias), "
                 f"B={gen['B']}, {gen['prompt']}-token prompt, {gen['new_tokens']} new tokens:\n\n"
                 "| KVCache ms (per new token, prompt included) | no cache ms | speed-up | static_shapes ms | "

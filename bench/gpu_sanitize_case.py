@@ -7,8 +7,8 @@ Each call is tiny (a few CTAs) so that the sanitizers finish in seconds. Forward
 kernel at every padded head dim, fp16 and bf16, tile tails, causal + q_offset, key padding, GQA, ALiBi, the
 distance-table window and the single-bucket rows, rel_index, per-row tables in shared memory and in global
 scratch, misaligned/strided inputs (element-wise loads), D != Dv, and the SIMT kernel in float32, float64
-and (forced) bf16, and calls with attention-weight dropout, with segment ids (sorted and not) and with
-per-batch query offsets.
+and (forced) bf16, and calls with attention-weight dropout, with segment ids (sorted and not), with
+per-batch query offsets and with split keys (flash-decoding: chosen by the binding and forced).
 
 Backward (loss through out and lse; gradients of q, k, v and every table): every bf16 call (tensor-core
 kernels at every padded head dim, hd=256 included, rel_index with MQA, global tables, misaligned inputs),
@@ -150,6 +150,18 @@ def main(argv=None):
     call(torch.bfloat16, B=3, D=64, Lq=2, Lk=200, alibi=True, causal=True, q_offsets=[10, 198, -5])
     call(torch.bfloat16, B=2, D=128, Lq=70, Lk=130, positions="none", tables=(), causal=True, q_offsets=[0, 60])
     call(torch.float32, B=2, D=40, Dv=24, Lq=30, Lk=50, causal=True, q_offsets=[5, -10])
+    # Split decode steps (key chunks merged by a second kernel): chosen by the binding (a long decode step of
+    # one (batch, head) pair), and forced onto a ragged batch (chunks without keys), global tables, the plain
+    # instance and SIMT.
+    call(torch.bfloat16, H=1, D=64, Lq=1, Lk=1100, causal=True, q_offset=1099)
+    os.environ["RELATTN_CUDA_SPLITS"] = "3"
+    call(torch.bfloat16, B=3, D=64, Lq=2, Lk=200, alibi=True, causal=True, q_offsets=[10, 198, -5])
+    os.environ["RELATTN_CUDA_TABLES"] = "global"
+    call(torch.float16, D=128, R=301, Lq=3, Lk=300, padding="last_batch", B=2)
+    del os.environ["RELATTN_CUDA_TABLES"]
+    call(torch.bfloat16, D=32, Lq=5, Lk=200, positions="none", tables=(), causal=True, q_offset=195)
+    call(torch.float32, D=40, Dv=24, Lq=4, Lk=200, causal=True, q_offset=196)
+    del os.environ["RELATTN_CUDA_SPLITS"]
     # ids changed behind the binding's back (checked once per tensor version on CUDA): clamped in the kernels
     for dtype in (torch.bfloat16, torch.float32):
         call(dtype, D=64, Lq=40, Lk=60, unchecked_ids=True)

@@ -63,6 +63,18 @@ std::string env_str(const char* name) {
   return v ? std::string(v) : std::string();
 }
 
+// RELATTN_CUDA_SPLITS=N: split every forward's keys into N chunks (1: never split); unset or 0: the split
+// plan_key_split picks for decode steps that fill few SMs. For tests and timings.
+int64_t forced_splits() {
+  const std::string v = env_str("RELATTN_CUDA_SPLITS");
+  if (v.empty()) return 0;
+  char* end = nullptr;
+  const long long n = std::strtoll(v.c_str(), &end, 10);
+  TORCH_CHECK(end != v.c_str() && *end == '\0' && n >= 0 && n <= kc::kMaxSplits,
+              "relattn: RELATTN_CUDA_SPLITS must be an integer in [0, ", kc::kMaxSplits, "], got '", v, "'");
+  return n;
+}
+
 // RELATTN_CUDA_SEGMENTS=dropout runs tensor-core calls with segment ids and no dropout in the dropout
 // instances, with a zero seed and threshold 0 (every pair kept with the factor 1.0 exactly), as before the
 // segment-only instances existed: a switch to time the two against each other. Returns the seed tensor,
@@ -185,6 +197,23 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "relattn.attention: B*H*ceil(Lq/", plan.block_m,
               ") = ", blocks, " CUDA blocks is more than one launch can take; split the batch");
 
+  // A decode step that fills few SMs splits its keys into chunks, one CTA each, merged by a second kernel
+  // (flash-decoding; forward.h: plan_key_split).
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, q.device().index()));
+  kc::KeySplit split = kc::plan_key_split(blocks, n_query_tiles, a.Lk, sm_count, forced_splits());
+  if (blocks * split.num_splits > std::numeric_limits<int32_t>::max()) split = {};
+  Tensor out_partial, lse_partial;
+  if (split.num_splits > 1) {
+    const auto acc_opts = q.options().dtype(a.acc_dtype);
+    out_partial = at::empty({split.num_splits, a.B, a.H, a.Lq, a.Dv}, acc_opts);
+    lse_partial = at::empty({split.num_splits, a.B, a.H, a.Lq}, acc_opts);
+    p.num_splits = split.num_splits;
+    p.split_keys = split.split_keys;
+    p.out_partial = out_partial.data_ptr();
+    p.lse_partial = lse_partial.data_ptr();
+  }
+
   // Where the per-row tables live.
   const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
   const int64_t tables_smem = n_tables * plan.table_bytes;
@@ -203,7 +232,7 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
   Tensor tab_scratch, bsum_scratch;
   if (in_global) {
     const auto acc_opts = q.options().dtype(a.acc_dtype);
-    const int64_t rows = blocks * plan.block_m;
+    const int64_t rows = blocks * p.num_splits * plan.block_m;  // a row block per CTA
     if (p.has_tab()) tab_scratch = at::empty({rows, table_ld}, acc_opts);
     if (p.has_bsum()) bsum_scratch = at::empty({rows, table_ld}, acc_opts);
     p.tab_scratch = tab_scratch.defined() ? tab_scratch.data_ptr() : nullptr;
@@ -239,6 +268,15 @@ ForwardResult attention_forward_cuda(const Tensor& q, const Tensor& k, const Ten
     });
   }
   C10_CUDA_CHECK(err);
+  if (p.num_splits > 1) {
+    switch (dtype) {
+      case at::kDouble: err = kc::launch_combine_splits<double>(p, stream); break;
+      case at::kFloat: err = kc::launch_combine_splits<float>(p, stream); break;
+      case at::kHalf: err = kc::launch_combine_splits<__half>(p, stream); break;
+      default: err = kc::launch_combine_splits<__nv_bfloat16>(p, stream); break;
+    }
+    C10_CUDA_CHECK(err);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out, lse};
 }

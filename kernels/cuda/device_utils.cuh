@@ -389,6 +389,28 @@ RELATTN_DEVICE void clip_to_segments(const Params& p, QueryTile& t) {
   if (t.key_end < t.key_begin) t.key_end = t.key_begin;
 }
 
+// Forward kernels of a split decode step (ForwardParams::num_splits > 1): the grid is num_splits copies of the
+// query tiles, and CTA `slot` takes key chunk slot / tiles (key_chunk) of query tile slot % tiles.
+template <int kBlockM, typename Params>
+RELATTN_DEVICE int64_t tiles_per_key_chunk(const Params& p) {
+  return (p.Lq + kBlockM - 1) / kBlockM * p.B * p.H;
+}
+template <int kBlockM, typename Params>
+RELATTN_DEVICE int64_t key_chunk(const Params& p, int64_t slot) {
+  return p.num_splits > 1 ? slot / tiles_per_key_chunk<kBlockM>(p) : 0;
+}
+
+// Narrows the tile's keys to its key chunk (after clip_to_segments). A tile left with no key of the chunk
+// gets the empty range [lo, lo) at the chunk's start, a key-tile boundary, so that no tile is visited.
+template <typename Params>
+RELATTN_DEVICE void clip_to_key_chunk(const Params& p, QueryTile& t, int64_t chunk) {
+  if (p.num_splits <= 1) return;
+  const int64_t lo = chunk * p.split_keys, hi = lo + p.split_keys;
+  if (t.key_begin < lo) t.key_begin = lo;
+  if (hi < t.key_end) t.key_end = hi;
+  if (t.key_end <= t.key_begin) t.key_begin = t.key_end = lo;
+}
+
 }  // namespace cuda
 }  // namespace kernels
 }  // namespace relattn

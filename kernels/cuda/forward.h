@@ -45,6 +45,16 @@ struct ForwardParams : AttentionParams {
   // unless RELATTN_CUDA_PLAIN=0 asks for the table instance, e.g. to time one against the other).
   bool plain = false;
 
+  // A split decode step (flash-decoding; plan_key_split): the grid holds num_splits copies of the query
+  // tiles, copy s (blockIdx.x / tiles) taking the keys [s * split_keys, (s + 1) * split_keys) and writing
+  // its rows normalised by its own softmax sum, in the accumulation dtype, to out_partial
+  // [num_splits, B, H, Lq, Dv] and its lse to lse_partial [num_splits, B, H, Lq]. launch_combine_splits
+  // then writes out and lse. split_keys is a multiple of kSplitKeyAlign, so no key tile straddles two chunks.
+  int64_t num_splits = 1;
+  int64_t split_keys = 0;
+  void* out_partial = nullptr;
+  void* lse_partial = nullptr;
+
   RELATTN_HOST_DEVICE bool has_tab() const { return rel_k != nullptr || rel_bias != nullptr; }
   RELATTN_HOST_DEVICE bool has_bsum() const { return rel_v != nullptr; }
   // (Dropout and segments take the table instance: the plain one has neither.)
@@ -133,6 +143,39 @@ struct SimtConfig {
 // Row stride of the per-row tables: odd, so that rows fall on different banks.
 inline int64_t table_ld_for(int64_t R) { return R % 2 == 1 ? R : R + 1; }
 
+// ---- split decode steps (flash-decoding) ------------------------------------------------------------------
+
+constexpr int64_t kSplitKeyAlign = 64;   // a multiple of every kernel's key tile (32 or 64 keys)
+constexpr int64_t kMinSplitKeys = 256;   // no chunk below this many keys: each CTA's fixed cost stays small
+constexpr int64_t kMaxSplits = 64;
+
+struct KeySplit {
+  int64_t num_splits = 1, split_keys = 0;
+};
+
+// The key split of a launch of `ctas` CTAs with `query_tiles` query tiles per (batch, head) over Lk keys on
+// `sm_count` SMs: a call whose queries fit one tile (a decode step, a short chunk) and whose CTAs fill less
+// than one wave gets up to two waves of CTAs by splitting its keys, none below kMinSplitKeys each. `forced`
+// > 0 asks for that many splits instead (RELATTN_CUDA_SPLITS; 1 = never split), still in whole aligned
+// chunks. The chunks depend on the shapes and the SM count only, so a call gives the same bits every time.
+inline KeySplit plan_key_split(int64_t ctas, int64_t query_tiles, int64_t Lk, int64_t sm_count, int64_t forced = 0) {
+  int64_t want = 1;
+  if (forced > 0) {
+    want = forced;
+  } else if (query_tiles == 1 && ctas > 0 && ctas < sm_count) {
+    want = (2 * sm_count + ctas - 1) / ctas;
+    const int64_t by_keys = Lk / kMinSplitKeys;
+    if (want > by_keys) want = by_keys;
+  }
+  if (want > kMaxSplits) want = kMaxSplits;
+  if (want <= 1 || Lk <= kSplitKeyAlign) return {};
+  const int64_t per = (Lk + want - 1) / want;
+  const int64_t keys = (per + kSplitKeyAlign - 1) / kSplitKeyAlign * kSplitKeyAlign;
+  const int64_t n = (Lk + keys - 1) / keys;
+  if (n <= 1) return {};
+  return {n, keys};
+}
+
 // ---- launchers (one explicit instantiation per dtype and head dim, in kernels/cuda/instantiations) ----
 // `smem_bytes` is the dynamic shared memory of the launch (base + tables when they live there). They
 // return the first error of the launch, if any.
@@ -142,6 +185,12 @@ cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaS
 
 template <typename T>
 cudaError_t launch_forward_simt(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream);
+
+// Merges the chunks of a split decode step (p.num_splits > 1) into out (T) and lse: lse = log Σ_s exp(lse_s),
+// out = Σ_s exp(lse_s - lse) out_s, chunks in order; a row no chunk saw gets out = 0, lse = -inf. The partial
+// results and lse are in simt_acc_t<T> (float for fp16/bf16, as the tensor-core kernel writes them).
+template <typename T>
+cudaError_t launch_combine_splits(const ForwardParams& p, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace kernels

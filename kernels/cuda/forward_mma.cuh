@@ -283,9 +283,14 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
   const int tq = lane & 3;   // column pair within an n8 tile
   const int warp_row0 = warp * kRowsPerWarp;
 
-  const int64_t slot = blockIdx.x;
-  QueryTile tile = query_tile<BM>(p, slot);
-  if constexpr (kSegments) clip_to_segments(p, tile);
+  const int64_t slot = blockIdx.x;  // (the table scratch's row block: one per CTA, key chunks included)
+  QueryTile tile;
+  {
+    const int64_t chunk = key_chunk<BM>(p, slot);
+    tile = query_tile<BM>(p, slot - chunk * tiles_per_key_chunk<BM>(p));
+    if constexpr (kSegments) clip_to_segments(p, tile);
+    clip_to_key_chunk(p, tile, chunk);
+  }
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const int D = static_cast<int>(p.D);
@@ -306,7 +311,7 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
   const int64_t j_end = tile.key_end;
   const int64_t n_tiles = (j_end + BN - 1) / BN;
-  const int64_t t_first = kSegments ? tile.key_begin / BN : 0;  // the first key tile (segments)
+  const int64_t t_first = tile.key_begin / BN;  // the first key tile (segments, key chunks; else 0)
 
   auto issue_tile = [&](int64_t t, int stage) {
     stage_key_tile<T, BM, BN, kHeadDim, kThreads>(p, sK + stage * BN * LD, sV + stage * BN * LD, sKpm + stage * BN,
@@ -811,6 +816,28 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
     }
   }
 
+  if (p.num_splits > 1) {
+    // A key chunk of a split decode step: its normalised rows in fp32 and its lse, for launch_combine_splits.
+    const int64_t row0 = (key_chunk<BM>(p, slot) * p.B * p.H + bh) * p.Lq + i0;
+    float* op = static_cast<float*>(p.out_partial) + row0 * Dv;
+    float* lp = static_cast<float*>(p.lse_partial) + row0;
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int row = warp_row0 + mt * 16 + g + hf * 8;
+        if (row >= rows) continue;
+#pragma unroll
+        for (int dt = 0; dt < kDT; ++dt) {
+          const int c = dt * 8 + 2 * tq;
+          if (c < Dv) op[row * Dv + c] = acc_o[mt][dt][hf * 2];
+          if (c + 1 < Dv) op[row * Dv + c + 1] = acc_o[mt][dt][hf * 2 + 1];
+        }
+        if (tq == 0) lp[row] = lse_row[mt][hf];
+      }
+    return;
+  }
+
   // Output through shared memory (Q's space) so that global stores are whole 16-byte rows.
   T* sO = sQ;
 #pragma unroll
@@ -832,20 +859,18 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 
 template <typename T, int kHeadDim>
 cudaError_t launch_forward_mma(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
+  auto ctas = [&](int block_m) { return (p.Lq + block_m - 1) / block_m * p.B * p.H * p.num_splits; };
   if (p.use_plain()) {  // no relative tables: the plain instance (MmaConfig<hd, true>)
-    constexpr int BM = MmaConfig<kHeadDim, true>::kBlockM;
-    return launch_kernel(forward_mma_kernel<T, kHeadDim, true>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
-                         smem_bytes, stream, p);
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, true>, ctas(MmaConfig<kHeadDim, true>::kBlockM),
+                         kMmaThreads, smem_bytes, stream, p);
   }
-  constexpr int BM = MmaConfig<kHeadDim>::kBlockM;
+  const int64_t blocks = ctas(MmaConfig<kHeadDim>::kBlockM);
   if (p.dropout_seed != nullptr)  // dropout (and segments, if given)
-    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
-                         kMmaThreads, smem_bytes, stream, p);
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, true>, blocks, kMmaThreads, smem_bytes, stream, p);
   if (p.has_segments())
-    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, false, true>, (p.Lq + BM - 1) / BM * p.B * p.H,
-                         kMmaThreads, smem_bytes, stream, p);
-  return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, (p.Lq + BM - 1) / BM * p.B * p.H, kMmaThreads,
-                       smem_bytes, stream, p);
+    return launch_kernel(forward_mma_kernel<T, kHeadDim, false, false, true>, blocks, kMmaThreads, smem_bytes,
+                         stream, p);
+  return launch_kernel(forward_mma_kernel<T, kHeadDim, false>, blocks, kMmaThreads, smem_bytes, stream, p);
 }
 
 }  // namespace cuda

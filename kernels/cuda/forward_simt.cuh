@@ -57,8 +57,10 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
   const int lane = tid & 31;
 
   const int64_t slot = blockIdx.x;
-  QueryTile tile = query_tile<BM>(p, slot);
+  const int64_t chunk = key_chunk<BM>(p, slot);  // key chunk of a split decode step (else 0)
+  QueryTile tile = query_tile<BM>(p, slot - chunk * tiles_per_key_chunk<BM>(p));
   clip_to_segments(p, tile);
+  clip_to_key_chunk(p, tile, chunk);
   const int64_t bh = tile.bh, b = tile.b, h = tile.h, kv_head = tile.kv_head, i0 = tile.i0, q_off = tile.q_off;
   const int rows = tile.rows;
   const bool has_tab = p.has_tab();
@@ -206,7 +208,10 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
     if (row >= rows) continue;
     const acc_t inv = l[rr] > acc_t(0) ? acc_t(1) / l[rr] : acc_t(0);
     const acc_t* rv = has_bsum ? static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride : nullptr;
-    T* o = static_cast<T*>(p.out) + (bh * p.Lq + i0 + row) * int64_t(Dv);
+    // The row of out and lse, or of this key chunk's partial results (a split decode step).
+    const int64_t out_row = (chunk * p.B * p.H + bh) * p.Lq + i0 + row;
+    T* o = p.num_splits > 1 ? nullptr : static_cast<T*>(p.out) + out_row * int64_t(Dv);
+    acc_t* o_part = p.num_splits > 1 ? static_cast<acc_t*>(p.out_partial) + out_row * int64_t(Dv) : nullptr;
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) {
       const int col = lane + 32 * e;
@@ -215,11 +220,15 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
         if (rv) {
           for (int64_t r = 0; r < R; ++r) v += bsum[row * ld + r] * rv[r * Dv + col];
         }
-        o[col] = from_acc<T, acc_t>(v * inv);
+        if (o_part)
+          o_part[col] = v * inv;
+        else
+          o[col] = from_acc<T, acc_t>(v * inv);
       }
     }
     if (lane == 0) {
-      static_cast<acc_t*>(p.lse)[bh * p.Lq + i0 + row] = l[rr] > acc_t(0) ? m[rr] + log_acc(l[rr]) : kNegInf;
+      acc_t* lse = static_cast<acc_t*>(p.num_splits > 1 ? p.lse_partial : p.lse);
+      lse[out_row] = l[rr] > acc_t(0) ? m[rr] + log_acc(l[rr]) : kNegInf;
     }
   }
 }
@@ -227,8 +236,49 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
 template <typename T>
 cudaError_t launch_forward_simt(const ForwardParams& p, int64_t smem_bytes, cudaStream_t stream) {
   using Cfg = SimtConfig<simt_acc_t<T>>;
-  const int64_t blocks = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H;
+  const int64_t blocks = (p.Lq + Cfg::kBlockM - 1) / Cfg::kBlockM * p.B * p.H * p.num_splits;
   return launch_kernel(forward_simt_kernel<T>, blocks, kSimtThreads, smem_bytes, stream, p);
+}
+
+// ---- the merge of a split decode step's key chunks (forward.h: launch_combine_splits) --------------------
+
+constexpr int kCombineThreads = 128;  // 4 warps, one output row each
+
+template <typename T>
+__global__ void __launch_bounds__(kCombineThreads) combine_splits_kernel(const __grid_constant__ ForwardParams p) {
+  using acc_t = simt_acc_t<T>;
+  const acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t rows = p.B * p.H * p.Lq;
+  const int64_t row = int64_t(blockIdx.x) * (kCombineThreads / 32) + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
+  if (row >= rows) return;
+  const int64_t S = p.num_splits, Dv = p.Dv;
+  const acc_t* lse_s = static_cast<const acc_t*>(p.lse_partial) + row;  // chunk s at lse_s[s * rows]
+  const acc_t* out_s = static_cast<const acc_t*>(p.out_partial) + row * Dv;
+  acc_t m = kNegInf;
+  for (int64_t s = 0; s < S; ++s) m = lse_s[s * rows] > m ? lse_s[s * rows] : m;
+  T* out = static_cast<T*>(p.out) + row * Dv;
+  if (m == kNegInf) {  // no chunk saw a key
+    for (int64_t d = lane; d < Dv; d += 32) out[d] = from_acc<T, acc_t>(acc_t(0));
+    if (lane == 0) static_cast<acc_t*>(p.lse)[row] = kNegInf;
+    return;
+  }
+  acc_t sum = 0;
+  for (int64_t s = 0; s < S; ++s) sum += exp_acc(lse_s[s * rows] - m);
+  const acc_t inv = acc_t(1) / sum;
+  for (int64_t d = lane; d < Dv; d += 32) {
+    acc_t o = 0;
+    for (int64_t s = 0; s < S; ++s) o += exp_acc(lse_s[s * rows] - m) * inv * out_s[s * rows * Dv + d];
+    out[d] = from_acc<T, acc_t>(o);
+  }
+  if (lane == 0) static_cast<acc_t*>(p.lse)[row] = m + log_acc(sum);
+}
+
+template <typename T>
+cudaError_t launch_combine_splits(const ForwardParams& p, cudaStream_t stream) {
+  const int64_t rows = p.B * p.H * p.Lq;
+  const int64_t per_block = kCombineThreads / 32;
+  return launch_kernel(combine_splits_kernel<T>, (rows + per_block - 1) / per_block, kCombineThreads, 0, stream, p);
 }
 
 }  // namespace cuda

@@ -6,7 +6,7 @@ dim of the tensor-core kernel (32, 64, 96, 128, 256) and dims in between, D != D
 tile sizes (1, 63, 65, 127, 129, 257), long rows that reach the single-bucket path, many buckets (the
 per-row tables in global scratch), strided and misaligned inputs, and index spaces past 2^31.
 Environment switches of the binding (csrc/cuda/attention_kernel.cpp) force the other code paths:
-RELATTN_CUDA_TABLES=global|smem and RELATTN_CUDA_KERNEL=simt.
+RELATTN_CUDA_TABLES=global|smem, RELATTN_CUDA_KERNEL=simt and RELATTN_CUDA_SPLITS=N (key chunks).
 
 The backward is held to the same rule for every gradient (dq, dk, dv, d rel_k, d rel_v, d rel_bias), on the
 same cases, and must be deterministic: bit-identical gradients run to run, with or without
@@ -143,6 +143,48 @@ def test_cuda_forward_other_paths(case, dtype, env, monkeypatch):
     name, value = env.split("=")
     monkeypatch.setenv({"tables": "RELATTN_CUDA_TABLES", "kernel": "RELATTN_CUDA_KERNEL"}[name], value)
     check_against_reference(make_inputs(case, dtype), dtype, compare_cpu=False)
+
+
+# Split decode steps (flash-decoding; kernels/cuda/forward.h: plan_key_split): the keys are cut into chunks,
+# one CTA each, whose partial rows and lse a second kernel merges. The binding splits calls whose queries fit
+# one tile and whose CTAs fill less than a wave; RELATTN_CUDA_SPLITS=N forces N chunks on any call.
+SPLIT_DECODE_CASES = [
+    Case("decode_split_shaw_kv_bias", rel_k="per_head", rel_v="shared", rel_bias=True, positions="clip", M=64,
+         alibi=True, causal=True, B=1, H=4, Hk=1, Lq=1, Lk=4100, q_offset=4099, D=128),
+    Case("decode_split_t5_padding", rel_bias=True, positions="t5", t5=(32, 2048, False), padding="last_batch",
+         causal=True, B=2, H=2, Lq=3, Lk=3000, q_offset=2997, D=64),
+    Case("decode_split_plain", B=1, H=8, Hk=2, Lq=1, Lk=8192, q_offset=8191, causal=True, D=96),
+]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("case", SPLIT_DECODE_CASES, ids=case_id)
+def test_cuda_split_decode_steps(case, dtype):
+    """Long decode steps of few (batch, head) pairs: split by the binding's own choice."""
+    check_against_reference(make_inputs(case, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("case", PATH_CASES, ids=case_id)
+@pytest.mark.parametrize("splits", [2, 7])
+def test_cuda_forced_key_splits(case, dtype, splits, monkeypatch):
+    """Every feature with its keys forced into chunks (any Lq: every query tile is split alike), including
+    chunks that causal masking or padding leave without a key."""
+    monkeypatch.setenv("RELATTN_CUDA_SPLITS", str(splits))
+    check_against_reference(make_inputs(case, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
+def test_cuda_gradients_after_a_split_forward(dtype):
+    """The backward takes the merged out and lse of a split forward."""
+    check_case_gradients(SPLIT_DECODE_CASES[0].with_(Lk=1500, q_offset=1499, grad_lse=True), dtype)
+
+
+def test_cuda_splits_switch_is_checked(monkeypatch):
+    x = torch.randn(1, 1, 4, 8, device="cuda")
+    monkeypatch.setenv("RELATTN_CUDA_SPLITS", "many")
+    with pytest.raises(RuntimeError, match="RELATTN_CUDA_SPLITS must be an integer in"):
+        relattn.attention(x, x, x)
 
 
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32), ids=str)

@@ -41,6 +41,7 @@ struct Config {
   int64_t q_offset = 0;
   std::vector<int32_t> q_offsets;  // per-batch query offsets [B] (added to q_offset); none when empty
   bool tables_in_global = false;  // forward only
+  int64_t splits = 0;  // forward only: key chunks of a split decode step (plan_key_split's `forced`; 0: none)
   bool with_grad_lse = true;
   // The kernels read ids the binding never checked (see raw_ids below): out of range, negative, extreme.
   bool raw_ids = false;
@@ -173,8 +174,26 @@ void set_vec_flags(T& p, const Prepared& a) {
 
 // ---- the emulated forward (as the binding sets it up) ----------------------------------------------------
 
+// A split decode step as the binding sets it up: partial buffers, num_splits copies of the grid, the merge.
+struct SplitBuffers {
+  Tensor out, lse;
+};
+SplitBuffers set_split(kc::ForwardParams& p, const Prepared& a, int64_t splits) {
+  const kc::KeySplit split = kc::plan_key_split(1, 1, a.Lk, 1, splits);
+  SplitBuffers s;
+  if (split.num_splits <= 1) return s;
+  const auto acc_opts = a.q.options().dtype(a.acc_dtype);
+  s.out = at::full({split.num_splits, a.B, a.H, a.Lq, a.Dv}, NAN, acc_opts);  // every element must be written
+  s.lse = at::full({split.num_splits, a.B, a.H, a.Lq}, NAN, acc_opts);
+  p.num_splits = split.num_splits;
+  p.split_keys = split.split_keys;
+  p.out_partial = s.out.data_ptr();
+  p.lse_partial = s.lse.data_ptr();
+  return s;
+}
+
 template <typename T, int HD>
-std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
+std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global, int64_t splits = 0) {
   Prepared a = prepare(c);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, a.q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(at::kFloat));
@@ -188,8 +207,9 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
   p.plain = n_tables == 0;
   const kc::MmaForwardShape shape = kc::mma_forward_shape<HD>(p.use_plain());
+  const SplitBuffers split = set_split(p, a, splits);
   Tensor tab, bsum;
-  const int64_t blocks = (a.Lq + shape.block_m - 1) / shape.block_m * a.B * a.H;
+  const int64_t blocks = (a.Lq + shape.block_m - 1) / shape.block_m * a.B * a.H * p.num_splits;
   if (tables_in_global && n_tables > 0) {
     if (p.has_tab()) tab = at::empty({blocks * shape.block_m, p.table_ld}, at::kFloat);
     if (p.has_bsum()) bsum = at::empty({blocks * shape.block_m, p.table_ld}, at::kFloat);
@@ -199,11 +219,12 @@ std::tuple<Tensor, Tensor> forward_mma(const Call& c, bool tables_in_global) {
   }
   const int64_t smem = shape.base_bytes + (p.tables_in_global ? 0 : n_tables * shape.table_bytes(p.table_ld));
   EXPECT_EQ((kc::launch_forward_mma<T, HD>(p, smem, nullptr)), cudaSuccess);
+  if (p.num_splits > 1) EXPECT_EQ(kc::launch_combine_splits<T>(p, nullptr), cudaSuccess);
   return {out, lse};
 }
 
 template <typename T>
-std::tuple<Tensor, Tensor> forward_simt(const Call& c) {
+std::tuple<Tensor, Tensor> forward_simt(const Call& c, int64_t splits = 0) {
   Prepared a = prepare(c);
   Tensor out = at::empty({a.B, a.H, a.Lq, a.Dv}, a.q.options());
   Tensor lse = at::empty({a.B, a.H, a.Lq}, a.q.options().dtype(a.acc_dtype));
@@ -217,7 +238,9 @@ std::tuple<Tensor, Tensor> forward_simt(const Call& c) {
   p.table_ld = kc::table_ld_for(a.R);
   const int n_tables = (p.has_tab() ? 1 : 0) + (p.has_bsum() ? 1 : 0);
   const int64_t smem = Cfg::base_bytes(a.D, a.Dv) + n_tables * Cfg::table_bytes(p.table_ld);
+  const SplitBuffers split = set_split(p, a, splits);
   EXPECT_EQ(kc::launch_forward_simt<T>(p, smem, nullptr), cudaSuccess);
+  if (p.num_splits > 1) EXPECT_EQ(kc::launch_combine_splits<T>(p, nullptr), cudaSuccess);
   return {out, lse};
 }
 
@@ -335,7 +358,7 @@ void check(const Config& cfg, Fwd fwd, Bwd bwd, bool raw_out_differs = false) {
 template <typename T, int HD>
 void check_mma(const Config& cfg) {
   check(
-      cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global); },
+      cfg, [&](const Call& c) { return forward_mma<T, HD>(c, cfg.tables_in_global, cfg.splits); },
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
         return backward(c, o, l, go, gl, true,
                         [](const kc::BackwardParams& p) { return kc::launch_backward_mma<T, HD>(p, nullptr); });
@@ -346,7 +369,7 @@ void check_mma(const Config& cfg) {
 template <typename T>
 void check_simt(const Config& cfg) {
   check(
-      cfg, [&](const Call& c) { return forward_simt<T>(c); },
+      cfg, [&](const Call& c) { return forward_simt<T>(c, cfg.splits); },
       [&](const Call& c, const Tensor& o, const Tensor& l, const Tensor& go, const OptTensor& gl) {
         return backward(c, o, l, go, gl, false, [](const kc::BackwardParams& p) { return kc::launch_backward_simt<T>(p, nullptr); });
       });
@@ -545,6 +568,29 @@ TEST(CudaEmulation, BatchOffsets) {
   Config simt{.name = "simt f32", .dtype = at::kFloat, .B = 3, .H = 2, .Hk = 1, .Lq = 20, .Lk = 70, .D = 24,
               .Dv = 40, .positions = "t5", .alibi = true, .causal = true, .q_offsets = {3, -20, 55},
               .segments = "pair"};
+  check_simt<float>(simt);
+}
+
+// Split decode steps (flash-decoding): num_splits copies of the grid, each on one key chunk, writing partial
+// rows and lse that launch_combine_splits merges. Chunks that causal masking leaves empty (a ragged batch's
+// short rows), a batch row whose keys are all padding (-inf in every chunk), tables in global scratch (one
+// row block per CTA, chunks included), the plain instance, dropout with segments, and the SIMT kernel.
+TEST(CudaEmulation, SplitDecodeSteps) {
+  Config tables{.name = "split, tables", .B = 2, .H = 4, .Hk = 1, .Lq = 1, .Lk = 300, .D = 64, .Dv = 64, .M = 8,
+                .per_head = true, .alibi = true, .causal = true, .q_offset = 299, .splits = 4};
+  check_mma<__nv_bfloat16, 64>(tables);
+  Config global{.name = "split, T5, tables in global, padding", .dtype = at::kHalf, .B = 2, .H = 2, .Lq = 3,
+                .Lk = 400, .D = 128, .Dv = 128, .positions = "t5", .padding = true, .q_offset = 100,
+                .tables_in_global = true, .splits = 6};
+  check_mma<__half, 128>(global);
+  Config ragged{.name = "split, plain, ragged", .B = 3, .H = 2, .Hk = 2, .Lq = 1, .Lk = 260, .D = 32, .Dv = 32,
+                .positions = "none", .alibi = true, .causal = true, .q_offsets = {39, 256, 129}, .splits = 4};
+  check_mma<__nv_bfloat16, 32>(ragged);
+  Config drop{.name = "split, dropout, segments", .B = 2, .H = 2, .Lq = 2, .Lk = 300, .D = 64, .Dv = 64,
+              .causal = true, .q_offsets = {250, 120}, .splits = 3, .dropout = 0.2, .segments = "pair"};
+  check_mma<__nv_bfloat16, 64>(drop);
+  Config simt{.name = "split, simt f32", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 5, .Lk = 300, .D = 24,
+              .Dv = 40, .positions = "t5", .alibi = true, .causal = true, .q_offset = 290, .splits = 5};
   check_simt<float>(simt);
 }
 
