@@ -164,13 +164,12 @@ def test_cuda_split_decode_steps(case, dtype):
     check_against_reference(make_inputs(case, dtype), dtype)
 
 
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", PATH_CASES, ids=case_id)
-@pytest.mark.parametrize("splits", [2, 7])
-def test_cuda_forced_key_splits(case, dtype, splits, monkeypatch):
-    """Every feature with its keys forced into chunks (any Lq: every query tile is split alike), including
+def test_cuda_forced_key_splits(case, dtype, monkeypatch):
+    """Every feature with its keys forced into 3 chunks (any Lq: every query tile is split alike), including
     chunks that causal masking or padding leave without a key."""
-    monkeypatch.setenv("RELATTN_CUDA_SPLITS", str(splits))
+    monkeypatch.setenv("RELATTN_CUDA_SPLITS", "3")
     check_against_reference(make_inputs(case, dtype), dtype)
 
 

@@ -571,6 +571,35 @@ TEST(CudaEmulation, BatchOffsets) {
   check_simt<float>(simt);
 }
 
+// The binding's key split (forward.h: plan_key_split): whole aligned chunks that cover the keys exactly once,
+// none below kMinSplitKeys unless forced, only for single-tile calls that fill less than a wave.
+TEST(CudaEmulation, KeySplitPlan) {
+  for (const int64_t Lk : {1, 64, 65, 511, 512, 4100, 8192, 1000000}) {
+    for (const int64_t ctas : {1, 4, 100, 131, 132, 1000}) {
+      for (const int64_t forced : {0, 1, 3, 64}) {
+        SCOPED_TRACE(std::to_string(Lk) + " keys, " + std::to_string(ctas) + " CTAs, forced " + std::to_string(forced));
+        const kc::KeySplit s = kc::plan_key_split(ctas, 1, Lk, 132, forced);
+        if (s.num_splits <= 1) {
+          EXPECT_EQ(s.num_splits, 1);
+          EXPECT_TRUE(forced == 1 || Lk <= kc::kSplitKeyAlign || (forced == 0 && (ctas >= 132 || Lk < 2 * kc::kMinSplitKeys)));
+          continue;
+        }
+        EXPECT_EQ(s.split_keys % kc::kSplitKeyAlign, 0);
+        EXPECT_LT((s.num_splits - 1) * s.split_keys, Lk);  // no empty chunk at the end
+        EXPECT_GE(s.num_splits * s.split_keys, Lk);
+        EXPECT_LE(s.num_splits, forced > 0 ? forced : kc::kMaxSplits);
+        if (forced == 0) {
+          EXPECT_LT(ctas, 132);
+          EXPECT_GE(s.split_keys, kc::kMinSplitKeys);
+          EXPECT_LE(ctas * s.num_splits, 2 * 132 + ctas);  // about two waves at most
+        }
+      }
+    }
+  }
+  EXPECT_EQ(kc::plan_key_split(4, 2, 100000, 132).num_splits, 1);  // more than one query tile: not split
+  EXPECT_EQ(kc::plan_key_split(4, 2, 100000, 132, 5).num_splits, 5);  // unless forced
+}
+
 // Split decode steps (flash-decoding): num_splits copies of the grid, each on one key chunk, writing partial
 // rows and lse that launch_combine_splits merges. Chunks that causal masking leaves empty (a ragged batch's
 // short rows), a batch row whose keys are all padding (-inf in every chunk), tables in global scratch (one
