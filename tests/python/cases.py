@@ -166,6 +166,17 @@ def gradients(out, lse, leaves, grad_out, grad_lse):
     return dict(zip(names, got))
 
 
+def check_forward(case, dtype, op=run_op, reference=run_reference):
+    """out and lse of `op(inputs)` within SPEC §6 of `reference(inputs, dtype)` evaluated in float64 (out's
+    half-precision rule from the same reference evaluated in `dtype`; lse held to float32's rule)."""
+    inp = make_inputs(case, dtype)
+    out, lse = op(inp)
+    ref_out, ref_lse = reference(inp.as_dtype(torch.float64), torch.float64)
+    naive = reference(inp.as_dtype(dtype), dtype)[0] if dtype in HALF_DTYPES else None
+    assert_accurate("out", out, ref_out, dtype, naive)
+    assert_accurate("lse", lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32)
+
+
 def check_gradients(case, dtype, op=run_op, reference=run_reference):
     """Every gradient of `op(inputs)` (-> out, lse) on the case's inputs is within SPEC §6's bound of
     `reference(inputs, dtype)` evaluated in float64 (the naive rule's half-precision error from the same

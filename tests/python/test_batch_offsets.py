@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import relattn
-from cases import ALL_DTYPES, Case, assert_accurate, capture, case_id, check_gradients, make_inputs
+from cases import ALL_DTYPES, Case, assert_accurate, capture, case_id, check_forward, check_gradients, make_inputs
 from reference import reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -50,13 +50,7 @@ CASES = [
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_matches_reference(case, dtype):
-    op, ref = with_offsets(offsets_for(case))
-    inp = make_inputs(case, dtype)
-    out, lse = op(inp)
-    ref_out, ref_lse = ref(inp.as_dtype(torch.float64), torch.float64)
-    naive = ref(inp.as_dtype(dtype), dtype)[0] if dtype in (torch.float16, torch.bfloat16) else None
-    assert_accurate("out", out, ref_out, dtype, naive)
-    assert_accurate("lse", lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32)
+    check_forward(case, dtype, *with_offsets(offsets_for(case)))
 
 
 @pytest.mark.parametrize("algorithm", ["fused", "two-pass"])
