@@ -441,22 +441,21 @@ inline void repeat_bucket_ids(int64_t n, int64_t heads, int32_t* ids, RowBuckets
   }
 }
 
-// One forward task: the query rows [i0, i0 + n) of the `heads` consecutive query heads h0, h0 + 1, … of one
-// kv group, stacked into one tile (row r is query i0 + r % n of head h0 + r / n). heads = 1 is the plain
-// query block; heads = G packs a grouped-query decode step, so that each key and value tile is read and
-// multiplied once for the whole group. The per-head terms (row tables, ALiBi, dropout, aV, the outputs) are
-// applied to each head's rows; masks and bucket ids depend on positions only.
 // A task's share of the keys, and where its results go. The default is all keys, results into out and lse;
-// a key chunk of a split decode step (kSplitKeys) writes its normalised partial output and log-sum-exp to
-// out[(((b * H + h) * chunks + chunk) * Lq + i) * Dv + d] and lse[((b * H + h) * chunks + chunk) * Lq + i].
+// a key chunk of a split decode step (kSplitKeys) writes its normalised partial output and log-sum-exp,
+// laid out as out ([B, H, Lq, Dv] and [B, H, Lq]), to its own slices of the partial buffers.
 template <typename acc_t>
 struct KeyChunk {
   int64_t begin = 0, end = std::numeric_limits<int64_t>::max();
   acc_t* out = nullptr;
   acc_t* lse = nullptr;
-  int64_t chunk = 0, chunks = 1;
 };
 
+// One forward task: the query rows [i0, i0 + n) of the `heads` consecutive query heads h0, h0 + 1, … of one
+// kv group, stacked into one tile (row r is query i0 + r % n of head h0 + r / n). heads = 1 is the plain
+// query block; heads = G packs a grouped-query decode step, so that each key and value tile is read and
+// multiplied once for the whole group. The per-head terms (row tables, ALiBi, dropout, aV, the outputs) are
+// applied to each head's rows; masks and bucket ids depend on positions only.
 template <typename scalar_t, typename acc_t>
 void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t heads, int64_t i0, int64_t n,
                    Tiles<acc_t>& t, const KeyChunk<acc_t>& chunk = {}) {
@@ -550,29 +549,26 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t head
         lse[i] = l > acc_t(0) ? t.m[r0 + i] + std::log(l) : neg_inf<acc_t>();
       }
     };
-    if (chunk.out) {
-      const int64_t row0 = ((b * p.H + h) * chunk.chunks + chunk.chunk) * p.Lq + i0;
+    const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+    if (chunk.out)
       write(chunk.out + row0 * p.Dv, chunk.lse + row0);
-    } else {
-      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
+    else
       write(static_cast<scalar_t*>(p.out) + row0 * p.Dv, static_cast<acc_t*>(p.lse) + row0);
-    }
   }
 }
 
-// out and lse of a split decode step from its chunks' partial results (KeyChunk), chunks in order:
-// lse = log Σ_c exp(lse_c) and out = Σ_c exp(lse_c - lse) out_c. A row that no chunk saw (every key masked)
-// gets out = 0 and lse = -inf, as unsplit.
+// out and lse of a split decode step from its chunks' partial results (KeyChunk; chunk c's rows at
+// part_out[c * rows * Dv], part_lse[c * rows]), chunks in order: lse = log Σ_c exp(lse_c) and
+// out = Σ_c exp(lse_c - lse) out_c. A row that no chunk saw (every key masked) gets out = 0 and lse = -inf,
+// as unsplit.
 template <typename scalar_t, typename acc_t>
 void combine_chunks(const AttentionParams& p, int64_t chunks, const acc_t* part_out, const acc_t* part_lse) {
   const int64_t rows = p.B * p.H * p.Lq;
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> w(chunks);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t bh = r / p.Lq, i = r % p.Lq;
-      const acc_t* lse_c = part_lse + bh * chunks * p.Lq + i;  // chunk c at lse_c[c * Lq]
       acc_t m = neg_inf<acc_t>();
-      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, lse_c[c * p.Lq]);
+      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_lse[c * rows + r]);
       auto* out = static_cast<scalar_t*>(p.out) + r * p.Dv;
       auto* lse = static_cast<acc_t*>(p.lse) + r;
       if (m == neg_inf<acc_t>()) {
@@ -581,11 +577,11 @@ void combine_chunks(const AttentionParams& p, int64_t chunks, const acc_t* part_
         continue;
       }
       acc_t sum = 0;
-      for (int64_t c = 0; c < chunks; ++c) sum += (w[c] = std::exp(lse_c[c * p.Lq] - m));
+      for (int64_t c = 0; c < chunks; ++c) sum += (w[c] = std::exp(part_lse[c * rows + r] - m));
       for (int64_t c = 0; c < chunks; ++c) w[c] /= sum;
       for (int64_t d = 0; d < p.Dv; ++d) {
         acc_t o = 0;
-        for (int64_t c = 0; c < chunks; ++c) o += w[c] * part_out[((bh * chunks + c) * p.Lq + i) * p.Dv + d];
+        for (int64_t c = 0; c < chunks; ++c) o += w[c] * part_out[(c * rows + r) * p.Dv + d];
         out[d] = static_cast<scalar_t>(o);
       }
       *lse = m + std::log(sum);
@@ -631,17 +627,20 @@ void forward(const AttentionParams& p) {
     const int64_t want = std::min((kDecodeTasks + tasks - 1) / tasks, (p.Lk + kSplitKeys - 1) / kSplitKeys);
     const int64_t chunk_keys = want > 1 ? ((p.Lk + want - 1) / want + 15) / 16 * 16 : p.Lk;
     const int64_t chunks = want > 1 ? (p.Lk + chunk_keys - 1) / chunk_keys : 1;
-    std::vector<acc_t> part_out, part_lse;
+    const int64_t rows = p.B * p.H * p.Lq;
+    std::vector<acc_t> part_out, part_lse;  // [chunks, B, H, Lq, Dv] and [chunks, B, H, Lq]
     if (chunks > 1) {
-      part_out.resize(p.B * p.H * chunks * p.Lq * p.Dv);
-      part_lse.resize(p.B * p.H * chunks * p.Lq);
+      part_out.resize(chunks * rows * p.Dv);
+      part_lse.resize(chunks * rows);
     }
     parallel_tasks<acc_t>(
         p, /*backward=*/false, tasks * chunks,
         [&](int64_t task, Tiles<acc_t>& t) {
           const int64_t c = task % chunks, b = task / chunks / units, h0 = task / chunks % units * heads;
           KeyChunk<acc_t> chunk;
-          if (chunks > 1) chunk = {c * chunk_keys, (c + 1) * chunk_keys, part_out.data(), part_lse.data(), c, chunks};
+          if (chunks > 1)
+            chunk = {c * chunk_keys, (c + 1) * chunk_keys, part_out.data() + c * rows * p.Dv,
+                     part_lse.data() + c * rows};
           for_each_key_run(p, b, 0, p.Lq, [&](int64_t i, int64_t n) {
             forward_block<scalar_t, acc_t>(p, b, h0, heads, i, n, t, chunk);
           });

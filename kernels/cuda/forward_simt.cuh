@@ -266,10 +266,21 @@ __global__ void __launch_bounds__(kCombineThreads) combine_splits_kernel(const _
   acc_t sum = 0;
   for (int64_t s = 0; s < S; ++s) sum += exp_acc(lse_s[s * rows] - m);
   const acc_t inv = acc_t(1) / sum;
-  for (int64_t d = lane; d < Dv; d += 32) {
-    acc_t o = 0;
-    for (int64_t s = 0; s < S; ++s) o += exp_acc(lse_s[s * rows] - m) * inv * out_s[s * rows * Dv + d];
-    out[d] = from_acc<T, acc_t>(o);
+  // Each lane holds its columns d = lane + 32 e (Dv <= kMaxHeadDim) and weighs each chunk once.
+  constexpr int kPerLane = SimtConfig<acc_t>::kMaxPerLane;
+  acc_t o[kPerLane] = {};
+  for (int64_t s = 0; s < S; ++s) {
+    const acc_t w = exp_acc(lse_s[s * rows] - m) * inv;
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int64_t d = lane + 32 * e;
+      if (d < Dv) o[e] += w * out_s[s * rows * Dv + d];
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    const int64_t d = lane + 32 * e;
+    if (d < Dv) out[d] = from_acc<T, acc_t>(o[e]);
   }
   if (lane == 0) static_cast<acc_t*>(p.lse)[row] = m + log_acc(sum);
 }
