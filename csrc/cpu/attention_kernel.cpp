@@ -10,11 +10,14 @@
 // are one value and their bucket sums are row sums; only the window between is gathered key by key
 // (RowBuckets). A row whose tile lies beyond ±M is the single-bucket fast path.
 //
-// Backward, float32/float64 with enough (b, kv head) tasks for the threads: one fused sweep per (b, kv head)
-//   (backward_group_fused): Δ = do·out - glse per row first, then per tile S, dP, dS and the 5 GEMMs
-//   dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K (and S, dP), bucket sums added in place: the task owns every row.
-// Otherwise (half types, whose rounded `out` would put its error into Δ; or few tasks), two passes, so that
-// nothing is written by two tasks (deterministic, no atomics):
+// Backward, with enough (b, kv head) tasks for the threads: one fused sweep per (b, kv head), the task owning
+//   every row and key of its heads, 5 GEMMs per tile (S, dP; dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K):
+//   float32/float64 (backward_group_fused): Δ = do·out - glse per row first, then key blocks over all rows,
+//     dq and the bucket sums added in place.
+//   float16/bfloat16 (backward_group_strip), whose rounded `out` would put its error into Δ: query blocks
+//     over all keys, pass A's sweep below keeping each tile's P and P∘dP (the block's "strip"), then a
+//     second sweep over the strip once Δ is known.
+// Otherwise (few tasks), two passes, so that nothing is written by two tasks (deterministic, no atomics):
 //   pass A per (b, h, query block): row tables tab and doa[i,r] = do_i·aV[r], P = exp(S - lse),
 //     dP = dO Vᵀ + doa[i,β]; Δ_i = Σ_j P_ij dP_ij - glse_i (= do_i·out_i - glse_i, in acc_t);
 //     dq = scale*(dS K + dsb·aK) with dS = P∘(dP - Δ), and the bucket sums dsb[i,r] = Σ_{β=r} dS_ij and
@@ -62,6 +65,11 @@ using ops::Tensor;
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
+// The half-precision fused backward keeps a query block's probabilities for all its keys (backward_group_strip):
+// its block shrinks to keep each such buffer near this size, and the auto choice takes the two passes where
+// even 16 rows would need more than kStripMaxBytes.
+constexpr int64_t kStripBytes = int64_t(4) << 20;
+constexpr int64_t kStripMaxBytes = int64_t(8) << 20;
 // Grouped-query decoding: with at most kPackMaxLq queries and G = H / Hk > 1, a forward task takes all G
 // query heads of a kv group at once (G·Lq tile rows, at most kPackMaxRows), so every key and value tile
 // is read once per group instead of once per head (forward_block).
@@ -133,14 +141,39 @@ inline int64_t ld1(int64_t x) { return x > 0 ? x : 1; }  // BLAS leading dims mu
 // chunks of parallel_for get similar work.
 inline int64_t zigzag(int64_t slot, int64_t n) { return (slot % 2 == 0) ? slot / 2 : n - 1 - slot / 2; }
 
+// n elements into acc_t / from acc_t (rounded to nearest even): float16/bfloat16 through the vectorised
+// conversions where the CPU has them (vec.h; the same bits as c10's), anything else element by element.
+template <typename scalar_t, typename acc_t>
+inline void to_acc(const scalar_t* s, acc_t* d, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) {
+    if (const auto f = vec_ops().half_to_float) return f(reinterpret_cast<const uint16_t*>(s), d, n);
+  } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (const auto f = vec_ops().bf16_to_float) return f(reinterpret_cast<const uint16_t*>(s), d, n);
+  }
+  for (int64_t j = 0; j < n; ++j) d[j] = static_cast<acc_t>(s[j]);
+}
+template <typename scalar_t, typename acc_t>
+inline void from_acc(const acc_t* s, scalar_t* d, int64_t n) {
+  if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::Half>) {
+    if (const auto f = vec_ops().float_to_half) return f(s, reinterpret_cast<uint16_t*>(d), n);
+  } else if constexpr (std::is_same_v<acc_t, float> && std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (const auto f = vec_ops().float_to_bf16) return f(s, reinterpret_cast<uint16_t*>(d), n);
+  }
+  for (int64_t j = 0; j < n; ++j) d[j] = static_cast<scalar_t>(s[j]);
+}
+// rows x cols acc_t (leading dim ld), times c, into rows of `dst_ld` scalar_t. Scales src in place.
+template <typename scalar_t, typename acc_t>
+inline void store_rows(acc_t* src, int64_t ld, int64_t rows, int64_t cols, acc_t c, scalar_t* dst, int64_t dst_ld) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (c != acc_t(1)) scale_row(src + i * ld, cols, c);
+    from_acc(src + i * ld, dst + i * dst_ld, cols);
+  }
+}
+
 // rows×cols block of a [.., L, X] tensor (row stride `stride`, unit last stride) into acc_t [rows, ld].
 template <typename scalar_t, typename acc_t>
 inline void load_rows(const scalar_t* src, int64_t stride, int64_t rows, int64_t cols, acc_t* dst, int64_t ld) {
-  for (int64_t i = 0; i < rows; ++i) {
-    const scalar_t* s = src + i * stride;
-    acc_t* d = dst + i * ld;
-    for (int64_t j = 0; j < cols; ++j) d[j] = static_cast<acc_t>(s[j]);
-  }
+  for (int64_t i = 0; i < rows; ++i) to_acc(src + i * stride, dst + i * ld, cols);
 }
 
 // A rows×cols tile of a [.., L, X] tensor as acc_t rows: the tensor itself when it already is acc_t with
@@ -170,6 +203,9 @@ struct Tiles {
   int64_t D1, Dv1, R1;
   std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, pk, rowacc, dsb, psum, dk, dv;
   std::vector<acc_t> keep, pdsum;  // dropout: the tile's factors (0 or 1/(1-p)); pass A's sums of dropped P
+  // The half-precision sweep (backward_group_strip), sized by it: a query block's P, T = P∘dP and (dropout)
+  // Z∘P for all its key tiles, and the task's dk, dv sums over its kv head's keys.
+  std::vector<acc_t> strip_p, strip_t, strip_zp, gk, gv;
   std::vector<int32_t> ids;
   std::vector<RowBuckets> row_buckets;
   Tiles(const AttentionParams& p, bool backward, int64_t rows = kBlockQ)
@@ -543,9 +579,9 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t head
       for (int64_t i = 0; i < n; ++i) {
         const acc_t l = t.l[r0 + i];
         const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
-        const acc_t* a = t.acc.data() + (r0 + i) * Dv1;
-        using out_t = std::remove_pointer_t<decltype(out)>;
-        for (int64_t d = 0; d < p.Dv; ++d) out[i * p.Dv + d] = static_cast<out_t>(a[d] * inv);
+        acc_t* a = t.acc.data() + (r0 + i) * Dv1;
+        scale_row(a, p.Dv, inv);
+        from_acc(a, out + i * p.Dv, p.Dv);
         lse[i] = l > acc_t(0) ? t.m[r0 + i] + std::log(l) : neg_inf<acc_t>();
       }
     };
@@ -729,9 +765,21 @@ void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t row0, int64
   }
 }
 
+// The half-precision sweep's state (backward_group_strip): where a query block keeps its tiles, and the
+// task's dk, dv sums (acc_t [Lk, D1] / [Lk, Dv1], unscaled).
+template <typename acc_t>
+struct Strip {
+  acc_t *p, *t, *zp;   // key tile n of the block at n * tile_elems (leading dim kBlockK); zp with dropout
+  int64_t tile_elems;  // rows * kBlockK
+  acc_t *dk, *dv;
+};
+
+// Pass A (strip == null): Δ, dq and the bucket sums of one query block. With a strip, the same first sweep
+// also keeps each tile's P and T = P∘dP, and a second sweep over the kept tiles adds dS = T - Δ P into dq,
+// dk and dv: the 5 GEMMs of a fused backward (S, dP; dS K, dSᵀ Q, Pᵀ dO) with Δ exact in acc_t.
 template <typename scalar_t, typename acc_t>
 void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows,
-                          Tiles<acc_t>& t) {
+                          Tiles<acc_t>& t, const Strip<acc_t>* strip = nullptr) {
   const int64_t g = h / (p.H / p.Hk);
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R1 = t.R1, R = p.R;
   const int64_t row0 = (b * p.H + h) * p.Lq + i0;  // index of this block's first row in [B,H,Lq]
@@ -763,6 +811,12 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
     probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse,
                       static_cast<const acc_t*>(nullptr), t);
+    if (strip) {
+      const int64_t at = (j0 - keys.begin) / kBlockK * strip->tile_elems;
+      std::copy_n(t.s.data(), rows * kBlockK, strip->p + at);
+      std::copy_n(t.dp.data(), rows * kBlockK, strip->t + at);
+      if (drop) apply_dropout(rows, cols, t.s.data(), t.keep.data(), strip->zp + at);  // Z∘P, the weights of v
+    }
     for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(t.dp.data() + i * kBlockK, cols);
     if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_buckets.data());
     // psum (undropped P) corrects dsb below; with dropout, d aV needs the sums of the dropped Z∘P (pdsum).
@@ -772,6 +826,7 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
       apply_dropout(rows, cols, t.keep.data(), t.s.data());  // keep becomes Z∘P
       add_bucket_sums(rows, cols, t.keep.data(), t.pdsum.data(), R1, t.ids.data(), t.row_buckets.data());
     }
+    if (strip) continue;
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
     mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.s.data(), kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
   }
@@ -781,13 +836,34 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   for (int64_t i = 0; i < rows; ++i) {
     const acc_t d = glse ? t.rowacc[i] - glse[i] : t.rowacc[i];
     delta[i] = d;
-    acc_t* dqi = t.dq.data() + i * D1;
-    const acc_t* pki = t.pk.data() + i * D1;
-    for (int64_t c = 0; c < p.D; ++c) dqi[c] -= d * pki[c];
+    if (!strip) {
+      acc_t* dqi = t.dq.data() + i * D1;
+      const acc_t* pki = t.pk.data() + i * D1;
+      for (int64_t c = 0; c < p.D; ++c) dqi[c] -= d * pki[c];
+    }
     if (tab) {
       acc_t* ds = t.dsb.data() + i * R1;
       const acc_t* ps = t.psum.data() + i * R1;
       for (int64_t r = 0; r < R; ++r) ds[r] -= d * ps[r];
+    }
+  }
+  if (strip) {  // the second sweep, over the kept tiles: dS = T - Δ P; dq += dS K, dk += dSᵀ Q, dv += (Z∘P)ᵀ dO
+    for (int64_t j0 = keys.begin; j0 < keys.end; j0 += kBlockK) {
+      const int64_t cols = std::min(kBlockK, keys.end - j0);
+      const int64_t at = (j0 - keys.begin) / kBlockK * strip->tile_elems;
+      acc_t* ds = strip->t + at;
+      const acc_t* pt = strip->p + at;
+      for (int64_t i = 0; i < rows; ++i) {
+        const acc_t d = delta[i];
+        acc_t* dsi = ds + i * kBlockK;
+        const acc_t* pi = pt + i * kBlockK;
+        for (int64_t j = 0; j < cols; ++j) dsi[j] -= d * pi[j];
+      }
+      const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
+      mm_nn<acc_t>(rows, p.D, cols, acc_t(1), ds, kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
+      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), ds, kBlockK, qt, ldq, acc_t(1), strip->dk + j0 * D1, D1);
+      mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), drop ? strip->zp + at : pt, kBlockK, dot, lddo, acc_t(1),
+                   strip->dv + j0 * Dv1, Dv1);
     }
   }
   // dq = scale * (dS K + dsb · aK)
@@ -796,9 +872,7 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     mm_nn<acc_t>(rows, p.D, R, acc_t(1), t.dsb.data(), R1, rk, D1, acc_t(1), t.dq.data(), D1);
   }
   auto* dq = static_cast<scalar_t*>(p.dq) + row0 * p.D;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t i = 0; i < rows; ++i)
-    for (int64_t c = 0; c < p.D; ++c) dq[i * p.D + c] = static_cast<scalar_t>(scale * t.dq[i * D1 + c]);
+  store_rows(t.dq.data(), D1, rows, p.D, static_cast<acc_t>(p.scale), dq, p.D);
   if (tab) {
     acc_t* dst = static_cast<acc_t*>(p.ds_sum) + row0 * R;
     for (int64_t i = 0; i < rows; ++i) std::copy(t.dsb.data() + i * R1, t.dsb.data() + i * R1 + R, dst + i * R);
@@ -866,11 +940,8 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   const int64_t kv0 = (b * p.Hk + g) * p.Lk + j0;
   auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
   auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t j = 0; j < cols; ++j) {
-    for (int64_t c = 0; c < p.D; ++c) dk[j * p.D + c] = static_cast<scalar_t>(scale * t.dk[j * D1 + c]);
-    for (int64_t c = 0; c < p.Dv; ++c) dv[j * p.Dv + c] = static_cast<scalar_t>(t.dv[j * Dv1 + c]);
-  }
+  store_rows(t.dk.data(), D1, cols, p.D, static_cast<acc_t>(p.scale), dk, p.D);
+  store_rows(t.dv.data(), Dv1, cols, p.Dv, acc_t(1), dv, p.Dv);
 }
 
 // The fused backward (float32/float64 inputs, where `out` carries no rounding beyond acc_t's): one task per
@@ -912,15 +983,57 @@ void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Til
   }
 }
 
+// The fused backward of float16/bfloat16 inputs, whose rounded `out` must not enter Δ: one task per
+// (b, kv head) runs the query blocks of its heads (`strip_rows` rows each) through backward_query_block with
+// a strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t) while it keeps its tiles' P and P∘dP;
+// the second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two passes take 8, at the
+// cost of the strip (strip_rows x Lk per buffer, per thread; strip_rows shrinks as Lk grows).
+template <typename scalar_t, typename acc_t>
+void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t strip_rows, Tiles<acc_t>& t) {
+  const int64_t group = p.H / p.Hk, D1 = t.D1, Dv1 = t.Dv1;
+  const int64_t tiles = (p.Lk + kBlockK - 1) / kBlockK, tile_elems = strip_rows * kBlockK;
+  t.strip_p.resize(tiles * tile_elems);
+  t.strip_t.resize(tiles * tile_elems);
+  if (p.has_dropout()) t.strip_zp.resize(tiles * tile_elems);
+  t.gk.assign(p.Lk * D1, acc_t(0));
+  t.gv.assign(p.Lk * Dv1, acc_t(0));
+  const Strip<acc_t> strip{t.strip_p.data(), t.strip_t.data(), t.strip_zp.data(), tile_elems, t.gk.data(),
+                           t.gv.data()};
+  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+    for (int64_t i0 = 0; i0 < p.Lq; i0 += strip_rows) {
+      for_each_key_run(p, b, i0, std::min(strip_rows, p.Lq - i0), [&](int64_t i, int64_t n) {
+        backward_query_block<scalar_t, acc_t>(p, b, h, i, n, t, &strip);
+      });
+    }
+  }
+  const int64_t kv0 = (b * p.Hk + g) * p.Lk;
+  auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
+  auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
+  store_rows(t.gk.data(), D1, p.Lk, p.D, static_cast<acc_t>(p.scale), dk, p.D);
+  store_rows(t.gv.data(), Dv1, p.Lk, p.Dv, acc_t(1), dv, p.Dv);
+}
+
+// backward_group_strip's rows per query block: as many multiples of 16 (the dropout counters' grid) up to
+// kBlockQ as keep one strip buffer within kStripBytes, and at least 16.
+inline int64_t strip_rows_for(int64_t Lk) {
+  const int64_t per_row = std::max<int64_t>(1, (Lk + kBlockK - 1) / kBlockK) * kBlockK * int64_t(sizeof(float));
+  return std::clamp<int64_t>(kStripBytes / per_row / 16 * 16, 16, kBlockQ);
+}
+
 template <typename scalar_t, typename acc_t>
 void backward(const AttentionBwdParams& p, bool fused) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (fused) {
+  if (fused) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
       parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
         backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
       });
-      return;
+    } else {
+      const int64_t rows = strip_rows_for(p.Lk);
+      parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
+        backward_group_strip<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, rows, t);
+      });
     }
+    return;
   }
   parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.H, p.Lq, kBlockQ,
                               [&](int64_t bh, int64_t i0, Tiles<acc_t>& t) {
@@ -965,20 +1078,24 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
 }
 
 namespace {
-// Which CPU backward runs: the fused single sweep (float32/float64 only; about 1.5x less work) unless its
-// B·Hk equal tasks would leave more than a third of the threads' time idle (e.g. 8 tasks on 16 threads, or
-// 17), where the two passes, split by query and key blocks, keep every thread busy.
+// Which CPU backward runs: the fused sweep per (b, kv head) (about 1.5x less work: backward_group_fused for
+// float32/float64, backward_group_strip for float16/bfloat16) unless its B·Hk equal tasks would leave more
+// than a third of the threads' time idle (e.g. 8 tasks on 16 threads, or 17), where the two passes, split by
+// query and key blocks, keep every thread busy; half types also take the two passes where the strip of 16
+// rows would exceed kStripMaxBytes (over 128k keys).
 // RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (the tests use it to cover both).
 bool cpu_backward_fused(const Prepared& a) {
   const char* env = std::getenv("RELATTN_CPU_BACKWARD");
   const std::string mode = env ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode == "fused" || mode == "two-pass",
               "relattn: RELATTN_CPU_BACKWARD must be auto, fused or two-pass, got '", mode, "'");
+  if (mode != "auto") return mode == "fused";
   const bool full_precision = a.q.scalar_type() == at::kFloat || a.q.scalar_type() == at::kDouble;
-  if (!full_precision || mode == "two-pass") return false;
+  if (!full_precision && 16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * 4 > cpu::kStripMaxBytes)
+    return false;
   const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rounds = (tasks + threads - 1) / threads;
-  return mode == "fused" || 3 * tasks >= 2 * rounds * threads;
+  return 3 * tasks >= 2 * rounds * threads;
 }
 }  // namespace
 
@@ -996,14 +1113,15 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                        q_offsets);
   const bool run = a.B * a.H * a.Lq > 0;
   const bool fused = run && cpu_backward_fused(a);
-  // The fused sweep adds into dq and the bucket sums; the two passes write every element of them. dk and dv
-  // are written whole by the key blocks either way. (Fresh large buffers cost page faults: zero only what
-  // is added into.)
-  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/fused);
+  // The fused sweep of float32/float64 adds into dq and the bucket sums; the two passes and the half types'
+  // fused sweep write every element of them. dk and dv are written whole either way. (Fresh large buffers
+  // cost page faults: zero only what is added into.)
+  const bool in_place = fused && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
+  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/in_place);
   auto grad = [&](int64_t heads, int64_t len, int64_t d, bool written) {
     return written ? at::empty({a.B, heads, len, d}, q.options()) : at::zeros({a.B, heads, len, d}, q.options());
   };
-  Tensor dq = grad(a.H, a.Lq, a.D, run && !fused);
+  Tensor dq = grad(a.H, a.Lq, a.D, run && !in_place);
   Tensor dk = grad(a.Hk, a.Lk, a.D, run);
   Tensor dv = grad(a.Hk, a.Lk, a.Dv, run);
 
@@ -1012,8 +1130,8 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
     fill_backward_params(a, s, dq, dk, dv, p);
     // Δ_i = do_i·out_i - glse_i in the fused sweep: `out` is float32/float64 there, as accurate as the two
     // passes' Σ_j p dp.
-    const Tensor out_rows = fused ? out.contiguous() : Tensor();
-    if (fused) p.out = out_rows.data_ptr();
+    const Tensor out_rows = in_place ? out.contiguous() : Tensor();
+    if (in_place) p.out = out_rows.data_ptr();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       cpu::backward<scalar_t, acc_t>(p, fused);

@@ -13,7 +13,8 @@ extern const VecOps ops;
 
 const VecOps& vec_ops() {
 #ifdef RELATTN_VEC_AVX2
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  static const bool avx2 =
+      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
   if (avx2) return vec_avx2::ops;
 #endif
   return vec_default::ops;

@@ -28,6 +28,13 @@ struct VecOps {
   // row i's word 1, ctr2 = h, ctr3 = b; (k0, k1) the key.
   void (*dropout_rows)(float* keep0, float* keep1, int64_t cols, uint32_t ctr0, uint32_t ctr1, uint32_t ctr2,
                        uint32_t ctr3, uint32_t k0, uint32_t k1, uint32_t threshold, float scale);
+  // Half-precision rows to and from float, bit for bit as c10::Half / c10::BFloat16 convert (round to
+  // nearest even; bfloat16 NaN becomes 0x7FC0). Null where this variant has none: callers then convert
+  // element by element.
+  void (*half_to_float)(const uint16_t* src, float* dst, int64_t n);
+  void (*bf16_to_float)(const uint16_t* src, float* dst, int64_t n);
+  void (*float_to_half)(const float* src, uint16_t* dst, int64_t n);
+  void (*float_to_bf16)(const float* src, uint16_t* dst, int64_t n);
   const char* name;
 };
 

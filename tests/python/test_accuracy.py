@@ -130,13 +130,25 @@ def test_gradients_match_reference(case, dtype):
 
 
 @pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
-@pytest.mark.parametrize("dtype", (torch.float64, torch.float32), ids=str)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_backward_algorithms_match_reference(case, dtype, algorithm, monkeypatch):
     """The CPU backward has two algorithms (csrc/cpu/attention_kernel.cpp): one fused sweep per (batch, kv
-    head) for float32/float64 inputs, and two passes over query blocks and key blocks. By default the
-    choice depends on the thread count, so each is forced here over the whole grid."""
+    head) (for float16/bfloat16 the strip sweep, which finds Δ exactly before it forms dS), and two passes
+    over query blocks and key blocks. By default the choice depends on the thread count, so each is forced
+    here over the whole grid."""
     monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    check_gradients(case, dtype)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_half_fused_backward_over_long_key_rows(dtype, monkeypatch):
+    """The fused backward of float16/bfloat16 keeps a query block's P and P∘dP for all of its keys, and
+    its blocks shrink as the keys grow (48 rows at 20000 keys, where they are 64 below 16384): 100 query
+    rows then run as blocks of 48, 48 and 4, each over a different causal key range."""
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", "fused")
+    case = Case("long_keys", B=1, H=2, Hk=1, Lq=100, Lk=20000, D=16, rel_k="shared", rel_v="shared",
+                rel_bias=True, positions="t5", causal=True, q_offset=19930, grad_lse=True)
     check_gradients(case, dtype)
 
 
