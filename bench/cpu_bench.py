@@ -18,7 +18,7 @@ Implementations:
   relattn-dropout  (only when asked for) relattn with attention-weight dropout p = 0.1 (fused, Philox mask)
   sdpa-dropout     (only when asked for) sdpa-plain with dropout_p = 0.1
 
-    python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--impls ...] [--out bench/results/cpu]
+    python bench/cpu_bench.py [--lengths 256 1024 2048 4096] [--impls ...] [--dtype float32] [--out bench/results/cpu]
 """
 import argparse
 import csv
@@ -36,10 +36,10 @@ B, H, D, K = 1, 8, 64, 32
 R = 2 * K + 1
 
 
-def make_inputs(L, requires_grad):
+def make_inputs(L, requires_grad, dtype=torch.float32):
     g = torch.Generator().manual_seed(0)
     def t(*shape):
-        return torch.randn(*shape, generator=g).requires_grad_(requires_grad)
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(requires_grad)
     return dict(q=t(B, H, L, D), k=t(B, H, L, D), v=t(B, H, L, D), rel_k=t(R, D), rel_v=t(R, D),
                 rel_bias=t(H, R))
 
@@ -118,10 +118,10 @@ def reset_hwm():
         f.write("5")
 
 
-def child(impl, L, mode, repeat):
+def child(impl, L, mode, repeat, dtype):
     """Runs one case; prints a JSON line."""
     torch.manual_seed(0)
-    x = make_inputs(L, requires_grad=(mode == "fwd+bwd"))
+    x = make_inputs(L, requires_grad=(mode == "fwd+bwd"), dtype=getattr(torch, dtype))
     aux = torch.tensor(list(range(R))) if impl in ("relattn", "relattn-dropout") else pair_index(L)
     if impl == "relattn-index":
         aux = aux.to(torch.int32)
@@ -162,11 +162,13 @@ def main():
     ap.add_argument("--impls", nargs="+", default=DEFAULT_IMPLS, choices=list(IMPLS))
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--max-gb", type=float, default=14.0, help="skip eager cases estimated above this")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="of every input (relattn accumulates half types in float32)")
     ap.add_argument("--out", default="bench/results/cpu")
     ap.add_argument("--child", nargs=3, metavar=("IMPL", "L", "MODE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        child(a.child[0], int(a.child[1]), a.child[2], a.repeat)
+        child(a.child[0], int(a.child[1]), a.child[2], a.repeat, a.dtype)
         return
 
     rows = []
@@ -179,7 +181,8 @@ def main():
                     print(rows[-1], flush=True)
                     continue
                 repeat = a.repeat if L <= 2048 else max(1, a.repeat - 1)
-                r = subprocess.run([sys.executable, __file__, "--child", impl, str(L), mode, "--repeat", str(repeat)],
+                r = subprocess.run([sys.executable, __file__, "--child", impl, str(L), mode, "--repeat", str(repeat),
+                                    "--dtype", a.dtype],
                                    capture_output=True, text=True)
                 if r.returncode != 0:
                     rows.append({"impl": impl, "L": L, "mode": mode, "ms": None, "peak_mb": None,
@@ -214,8 +217,13 @@ def main():
                     ups.append(f"{r['ms'] / base['ms']:.1f}x" if ok else (r or {}).get("note", "n/a"))
             lines.append(f"| {L} | {mode} | " + " | ".join(cells) + " | " + " / ".join(ups) + " |")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-    info = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu}; "
-            f"B={B} H={H} D={D}, rel_k+rel_v+rel_bias, clip k={K} (R={R}), float32")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except OSError:
+        commit = "?"
+    info = (f"relattn commit {commit}, torch {torch.__version__}, {torch.get_num_threads()} threads, CPU: {cpu}; "
+            f"B={B} H={H} D={D}, rel_k+rel_v+rel_bias, clip k={K} (R={R}), {a.dtype}")
     table = "\n".join(lines)
     with open(os.path.join(a.out, "cpu_bench.md"), "w") as f:
         f.write(f"# relattn CPU benchmark\n\n{info}\n\n{table}\n")
