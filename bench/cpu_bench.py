@@ -90,7 +90,7 @@ def run_gather(x, idx):
     s = (q @ k.transpose(-1, -2) + torch.gather(qa, -1, idx4)) / math.sqrt(D)
     s = s + x["rel_bias"][:, idx]
     p = torch.softmax(s, dim=-1)
-    psum = torch.zeros(B, H, L, R).scatter_add(-1, idx4, p)  # Σ_{j: β=r} p_ij
+    psum = torch.zeros(B, H, L, R, dtype=p.dtype).scatter_add(-1, idx4, p)  # Σ_{j: β=r} p_ij
     return p @ v + psum @ x["rel_v"]
 
 
