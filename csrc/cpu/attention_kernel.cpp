@@ -17,7 +17,10 @@
 //   float16/bfloat16 (backward_group_strip), whose rounded `out` would put its error into Δ: query blocks
 //     over all keys, pass A's sweep below keeping each tile's P and P∘dP (the block's "strip"), then a
 //     second sweep over the strip once Δ is known.
-// Otherwise (few tasks), two passes, so that nothing is written by two tasks (deterministic, no atomics):
+//   With too few (b, kv head) pairs for the threads, the strip sweep splits each pair's query blocks into
+//     chunks, one task each, adding dk and dv into per-chunk partial sums that reduce_chunks adds up in order.
+// Otherwise (half types with very long keys; partial sums too large), two passes, so that nothing is written
+// by two tasks (deterministic, no atomics):
 //   pass A per (b, h, query block): row tables tab and doa[i,r] = do_i·aV[r], P = exp(S - lse),
 //     dP = dO Vᵀ + doa[i,β]; Δ_i = Σ_j P_ij dP_ij - glse_i (= do_i·out_i - glse_i, in acc_t);
 //     dq = scale*(dS K + dsb·aK) with dS = P∘(dP - Δ), and the bucket sums dsb[i,r] = Σ_{β=r} dS_ij and
@@ -29,11 +32,13 @@
 // sequences (for_each_key_run), each over its keys only; a key block sweeps only its sequences' queries.
 // Threads take tasks from a shared counter (parallel_tasks): tasks of unequal cost keep every thread busy.
 // Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -70,6 +75,8 @@ constexpr int64_t kBlockK = 128;
 // even 16 rows would need more than kStripMaxBytes.
 constexpr int64_t kStripBytes = int64_t(4) << 20;
 constexpr int64_t kStripMaxBytes = int64_t(8) << 20;
+// The partial dk, dv sums of a backward whose kv groups are split into chunks (reduce_chunks), all together.
+constexpr int64_t kChunkBytes = int64_t(256) << 20;
 // Grouped-query decoding: with at most kPackMaxLq queries and G = H / Hk > 1, a forward task takes all G
 // query heads of a kv group at once (G·Lq tile rows, at most kPackMaxRows), so every key and value tile
 // is read once per group instead of once per head (forward_block).
@@ -983,34 +990,68 @@ void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Til
   }
 }
 
-// The fused backward of float16/bfloat16 inputs, whose rounded `out` must not enter Δ: one task per
-// (b, kv head) runs the query blocks of its heads (`strip_rows` rows each) through backward_query_block with
-// a strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t) while it keeps its tiles' P and P∘dP;
-// the second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two passes take 8, at the
-// cost of the strip (strip_rows x Lk per buffer, per thread; strip_rows shrinks as Lk grows).
+// The strip sweep (float16/bfloat16 inputs, whose rounded `out` must not enter Δ; and any dtype when there
+// are too few (b, kv head) pairs for the threads): chunk c of `chunks` of kv group (b, g) runs every
+// chunks-th of the group's (head, query block) pairs (blocks of `strip_rows` rows; interleaved, so that the
+// costly and the cheap blocks of a causal call spread over the chunks) through backward_query_block with a
+// strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t) while it keeps its tiles' P and P∘dP; the
+// second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two passes take 8, at the
+// cost of the strip (strip_rows x Lk per buffer and thread; strip_rows shrinks as Lk grows). One chunk
+// writes dk and dv itself; several add into their own partial sums (part_dk [B·Hk·chunks, Lk, D1], part_dv
+// likewise), which reduce_chunks then adds up in chunk order: deterministic, no atomics.
 template <typename scalar_t, typename acc_t>
-void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t strip_rows, Tiles<acc_t>& t) {
+void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t c, int64_t chunks,
+                          int64_t strip_rows, acc_t* part_dk, acc_t* part_dv, Tiles<acc_t>& t) {
   const int64_t group = p.H / p.Hk, D1 = t.D1, Dv1 = t.Dv1;
   const int64_t tiles = (p.Lk + kBlockK - 1) / kBlockK, tile_elems = strip_rows * kBlockK;
   t.strip_p.resize(tiles * tile_elems);
   t.strip_t.resize(tiles * tile_elems);
   if (p.has_dropout()) t.strip_zp.resize(tiles * tile_elems);
-  t.gk.assign(p.Lk * D1, acc_t(0));
-  t.gv.assign(p.Lk * Dv1, acc_t(0));
-  const Strip<acc_t> strip{t.strip_p.data(), t.strip_t.data(), t.strip_zp.data(), tile_elems, t.gk.data(),
-                           t.gv.data()};
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    for (int64_t i0 = 0; i0 < p.Lq; i0 += strip_rows) {
-      for_each_key_run(p, b, i0, std::min(strip_rows, p.Lq - i0), [&](int64_t i, int64_t n) {
-        backward_query_block<scalar_t, acc_t>(p, b, h, i, n, t, &strip);
-      });
-    }
+  acc_t *dk_sum, *dv_sum;
+  if (chunks == 1) {
+    t.gk.assign(p.Lk * D1, acc_t(0));
+    t.gv.assign(p.Lk * Dv1, acc_t(0));
+    dk_sum = t.gk.data();
+    dv_sum = t.gv.data();
+  } else {
+    const int64_t part = (b * p.Hk + g) * chunks + c;
+    dk_sum = std::fill_n(part_dk + part * p.Lk * D1, p.Lk * D1, acc_t(0)) - p.Lk * D1;
+    dv_sum = std::fill_n(part_dv + part * p.Lk * Dv1, p.Lk * Dv1, acc_t(0)) - p.Lk * Dv1;
   }
+  const Strip<acc_t> strip{t.strip_p.data(), t.strip_t.data(), t.strip_zp.data(), tile_elems, dk_sum, dv_sum};
+  const int64_t blocks = (p.Lq + strip_rows - 1) / strip_rows;
+  for (int64_t u = c; u < group * blocks; u += chunks) {
+    const int64_t h = g * group + u / blocks, i0 = u % blocks * strip_rows;
+    for_each_key_run(p, b, i0, std::min(strip_rows, p.Lq - i0), [&](int64_t i, int64_t n) {
+      backward_query_block<scalar_t, acc_t>(p, b, h, i, n, t, &strip);
+    });
+  }
+  if (chunks > 1) return;
   const int64_t kv0 = (b * p.Hk + g) * p.Lk;
-  auto* dk = static_cast<scalar_t*>(p.dk) + kv0 * p.D;
-  auto* dv = static_cast<scalar_t*>(p.dv) + kv0 * p.Dv;
-  store_rows(t.gk.data(), D1, p.Lk, p.D, static_cast<acc_t>(p.scale), dk, p.D);
-  store_rows(t.gv.data(), Dv1, p.Lk, p.Dv, acc_t(1), dv, p.Dv);
+  store_rows(dk_sum, D1, p.Lk, p.D, static_cast<acc_t>(p.scale), static_cast<scalar_t*>(p.dk) + kv0 * p.D, p.D);
+  store_rows(dv_sum, Dv1, p.Lk, p.Dv, acc_t(1), static_cast<scalar_t*>(p.dv) + kv0 * p.Dv, p.Dv);
+}
+
+// dk = scale * Σ_c part_dk[c] and dv = Σ_c part_dv[c], chunks in order, for every (b, kv head, key).
+template <typename scalar_t, typename acc_t>
+void reduce_chunks(const AttentionBwdParams& p, int64_t chunks, const acc_t* part_dk, const acc_t* part_dv) {
+  const int64_t D1 = ld1(p.D), Dv1 = ld1(p.Dv);
+  at::parallel_for(0, p.B * p.Hk * p.Lk, 64, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(std::max(D1, Dv1));
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t bg = r / p.Lk, j = r % p.Lk;
+      auto sum = [&](const acc_t* part, int64_t ld, int64_t n, acc_t scale, scalar_t* dst) {
+        std::fill_n(row.begin(), n, acc_t(0));
+        for (int64_t c = 0; c < chunks; ++c) {
+          const acc_t* x = part + ((bg * chunks + c) * p.Lk + j) * ld;
+          for (int64_t e = 0; e < n; ++e) row[e] += x[e];
+        }
+        store_rows(row.data(), ld, 1, n, scale, dst, n);
+      };
+      sum(part_dk, D1, p.D, static_cast<acc_t>(p.scale), static_cast<scalar_t*>(p.dk) + r * p.D);
+      sum(part_dv, Dv1, p.Dv, acc_t(1), static_cast<scalar_t*>(p.dv) + r * p.Dv);
+    }
+  });
 }
 
 // backward_group_strip's rows per query block: as many multiples of 16 (the dropout counters' grid) up to
@@ -1020,19 +1061,30 @@ inline int64_t strip_rows_for(int64_t Lk) {
   return std::clamp<int64_t>(kStripBytes / per_row / 16 * 16, 16, kBlockQ);
 }
 
+// `chunks`: 0 takes the two passes; 1 one fused task per (b, kv head) (backward_group_fused for
+// float32/float64, the strip sweep for half types); more splits each kv group's query blocks into that many
+// strip-sweep tasks (cpu_backward_plan).
 template <typename scalar_t, typename acc_t>
-void backward(const AttentionBwdParams& p, bool fused) {
-  if (fused) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
-        backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
-      });
-    } else {
-      const int64_t rows = strip_rows_for(p.Lk);
-      parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
-        backward_group_strip<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, rows, t);
-      });
+void backward(const AttentionBwdParams& p, int64_t chunks) {
+  if (chunks == 1 && std::is_same_v<scalar_t, acc_t>) {
+    parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
+      if constexpr (std::is_same_v<scalar_t, acc_t>) backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
+    });
+    return;
+  }
+  if (chunks >= 1) {
+    const int64_t rows = strip_rows_for(p.Lk);
+    std::unique_ptr<acc_t[]> part_dk, part_dv;  // written whole by their tasks: no zeroing here
+    if (chunks > 1) {
+      part_dk.reset(new acc_t[p.B * p.Hk * chunks * p.Lk * ld1(p.D)]);
+      part_dv.reset(new acc_t[p.B * p.Hk * chunks * p.Lk * ld1(p.Dv)]);
     }
+    parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk * chunks, [&](int64_t task, Tiles<acc_t>& t) {
+      const int64_t bg = task / chunks;
+      backward_group_strip<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, task % chunks, chunks, rows, part_dk.get(),
+                                            part_dv.get(), t);
+    });
+    if (chunks > 1) reduce_chunks<scalar_t>(p, chunks, part_dk.get(), part_dv.get());
     return;
   }
   parallel_over_blocks<acc_t>(p, /*backward=*/true, p.B * p.H, p.Lq, kBlockQ,
@@ -1078,24 +1130,42 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
 }
 
 namespace {
-// Which CPU backward runs: the fused sweep per (b, kv head) (about 1.5x less work: backward_group_fused for
-// float32/float64, backward_group_strip for float16/bfloat16) unless its B·Hk equal tasks would leave more
-// than a third of the threads' time idle (e.g. 8 tasks on 16 threads, or 17), where the two passes, split by
-// query and key blocks, keep every thread busy; half types also take the two passes where the strip of 16
-// rows would exceed kStripMaxBytes (over 128k keys).
-// RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (the tests use it to cover both).
-bool cpu_backward_fused(const Prepared& a) {
+// Which CPU backward runs (cpu::backward's `chunks`): the fused sweeps (5 tile GEMMs where the two passes take
+// 8). One task per (b, kv head) when its B·Hk equal tasks keep the threads busy (leaving at most a third of
+// their time idle); otherwise each kv group's query blocks are split into enough strip-sweep chunks for about
+// two tasks per thread, whose partial dk, dv (kChunkBytes at most in all) are added up in chunk order after.
+// The two passes, split by query and key blocks, run where neither fits: half types whose strip of 16 rows
+// would exceed kStripMaxBytes (over 128k keys), or too many keys for the partial sums.
+// RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (the tests use it to cover both; "fused"
+// takes one task per (b, kv head) unless RELATTN_CPU_BACKWARD_CHUNKS=N asks for N chunks).
+int64_t cpu_backward_plan(const Prepared& a) {
   const char* env = std::getenv("RELATTN_CPU_BACKWARD");
   const std::string mode = env ? env : "auto";
   TORCH_CHECK(mode == "auto" || mode == "fused" || mode == "two-pass",
               "relattn: RELATTN_CPU_BACKWARD must be auto, fused or two-pass, got '", mode, "'");
-  if (mode != "auto") return mode == "fused";
+  if (mode == "two-pass") return 0;
+  const char* chunks_env = std::getenv("RELATTN_CPU_BACKWARD_CHUNKS");
+  if (chunks_env) {
+    char* end = nullptr;
+    const long long n = std::strtoll(chunks_env, &end, 10);
+    TORCH_CHECK(*chunks_env != '\0' && *end == '\0' && n >= 1 && n <= 4096,
+                "relattn: RELATTN_CPU_BACKWARD_CHUNKS must be an integer in [1, 4096], got '", chunks_env, "'");
+    if (mode == "fused") return n;
+  }
+  if (mode == "fused") return 1;
   const bool full_precision = a.q.scalar_type() == at::kFloat || a.q.scalar_type() == at::kDouble;
   if (!full_precision && 16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * 4 > cpu::kStripMaxBytes)
-    return false;
+    return 0;
   const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rounds = (tasks + threads - 1) / threads;
-  return 3 * tasks >= 2 * rounds * threads;
+  if (3 * tasks >= 2 * rounds * threads) return 1;
+  // Chunks: about two tasks per thread, at most one per (head, query block) of a group, and partial sums
+  // within kChunkBytes.
+  const int64_t blocks = (a.H / a.Hk) * ((a.Lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
+  const int64_t acc_bytes = full_precision ? a.q.element_size() : 4;
+  const int64_t per_chunk = tasks * a.Lk * (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
+  const int64_t chunks = std::min({(2 * threads + tasks - 1) / tasks, blocks, cpu::kChunkBytes / std::max<int64_t>(per_chunk, 1)});
+  return chunks >= 2 ? chunks : 0;
 }
 }  // namespace
 
@@ -1112,11 +1182,11 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                        causal, scale, q_offset, dropout_p, dropout_seed, q_segment_ids, k_segment_ids,
                        q_offsets);
   const bool run = a.B * a.H * a.Lq > 0;
-  const bool fused = run && cpu_backward_fused(a);
-  // The fused sweep of float32/float64 adds into dq and the bucket sums; the two passes and the half types'
-  // fused sweep write every element of them. dk and dv are written whole either way. (Fresh large buffers
+  const int64_t chunks = run ? cpu_backward_plan(a) : 0;
+  // The fused sweep of float32/float64 (one chunk) adds into dq and the bucket sums; the two passes and the
+  // strip sweep write every element of them. dk and dv are written whole either way. (Fresh large buffers
   // cost page faults: zero only what is added into.)
-  const bool in_place = fused && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
+  const bool in_place = chunks == 1 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
   BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/in_place);
   auto grad = [&](int64_t heads, int64_t len, int64_t d, bool written) {
     return written ? at::empty({a.B, heads, len, d}, q.options()) : at::zeros({a.B, heads, len, d}, q.options());
@@ -1134,7 +1204,7 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
     if (in_place) p.out = out_rows.data_ptr();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-      cpu::backward<scalar_t, acc_t>(p, fused);
+      cpu::backward<scalar_t, acc_t>(p, chunks);
     });
   }
 

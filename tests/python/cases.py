@@ -263,3 +263,17 @@ def capture(step, after_warmup=None):
     with torch.cuda.graph(graph):
         outputs = step()
     return graph, outputs
+
+
+CPU_BACKWARD_ALGORITHMS = ("fused", "fused-chunks", "two-pass")
+
+
+def set_cpu_backward(monkeypatch, algorithm):
+    """Forces the CPU backward's algorithm (csrc/cpu/attention_kernel.cpp, cpu_backward_plan): "fused" (one
+    task per batch row and kv head), "fused-chunks" (the strip sweep with each kv group's query blocks split
+    into 3 tasks, partial dk and dv added after), "two-pass" or "auto"."""
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm.removesuffix("-chunks"))
+    if algorithm.endswith("-chunks"):
+        monkeypatch.setenv("RELATTN_CPU_BACKWARD_CHUNKS", "3")
+    else:
+        monkeypatch.delenv("RELATTN_CPU_BACKWARD_CHUNKS", raising=False)

@@ -9,7 +9,7 @@ mixed-precision tables beside half inputs (and float32 tables beside float64 one
 import pytest
 import torch
 
-from cases import (ALL_DTYPES, HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients,
+from cases import (CPU_BACKWARD_ALGORITHMS, set_cpu_backward, ALL_DTYPES, HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients,
                    make_inputs, run_op, run_reference)
 
 F32 = torch.float32
@@ -129,15 +129,17 @@ def test_gradients_match_reference(case, dtype):
     check_gradients(case, dtype)
 
 
-@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_cpu_backward_algorithms_match_reference(case, dtype, algorithm, monkeypatch):
-    """The CPU backward has two algorithms (csrc/cpu/attention_kernel.cpp): one fused sweep per (batch, kv
-    head) (for float16/bfloat16 the strip sweep, which finds Δ exactly before it forms dS), and two passes
-    over query blocks and key blocks. By default the choice depends on the thread count, so each is forced
-    here over the whole grid."""
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    """The CPU backward has three algorithms (csrc/cpu/attention_kernel.cpp): one fused sweep per (batch,
+    kv head) (for float16/bfloat16 the strip sweep, which finds Δ exactly before it forms dS); the strip
+    sweep with each kv group's query blocks split into chunks whose dk, dv partial sums are added after
+    (here 3 chunks: more than some cases have query blocks, so some chunks are empty); and two passes over
+    query blocks and key blocks. By default the choice depends on the thread count, so each is forced here
+    over the whole grid."""
+    set_cpu_backward(monkeypatch, algorithm)
     check_gradients(case, dtype)
 
 

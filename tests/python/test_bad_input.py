@@ -154,6 +154,14 @@ def test_bad_backward_arguments():
         backward(torch.ones_like(out), torch.ones(B, H), q, k, v, out, lse, *rest)
 
 
+@pytest.mark.parametrize("value", ["0", "three", "", "5000", "2x"])
+def test_bad_cpu_backward_chunks(value, monkeypatch):
+    monkeypatch.setenv("RELATTN_CPU_BACKWARD_CHUNKS", value)
+    out = call(requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"RELATTN_CPU_BACKWARD_CHUNKS must be an integer in \[1, 4096\], got '"):
+        out.sum().backward()
+
+
 def test_bad_cpu_backward_algorithm(monkeypatch):
     monkeypatch.setenv("RELATTN_CPU_BACKWARD", "fast")
     out = call(requires_grad=True)

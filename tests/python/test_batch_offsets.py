@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import relattn
-from cases import ALL_DTYPES, Case, assert_accurate, capture, case_id, check_forward, check_gradients, make_inputs
+from cases import CPU_BACKWARD_ALGORITHMS, set_cpu_backward, ALL_DTYPES, Case, assert_accurate, capture, case_id, check_forward, check_gradients, make_inputs
 from reference import reference_attention
 
 CUDA = torch.cuda.is_available()
@@ -53,11 +53,11 @@ def test_forward_matches_reference(case, dtype):
     check_forward(case, dtype, *with_offsets(offsets_for(case)))
 
 
-@pytest.mark.parametrize("algorithm", ["fused", "two-pass"])
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradients_match_reference(case, dtype, algorithm, monkeypatch):
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     op, ref = with_offsets(offsets_for(case))
     check_gradients(case.with_(grad_lse=True), dtype, op, ref)
 
@@ -70,11 +70,11 @@ def _tables(H, D, g, dtype=torch.float64, requires_grad=False):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("algorithm", ["fused", "two-pass"])
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 def test_batched_equals_each_row_alone(causal, algorithm, monkeypatch):
     """Row b of a call with offsets [B] is the call on row b alone with q_offset = offsets[b]: the same bits in
     out, lse and dq/dk/dv, and the table gradients are the sums of the rows' (to rounding)."""
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     B, H, Lq, Lk, D = 4, 2, 70, 150, 8
     g = torch.Generator().manual_seed(2)
     q = torch.randn(B, H, Lq, D, generator=g, dtype=torch.float32, requires_grad=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import relattn
-from cases import (HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients, make_grad_outputs,
+from cases import (CPU_BACKWARD_ALGORITHMS, set_cpu_backward, HALF_DTYPES, Case, assert_accurate, case_id, check_gradients, gradients, make_grad_outputs,
                    make_inputs)
 from dropout_reference import keep_factors, philox4x32_10, threshold
 from reference import reference_attention
@@ -127,12 +127,12 @@ def test_forward_with_dropout_matches_reference(case, dtype):
     assert_accurate("lse", lse, ref_lse, dtype, naive_lse)
 
 
-@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=case_id)
 def test_gradients_with_dropout_match_reference(case, dtype, algorithm, monkeypatch):
     """Both CPU backward algorithms (the fused sweep runs for float32/float64 only)."""
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     check_gradients(case, dtype, op, ref)
 
 
@@ -167,9 +167,9 @@ def test_lse_is_unchanged_by_dropout():
     assert torch.equal(op(inp)[1], lse)
 
 
-@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 def test_p_one_drops_everything(algorithm, monkeypatch):
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     inp = make_inputs(DROPOUT_CASES[7], torch.float64, requires_grad=True)
     out, lse = op(inp, p=1.0)
     assert torch.equal(out, torch.zeros_like(out))

@@ -6,7 +6,7 @@ switches every feature on or off independently: distance buckets (clip or T5, an
 rel_k / rel_v shared or per head, rel_bias, ALiBi, key padding (with fully masked rows), causal masks,
 q_offset of either sign (an int, or one per batch row), a custom scale, segment ids (sorted or not, one
 tensor or a query/key pair) and non-contiguous inputs. Each case compares out, lse and every gradient (through out and lse) with the
-reference, with both CPU backward algorithms, and on the GPU where present.
+reference, with every CPU backward algorithm, and on the GPU where present.
 """
 import random
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import relattn
-from cases import assert_accurate, gradients
+from cases import CPU_BACKWARD_ALGORITHMS, set_cpu_backward, assert_accurate, gradients
 from reference import reference_attention
 
 HAS_CUDA = torch.cuda.is_available() and relattn.cuda_kernels_built()
@@ -162,10 +162,10 @@ def check(case, dtype, device):
 CASES = [draw_case(seed) for seed in range(NUM_CASES)]
 
 
-@pytest.mark.parametrize("algorithm", ["fused", "two-pass"])
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_random_mix_float64(case, algorithm, monkeypatch):
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     check(case, torch.float64, "cpu")
 
 

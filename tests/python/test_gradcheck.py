@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import relattn
-from cases import Case, case_id, make_inputs
+from cases import CPU_BACKWARD_ALGORITHMS, set_cpu_backward, Case, case_id, make_inputs
 
 SMALL = dict(B=2, H=2, Lq=5, Lk=6, D=4, Dv=3)
 
@@ -54,8 +54,8 @@ def test_gradcheck(case):
     assert torch.autograd.gradcheck(f, leaves)
 
 
-@pytest.mark.parametrize("algorithm", ("fused", "two-pass"))
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 def test_gradcheck_multi_tile(algorithm, monkeypatch):
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)  # both CPU backward algorithms
+    set_cpu_backward(monkeypatch, algorithm)  # every CPU backward algorithm
     f, leaves = _attention_of_leaves(make_inputs(MULTI_TILE, torch.float64, requires_grad=True))
     assert torch.autograd.gradcheck(f, leaves, fast_mode=True)

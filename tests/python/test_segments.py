@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import relattn
-from cases import (ALL_DTYPES, Case, assert_accurate, case_id, check_gradients, make_grad_outputs, make_inputs,
+from cases import (CPU_BACKWARD_ALGORITHMS, set_cpu_backward, ALL_DTYPES, Case, assert_accurate, case_id, check_gradients, make_grad_outputs, make_inputs,
                    run_reference)
 from reference import reference_attention
 
@@ -93,11 +93,11 @@ def test_forward_matches_reference(case, kind, dtype):
         assert torch.isinf(ref_lse).any(), "the case must have fully masked rows"
 
 
-@pytest.mark.parametrize("algorithm", ["fused", "two-pass"])
+@pytest.mark.parametrize("algorithm", CPU_BACKWARD_ALGORITHMS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 @pytest.mark.parametrize("case,kind", CASES, ids=_id)
 def test_gradients_match_reference(case, kind, dtype, algorithm, monkeypatch):
-    monkeypatch.setenv("RELATTN_CPU_BACKWARD", algorithm)
+    set_cpu_backward(monkeypatch, algorithm)
     op, ref = with_segments(segments_for(case, kind))
     check_gradients(case.with_(grad_lse=True), dtype, op, ref)
 
