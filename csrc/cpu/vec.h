@@ -5,6 +5,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <vector>
 
 namespace relattn {
 namespace cpu {
@@ -40,6 +41,10 @@ struct VecOps {
 
 // The best variant for this CPU.
 const VecOps& vec_ops();
+
+// Every variant this CPU can run, the portable one first (tests compare them: on x86-64 the kernels never
+// take the portable loops, which ARM and other CPUs run).
+std::vector<const VecOps*> vec_ops_variants();
 
 // exp that vectorises (Cephes' expf polynomial, max relative error ~1e-7); 0 for x < -87 (so -inf -> 0).
 inline float fast_expf(float x) {
