@@ -129,8 +129,10 @@ struct BackwardBuffers {
   Tensor grad_out, lse, grad_lse;  // grad_lse undefined when absent
   Tensor delta, row_tab, ds_sum, row_doa, p_sum;
 };
+// zero_sums: ds_sum / p_sum start at zero (kernels that add into them); row_tables_kept: allocate row_tab /
+// row_doa (kernels that keep the row tables between passes).
 BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
-                                 const OptTensor& grad_lse, bool zero_sums = true);
+                                 const OptTensor& grad_lse, bool zero_sums = true, bool row_tables_kept = true);
 
 // fill_params plus the backward's pointers and strides (buffers and the gradients dq, dk, dv).
 void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Tensor& dq, const Tensor& dk,

@@ -412,7 +412,7 @@ bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor
 }
 
 BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, const Tensor& out, const Tensor& lse,
-                                 const OptTensor& grad_lse, bool zero_sums) {
+                                 const OptTensor& grad_lse, bool zero_sums, bool row_tables_kept) {
   const bool has_glse = check_backward_args(a, grad_out, out, lse, grad_lse);
   const auto acc_opts = a.q.options().dtype(a.acc_dtype);
   const bool has_tab = a.rel_k.defined() || a.rel_bias.defined();
@@ -424,11 +424,11 @@ BackwardBuffers backward_buffers(const Prepared& a, const Tensor& grad_out, cons
   if (has_glse) s.grad_lse = grad_lse->to(acc_opts).contiguous();
   s.delta = at::empty(rows, acc_opts);
   if (has_tab) {
-    s.row_tab = at::empty(row_tables, acc_opts);
+    if (row_tables_kept) s.row_tab = at::empty(row_tables, acc_opts);
     s.ds_sum = zero_sums ? at::zeros(row_tables, acc_opts) : at::empty(row_tables, acc_opts);
   }
   if (has_doa) {
-    s.row_doa = at::empty(row_tables, acc_opts);
+    if (row_tables_kept) s.row_doa = at::empty(row_tables, acc_opts);
     s.p_sum = zero_sums ? at::zeros(row_tables, acc_opts) : at::empty(row_tables, acc_opts);
   }
   return s;
@@ -445,14 +445,10 @@ void fill_backward_params(const Prepared& a, const BackwardBuffers& s, const Ten
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
   p.delta = s.delta.data_ptr();
-  if (s.row_tab.defined()) {
-    p.row_tab = s.row_tab.data_ptr();
-    p.ds_sum = s.ds_sum.data_ptr();
-  }
-  if (s.row_doa.defined()) {
-    p.row_doa = s.row_doa.data_ptr();
-    p.p_sum = s.p_sum.data_ptr();
-  }
+  if (s.row_tab.defined()) p.row_tab = s.row_tab.data_ptr();
+  if (s.ds_sum.defined()) p.ds_sum = s.ds_sum.data_ptr();
+  if (s.row_doa.defined()) p.row_doa = s.row_doa.data_ptr();
+  if (s.p_sum.defined()) p.p_sum = s.p_sum.data_ptr();
 }
 
 std::vector<Tensor> single_sweep_backward_inputs(const Prepared& a, const Tensor& out, kernels::AttentionBwdParams& p) {

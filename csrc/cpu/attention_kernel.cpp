@@ -10,17 +10,15 @@
 // are one value and their bucket sums are row sums; only the window between is gathered key by key
 // (RowBuckets). A row whose tile lies beyond ±M is the single-bucket fast path.
 //
-// Backward, with enough (b, kv head) tasks for the threads: one fused sweep per (b, kv head), the task owning
-//   every row and key of its heads, 5 GEMMs per tile (S, dP; dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K):
-//   float32/float64 (backward_group_fused): Δ = do·out - glse per row first, then key blocks over all rows,
-//     dq and the bucket sums added in place.
-//   float16/bfloat16 (backward_group_strip), whose rounded `out` would put its error into Δ: query blocks
-//     over all keys, pass A's sweep below keeping each tile's P and P∘dP (the block's "strip"), then a
-//     second sweep over the strip once Δ is known.
-//   With too few (b, kv head) pairs for the threads, the strip sweep splits each pair's query blocks into
-//     chunks, one task each, adding dk and dv into per-chunk partial sums that reduce_chunks adds up in order.
-// Otherwise (half types with very long keys; partial sums too large), two passes, so that nothing is written
-// by two tasks (deterministic, no atomics):
+// Backward, fused (backward_group_strip): one task per (b, kv head) owns every row and key of its heads and
+//   takes its query blocks in turn, 5 GEMMs per tile (S, dP; dv += Pᵀ dO, dk += dSᵀ Q, dq += dS K). A block
+//   first runs pass A's sweep below, keeping each tile's P and P∘dP (the block's "strip") and finding Δ
+//   exactly (Σ_j P∘dP in acc_t, never from a float16/bfloat16 `out`, whose rounding would enter dS), then
+//   sweeps its strip to form dS and add the three gradient GEMMs.
+//   With too few (b, kv head) pairs for the threads, each pair's query blocks are split into chunks, one
+//   task each, adding dk and dv into per-chunk partial sums that reduce_chunks adds up in order.
+// Otherwise (very long keys; partial sums too large), two passes, so that nothing is written by two tasks
+// (deterministic, no atomics):
 //   pass A per (b, h, query block): row tables tab and doa[i,r] = do_i·aV[r], P = exp(S - lse),
 //     dP = dO Vᵀ + doa[i,β]; Δ_i = Σ_j P_ij dP_ij - glse_i (= do_i·out_i - glse_i, in acc_t);
 //     dq = scale*(dS K + dsb·aK) with dS = P∘(dP - Δ), and the bucket sums dsb[i,r] = Σ_{β=r} dS_ij and
@@ -762,13 +760,12 @@ std::pair<acc_t*, acc_t*> row_tables(const AttentionBwdParams& p, int64_t row0) 
           p.rel_v ? static_cast<acc_t*>(p.row_doa) + row0 * p.R : nullptr};
 }
 template <typename acc_t>
-void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t row0, int64_t rows, const acc_t* q,
-                     int64_t ldq, const acc_t* dout, int64_t lddo, int64_t Dv1) {
-  const auto [tab, doa] = row_tables<acc_t>(p, row0);
-  if (tab) row_key_table(p, h, rows, q, ldq, tab, p.R);
+void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t rows, const acc_t* q, int64_t ldq,
+                     const acc_t* dout, int64_t lddo, int64_t Dv1, acc_t* tab, acc_t* doa, int64_t ld) {
+  if (tab) row_key_table(p, h, rows, q, ldq, tab, ld);
   if (doa) {
     const acc_t* rv = static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride;
-    mm_nt<acc_t>(rows, p.R, p.Dv, acc_t(1), dout, lddo, rv, Dv1, acc_t(0), doa, p.R);
+    mm_nt<acc_t>(rows, p.R, p.Dv, acc_t(1), dout, lddo, rv, Dv1, acc_t(0), doa, ld);
   }
 }
 
@@ -794,9 +791,17 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
   const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
 
-  // Row tables, kept for pass B.
-  fill_row_tables(p, h, row0, rows, qt, ldq, dot, lddo, Dv1);
-  const auto [tab, doa] = row_tables<acc_t>(p, row0);
+  // Row tables: kept for pass B in the row-table buffers; the strip sweep needs them for this block only.
+  acc_t *tab, *doa;
+  int64_t ldt = R;
+  if (strip) {
+    tab = (p.rel_k || p.rel_bias) ? t.tab.data() : nullptr;
+    doa = p.rel_v ? t.doa.data() : nullptr;
+    ldt = R1;
+  } else {
+    std::tie(tab, doa) = row_tables<acc_t>(p, row0);
+  }
+  fill_row_tables(p, h, rows, qt, ldq, dot, lddo, Dv1, tab, doa, ldt);
   const acc_t* lse = static_cast<const acc_t*>(p.lse) + row0;
 
   // Δ_i = Σ_j p_ij dp_ij is accumulated here in acc_t rather than taken as do_i·out_i from the rounded
@@ -816,7 +821,7 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     const int64_t cols = std::min(kBlockK, keys.end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
-    probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, R, doa, R, lse,
+    probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, ldt, doa, ldt, lse,
                       static_cast<const acc_t*>(nullptr), t);
     if (strip) {
       const int64_t at = (j0 - keys.begin) / kBlockK * strip->tile_elems;
@@ -891,12 +896,10 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   }
 }
 
-// Pass B (and the fused sweep's step): one key block of kv head g over the heads of its group and all query
-// blocks, dv = Σ Pᵀ dO and dk = scale * Σ dSᵀ Q. `fused` (acc_t inputs only) also adds dS K into dq
-// (unscaled) and the bucket sums of dS and P into ds_sum / p_sum: its task owns every row of the group.
+// Pass B: one key block of kv head g over the heads of its group and all query blocks, dv = Σ Pᵀ dO and
+// dk = scale * Σ dSᵀ Q.
 template <typename scalar_t, typename acc_t>
-void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t j0, Tiles<acc_t>& t,
-                        bool fused = false) {
+void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t j0, Tiles<acc_t>& t) {
   const int64_t cols = std::min(kBlockK, p.Lk - j0);
   const int64_t D1 = t.D1, Dv1 = t.Dv1, R = p.R;
   const int64_t group = p.H / p.Hk;
@@ -925,17 +928,6 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
     if (p.has_dropout()) apply_dropout(rows, n, t.s.data(), t.keep.data());  // dv and p_sum take Z∘P
     mm_tn<acc_t>(n, p.Dv, rows, acc_t(1), t.s.data(), kBlockK, dot, lddo, acc_t(1), t.dv.data() + c0 * Dv1, Dv1);
     mm_tn<acc_t>(n, p.D, rows, acc_t(1), t.dp.data(), kBlockK, qt, ldq, acc_t(1), t.dk.data() + c0 * D1, D1);
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      if (!fused) return;
-      mm_nn<acc_t>(rows, p.D, n, acc_t(1), t.dp.data(), kBlockK, kc, ldk, acc_t(1),
-                   static_cast<acc_t*>(p.dq) + row0 * p.D, ld1(p.D));
-      if (tab)
-        add_bucket_sums(rows, n, t.dp.data(), static_cast<acc_t*>(p.ds_sum) + row0 * R, R, t.ids.data(),
-                        t.row_buckets.data());
-      if (doa)
-        add_bucket_sums(rows, n, t.s.data(), static_cast<acc_t*>(p.p_sum) + row0 * R, R, t.ids.data(),
-                        t.row_buckets.data());
-    }
   };
   const Range queries = query_range(p, b, j0, cols);
   for (int64_t h = g * group; h < (g + 1) * group; ++h) {
@@ -951,51 +943,13 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
   store_rows(t.dv.data(), Dv1, cols, p.Dv, acc_t(1), dv, p.Dv);
 }
 
-// The fused backward (float32/float64 inputs, where `out` carries no rounding beyond acc_t's): one task per
-// (b, kv head) owns every row and key of its heads, so it adds dq, dk, dv and the bucket sums in place in a
-// single sweep of 5 GEMMs per tile (S, dP, Pᵀ dO, dSᵀ Q, dS K) instead of the two passes' 8. Δ = do·out - glse
-// per row first (p.out: contiguous [B,H,Lq,Dv]). dq (zeros) collects dS K unscaled, then dsb·aK and the scale.
-template <typename scalar_t, typename acc_t>
-void backward_group_fused(const AttentionBwdParams& p, int64_t b, int64_t g, Tiles<acc_t>& t) {
-  static_assert(std::is_same_v<scalar_t, acc_t>, "the fused backward adds into dq in place");
-  const int64_t group = p.H / p.Hk;
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    for (int64_t i0 = 0; i0 < p.Lq; i0 += kBlockQ) {
-      const int64_t rows = std::min(kBlockQ, p.Lq - i0);
-      const int64_t row0 = (b * p.H + h) * p.Lq + i0;
-      const auto [qt, ldq] = q_tile<scalar_t>(p, b, h, i0, rows, t);
-      const auto [dot, lddo] = do_tile<scalar_t>(p, b, h, i0, rows, t);
-      fill_row_tables(p, h, row0, rows, qt, ldq, dot, lddo, t.Dv1);
-      const acc_t* out = static_cast<const acc_t*>(p.out) + row0 * p.Dv;
-      const acc_t* glse = p.grad_lse ? static_cast<const acc_t*>(p.grad_lse) + row0 : nullptr;
-      acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
-      for (int64_t i = 0; i < rows; ++i) {
-        const acc_t d = row_dot(dot + i * lddo, out + i * p.Dv, p.Dv);
-        delta[i] = glse ? d - glse[i] : d;
-      }
-    }
-  }
-  for (int64_t j0 = 0; j0 < p.Lk; j0 += kBlockK) backward_key_block<scalar_t, acc_t>(p, b, g, j0, t, /*fused=*/true);
-
-  // dq = scale * (dS K + dsb · aK)
-  const acc_t scale = static_cast<acc_t>(p.scale);
-  for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-    acc_t* dqh = static_cast<acc_t*>(p.dq) + (b * p.H + h) * p.Lq * p.D;
-    if (p.rel_k) {
-      const acc_t* rk = static_cast<const acc_t*>(p.rel_k) + h * p.rel_k_head_stride;
-      const acc_t* dsb = static_cast<const acc_t*>(p.ds_sum) + (b * p.H + h) * p.Lq * p.R;
-      mm_nn<acc_t>(p.Lq, p.D, p.R, acc_t(1), dsb, p.R, rk, t.D1, acc_t(1), dqh, ld1(p.D));
-    }
-    for (int64_t e = 0; e < p.Lq * p.D; ++e) dqh[e] *= scale;
-  }
-}
-
-// The strip sweep (float16/bfloat16 inputs, whose rounded `out` must not enter Δ; and any dtype when there
-// are too few (b, kv head) pairs for the threads): chunk c of `chunks` of kv group (b, g) runs every
+// The fused backward, the strip sweep: chunk c of `chunks` of kv group (b, g) runs every
 // chunks-th of the group's (head, query block) pairs (blocks of `strip_rows` rows; interleaved, so that the
 // costly and the cheap blocks of a causal call spread over the chunks) through backward_query_block with a
-// strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t) while it keeps its tiles' P and P∘dP; the
-// second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two passes take 8, at the
+// strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t, never from float16/bfloat16 `out`, whose
+// rounding would enter dS) while it keeps its tiles' P and P∘dP and computes its row tables (tab, doa) in
+// per-thread tiles; the second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two
+// passes take 8, at the
 // cost of the strip (strip_rows x Lk per buffer and thread; strip_rows shrinks as Lk grows). One chunk
 // writes dk and dv itself; several add into their own partial sums (part_dk [B·Hk·chunks, Lk, D1], part_dv
 // likewise), which reduce_chunks then adds up in chunk order: deterministic, no atomics.
@@ -1055,25 +1009,18 @@ void reduce_chunks(const AttentionBwdParams& p, int64_t chunks, const acc_t* par
 }
 
 // backward_group_strip's rows per query block: as many multiples of 16 (the dropout counters' grid) up to
-// kBlockQ as keep one strip buffer within kStripBytes, and at least 16.
-inline int64_t strip_rows_for(int64_t Lk) {
-  const int64_t per_row = std::max<int64_t>(1, (Lk + kBlockK - 1) / kBlockK) * kBlockK * int64_t(sizeof(float));
+// kBlockQ as keep one strip buffer (elements of `elem_bytes`) within kStripBytes, and at least 16.
+inline int64_t strip_rows_for(int64_t Lk, int64_t elem_bytes) {
+  const int64_t per_row = std::max<int64_t>(1, (Lk + kBlockK - 1) / kBlockK) * kBlockK * elem_bytes;
   return std::clamp<int64_t>(kStripBytes / per_row / 16 * 16, 16, kBlockQ);
 }
 
-// `chunks`: 0 takes the two passes; 1 one fused task per (b, kv head) (backward_group_fused for
-// float32/float64, the strip sweep for half types); more splits each kv group's query blocks into that many
-// strip-sweep tasks (cpu_backward_plan).
+// `chunks`: 0 takes the two passes; 1 one strip-sweep task per (b, kv head); more split each kv group's
+// query blocks into that many (cpu_backward_plan).
 template <typename scalar_t, typename acc_t>
 void backward(const AttentionBwdParams& p, int64_t chunks) {
-  if (chunks == 1 && std::is_same_v<scalar_t, acc_t>) {
-    parallel_tasks<acc_t>(p, /*backward=*/true, p.B * p.Hk, [&](int64_t bg, Tiles<acc_t>& t) {
-      if constexpr (std::is_same_v<scalar_t, acc_t>) backward_group_fused<scalar_t, acc_t>(p, bg / p.Hk, bg % p.Hk, t);
-    });
-    return;
-  }
   if (chunks >= 1) {
-    const int64_t rows = strip_rows_for(p.Lk);
+    const int64_t rows = strip_rows_for(p.Lk, sizeof(acc_t));
     std::unique_ptr<acc_t[]> part_dk, part_dv;  // written whole by their tasks: no zeroing here
     if (chunks > 1) {
       part_dk.reset(new acc_t[p.B * p.Hk * chunks * p.Lk * ld1(p.D)]);
@@ -1130,12 +1077,13 @@ ForwardResult attention_forward_cpu(const Tensor& q, const Tensor& k, const Tens
 }
 
 namespace {
-// Which CPU backward runs (cpu::backward's `chunks`): the fused sweeps (5 tile GEMMs where the two passes take
-// 8). One task per (b, kv head) when its B·Hk equal tasks keep the threads busy (leaving at most a third of
-// their time idle); otherwise each kv group's query blocks are split into enough strip-sweep chunks for about
+// Which CPU backward runs (cpu::backward's `chunks`): the fused strip sweep (5 tile GEMMs where the two
+// passes take 8). One task per (b, kv head) when its B·Hk equal tasks keep the threads busy (leaving at most
+// a third of their time idle); otherwise each kv group's query blocks are split into enough chunks for about
 // two tasks per thread, whose partial dk, dv (kChunkBytes at most in all) are added up in chunk order after.
-// The two passes, split by query and key blocks, run where neither fits: half types whose strip of 16 rows
-// would exceed kStripMaxBytes (over 128k keys), or too many keys for the partial sums.
+// The two passes, split by query and key blocks, run where neither fits: a strip of 16 rows over
+// kStripMaxBytes (over 128k keys in float32 or the half types, 64k in float64), or too many keys for the
+// partial sums.
 // RELATTN_CPU_BACKWARD=fused|two-pass|auto overrides the choice (the tests use it to cover both; "fused"
 // takes one task per (b, kv head) unless RELATTN_CPU_BACKWARD_CHUNKS=N asks for N chunks).
 int64_t cpu_backward_plan(const Prepared& a) {
@@ -1153,16 +1101,14 @@ int64_t cpu_backward_plan(const Prepared& a) {
     if (mode == "fused") return n;
   }
   if (mode == "fused") return 1;
-  const bool full_precision = a.q.scalar_type() == at::kFloat || a.q.scalar_type() == at::kDouble;
-  if (!full_precision && 16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * 4 > cpu::kStripMaxBytes)
-    return 0;
+  const int64_t acc_bytes = a.q.scalar_type() == at::kDouble ? 8 : 4;
+  if (16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * acc_bytes > cpu::kStripMaxBytes) return 0;
   const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rounds = (tasks + threads - 1) / threads;
   if (3 * tasks >= 2 * rounds * threads) return 1;
   // Chunks: about two tasks per thread, at most one per (head, query block) of a group, and partial sums
   // within kChunkBytes.
   const int64_t blocks = (a.H / a.Hk) * ((a.Lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
-  const int64_t acc_bytes = full_precision ? a.q.element_size() : 4;
   const int64_t per_chunk = tasks * a.Lk * (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
   const int64_t chunks = std::min({(2 * threads + tasks - 1) / tasks, blocks, cpu::kChunkBytes / std::max<int64_t>(per_chunk, 1)});
   return chunks >= 2 ? chunks : 0;
@@ -1183,25 +1129,20 @@ BackwardResult attention_backward_cpu(const Tensor& grad_out, const OptTensor& g
                        q_offsets);
   const bool run = a.B * a.H * a.Lq > 0;
   const int64_t chunks = run ? cpu_backward_plan(a) : 0;
-  // The fused sweep of float32/float64 (one chunk) adds into dq and the bucket sums; the two passes and the
-  // strip sweep write every element of them. dk and dv are written whole either way. (Fresh large buffers
-  // cost page faults: zero only what is added into.)
-  const bool in_place = chunks == 1 && (q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble);
-  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/in_place);
-  auto grad = [&](int64_t heads, int64_t len, int64_t d, bool written) {
-    return written ? at::empty({a.B, heads, len, d}, q.options()) : at::zeros({a.B, heads, len, d}, q.options());
+  // Every algorithm writes every element of dq, dk, dv and the bucket sums: nothing to zero (fresh large
+  // buffers cost page faults). Only the two passes keep the row tables between their passes.
+  BackwardBuffers s = backward_buffers(a, grad_out, out, lse, grad_lse, /*zero_sums=*/false,
+                                       /*row_tables=*/chunks == 0);
+  auto grad = [&](int64_t heads, int64_t len, int64_t d) {
+    return run ? at::empty({a.B, heads, len, d}, q.options()) : at::zeros({a.B, heads, len, d}, q.options());
   };
-  Tensor dq = grad(a.H, a.Lq, a.D, run && !in_place);
-  Tensor dk = grad(a.Hk, a.Lk, a.D, run);
-  Tensor dv = grad(a.Hk, a.Lk, a.Dv, run);
+  Tensor dq = grad(a.H, a.Lq, a.D);
+  Tensor dk = grad(a.Hk, a.Lk, a.D);
+  Tensor dv = grad(a.Hk, a.Lk, a.Dv);
 
   if (run) {
     kernels::AttentionBwdParams p;
     fill_backward_params(a, s, dq, dk, dv, p);
-    // Δ_i = do_i·out_i - glse_i in the fused sweep: `out` is float32/float64 there, as accurate as the two
-    // passes' Σ_j p dp.
-    const Tensor out_rows = in_place ? out.contiguous() : Tensor();
-    if (in_place) p.out = out_rows.data_ptr();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "relattn_backward_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       cpu::backward<scalar_t, acc_t>(p, chunks);

@@ -131,7 +131,7 @@ def test_forward_with_dropout_matches_reference(case, dtype):
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("case", DROPOUT_CASES, ids=case_id)
 def test_gradients_with_dropout_match_reference(case, dtype, algorithm, monkeypatch):
-    """Both CPU backward algorithms (the fused sweep runs for float32/float64 only)."""
+    """Every CPU backward algorithm (tests/python/cases.py, set_cpu_backward)."""
     set_cpu_backward(monkeypatch, algorithm)
     check_gradients(case, dtype, op, ref)
 
