@@ -132,8 +132,8 @@ struct AttentionBwdParams : AttentionParams {
 
   // Scratch in the accumulation dtype, contiguous [B,H,Lq] / [B,H,Lq,R]:
   //   delta   Δ_i = Σ_j p_ij dp_ij - grad_lse_i  (= do_i·out_i - grad_lse_i, kept in acc dtype)
-  //   row_tab tab[i,r] = scale*q_i·aK[r] + bias[h,r]       (if rel_k or rel_bias)
-  //   row_doa do_i·aV[r]                                  (if rel_v)
+  //   row_tab tab[i,r] = scale*q_i·aK[r] + bias[h,r]       (if rel_k or rel_bias; null where the kernel
+  //   row_doa do_i·aV[r]                                  (if rel_v)             keeps them per block)
   //   ds_sum  Σ_{j:β=r} ds_ij                             (if rel_k or rel_bias)  -> d aK, d bias
   //   p_sum   Σ_{j:β=r} p_ij                              (if rel_v)              -> d aV
   void* delta = nullptr;
