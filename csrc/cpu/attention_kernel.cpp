@@ -124,17 +124,6 @@ inline void scale_row(double* s, int64_t n, double c) {
   for (int64_t j = 0; j < n; ++j) s[j] *= c;
 }
 
-// Σ_j a[j] b[j], four partial sums (so the compiler can vectorise without reordering one chain).
-template <typename acc_t>
-inline acc_t row_dot(const acc_t* a, const acc_t* b, int64_t n) {
-  acc_t s[4] = {0, 0, 0, 0};
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4)
-    for (int u = 0; u < 4; ++u) s[u] += a[j + u] * b[j + u];
-  for (; j < n; ++j) s[0] += a[j] * b[j];
-  return (s[0] + s[1]) + (s[2] + s[3]);
-}
-
 template <typename acc_t>
 constexpr acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
@@ -949,10 +938,10 @@ void backward_key_block(const AttentionBwdParams& p, int64_t b, int64_t g, int64
 // strip. A block's first sweep finds Δ exactly (Σ_j P∘dP in acc_t, never from float16/bfloat16 `out`, whose
 // rounding would enter dS) while it keeps its tiles' P and P∘dP and computes its row tables (tab, doa) in
 // per-thread tiles; the second turns them into dS and adds dq, dk and dv: 5 GEMMs per tile where the two
-// passes take 8, at the
-// cost of the strip (strip_rows x Lk per buffer and thread; strip_rows shrinks as Lk grows). One chunk
-// writes dk and dv itself; several add into their own partial sums (part_dk [B·Hk·chunks, Lk, D1], part_dv
-// likewise), which reduce_chunks then adds up in chunk order: deterministic, no atomics.
+// passes take 8, at the cost of the strip (strip_rows x Lk per buffer and thread; strip_rows shrinks as Lk
+// grows). One chunk writes dk and dv itself; several add into their own partial sums (part_dk
+// [B·Hk·chunks, Lk, D1], part_dv likewise), which reduce_chunks then adds up in chunk order: deterministic,
+// no atomics.
 template <typename scalar_t, typename acc_t>
 void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int64_t c, int64_t chunks,
                           int64_t strip_rows, acc_t* part_dk, acc_t* part_dv, Tiles<acc_t>& t) {
