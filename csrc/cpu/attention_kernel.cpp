@@ -764,7 +764,8 @@ template <typename acc_t>
 struct Strip {
   acc_t *p, *t, *zp;   // key tile n of the block at n * tile_elems (leading dim kBlockK); zp with dropout
   int64_t tile_elems;  // rows * kBlockK
-  acc_t *dk, *dv;
+  acc_t *dk, *dv;      // [Lk, ldk] / [Lk, ldv]
+  int64_t ldk, ldv;
 };
 
 // Pass A (strip == null): Δ, dq and the bucket sums of one query block. With a strip, the same first sweep
@@ -862,9 +863,10 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
       }
       const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
       mm_nn<acc_t>(rows, p.D, cols, acc_t(1), ds, kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
-      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), ds, kBlockK, qt, ldq, acc_t(1), strip->dk + j0 * D1, D1);
+      mm_tn<acc_t>(cols, p.D, rows, acc_t(1), ds, kBlockK, qt, ldq, acc_t(1), strip->dk + j0 * strip->ldk,
+                   strip->ldk);
       mm_tn<acc_t>(cols, p.Dv, rows, acc_t(1), drop ? strip->zp + at : pt, kBlockK, dot, lddo, acc_t(1),
-                   strip->dv + j0 * Dv1, Dv1);
+                   strip->dv + j0 * strip->ldv, strip->ldv);
     }
   }
   // dq = scale * (dS K + dsb · aK)
@@ -950,18 +952,30 @@ void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int
   t.strip_p.resize(tiles * tile_elems);
   t.strip_t.resize(tiles * tile_elems);
   if (p.has_dropout()) t.strip_zp.resize(tiles * tile_elems);
+  // Where dk and dv add up: float32/float64 dk and dv themselves (one chunk), or this thread's acc_t rows
+  // (one chunk of half types), or this chunk's partial sums.
+  const int64_t kv0 = (b * p.Hk + g) * p.Lk;
+  bool in_place = false;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) in_place = chunks == 1 && p.D > 0 && p.Dv > 0;
   acc_t *dk_sum, *dv_sum;
-  if (chunks == 1) {
-    t.gk.assign(p.Lk * D1, acc_t(0));
-    t.gv.assign(p.Lk * Dv1, acc_t(0));
+  if (in_place) {
+    dk_sum = static_cast<acc_t*>(p.dk) + kv0 * p.D;
+    dv_sum = static_cast<acc_t*>(p.dv) + kv0 * p.Dv;
+  } else if (chunks == 1) {
+    t.gk.resize(p.Lk * D1);
+    t.gv.resize(p.Lk * Dv1);
     dk_sum = t.gk.data();
     dv_sum = t.gv.data();
   } else {
     const int64_t part = (b * p.Hk + g) * chunks + c;
-    dk_sum = std::fill_n(part_dk + part * p.Lk * D1, p.Lk * D1, acc_t(0)) - p.Lk * D1;
-    dv_sum = std::fill_n(part_dv + part * p.Lk * Dv1, p.Lk * Dv1, acc_t(0)) - p.Lk * Dv1;
+    dk_sum = part_dk + part * p.Lk * D1;
+    dv_sum = part_dv + part * p.Lk * Dv1;
   }
-  const Strip<acc_t> strip{t.strip_p.data(), t.strip_t.data(), t.strip_zp.data(), tile_elems, dk_sum, dv_sum};
+  const int64_t ldk = in_place ? p.D : D1, ldv = in_place ? p.Dv : Dv1;
+  std::fill_n(dk_sum, p.Lk * ldk, acc_t(0));
+  std::fill_n(dv_sum, p.Lk * ldv, acc_t(0));
+  const Strip<acc_t> strip{t.strip_p.data(), t.strip_t.data(), t.strip_zp.data(), tile_elems, dk_sum, dv_sum,
+                           ldk, ldv};
   const int64_t blocks = (p.Lq + strip_rows - 1) / strip_rows;
   for (int64_t u = c; u < group * blocks; u += chunks) {
     const int64_t h = g * group + u / blocks, i0 = u % blocks * strip_rows;
@@ -970,7 +984,10 @@ void backward_group_strip(const AttentionBwdParams& p, int64_t b, int64_t g, int
     });
   }
   if (chunks > 1) return;
-  const int64_t kv0 = (b * p.Hk + g) * p.Lk;
+  if (in_place) {
+    scale_row(dk_sum, p.Lk * p.D, static_cast<acc_t>(p.scale));
+    return;
+  }
   store_rows(dk_sum, D1, p.Lk, p.D, static_cast<acc_t>(p.scale), static_cast<scalar_t*>(p.dk) + kv0 * p.D, p.D);
   store_rows(dv_sum, Dv1, p.Lk, p.Dv, acc_t(1), static_cast<scalar_t*>(p.dv) + kv0 * p.Dv, p.Dv);
 }
@@ -1094,11 +1111,14 @@ int64_t cpu_backward_plan(const Prepared& a) {
   if (16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * acc_bytes > cpu::kStripMaxBytes) return 0;
   const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rounds = (tasks + threads - 1) / threads;
+  const int64_t kv_row_bytes = (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
+  // One task per pair. (float16/bfloat16 tasks add dk, dv up in float rows of their thread: at most
+  // min(tasks, threads) kv heads' worth, so never more than twice what k and v take.)
   if (3 * tasks >= 2 * rounds * threads) return 1;
   // Chunks: about two tasks per thread, at most one per (head, query block) of a group, and partial sums
   // within kChunkBytes.
   const int64_t blocks = (a.H / a.Hk) * ((a.Lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
-  const int64_t per_chunk = tasks * a.Lk * (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
+  const int64_t per_chunk = tasks * a.Lk * kv_row_bytes;
   const int64_t chunks = std::min({(2 * threads + tasks - 1) / tasks, blocks, cpu::kChunkBytes / std::max<int64_t>(per_chunk, 1)});
   return chunks >= 2 ? chunks : 0;
 }
