@@ -29,7 +29,7 @@
 // Packed sequences (segment ids): a query block of a sorted row runs as 16-row runs that see the same
 // sequences (for_each_key_run), each over its keys only; a key block sweeps only its sequences' queries.
 // Threads take tasks from a shared counter (parallel_tasks): tasks of unequal cost keep every thread busy.
-// Memory beyond inputs and outputs: per-thread tiles plus O(B·H·Lq·R) row tables; never Lq×Lk.
+// Memory beyond inputs and outputs: per-thread tiles and strips plus O(B·H·Lq·R) row sums; never Lq×Lk.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -68,9 +68,9 @@ using ops::Tensor;
 
 constexpr int64_t kBlockQ = 64;
 constexpr int64_t kBlockK = 128;
-// The half-precision fused backward keeps a query block's probabilities for all its keys (backward_group_strip):
-// its block shrinks to keep each such buffer near this size, and the auto choice takes the two passes where
-// even 16 rows would need more than kStripMaxBytes.
+// The fused backward keeps a query block's probabilities for all its keys (backward_group_strip): its block
+// shrinks to keep each such buffer near this size, and the auto choice takes the two passes where even 16
+// rows would need more than kStripMaxBytes.
 constexpr int64_t kStripBytes = int64_t(4) << 20;
 constexpr int64_t kStripMaxBytes = int64_t(8) << 20;
 // The partial dk, dv sums of a backward whose kv groups are split into chunks (reduce_chunks), all together.
@@ -197,8 +197,8 @@ struct Tiles {
   int64_t D1, Dv1, R1;
   std::vector<acc_t> q, k, v, s, dp, dout, tab, doa, bsum, acc, m, l, dq, pk, rowacc, dsb, psum, dk, dv;
   std::vector<acc_t> keep, pdsum;  // dropout: the tile's factors (0 or 1/(1-p)); pass A's sums of dropped P
-  // The half-precision sweep (backward_group_strip), sized by it: a query block's P, T = P∘dP and (dropout)
-  // Z∘P for all its key tiles, and the task's dk, dv sums over its kv head's keys.
+  // The fused sweep (backward_group_strip), sized by it: a query block's P, T = P∘dP and (dropout) Z∘P for
+  // all its key tiles, and (float16/bfloat16) the task's dk, dv sums over its kv head's keys.
   std::vector<acc_t> strip_p, strip_t, strip_zp, gk, gv;
   std::vector<int32_t> ids;
   std::vector<RowBuckets> row_buckets;
@@ -692,17 +692,17 @@ void forward(const AttentionParams& p) {
 // Backward
 // ------------------------------------------------------------------------------------------------
 
-// P and dS of one tile: on return t.s holds P = exp(S - lse) and t.dp holds dS = P∘(dP - Δ)
-// (P∘dP when `delta` is null). tab/doa/lse/delta point at this block's rows. With dropout, dP is the
+// P and dS of one tile: on return S (t.s unless given) holds P = exp(S - lse) and dP (t.dp unless given)
+// holds dS = P∘(dP - Δ) (P∘dP when `delta` is null); both leading dim kBlockK. tab/doa/lse/delta point at this block's rows. With dropout, dP is the
 // gradient of the dropped weights, Z∘(dO Vᵀ + doa) with Z the tile's factors (left in t.keep), while t.s
 // keeps the undropped P: the weights of v and aV are then Z∘P, which the callers form where they need it.
 template <typename acc_t>
 void probs_and_dscores(const AttentionBwdParams& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
                        int64_t cols, const acc_t* q, int64_t ldq, const acc_t* dout, int64_t lddo,
                        const acc_t* k, int64_t ldk, const acc_t* v, int64_t ldv, const acc_t* tab, int64_t ldt, const acc_t* doa, int64_t ldd, const acc_t* lse,
-                       const acc_t* delta, Tiles<acc_t>& t) {
-  acc_t* S = t.s.data();
-  acc_t* dP = t.dp.data();
+                       const acc_t* delta, Tiles<acc_t>& t, acc_t* S = nullptr, acc_t* dP = nullptr) {
+  if (!S) S = t.s.data();
+  if (!dP) dP = t.dp.data();
   mm_nt<acc_t>(rows, cols, p.D, static_cast<acc_t>(p.scale), q, ldq, k, ldk, acc_t(0), S, kBlockK);
   if (p.has_bucket_terms()) bucket_ids(p, b, i0, rows, j0, cols, t.ids.data(), t.row_buckets.data());
   if (tab) add_row_table(rows, cols, S, tab, ldt, t.ids.data(), t.row_buckets.data());
@@ -758,8 +758,8 @@ void fill_row_tables(const AttentionBwdParams& p, int64_t h, int64_t rows, const
   }
 }
 
-// The half-precision sweep's state (backward_group_strip): where a query block keeps its tiles, and the
-// task's dk, dv sums (acc_t [Lk, D1] / [Lk, Dv1], unscaled).
+// The fused sweep's state (backward_group_strip): where a query block keeps its tiles, and where the task
+// adds its dk, dv (acc_t, unscaled).
 template <typename acc_t>
 struct Strip {
   acc_t *p, *t, *zp;   // key tile n of the block at n * tile_elems (leading dim kBlockK); zp with dropout
@@ -798,7 +798,7 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
   // half-precision out (whose rounding error would otherwise become ds, e.g. for a row with one key).
   // So the sweep collects T = P∘dP and P: dq = scale*(T K - Δ P K + (Σ_β T - Δ Σ_β P)·aK).
   std::fill_n(t.dq.begin(), rows * D1, acc_t(0));
-  std::fill_n(t.pk.begin(), rows * D1, acc_t(0));
+  if (!strip) std::fill_n(t.pk.begin(), rows * D1, acc_t(0));
   std::fill_n(t.rowacc.begin(), rows, acc_t(0));
   std::fill_n(t.dsb.begin(), rows * R1, acc_t(0));
   std::fill_n(t.psum.begin(), rows * R1, acc_t(0));
@@ -811,26 +811,26 @@ void backward_query_block(const AttentionBwdParams& p, int64_t b, int64_t h, int
     const int64_t cols = std::min(kBlockK, keys.end - j0);
     const auto [kt, ldk] = tile_rows(kbase + j0 * p.k_stride[2], p.k_stride[2], cols, p.D, t.k.data(), D1);
     const auto [vt, ldv] = tile_rows(vbase + j0 * p.v_stride[2], p.v_stride[2], cols, p.Dv, t.v.data(), Dv1);
+    // P and T = P∘dP: into the strip's slot for this tile, or the thread's tiles.
+    const int64_t at = strip ? (j0 - keys.begin) / kBlockK * strip->tile_elems : 0;
+    acc_t* S = strip ? strip->p + at : t.s.data();
+    acc_t* T = strip ? strip->t + at : t.dp.data();
     probs_and_dscores(p, b, h, i0, rows, j0, cols, qt, ldq, dot, lddo, kt, ldk, vt, ldv, tab, ldt, doa, ldt, lse,
-                      static_cast<const acc_t*>(nullptr), t);
-    if (strip) {
-      const int64_t at = (j0 - keys.begin) / kBlockK * strip->tile_elems;
-      std::copy_n(t.s.data(), rows * kBlockK, strip->p + at);
-      std::copy_n(t.dp.data(), rows * kBlockK, strip->t + at);
-      if (drop) apply_dropout(rows, cols, t.s.data(), t.keep.data(), strip->zp + at);  // Z∘P, the weights of v
+                      static_cast<const acc_t*>(nullptr), t, S, T);
+    // With dropout the weights of v and aV are Z∘P: kept in the strip, or formed over Z for pdsum.
+    acc_t* zp = nullptr;
+    if (drop && (strip || doa)) {
+      zp = strip ? strip->zp + at : t.keep.data();
+      apply_dropout(rows, cols, t.keep.data(), S, zp);
     }
-    for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(t.dp.data() + i * kBlockK, cols);
-    if (tab) add_bucket_sums(rows, cols, t.dp.data(), t.dsb.data(), R1, t.ids.data(), t.row_buckets.data());
+    for (int64_t i = 0; i < rows; ++i) t.rowacc[i] += row_sum(T + i * kBlockK, cols);
+    if (tab) add_bucket_sums(rows, cols, T, t.dsb.data(), R1, t.ids.data(), t.row_buckets.data());
     // psum (undropped P) corrects dsb below; with dropout, d aV needs the sums of the dropped Z∘P (pdsum).
-    if (tab || (doa && !drop))
-      add_bucket_sums(rows, cols, t.s.data(), t.psum.data(), R1, t.ids.data(), t.row_buckets.data());
-    if (doa && drop) {
-      apply_dropout(rows, cols, t.keep.data(), t.s.data());  // keep becomes Z∘P
-      add_bucket_sums(rows, cols, t.keep.data(), t.pdsum.data(), R1, t.ids.data(), t.row_buckets.data());
-    }
+    if (tab || (doa && !drop)) add_bucket_sums(rows, cols, S, t.psum.data(), R1, t.ids.data(), t.row_buckets.data());
+    if (doa && drop) add_bucket_sums(rows, cols, zp, t.pdsum.data(), R1, t.ids.data(), t.row_buckets.data());
     if (strip) continue;
-    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.dp.data(), kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
-    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), t.s.data(), kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
+    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), T, kBlockK, kt, ldk, acc_t(1), t.dq.data(), D1);
+    mm_nn<acc_t>(rows, p.D, cols, acc_t(1), S, kBlockK, kt, ldk, acc_t(1), t.pk.data(), D1);
   }
   // Δ (with the lse gradient: ds = p(dp - Δ + glse)), kept for pass B; then dS's sums from T's.
   acc_t* delta = static_cast<acc_t*>(p.delta) + row0;
@@ -1014,11 +1014,15 @@ void reduce_chunks(const AttentionBwdParams& p, int64_t chunks, const acc_t* par
   });
 }
 
+// Bytes of one row of a strip buffer over Lk keys (whole key tiles, elements of `elem_bytes`).
+inline int64_t strip_row_bytes(int64_t Lk, int64_t elem_bytes) {
+  return std::max<int64_t>(1, (Lk + kBlockK - 1) / kBlockK) * kBlockK * elem_bytes;
+}
+
 // backward_group_strip's rows per query block: as many multiples of 16 (the dropout counters' grid) up to
-// kBlockQ as keep one strip buffer (elements of `elem_bytes`) within kStripBytes, and at least 16.
+// kBlockQ as keep one strip buffer within kStripBytes, and at least 16.
 inline int64_t strip_rows_for(int64_t Lk, int64_t elem_bytes) {
-  const int64_t per_row = std::max<int64_t>(1, (Lk + kBlockK - 1) / kBlockK) * kBlockK * elem_bytes;
-  return std::clamp<int64_t>(kStripBytes / per_row / 16 * 16, 16, kBlockQ);
+  return std::clamp<int64_t>(kStripBytes / strip_row_bytes(Lk, elem_bytes) / 16 * 16, 16, kBlockQ);
 }
 
 // `chunks`: 0 takes the two passes; 1 one strip-sweep task per (b, kv head); more split each kv group's
@@ -1108,17 +1112,17 @@ int64_t cpu_backward_plan(const Prepared& a) {
   }
   if (mode == "fused") return 1;
   const int64_t acc_bytes = a.q.scalar_type() == at::kDouble ? 8 : 4;
-  if (16 * ((a.Lk + cpu::kBlockK - 1) / cpu::kBlockK) * cpu::kBlockK * acc_bytes > cpu::kStripMaxBytes) return 0;
+  if (16 * cpu::strip_row_bytes(a.Lk, acc_bytes) > cpu::kStripMaxBytes) return 0;
   const int64_t tasks = a.B * a.Hk, threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t rounds = (tasks + threads - 1) / threads;
-  const int64_t kv_row_bytes = (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
   // One task per pair. (float16/bfloat16 tasks add dk, dv up in float rows of their thread: at most
   // min(tasks, threads) kv heads' worth, so never more than twice what k and v take.)
   if (3 * tasks >= 2 * rounds * threads) return 1;
   // Chunks: about two tasks per thread, at most one per (head, query block) of a group, and partial sums
   // within kChunkBytes.
-  const int64_t blocks = (a.H / a.Hk) * ((a.Lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
-  const int64_t per_chunk = tasks * a.Lk * kv_row_bytes;
+  const int64_t strip_rows = cpu::strip_rows_for(a.Lk, acc_bytes);
+  const int64_t blocks = (a.H / a.Hk) * ((a.Lq + strip_rows - 1) / strip_rows);
+  const int64_t per_chunk = tasks * a.Lk * (std::max<int64_t>(a.D, 1) + std::max<int64_t>(a.Dv, 1)) * acc_bytes;
   const int64_t chunks = std::min({(2 * threads + tasks - 1) / tasks, blocks, cpu::kChunkBytes / std::max<int64_t>(per_chunk, 1)});
   return chunks >= 2 ? chunks : 0;
 }
