@@ -1,4 +1,5 @@
 """Tests of relattn.nn: the attention layer, encoder layer and stack, and the absolute encodings."""
+import datetime
 import math
 
 import pytest
@@ -596,7 +597,9 @@ def _train_steps(model, x, y, steps=3):
 
 def _ddp_worker(rank, world_size, store_path, result_path):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+    # A timeout, so that a rank that fails leaves the other one waiting for minutes, not gloo's 30.
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
     try:
         model = nn.parallel.DistributedDataParallel(_ddp_model())
         x, y = _ddp_batch()
@@ -604,6 +607,11 @@ def _ddp_worker(rank, world_size, store_path, result_path):
         grads = _train_steps(model, x[rows], y[rows])
         torch.save({"grads": grads, "params": [p.detach() for p in model.module.parameters()]},
                    f"{result_path}.{rank}")
+        # Both ranks are done with every collective before either closes its connections, and the DDP
+        # reducer is gone before the process group: a worker once aborted in teardown in CI ("terminate
+        # called without an active exception", one run in about twenty).
+        del model
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
