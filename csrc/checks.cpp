@@ -47,15 +47,19 @@ void check_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed)
   TORCH_CHECK(std::isfinite(dropout_p) && dropout_p >= 0.0 && dropout_p <= 1.0,
               "relattn.attention: dropout_p must be in [0, 1], got ", dropout_p);
   const uint32_t threshold = kernels::dropout_threshold(dropout_p);
+  const bool has_seed = dropout_seed.has_value() && dropout_seed->defined();
+  if (has_seed) {  // checked whenever given, also where p rounds to nothing dropped
+    const Tensor& seed = *dropout_seed;
+    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
+                "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
+                " of shape ", shape_str(seed));
+    check_same_device(a.q, seed, "dropout_seed");
+  }
   if (threshold == 0) return;  // p < 2^-17: nothing is ever dropped
-  TORCH_CHECK(dropout_seed.has_value() && dropout_seed->defined(), "relattn.attention: dropout_p = ", dropout_p,
+  TORCH_CHECK(has_seed, "relattn.attention: dropout_p = ", dropout_p,
               " needs dropout_seed, an int64 tensor of one element on q's device (relattn.attention draws one "
               "from torch's generator when it is not given)");
   const Tensor& seed = *dropout_seed;
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-              "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
-              " of shape ", shape_str(seed));
-  check_same_device(a.q, seed, "dropout_seed");
   a.dropout_seed = seed;
   a.dropout_threshold = threshold;
   a.dropout_scale = kernels::dropout_scale(threshold);
@@ -85,19 +89,21 @@ Tensor segment_ids_int32(const Tensor& q, const Tensor& ids, const char* name, i
   check_integer(ids, name);
   TORCH_CHECK(ids.dim() == 2 && ids.size(0) == B && ids.size(1) == L, "relattn.attention: ", name, " must be [B, ",
               L_name, "] = [", B, ", ", L, "], got shape ", shape_str(ids));
-  return int32_checked(ids, name, "an id");
+  // (segment_ids, where given, is the key ids and, from q_offset on, the query ids: the error says so.)
+  return int32_checked(ids, name, "an id (segment_ids or q_segment_ids/k_segment_ids)");
 }
 
 // Per-batch query offsets [B] into `a` as int32 (kernels/params.h: added to q_offset).
 void check_q_offsets(Prepared& a, const OptTensor& q_offsets) {
   if (!q_offsets.has_value() || !q_offsets->defined()) return;
   const Tensor& t = *q_offsets;
-  check_same_device(a.q, t, "q_offsets");
-  check_integer(t, "q_offsets");
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B,
-              "relattn.attention: q_offsets (per-batch query offsets) must be [B] = [", a.B, "], got shape ",
-              shape_str(t));
-  a.q_offsets = int32_checked(t, "q_offsets", "an offset");  // 1-D: unit stride
+  // (Python's relattn.attention takes them as a tensor q_offset: the error names both.)
+  const char* name = "q_offsets (per-batch query offsets; in Python a tensor q_offset)";
+  check_same_device(a.q, t, name);
+  check_integer(t, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == a.B, "relattn.attention: ", name, " must be [B] = [", a.B,
+              "], got shape ", shape_str(t));
+  a.q_offsets = int32_checked(t, name, "an offset");  // 1-D: unit stride
 }
 
 // q_segment_ids / k_segment_ids into `a`, with the per-row ranges of kernels/params.h: for a batch row whose

@@ -914,13 +914,15 @@ LearnedPositionalEncodingImpl::LearnedPositionalEncodingImpl(LearnedPositionalEn
 void LearnedPositionalEncodingImpl::reset() {
   TORCH_CHECK(options.max_len() > 0 && options.d_model() > 0, "relattn::nn::LearnedPositionalEncoding: max_len (",
               options.max_len(), ") and d_model (", options.d_model(), ") must be positive");
+  TORCH_CHECK(std::isfinite(options.init_std()) && options.init_std() >= 0.0,
+              "relattn::nn::LearnedPositionalEncoding: init_std must be finite and >= 0, got ", options.init_std());
   weight = register_parameter("weight", torch::empty({options.max_len(), options.d_model()}));
   reset_parameters();
 }
 
 void LearnedPositionalEncodingImpl::reset_parameters() {
   torch::NoGradGuard no_grad;
-  torch::nn::init::normal_(weight, 0.0, 0.02);
+  torch::nn::init::normal_(weight, 0.0, options.init_std());
 }
 
 torch::Tensor LearnedPositionalEncodingImpl::forward(const torch::Tensor& x, const torch::Tensor& segment_ids) {

@@ -1,5 +1,6 @@
 // Autograd for relattn::attention_forward, registered on the Autograd key so that C++ programs train
-// with no Python at all. Backward is its own op (relattn::attention_backward).
+// with no Python at all. Backward is its own op (relattn::attention_backward), whose own autograd only
+// raises: double backward is not implemented.
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -70,6 +71,51 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// Autograd for relattn::attention_backward: it records the call (so that create_graph=True works for the
+// rest of a model) and raises where anything differentiates through it. Gradients of these gradients are
+// not implemented; without this kernel torch's fallback would hand back zeros for them, with a warning.
+class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
+ public:
+  static variable_list forward(AutogradContext* /*ctx*/, const Tensor& grad_out, const OptTensor& grad_lse,
+                               const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                               const Tensor& lse, const OptTensor& rel_k, const OptTensor& rel_v,
+                               const OptTensor& rel_bias, const OptTensor& buckets, const OptTensor& rel_index,
+                               const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
+                               std::optional<double> scale, int64_t q_offset, double dropout_p,
+                               const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
+                               const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv, drk, drv, drb] =
+        attention_backward(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets, rel_index,
+                           alibi_slopes, key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
+                           q_segment_ids, k_segment_ids, q_offsets);
+    return {dq, dk, dv, drk, drv, drb};
+  }
+
+  static variable_list backward(AutogradContext* /*ctx*/, variable_list /*grads*/) {
+    TORCH_CHECK(false,
+                "relattn.attention: double backward is not supported: the gradients of relattn's gradients "
+                "(torch.autograd.grad(..., create_graph=True) followed by a backward through its result) are not "
+                "implemented");
+    return {};
+  }
+};
+
+BackwardResult attention_backward_autograd(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
+                                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
+                                           const OptTensor& rel_k, const OptTensor& rel_v,
+                                           const OptTensor& rel_bias, const OptTensor& buckets,
+                                           const OptTensor& rel_index, const OptTensor& alibi_slopes,
+                                           const OptTensor& key_padding_mask, bool causal,
+                                           std::optional<double> scale, int64_t q_offset, double dropout_p,
+                                           const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
+                                           const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
+  auto r = AttentionBackwardFunction::apply(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets,
+                                            rel_index, alibi_slopes, key_padding_mask, causal, scale, q_offset,
+                                            dropout_p, dropout_seed, q_segment_ids, k_segment_ids, q_offsets);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
 ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
                                          const OptTensor& buckets, const OptTensor& rel_index,
@@ -89,6 +135,7 @@ ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const
 
 TORCH_LIBRARY_IMPL(relattn, Autograd, m) {
   m.impl("attention_forward", &ops::attention_forward_autograd);
+  m.impl("attention_backward", &ops::attention_backward_autograd);
 }
 
 }  // namespace relattn

@@ -538,10 +538,15 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t head
     // Online softmax: S becomes p̃ = exp(S - m_new); the accumulators are rescaled to the new max.
     for (int64_t i = 0; i < rows; ++i) {
       acc_t* s = S + i * kBlockK;
-      const acc_t m_new = std::max(t.m[i], row_max(s, cols));
-      if (m_new == neg_inf<acc_t>()) {  // everything masked so far
-        std::fill(s, s + cols, acc_t(0));
-        continue;
+      acc_t m_new = std::max(t.m[i], row_max(s, cols));  // (a NaN m, once there, stays)
+      if (m_new == neg_inf<acc_t>()) {
+        // Everything masked so far, unless the scores are NaN (a NaN in q, k or a table; the max passes
+        // over NaN): then the row's out and lse become NaN, as the formula's do, not out = 0, lse = -inf.
+        if (!std::any_of(s, s + cols, [](acc_t x) { return x != x; })) {
+          std::fill(s, s + cols, acc_t(0));
+          continue;
+        }
+        m_new = std::numeric_limits<acc_t>::quiet_NaN();
       }
       const acc_t corr = t.m[i] == neg_inf<acc_t>() ? acc_t(0) : std::exp(t.m[i] - m_new);
       const acc_t sum = exp_sub_sum(s, cols, m_new);
@@ -572,11 +577,12 @@ void forward_block(const AttentionParams& p, int64_t b, int64_t h0, int64_t head
     auto write = [&](auto* out, acc_t* lse) {
       for (int64_t i = 0; i < n; ++i) {
         const acc_t l = t.l[r0 + i];
-        const acc_t inv = l > acc_t(0) ? acc_t(1) / l : acc_t(0);
+        const bool seen = l != acc_t(0);  // l = 0: every key masked; NaN (a NaN score) stays NaN
+        const acc_t inv = seen ? acc_t(1) / l : acc_t(0);
         acc_t* a = t.acc.data() + (r0 + i) * Dv1;
         scale_row(a, p.Dv, inv);
         from_acc(a, out + i * p.Dv, p.Dv);
-        lse[i] = l > acc_t(0) ? t.m[r0 + i] + std::log(l) : neg_inf<acc_t>();
+        lse[i] = seen ? t.m[r0 + i] + std::log(l) : neg_inf<acc_t>();
       }
     };
     const int64_t row0 = (b * p.H + h) * p.Lq + i0;
@@ -598,7 +604,10 @@ void combine_chunks(const AttentionParams& p, int64_t chunks, const acc_t* part_
     std::vector<acc_t> w(chunks);
     for (int64_t r = begin; r < end; ++r) {
       acc_t m = neg_inf<acc_t>();
-      for (int64_t c = 0; c < chunks; ++c) m = std::max(m, part_lse[c * rows + r]);
+      for (int64_t c = 0; c < chunks; ++c) {  // (a NaN lse, once seen, stays: the row becomes NaN)
+        const acc_t x = part_lse[c * rows + r];
+        m = x > m || x != x ? x : m;
+      }
       auto* out = static_cast<scalar_t*>(p.out) + r * p.Dv;
       auto* lse = static_cast<acc_t*>(p.lse) + r;
       if (m == neg_inf<acc_t>()) {

@@ -46,10 +46,12 @@ const VecOps& vec_ops();
 // take the portable loops, which ARM and other CPUs run).
 std::vector<const VecOps*> vec_ops_variants();
 
-// exp that vectorises (Cephes' expf polynomial, max relative error ~1e-7); 0 for x < -87 (so -inf -> 0).
+// exp that vectorises (Cephes' expf polynomial, max relative error ~1e-7); 0 for x < -87 (so -inf -> 0), NaN for
+// NaN.
 inline float fast_expf(float x) {
   float xc = x < -87.0f ? -87.0f : x;
   xc = xc > 88.3762626647949f ? 88.3762626647949f : xc;
+  xc = xc == xc ? xc : 0.0f;  // NaN: no float-to-int conversion of it (undefined); NaN is returned below
   const float t = xc * 1.44269504088896341f + 0.5f;
   float fx = static_cast<float>(static_cast<int32_t>(t));
   fx -= static_cast<float>(fx > t);  // floor, without branches
@@ -65,7 +67,7 @@ inline float fast_expf(float x) {
   y = y * z + r + 1.0f;
   const float pow2 = std::bit_cast<float>((static_cast<int32_t>(fx) + 127) << 23);
   const float e = y * pow2;
-  return x < -87.0f ? 0.0f : e;
+  return x < -87.0f ? 0.0f : (x == x ? e : x);
 }
 
 }  // namespace cpu

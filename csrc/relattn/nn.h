@@ -606,9 +606,11 @@ struct LearnedPositionalEncodingOptions {
   TORCH_ARG(int64_t, max_len);
   // Feature size.
   TORCH_ARG(int64_t, d_model);
+  // Standard deviation of the table's normal initialisation (0.02, as in BERT and GPT-2; Python's init_std).
+  TORCH_ARG(double, init_std) = 0.02;
 };
 
-// A learned embedding per absolute position: weight [max_len, d_model], initialised N(0, 0.02²).
+// A learned embedding per absolute position: weight [max_len, d_model], initialised N(0, init_std²).
 class LearnedPositionalEncodingImpl : public torch::nn::Cloneable<LearnedPositionalEncodingImpl> {
  public:
   LearnedPositionalEncodingImpl(int64_t max_len, int64_t d_model)

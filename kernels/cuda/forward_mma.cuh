@@ -780,8 +780,9 @@ __global__ void __launch_bounds__(kMmaThreads) forward_mma_kernel(const __grid_c
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const float l = quad_sum(row_sum[mt][hf]);
-      inv_l[mt][hf] = l > 0.f ? 1.f / l : 0.f;
-      lse_row[mt][hf] = l > 0.f ? (row_max[mt][hf] + log2f(l)) * kLn2 : kNegInf;
+      // (l = 0: no key; a NaN l, from a NaN score, makes the row's out and lse NaN as the formula's)
+      inv_l[mt][hf] = l != 0.f ? 1.f / l : 0.f;
+      lse_row[mt][hf] = l != 0.f ? (row_max[mt][hf] + log2f(l)) * kLn2 : kNegInf;
 #pragma unroll
       for (int dt = 0; dt < kDT; ++dt) {
         acc_o[mt][dt][hf * 2] *= inv_l[mt][hf];

@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
   for (int rr = 0; rr < RW; ++rr) {
     const int row = warp * RW + rr;
     if (row >= rows) continue;
-    const acc_t inv = l[rr] > acc_t(0) ? acc_t(1) / l[rr] : acc_t(0);
+    // l = 0: every key masked (out = 0, lse = -inf); a NaN l (a NaN score) makes out and lse NaN.
+    const acc_t inv = l[rr] != acc_t(0) ? acc_t(1) / l[rr] : acc_t(0);
     const acc_t* rv = has_bsum ? static_cast<const acc_t*>(p.rel_v) + h * p.rel_v_head_stride : nullptr;
     // The row of out and lse, or of this key chunk's partial results (a split decode step).
     const int64_t out_row = (chunk * p.B * p.H + bh) * p.Lq + i0 + row;
@@ -228,7 +229,7 @@ __global__ void __launch_bounds__(kSimtThreads) forward_simt_kernel(const __grid
     }
     if (lane == 0) {
       acc_t* lse = static_cast<acc_t*>(p.num_splits > 1 ? p.lse_partial : p.lse);
-      lse[out_row] = l[rr] > acc_t(0) ? m[rr] + log_acc(l[rr]) : kNegInf;
+      lse[out_row] = l[rr] != acc_t(0) ? m[rr] + log_acc(l[rr]) : kNegInf;
     }
   }
 }
@@ -256,7 +257,10 @@ __global__ void __launch_bounds__(kCombineThreads) combine_splits_kernel(const _
   const acc_t* lse_s = static_cast<const acc_t*>(p.lse_partial) + row;  // chunk s at lse_s[s * rows]
   const acc_t* out_s = static_cast<const acc_t*>(p.out_partial) + row * Dv;
   acc_t m = kNegInf;
-  for (int64_t s = 0; s < S; ++s) m = lse_s[s * rows] > m ? lse_s[s * rows] : m;
+  for (int64_t s = 0; s < S; ++s) {  // (a NaN lse, once seen, stays: the row becomes NaN, as unsplit)
+    const acc_t x = lse_s[s * rows];
+    m = x > m || x != x ? x : m;
+  }
   T* out = static_cast<T*>(p.out) + row * Dv;
   if (m == kNegInf) {  // no chunk saw a key
     for (int64_t d = lane; d < Dv; d += 32) out[d] = from_acc<T, acc_t>(acc_t(0));

@@ -1,4 +1,5 @@
 """relattn's functional API: :func:`attention` and the helpers that build its inputs."""
+import operator
 from typing import Optional, Tuple, Union
 
 import torch
@@ -90,6 +91,13 @@ def attention(
     Returns:
         ``out [B, H, Lq, Dv]``, or ``(out, lse)`` when ``return_lse``.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"relattn.attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(causal, (bool, torch.SymBool)):
+        raise TypeError(f"relattn.attention: causal must be a bool, got {type(causal).__name__}")
+    if not isinstance(q_offset, Tensor):
+        q_offset = _int_arg(q_offset, "q_offset")
     dropout_p = float(dropout_p)
     if dropout_p > 0.0 and dropout_seed is None:
         dropout_seed = draw_dropout_seed(q)
@@ -100,12 +108,29 @@ def attention(
             raise ValueError("relattn.attention: segment_ids as one [B, Lk] tensor gives query i the id of key "
                              "position i + q_offset, which needs an int q_offset; with per-batch offsets pass a "
                              "pair (q_ids, k_ids)")
-    q_segment_ids, k_segment_ids = _segment_pair(segment_ids, q, k, int(q_offset))
+    q_segment_ids, k_segment_ids = _segment_pair(segment_ids, q, k, q_offset)
     out, lse = torch.ops.relattn.attention_forward(
         q, k, v, rel_k, rel_v, rel_bias, buckets, rel_index, alibi_slopes, key_padding_mask,
-        bool(causal), None if scale is None else float(scale), int(q_offset), dropout_p, dropout_seed,
+        causal, None if scale is None else float(scale), q_offset, dropout_p, dropout_seed,
         q_segment_ids, k_segment_ids, q_offsets)
     return (out, lse) if return_lse else out
+
+
+def _int_arg(x, name: str):
+    """``x`` as an int64 value (ints, NumPy ints and SymInts; not floats or bools, which would be truncated or
+    read as 0/1 without a word)."""
+    if isinstance(x, torch.SymInt):
+        return x
+    if isinstance(x, bool):
+        raise TypeError(f"relattn.attention: {name} must be an int or an integer tensor, got bool")
+    try:
+        x = operator.index(x)
+    except TypeError:
+        raise TypeError(f"relattn.attention: {name} must be an int or an integer tensor, got "
+                        f"{type(x).__name__}") from None
+    if not -2**63 <= x < 2**63:
+        raise ValueError(f"relattn.attention: {name} must fit in int64, got {x}")
+    return x
 
 
 def _q_offsets(q_offset: Tensor, q: Tensor) -> Tensor:
@@ -127,8 +152,9 @@ def _segment_pair(segment_ids, q: Tensor, k: Tensor, q_offset: int):
     Lq, Lk = q.shape[-2], k.shape[-2]
     if segment_ids.is_floating_point() or segment_ids.is_complex() or segment_ids.dtype == torch.bool:
         raise ValueError(f"relattn.attention: segment_ids must have an integer dtype, got {segment_ids.dtype}")
-    if segment_ids.dim() != 2 or segment_ids.shape[1] != Lk:
-        raise ValueError(f"relattn.attention: segment_ids must be [B, Lk] with Lk = {Lk}, got shape "
+    B = q.shape[0] if q.dim() == 4 else segment_ids.shape[0]
+    if segment_ids.dim() != 2 or segment_ids.shape[0] != B or segment_ids.shape[1] != Lk:
+        raise ValueError(f"relattn.attention: segment_ids must be [B, Lk] = [{B}, {Lk}], got shape "
                          f"{tuple(segment_ids.shape)}")
     if q_offset < 0 or Lq + q_offset > Lk:
         raise ValueError("relattn.attention: segment_ids gives query i the id of key position "

@@ -1064,6 +1064,8 @@ class LearnedPositionalEncoding(nn.Module):
         if max_len <= 0 or d_model <= 0:
             raise ValueError(f"LearnedPositionalEncoding: max_len ({max_len}) and d_model ({d_model}) "
                              "must be positive")
+        if not (math.isfinite(init_std) and init_std >= 0):
+            raise ValueError(f"LearnedPositionalEncoding: init_std must be finite and >= 0, got {init_std}")
         self.max_len = max_len
         self.d_model = d_model
         self.init_std = init_std

@@ -594,12 +594,12 @@ TEST(BatchOffsets, EachRowEqualsItsIntOffset) {
   const Tensor x = torch::randn({2, 2, 6, 8});
   expect_error([&] {
     relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({3}, torch::kInt)));
-  }, "q_offsets (per-batch query offsets) must be [B] = [2], got shape [3]");
+  }, "q_offsets (per-batch query offsets; in Python a tensor q_offset) must be [B] = [2], got shape [3]");
   expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({2}))); },
-               "q_offsets must have an integer dtype");
+               "q_offsets (per-batch query offsets; in Python a tensor q_offset) must have an integer dtype");
   expect_error([&] {
     relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::full({2}, int64_t(1) << 40)));
-  }, "q_offsets holds an offset that does not fit in int32");
+  }, "q_offsets (per-batch query offsets; in Python a tensor q_offset) holds an offset that does not fit in int32");
   expect_error([&] {
     relattn::attention(x, x, x,
                        relattn::AttentionOptions().q_offsets(torch::zeros({2}, torch::kInt)).segment_ids(
@@ -628,6 +628,20 @@ TEST(Decode, PackedHeadsAndSplitKeysMatchReference) {
     EXPECT_LE(max_err(out, ref), 1e-12);
     EXPECT_LE(max_err(lse, ref_lse), 1e-12);
   }
+}
+
+// Gradients of gradients are not implemented: a backward through relattn's gradients raises (torch's
+// fallback would hand back zeros), while create_graph = true leaves the first-order gradients as they are.
+TEST(Errors, DoubleBackwardRaises) {
+  torch::manual_seed(0);
+  const auto opts = torch::TensorOptions().dtype(torch::kDouble).requires_grad(true);
+  const Tensor q = torch::randn({1, 2, 5, 8}, opts), k = torch::randn({1, 2, 6, 8}, opts),
+               v = torch::randn({1, 2, 6, 8}, opts);
+  const Tensor loss = relattn::attention(q, k, v).square().sum();
+  const auto with_graph = torch::autograd::grad({loss}, {q, k, v}, {}, /*retain_graph=*/true, /*create_graph=*/true);
+  const auto plain = torch::autograd::grad({loss}, {q, k, v}, {}, /*retain_graph=*/true);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(torch::equal(with_graph[i], plain[i])) << i;
+  expect_error([&] { with_graph[0].sum().backward(); }, "double backward is not supported");
 }
 
 TEST(Errors, BadInputsRaiseClearMessages) {

@@ -942,6 +942,18 @@ TEST(LearnedPositionalEncoding, AddsRowsAndRejectsLongInputs) {
   expect_error([&] { pe(torch::randn({1, 11, 8})); }, "sequence length 11 exceeds the table's max_len=10");
 }
 
+TEST(LearnedPositionalEncoding, InitStdAsInPython) {
+  torch::manual_seed(0);
+  EXPECT_NEAR(rnn::LearnedPositionalEncoding(400, 50)->weight.std().item<double>(), 0.02, 0.001);
+  torch::manual_seed(0);
+  rnn::LearnedPositionalEncoding wide(rnn::LearnedPositionalEncodingOptions(400, 50).init_std(0.5));
+  EXPECT_NEAR(wide->weight.std().item<double>(), 0.5, 0.02);
+  EXPECT_EQ(max_abs(rnn::LearnedPositionalEncoding(rnn::LearnedPositionalEncodingOptions(4, 8).init_std(0))->weight),
+            0.0);
+  expect_error([] { rnn::LearnedPositionalEncoding(rnn::LearnedPositionalEncodingOptions(4, 8).init_std(-1)); },
+               "init_std must be finite and >= 0, got -1");
+}
+
 TEST(MLPPositionalEncoding, LearnsAFunctionOfThePosition) {
   rnn::MLPPositionalEncoding pe(rnn::MLPPositionalEncodingOptions(8).hidden(16));
   EXPECT_EQ(pe->fc1->weight.sizes(), (std::vector<int64_t>{16, 1}));

@@ -91,6 +91,30 @@ TEST(VecVariants, RowLoopsMatchPlainFormulas) {
   }
 }
 
+// A NaN score gives a NaN weight (and sum), in every lane of the vector loops and in their scalar tails:
+// clamping the argument must not turn it into a weight of about 0 (a NaN in q or k silently dropped).
+TEST(VecVariants, NanScoresStayNan) {
+  for (const VecOps* ops : vec_ops_variants()) {
+    SCOPED_TRACE(ops->name);
+    for (int64_t n : {1, 8, 9, 17}) {
+      for (int64_t at = 0; at < n; ++at) {
+        SCOPED_TRACE("n = " + std::to_string(n) + ", NaN at " + std::to_string(at));
+        std::vector<float> s = random_row(n, 5 + uint32_t(n));
+        s[at] = std::numeric_limits<float>::quiet_NaN();
+        std::vector<float> e = s;
+        EXPECT_TRUE(std::isnan(ops->exp_sub_sum(e.data(), n, 1.f)));
+        EXPECT_TRUE(std::isnan(e[at]));
+        std::vector<float> p = s, dp(n, 1.f);
+        ops->probs_dscores(p.data(), dp.data(), n, 1.f, 0.5f);
+        EXPECT_TRUE(std::isnan(p[at]));
+        EXPECT_TRUE(std::isnan(dp[at]));
+      }
+    }
+    EXPECT_EQ(relattn::cpu::fast_expf(-kInf), 0.f);
+    EXPECT_TRUE(std::isnan(relattn::cpu::fast_expf(std::numeric_limits<float>::quiet_NaN())));
+  }
+}
+
 // The dropout factors must not depend on the variant: a mask drawn on one CPU is the mask on any other.
 TEST(VecVariants, DropoutFactorsMatchTheScalarModelBitForBit) {
   const uint32_t k0 = 0x1234567u, k1 = 0x89ABCDEu;

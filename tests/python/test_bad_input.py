@@ -169,6 +169,65 @@ def test_bad_cpu_backward_algorithm(monkeypatch):
         out.sum().backward()
 
 
+# Python arguments of the wrong type: a TypeError naming the argument, never a silent conversion (a float
+# q_offset truncated, a string causal read as True) or an error that names nothing.
+BAD_TYPES = [
+    ("v_list", dict(v=[[1.0]]), r"v must be a torch.Tensor, got list"),
+    ("float_q_offset", dict(q_offset=2.9), r"q_offset must be an int or an integer tensor, got float"),
+    ("bool_q_offset", dict(q_offset=True), r"q_offset must be an int or an integer tensor, got bool"),
+    ("str_causal", dict(causal="no"), r"causal must be a bool, got str"),
+    ("int_causal", dict(causal=1), r"causal must be a bool, got int"),
+]
+
+
+@pytest.mark.parametrize("changes,match", [pytest.param(c, m, id=i) for i, c, m in BAD_TYPES])
+def test_bad_argument_types_raise(changes, match):
+    with pytest.raises(TypeError, match=match):
+        call(**changes)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2])
+def test_none_for_q_k_or_v(which):
+    qkv = [good_args()[n] for n in "qkv"]
+    qkv[which] = None
+    with pytest.raises(TypeError, match=rf"{'qkv'[which]} must be a torch.Tensor, got NoneType"):
+        relattn.attention(*qkv)
+
+
+def test_q_offset_beyond_int64():
+    with pytest.raises(ValueError, match=r"q_offset must fit in int64, got 9223372036854775808"):
+        call(q_offset=2**63)
+
+
+def test_numpy_int_q_offset_is_an_int():
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    got = call(q_offset=np.int64(1))
+    torch.manual_seed(0)
+    torch.testing.assert_close(got, call(q_offset=1), rtol=0, atol=0)
+
+
+def test_segment_ids_of_another_batch_size():
+    # Named as the caller passed it ([B, Lk]), not as the query ids the op derives from it.
+    with pytest.raises(ValueError, match=r"segment_ids must be \[B, Lk\] = \[2, 6\], got shape \(3, 6\)"):
+        call(segment_ids=torch.zeros(B + 1, Lk, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("p", [0.0, 1e-6, 0.1])
+def test_malformed_dropout_seed(p):
+    # Checked whenever given, also where p rounds to dropping nothing.
+    with pytest.raises(RuntimeError, match=r"dropout_seed must be an int64 tensor of one element, got Float"):
+        call(dropout_p=p, dropout_seed=torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["k", "v", "key_padding_mask", "rel_bias"])
+def test_meta_beside_cpu(name):
+    # A meta tensor beside CPU ones dispatches to the fake kernel, which must raise as the CPU op does
+    # rather than hand back uninitialised memory.
+    with pytest.raises(RuntimeError, match=rf"{name} is on meta but q is on cpu"):
+        call(**{name: good_args()[name].to("meta")})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["k", "v", "rel_k", "rel_v", "rel_bias", "buckets", "alibi_slopes",
                                   "key_padding_mask"])

@@ -214,12 +214,16 @@ def test_ragged_decode_equals_each_sequence_alone(device):
         torch.testing.assert_close(got[b], want, rtol=tol, atol=tol, msg=f"sequence {b}")
 
 
+# (The errors name the op's q_offsets and the tensor q_offset that Python callers pass.)
+_NAME = r"q_offsets \(per-batch query offsets; in Python a tensor q_offset\)"
+
+
 @pytest.mark.parametrize("offsets,match", [
-    (torch.tensor([1.0, 2.0]), "q_offsets must have an integer dtype"),
-    (torch.tensor([True, False]), "q_offsets must have an integer dtype"),
-    (torch.tensor([1, 2, 3]), r"q_offsets \(per-batch query offsets\) must be \[B\] = \[2\]"),
+    (torch.tensor([1.0, 2.0]), _NAME + " must have an integer dtype"),
+    (torch.tensor([True, False]), _NAME + " must have an integer dtype"),
+    (torch.tensor([1, 2, 3]), _NAME + r" must be \[B\] = \[2\]"),
     (torch.zeros(2, 1, dtype=torch.int32), r"must be \[B\] = \[2\], got shape \[2, 1\]"),
-    (torch.tensor([0, 2**40]), "q_offsets holds an offset that does not fit in int32"),
+    (torch.tensor([0, 2**40]), _NAME + " holds an offset that does not fit in int32"),
 ])
 def test_bad_offsets(offsets, match):
     q = torch.randn(2, 2, 3, 8)
@@ -241,7 +245,7 @@ def test_offsets_exclude_the_single_segment_ids_form():
 @pytest.mark.skipif(not CUDA, reason="needs a second device")
 def test_cuda_offsets_on_another_device():
     q = torch.randn(2, 2, 3, 8, device="cuda")
-    with pytest.raises(RuntimeError, match="q_offsets is on cpu but q is on cuda"):
+    with pytest.raises(RuntimeError, match=r"q_offsets \(.*\) is on cpu but q is on cuda"):
         relattn.attention(q, q, q, q_offset=torch.tensor([0, 1]))
 
 

@@ -473,6 +473,10 @@ def test_learned_encoding():
     assert pe.weight.grad[:3].abs().sum() > 0 and pe.weight.grad[3:].abs().sum() == 0
     with pytest.raises(ValueError, match="max_len=8"):
         pe(torch.randn(2, 9, E))
+    torch.manual_seed(0)
+    assert abs(rnn.LearnedPositionalEncoding(400, 50, init_std=0.5).weight.std().item() - 0.5) < 0.02
+    with pytest.raises(ValueError, match="init_std must be finite and >= 0, got -1"):
+        rnn.LearnedPositionalEncoding(4, 8, init_std=-1)
 
 
 def test_mlp_encoding():
