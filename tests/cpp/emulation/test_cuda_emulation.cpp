@@ -623,6 +623,45 @@ TEST(CudaEmulation, SplitDecodeSteps) {
   check_simt<float>(simt);
 }
 
+// NaN in, NaN out: a NaN in one query row (every score of the row NaN: a max that passes over NaN must not
+// take the row for a fully masked one) and in one key (NaN weights among finite ones) make out and lse NaN
+// exactly where the CPU op's are, split steps included; every other row keeps its value.
+template <typename Fwd>
+void check_nan_rows(const Config& cfg, Fwd fwd) {
+  SCOPED_TRACE(cfg.name);
+  Call c = make_call(cfg);
+  c.q.select(0, 0).select(0, cfg.H - 1).select(0, cfg.Lq / 2).fill_(NAN);
+  c.k.select(0, cfg.B - 1).select(0, 0).select(0, cfg.Lk / 3).select(0, 1).fill_(NAN);
+  auto [ref_out, ref_lse] = relattn::ops::attention_forward(c.q, c.k, c.v, c.rel_k, c.rel_v, c.rel_bias, c.buckets,
+                                                            c.rel_index, c.alibi_slopes, c.key_padding_mask, c.causal,
+                                                            std::nullopt, c.q_offset, 0.0, std::nullopt,
+                                                            std::nullopt, std::nullopt, c.q_offsets);
+  const Tensor ref_nan = ref_lse.isnan();
+  ASSERT_TRUE(ref_nan.any().item<bool>() && ref_nan.logical_not().any().item<bool>());
+  ASSERT_TRUE(at::equal(ref_out.isnan().any(-1), ref_nan));
+  auto [out, lse] = fwd(c);
+  EXPECT_TRUE(at::equal(lse.isnan(), ref_nan)) << "lse's NaN rows";
+  EXPECT_TRUE(at::equal(out.isnan().all(-1), ref_nan)) << "out's NaN rows";
+  expect_close("out of the other rows", out.masked_fill(ref_nan.unsqueeze(-1), 0),
+               ref_out.masked_fill(ref_nan.unsqueeze(-1), 0), cfg.dtype);
+  expect_close("lse of the other rows", lse.masked_fill(ref_nan, 0), ref_lse.masked_fill(ref_nan, 0), cfg.dtype);
+}
+
+TEST(CudaEmulation, NanScoresMakeNanRows) {
+  Config mma{.name = "nan, tensor cores", .B = 2, .H = 2, .Hk = 1, .Lq = 40, .Lk = 70, .D = 64, .Dv = 64,
+             .causal = true, .q_offset = 20};
+  check_nan_rows(mma, [](const Call& c) { return forward_mma<__nv_bfloat16, 64>(c, false); });
+  Config plain{.name = "nan, plain", .dtype = at::kHalf, .B = 2, .H = 2, .Hk = 2, .Lq = 30, .Lk = 50, .D = 32,
+               .Dv = 32, .positions = "none"};
+  check_nan_rows(plain, [](const Call& c) { return forward_mma<__half, 32>(c, false); });
+  Config split{.name = "nan, split", .B = 2, .H = 2, .Hk = 1, .Lq = 1, .Lk = 300, .D = 64, .Dv = 64,
+               .q_offset = 299, .splits = 4};
+  check_nan_rows(split, [](const Call& c) { return forward_mma<__nv_bfloat16, 64>(c, false, 4); });
+  Config simt{.name = "nan, simt f32", .dtype = at::kFloat, .B = 2, .H = 2, .Hk = 1, .Lq = 9, .Lk = 300, .D = 24,
+              .Dv = 40, .positions = "t5", .q_offset = 291};
+  check_nan_rows(simt, [](const Call& c) { return forward_simt<float>(c, 5); });
+}
+
 // Bias table alone: kernel A needs the P bucket sums (to correct the dS sums) that no rel_v asks for.
 TEST(CudaEmulation, TensorCoresHd64BiasOnlyCausal) {
   Config c{.name = "T5 bias only", .H = 2, .Lq = 70, .Lk = 70, .D = 64, .Dv = 64, .positions = "t5",
