@@ -541,6 +541,50 @@ rnn::RelativeTransformerDecoder small_decoder(const std::string& scheme, bool sh
   return decoder;
 }
 
+// The layer's forward, post-LN and pre-LN, is the composition of its parts (as torch's decoder layer);
+// reset_parameters() draws every weight anew.
+TEST(RelativeTransformerDecoderLayer, NormOrdersComposeTheParts) {
+  for (bool norm_first : {false, true}) {
+    SCOPED_TRACE(norm_first ? "pre-LN" : "post-LN");
+    torch::manual_seed(0);
+    rnn::RelativeTransformerDecoderLayer layer(small_layer("t5").norm_first(norm_first));
+    layer->to(torch::kDouble);
+    {
+      torch::NoGradGuard no_grad;
+      for (auto& p : layer->parameters()) p.add_(0.1 * torch::randn_like(p));  // LayerNorms off identity
+    }
+    const Tensor x = torch::randn({2, 7, E}, torch::kDouble), memory = torch::randn({2, 9, E}, torch::kDouble);
+    auto sa = [&](const Tensor& t) { return layer->self_attn(t, t, t, Tensor(), /*is_causal=*/true); };
+    auto ca = [&](const Tensor& t) { return layer->multihead_attn(t, memory, memory); };
+    auto ff = [&](const Tensor& t) { return layer->linear2(torch::relu(layer->linear1(t))); };
+    Tensor want = x;
+    if (norm_first) {
+      want = want + sa(layer->norm1(want));
+      want = want + ca(layer->norm2(want));
+      want = want + ff(layer->norm3(want));
+    } else {
+      want = layer->norm1(want + sa(want));
+      want = layer->norm2(want + ca(want));
+      want = layer->norm3(want + ff(want));
+    }
+    EXPECT_LT(max_abs(layer(x, memory, Tensor(), Tensor(), /*tgt_is_causal=*/true) - want), 1e-12);
+
+    std::vector<Tensor> before;
+    for (const auto& p : layer->parameters()) before.push_back(p.detach().clone());
+    layer->reset_parameters();
+    const auto after = layer->parameters();
+    for (size_t i = 0; i < after.size(); ++i) EXPECT_FALSE(torch::equal(after[i], before[i])) << i;
+    EXPECT_EQ(max_abs(layer->norm3->weight - 1), 0.0);
+  }
+  rnn::RelativeTransformerEncoderLayer encoder_layer(small_layer("shaw"));
+  std::vector<Tensor> before;
+  for (const auto& p : encoder_layer->parameters()) before.push_back(p.detach().clone());
+  encoder_layer->reset_parameters();
+  const auto after = encoder_layer->parameters();
+  for (size_t i = 0; i < after.size(); ++i)
+    if (after[i].dim() > 1) EXPECT_FALSE(torch::equal(after[i], before[i])) << i;  // (biases start at 0)
+}
+
 TEST(RelativeTransformerDecoder, PositionsInSelfAttentionOnlyAndGradients) {
   auto decoder = small_decoder("clip_bias");
   EXPECT_EQ(keys(decoder->layer(0)->self_attn->relative_tables()), (std::set<std::string>{"rel_bias"}));
