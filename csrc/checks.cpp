@@ -49,18 +49,16 @@ void check_dropout(Prepared& a, double dropout_p, const OptTensor& dropout_seed)
   const uint32_t threshold = kernels::dropout_threshold(dropout_p);
   const bool has_seed = dropout_seed.has_value() && dropout_seed->defined();
   if (has_seed) {  // checked whenever given, also where p rounds to nothing dropped
-    const Tensor& seed = *dropout_seed;
-    TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 1,
-                "relattn.attention: dropout_seed must be an int64 tensor of one element, got ", seed.scalar_type(),
-                " of shape ", shape_str(seed));
-    check_same_device(a.q, seed, "dropout_seed");
+    TORCH_CHECK(dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1,
+                "relattn.attention: dropout_seed must be an int64 tensor of one element, got ",
+                dropout_seed->scalar_type(), " of shape ", shape_str(*dropout_seed));
+    check_same_device(a.q, *dropout_seed, "dropout_seed");
   }
   if (threshold == 0) return;  // p < 2^-17: nothing is ever dropped
   TORCH_CHECK(has_seed, "relattn.attention: dropout_p = ", dropout_p,
               " needs dropout_seed, an int64 tensor of one element on q's device (relattn.attention draws one "
               "from torch's generator when it is not given)");
-  const Tensor& seed = *dropout_seed;
-  a.dropout_seed = seed;
+  a.dropout_seed = *dropout_seed;
   a.dropout_threshold = threshold;
   a.dropout_scale = kernels::dropout_scale(threshold);
 }

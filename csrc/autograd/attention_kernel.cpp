@@ -76,19 +76,11 @@ class AttentionFunction : public torch::autograd::Function<AttentionFunction> {
 // not implemented; without this kernel torch's fallback would hand back zeros for them, with a warning.
 class AttentionBackwardFunction : public torch::autograd::Function<AttentionBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext* /*ctx*/, const Tensor& grad_out, const OptTensor& grad_lse,
-                               const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                               const Tensor& lse, const OptTensor& rel_k, const OptTensor& rel_v,
-                               const OptTensor& rel_bias, const OptTensor& buckets, const OptTensor& rel_index,
-                               const OptTensor& alibi_slopes, const OptTensor& key_padding_mask, bool causal,
-                               std::optional<double> scale, int64_t q_offset, double dropout_p,
-                               const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                               const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
+  // (attention_backward's arguments, passed through as they come.)
+  template <typename... Args>
+  static variable_list forward(AutogradContext* /*ctx*/, const Args&... args) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv, drk, drv, drb] =
-        attention_backward(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets, rel_index,
-                           alibi_slopes, key_padding_mask, causal, scale, q_offset, dropout_p, dropout_seed,
-                           q_segment_ids, k_segment_ids, q_offsets);
+    auto [dq, dk, dv, drk, drv, drb] = attention_backward(args...);
     return {dq, dk, dv, drk, drv, drb};
   }
 
@@ -101,20 +93,16 @@ class AttentionBackwardFunction : public torch::autograd::Function<AttentionBack
   }
 };
 
-BackwardResult attention_backward_autograd(const Tensor& grad_out, const OptTensor& grad_lse, const Tensor& q,
-                                           const Tensor& k, const Tensor& v, const Tensor& out, const Tensor& lse,
-                                           const OptTensor& rel_k, const OptTensor& rel_v,
-                                           const OptTensor& rel_bias, const OptTensor& buckets,
-                                           const OptTensor& rel_index, const OptTensor& alibi_slopes,
-                                           const OptTensor& key_padding_mask, bool causal,
-                                           std::optional<double> scale, int64_t q_offset, double dropout_p,
-                                           const OptTensor& dropout_seed, const OptTensor& q_segment_ids,
-                                           const OptTensor& k_segment_ids, const OptTensor& q_offsets) {
-  auto r = AttentionBackwardFunction::apply(grad_out, grad_lse, q, k, v, out, lse, rel_k, rel_v, rel_bias, buckets,
-                                            rel_index, alibi_slopes, key_padding_mask, causal, scale, q_offset,
-                                            dropout_p, dropout_seed, q_segment_ids, k_segment_ids, q_offsets);
-  return {r[0], r[1], r[2], r[3], r[4], r[5]};
-}
+// The Autograd kernel of attention_backward, with its signature taken from the op's declaration.
+template <typename Signature>
+struct BackwardAutograd;
+template <typename... Args>
+struct BackwardAutograd<BackwardResult(Args...)> {
+  static BackwardResult call(Args... args) {
+    const variable_list r = AttentionBackwardFunction::apply(args...);
+    return {r[0], r[1], r[2], r[3], r[4], r[5]};
+  }
+};
 
 ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const OptTensor& rel_k, const OptTensor& rel_v, const OptTensor& rel_bias,
@@ -135,7 +123,7 @@ ForwardResult attention_forward_autograd(const Tensor& q, const Tensor& k, const
 
 TORCH_LIBRARY_IMPL(relattn, Autograd, m) {
   m.impl("attention_forward", &ops::attention_forward_autograd);
-  m.impl("attention_backward", &ops::attention_backward_autograd);
+  m.impl("attention_backward", &ops::BackwardAutograd<decltype(ops::attention_backward)>::call);
 }
 
 }  // namespace relattn
