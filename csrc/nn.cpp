@@ -617,10 +617,16 @@ namespace {
 
 // An int64 rel_index as int32 (what the kernels read), once for every layer of a stack; clamping keeps an
 // id beyond int32 out of [0, R), so that the op's range check reports it instead of a wrapped-around id
-// passing as valid.
+// passing as valid. On the CPU, where reading the range costs no device sync, ids beyond int32 stay int64, so
+// that the op's error names the id as given.
 torch::Tensor int32_ids(const torch::Tensor& rel_index) {
   if (!rel_index.defined() || rel_index.scalar_type() != torch::kLong) return rel_index;
-  return rel_index.clamp(std::numeric_limits<int32_t>::min(), std::numeric_limits<int32_t>::max()).to(torch::kInt);
+  constexpr int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
+  if (rel_index.device().is_cpu() && rel_index.numel() > 0) {
+    const auto [min, max] = torch::aminmax(rel_index);
+    if (min.item<int64_t>() < lo || max.item<int64_t>() > hi) return rel_index;
+  }
+  return rel_index.clamp(lo, hi).to(torch::kInt);
 }
 
 // Every layer of a stack (encoder or decoder) takes its first layer's self-attention tables.

@@ -746,9 +746,15 @@ def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, cache: Op
 def _int32_ids(rel_index: Optional[Tensor]) -> Optional[Tensor]:
     """An int64 rel_index as int32 (what the kernels read), once for every layer of a stack. Clamping keeps
     an id beyond int32 out of [0, R), so that the op's range check still reports it instead of a
-    wrapped-around id passing as valid."""
+    wrapped-around id passing as valid. On the CPU, where reading the range costs no device sync, ids beyond
+    int32 stay int64, so that the op's error names the id as given."""
     if rel_index is not None and rel_index.dtype == torch.int64:
-        rel_index = rel_index.clamp(-2**31, 2**31 - 1).to(torch.int32)
+        lo, hi = -2**31, 2**31 - 1
+        if rel_index.device.type == "cpu" and rel_index.numel() and not torch.compiler.is_compiling():
+            ext = torch.aminmax(rel_index)
+            if ext.min.item() < lo or ext.max.item() > hi:
+                return rel_index
+        rel_index = rel_index.clamp(lo, hi).to(torch.int32)
     return rel_index
 
 

@@ -483,6 +483,30 @@ TEST(KVCache, StaticShapesRaggedRowsEqualEachSequenceAlone) {
   EXPECT_FALSE(cache.lengths().defined());
 }
 
+// set_lengths before the first call (no slot yet): it sets where the first call writes each row, survives a
+// reorder, and a first call of another batch size is an error naming both sizes. Row 0 starts at 0, so its
+// output is the plain causal run of its tokens.
+TEST(KVCache, StaticShapesLengthsBeforeTheFirstCall) {
+  torch::NoGradGuard no_grad;
+  auto attn = make_attention("t5", rnn::RelativeMultiheadAttentionOptions(E, H));
+  attn->to(torch::kDouble);
+  const Tensor x = torch::randn({2, 3, E}, torch::kDouble);
+  rnn::KVCache cache(8, /*static_shapes=*/true);
+  EXPECT_FALSE(cache.lengths().defined());
+  cache.set_lengths(torch::tensor({2, 0, 1}));
+  EXPECT_TRUE(torch::equal(cache.lengths(), torch::tensor({2, 0, 1}, torch::kInt)));
+  expect_error([&] { attn(x, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache); },
+               "set_lengths gave 3 rows, this call has 2");
+  cache.reorder(torch::tensor({1, 0}));
+  EXPECT_TRUE(torch::equal(cache.lengths(), torch::tensor({0, 2}, torch::kInt)));
+  const Tensor got = attn(x, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+  EXPECT_TRUE(torch::equal(cache.lengths(), torch::tensor({3, 5}, torch::kInt)));
+  const Tensor alone = attn(x.index({Slice(0, 1)}), Tensor(), Tensor(), Tensor(), true);
+  EXPECT_LT(max_abs(got.index({Slice(0, 1)}) - alone), 1e-10);
+  cache.reset();
+  EXPECT_FALSE(cache.lengths().defined());
+}
+
 TEST(KVCache, ReorderResetAndAttentionModule) {
   torch::NoGradGuard no_grad;
   auto attn = make_attention("t5", rnn::RelativeMultiheadAttentionOptions(E, H).num_kv_heads(1).batch_first(false));
@@ -805,7 +829,7 @@ TEST(RelativeTransformerEncoder, RelIndexReachesEveryLayer) {
   EXPECT_FALSE(torch::allclose(y[1], encoder(x)[1], 1e-5, 1e-6));
   Tensor wrapped = distance_index.clone();
   wrapped.index_put_({1, 2}, (int64_t(1) << 32) + 1);  // would be id 1 after a plain int32 cast
-  expect_error([&] { encoder(x, Tensor(), false, wrapped); }, "rel_index holds bucket ids in [0, 2147483647]");
+  expect_error([&] { encoder(x, Tensor(), false, wrapped); }, "rel_index holds bucket ids in [0, 4294967297]");  // as given
 }
 
 TEST(RelativeTransformerEncoder, FinalNormAndGradients) {

@@ -415,11 +415,16 @@ def test_encoder_rel_index_errors():
     x = torch.randn(2, 5, E)
     ids = clipped_distance_index(5, 3)
     # An int64 id past int32 must not wrap around into [0, R) on the stack's int32 conversion.
-    for bad in (2**32 + 1, -(2**32) + 1, 7):
+    # On the CPU the error names the id as given (no clamped 2147483647).
+    for bad, span in ((2**32 + 1, r"\[0, 4294967297\]"), (-(2**32) + 1, r"\[-4294967295, 6\]"), (7, r"\[0, 7\]")):
         wrong = ids.clone()
         wrong[1, 2] = bad
-        with pytest.raises(RuntimeError, match="rel_index holds bucket ids"):
+        with pytest.raises(RuntimeError, match="rel_index holds bucket ids in " + span):
             enc(x, rel_index=wrong)
+        with pytest.raises(RuntimeError, match="rel_index holds bucket ids in " + span):
+            rnn.RelativeTransformerDecoder(rnn.RelativeTransformerDecoderLayer(E, H, 64, position="clip_bias",
+                                                                               max_distance=3), 1)(
+                x, x, rel_index=wrong)
     with pytest.raises(RuntimeError, match="rel_index must be"):
         enc(x, rel_index=ids[:4])
     alibi = rnn.RelativeTransformerEncoder(rnn.RelativeTransformerEncoderLayer(E, H, 64, position="alibi"), 2)
