@@ -29,7 +29,8 @@ round-trips through ``state_dict``.
 """
 import copy
 import math
-from typing import Callable, Dict, Mapping, Optional, Tuple, Union
+import numbers
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,9 @@ class KVCache:
     The cache is for inference: a call that would record gradients raises (decode under
     :func:`torch.no_grad` or :func:`torch.inference_mode`). A ``key_padding_mask`` passed with the cache
     covers every cached key, ``[B, length + Lq]``. A module called twice per step (weights tied across
-    layers) would append twice to one slot: give each use its own module or cache.
+    layers) would append twice to one slot: give each use its own module or cache. A call that raises
+    (a module's, a layer's or a stack's) leaves the cache as it found it. :func:`copy.deepcopy` gives an
+    independent cache that the same model decodes on (a branch of the decode).
 
     By default the cached length is a Python int and each call attends to the keys cached so far, so
     :func:`torch.compile` specialises on it (a new graph per length): decode such a cache eagerly. With
@@ -109,6 +112,8 @@ class KVCache:
     """
 
     def __init__(self, max_length: int, static_shapes: bool = False) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+            raise TypeError(f"KVCache: max_length must be an int, got {type(max_length).__name__} {max_length!r}")
         if max_length <= 0:
             raise ValueError(f"KVCache: max_length must be positive, got {max_length}")
         self.max_length = int(max_length)
@@ -117,6 +122,23 @@ class KVCache:
         self._slots: Dict[nn.Module, list] = {}
         self._cross_slots: Dict[nn.Module, list] = {}  # cross-attention module -> [keys, values]
         self._start: Optional[Tensor] = None  # static_shapes: set_lengths() before the first slot exists
+        self._undo: Optional[List[Callable[[], None]]] = None  # the open step's undo actions (see _step)
+
+    def __deepcopy__(self, memo: dict) -> "KVCache":
+        """An independent copy of every slot (a decode branched off, e.g. to try several continuations).
+        The slots stay keyed by the model's modules, so the model decodes on with the copy; modules copied
+        in the same :func:`copy.deepcopy` call (a model and its cache together) key the copy's slots."""
+        new = KVCache.__new__(KVCache)
+        memo[id(self)] = new
+        new.max_length, new.static_shapes, new._undo = self.max_length, self.static_shapes, None
+
+        def slots(table: Dict[nn.Module, list]) -> Dict[nn.Module, list]:
+            return {memo.get(id(m), m): [t.clone() if isinstance(t, Tensor) else t for t in slot]
+                    for m, slot in table.items()}
+
+        new._slots, new._cross_slots = slots(self._slots), slots(self._cross_slots)
+        new._start = None if self._start is None else self._start.clone()
+        return new
 
     @property
     def length(self) -> int:
@@ -186,14 +208,21 @@ class KVCache:
             k, v = project()
             self._check_inference(k, v)
             slot = self._cross_slots[owner] = [k, v]
+            self._log(lambda: self._cross_slots.pop(owner, None))
         if slot[0].shape[0] != batch:
             raise ValueError(f"KVCache: this call has batch {batch}, the cached cross-attention keys batch "
                              f"{slot[0].shape[0]} (reset() starts over; reorder() selects rows)")
         return slot[0], slot[1]
 
+    def _log(self, undo: Callable[[], None]) -> None:
+        if self._undo is not None:
+            self._undo.append(undo)
+
     def _append(self, owner: nn.Module, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor, Union[int, Tensor]]:
-        """Appends k, v ([B, Hk, Lq, Dh]) to owner's slot; returns all its keys, values and the offset (an
-        int, or with static_shapes the whole slot and the rows' lengths before this call, a [B] tensor)."""
+        """Writes k, v ([B, Hk, Lq, Dh]) after owner's cached positions; returns all its keys, values and the
+        offset (an int, or with static_shapes the whole slot and the rows' lengths before this call, a [B]
+        tensor). The positions count as cached from _commit on, which the module calls once the attention
+        succeeded: a call that raises leaves the length where it was."""
         self._check_inference(k, v)
         B, Hk, Lq, Dh = k.shape
         slot = self._slots.get(owner)
@@ -212,6 +241,7 @@ class KVCache:
             else:
                 slot = [k.new_empty(shape), v.new_empty(shape[:3] + (v.shape[3],)), start]
             self._slots[owner] = slot
+            self._log(lambda: self._slots.pop(owner, None))
         keys, values, length = slot
         if keys.shape[0] != B or keys.dtype != k.dtype or keys.device != k.device:
             raise ValueError(f"KVCache: this call has batch {B}, {k.dtype} on {k.device}, the cached keys "
@@ -224,15 +254,45 @@ class KVCache:
             pos = (offsets.long().view(B, 1) + torch.arange(Lq, device=k.device)).view(B, 1, Lq, 1)
             keys.scatter_(2, pos.expand(B, Hk, Lq, Dh), k)
             values.scatter_(2, pos.expand(B, Hk, Lq, v.shape[3]), v)
-            length.add_(Lq)
             return keys, values, offsets
         if length + Lq > self.max_length:
             raise ValueError(f"KVCache: {length} cached + {Lq} new positions exceed max_length "
                              f"({self.max_length})")
         keys[:, :, length:length + Lq].copy_(k)
         values[:, :, length:length + Lq].copy_(v)
-        slot[2] = length + Lq
         return keys[:, :, :length + Lq], values[:, :, :length + Lq], length
+
+    def _commit(self, owner: nn.Module, Lq: int) -> None:
+        """The Lq positions _append wrote for owner count as cached."""
+        slot = self._slots[owner]
+        if self.static_shapes:
+            slot[2].add_(Lq)
+            self._log(lambda: slot[2].sub_(Lq))
+        else:
+            before = slot[2]
+            slot[2] = before + Lq
+            self._log(lambda: slot.__setitem__(2, before))
+
+
+def _opens_step(cache: Optional[KVCache]) -> bool:
+    """Whether a call given this cache runs as a step of its own (_cache_step): eager, and not inside one."""
+    return cache is not None and cache._undo is None and not torch.compiler.is_compiling()
+
+
+def _cache_step(cache: KVCache, run: Callable[..., Tensor], /, *args, **kwargs):
+    """run(*args, **kwargs) as one step of cache: if it raises, the slots it created and the positions it
+    committed are undone, so that a module, layer or stack call that fails leaves the cache as it found it
+    (the keys it wrote lie beyond the cached lengths). Modules, layers and stacks call it when _opens_step;
+    a compiled step runs as traced."""
+    cache._undo = []
+    try:
+        return run(*args, **kwargs)
+    except BaseException:
+        for undo in reversed(cache._undo):
+            undo()
+        raise
+    finally:
+        cache._undo = None
 
 
 class RelativeMultiheadAttention(nn.Module):
@@ -432,6 +492,7 @@ class RelativeMultiheadAttention(nn.Module):
         key_padding_mask: Optional[Tensor] = None,
         need_weights: bool = False,
         attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
         is_causal: bool = False,
         *,
         causal: bool = False,
@@ -452,6 +513,8 @@ class RelativeMultiheadAttention(nn.Module):
                 returns with ``need_weights=False``).
             attn_mask: accepted only with ``is_causal=True``, as :class:`torch.nn.MultiheadAttention`'s
                 hint that it is the causal mask (it is not read); any other mask raises ``ValueError``.
+            average_attn_weights: accepted for :class:`torch.nn.MultiheadAttention`'s argument order and
+                not read (no weights are returned).
             is_causal: mask keys after the query's position (``j > i``); unlike
                 :class:`torch.nn.MultiheadAttention` no ``attn_mask`` is needed.
             causal: alias of ``is_causal`` (the name :func:`relattn.attention` uses).
@@ -471,6 +534,10 @@ class RelativeMultiheadAttention(nn.Module):
         Returns:
             ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
         """
+        if _opens_step(cache):  # a call that raises leaves the cache as it was
+            return _cache_step(cache, self.forward, query, key, value, key_padding_mask, need_weights, attn_mask,
+                               average_attn_weights, is_causal, causal=causal, rel_index=rel_index,
+                               segment_ids=segment_ids, cache=cache)
         if need_weights:
             raise ValueError("RelativeMultiheadAttention: need_weights=True is not supported; the fused "
                              "relattn kernels never materialise the attention weights")
@@ -479,11 +546,9 @@ class RelativeMultiheadAttention(nn.Module):
         self_attention = (key is None or key is query) and (value is None or value is query)
         key = query if key is None else key
         value = key if value is None else value
+        self._check_inputs(query, key, value)
         if not self.batch_first:
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        if query.dim() != 3 or key.dim() != 3 or value.dim() != 3:
-            raise ValueError("RelativeMultiheadAttention: query, key and value must be 3-D "
-                             f"([B, L, E] when batch_first), got {query.dim()}-D, {key.dim()}-D, {value.dim()}-D")
         if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
             raise ValueError("RelativeMultiheadAttention: key_padding_mask must be a bool tensor "
                              f"(True = padding), got {key_padding_mask.dtype}")
@@ -533,7 +598,31 @@ class RelativeMultiheadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(B, Lq, self.embed_dim))
         if not self.batch_first:
             out = out.transpose(0, 1)
+        if cache is not None and self_attention:
+            cache._commit(self, Lq)
         return out, None
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        """Ranks, batch and length agreement and feature sizes, each error naming the argument."""
+        layout = "[B, L, E]" if self.batch_first else "[L, B, E]"
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"RelativeMultiheadAttention: {name} must be a tensor, got {type(t).__name__}")
+            if t.dim() != 3:
+                raise ValueError(f"RelativeMultiheadAttention: {name} must be 3-D {layout}, got shape "
+                                 f"{list(t.shape)}")
+        b = 0 if self.batch_first else 1
+        if key.shape[b] != query.shape[b] or value.shape[b] != query.shape[b]:
+            raise ValueError(f"RelativeMultiheadAttention: query, key and value must have the same batch size "
+                             f"(dim {b} of {layout}), got {query.shape[b]}, {key.shape[b]}, {value.shape[b]}")
+        if value.shape[1 - b] != key.shape[1 - b]:
+            raise ValueError(f"RelativeMultiheadAttention: key and value must have the same length (dim {1 - b} "
+                             f"of {layout}), got {key.shape[1 - b]} and {value.shape[1 - b]}")
+        for name, t, width, arg in (("query", query, self.embed_dim, "embed_dim"), ("key", key, self.kdim, "kdim"),
+                                    ("value", value, self.vdim, "vdim")):
+            if t.shape[2] != width:
+                raise ValueError(f"RelativeMultiheadAttention: {name} must have {width} features ({arg}), got "
+                                 f"shape {list(t.shape)}")
 
     def extra_repr(self) -> str:
         parts = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}"]
@@ -689,6 +778,9 @@ class RelativeTransformerEncoderLayer(_TransformerLayer):
         Returns:
             a tensor shaped like ``src``.
         """
+        if _opens_step(cache):
+            return _cache_step(cache, self.forward, src, src_mask, src_key_padding_mask, is_causal,
+                               rel_index=rel_index, segment_ids=segment_ids, cache=cache)
         _check_attn_mask(src_mask, is_causal, "src_mask")
         x = src
         sa = (src_key_padding_mask, is_causal, rel_index, segment_ids, cache)
@@ -733,7 +825,10 @@ def _init_stack(stack: nn.Module, layer: nn.Module, num_layers: int, norm: Optio
 def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, cache: Optional[KVCache]) -> Tensor:
     """x through every layer of an encoder or decoder stack (``layer(x, *args, **kwargs, cache=cache)``),
     each under activation checkpointing when the stack asks for it and gradients are on (never with a
-    cache, which is for inference), then the final norm."""
+    cache, which is for inference), then the final norm. With a cache, a call that raises leaves it as it
+    was."""
+    if _opens_step(cache):
+        return _cache_step(cache, _run_stack, stack, x, args, kwargs, cache)
     use_checkpoint = stack.checkpoint and torch.is_grad_enabled() and cache is None
     for layer in stack.layers:
         if use_checkpoint:
@@ -904,6 +999,10 @@ class RelativeTransformerDecoderLayer(_TransformerLayer):
         Returns:
             a tensor shaped like ``tgt``.
         """
+        if _opens_step(cache):
+            return _cache_step(cache, self.forward, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
+                               memory_key_padding_mask, tgt_is_causal, memory_is_causal, rel_index=rel_index,
+                               cache=cache)
         _check_attn_mask(tgt_mask, tgt_is_causal, "tgt_mask")
         _check_attn_mask(memory_mask, memory_is_causal, "memory_mask")
         x = tgt

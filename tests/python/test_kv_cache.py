@@ -325,3 +325,97 @@ def test_cuda_static_cache_step_replays_in_a_cuda_graph():
             graph.replay()
             outs.append(out.clone())
     torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-4, atol=1e-4)
+
+
+def _slot_lengths(cache):
+    return [slot[2] if isinstance(slot[2], int) else slot[2].tolist() for slot in cache._slots.values()]
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_a_failed_call_leaves_the_cache_as_it_was(static):
+    """A call that raises (here: a key_padding_mask of the wrong length, caught by the op after the keys were
+    written) neither advances the lengths nor keeps the slots it created; decoding on after it gives the
+    causal run. Stacks, layers and the attention module alike; a decoder's first call that fails does not
+    keep the projected memory either."""
+    from relattn.nn import RelativeTransformerDecoder, RelativeTransformerDecoderLayer
+
+    model = _stack(SCHEMES[4], layers=2)
+    x = torch.randn(2, 7, 32, dtype=F64)
+    bad = torch.zeros(2, 3, dtype=torch.bool)
+    with torch.no_grad():
+        want = model(x, is_causal=True)
+        cache = KVCache(max_length=10, static_shapes=static)
+        with pytest.raises(RuntimeError, match="key_padding_mask"):
+            model(x[:, :4], is_causal=True, cache=cache, src_key_padding_mask=bad)
+        assert not cache._slots  # the first call's slots are gone
+        outs = [model(x[:, :4], is_causal=True, cache=cache)]
+        before = _slot_lengths(cache)
+        for call in (lambda: model(x[:, 4:5], is_causal=True, cache=cache, src_key_padding_mask=bad),
+                     lambda: model.layers[0](x[:, 4:5], is_causal=True, cache=cache, src_key_padding_mask=bad),
+                     lambda: model.layers[1].self_attn(x[:, 4:5], is_causal=True, cache=cache,
+                                                       key_padding_mask=bad)):
+            with pytest.raises(RuntimeError, match="key_padding_mask"):
+                call()
+            assert _slot_lengths(cache) == before
+        # The last layer's feed-forward fails after both attention modules committed: the stack undoes both.
+        def fail(module, args):
+            raise RuntimeError("planted failure")
+
+        hook = model.layers[1].linear2.register_forward_pre_hook(fail)
+        with pytest.raises(RuntimeError, match="planted failure"):
+            model(x[:, 4:5], is_causal=True, cache=cache)
+        hook.remove()
+        assert _slot_lengths(cache) == before
+        for t in range(4, 7):
+            outs.append(model(x[:, t:t + 1], is_causal=True, cache=cache))
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-10, atol=1e-10)
+
+    torch.manual_seed(0)
+    decoder = RelativeTransformerDecoder(RelativeTransformerDecoderLayer(32, 4, 48, dropout=0.0, position="t5",
+                                                                         dtype=F64), 2).eval()
+    memory = torch.randn(2, 6, 32, dtype=F64)
+    with torch.no_grad():
+        want = decoder(x[:, :3], memory, tgt_is_causal=True)
+        cache = KVCache(max_length=10, static_shapes=static)
+        with pytest.raises(RuntimeError, match="key_padding_mask"):  # the memory mask: after self-attention
+            decoder(x[:, :2], memory.flip(1), tgt_is_causal=True, memory_key_padding_mask=bad, cache=cache)
+        assert not cache._slots and not cache._cross_slots
+        got = torch.cat([decoder(x[:, :2], memory, tgt_is_causal=True, cache=cache),
+                         decoder(x[:, 2:3], memory, tgt_is_causal=True, cache=cache)], 1)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_deepcopy_branches_the_decode(static):
+    """copy.deepcopy(cache) is an independent cache the same model decodes on: two continuations from one
+    prefix each equal their causal run. A model and its cache copied together: the copy's slots belong to the
+    copied modules."""
+    import copy
+
+    model = _stack(SCHEMES[0], layers=2)
+    x = torch.randn(2, 6, 32, dtype=F64)
+    y = torch.randn(2, 2, 32, dtype=F64)
+    with torch.no_grad():
+        cache = KVCache(max_length=8, static_shapes=static)
+        model(x[:, :4], is_causal=True, cache=cache)
+        branch = copy.deepcopy(cache)
+        a = model(x[:, 4:6], is_causal=True, cache=cache)
+        b = model(y, is_causal=True, cache=branch)
+        torch.testing.assert_close(a, model(x, is_causal=True)[:, 4:], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, model(torch.cat([x[:, :4], y], 1), is_causal=True)[:, 4:],
+                                   rtol=1e-10, atol=1e-10)
+        model2, cache2 = copy.deepcopy((model, branch))
+        assert set(cache2._slots) == {layer.self_attn for layer in model2.layers}
+        c = model2(x[:, :1], is_causal=True, cache=cache2)
+        torch.testing.assert_close(c, model(torch.cat([x[:, :4], y, x[:, :1]], 1), is_causal=True)[:, 6:],
+                                   rtol=1e-10, atol=1e-10)
+    six, seven = ([[6, 6]] * 2, [[7, 7]] * 2) if static else ([6, 6], [7, 7])
+    assert _slot_lengths(cache) == _slot_lengths(branch) == six and _slot_lengths(cache2) == seven
+
+
+def test_max_length_must_be_an_int():
+    with pytest.raises(TypeError, match="max_length must be an int, got float"):
+        KVCache(2.5)
+    with pytest.raises(TypeError, match="max_length must be an int, got bool"):
+        KVCache(True)
+    assert KVCache(torch.tensor(3).item()).max_length == 3

@@ -212,8 +212,40 @@ def test_attention_errors():
         m(x, attn_mask=torch.zeros(5, 5))
     with pytest.raises(ValueError, match="bool"):
         m(x, key_padding_mask=torch.zeros(2, 5))
-    with pytest.raises(ValueError, match="3-D"):
+    with pytest.raises(ValueError, match=r"query must be 3-D \[B, L, E\], got shape \[5, 32\]"):
         m(torch.randn(5, E))
+    with pytest.raises(ValueError, match=r"query must be 3-D \[L, B, E\]"):
+        rnn.RelativeMultiheadAttention(E, H, batch_first=False)(torch.randn(E))
+    with pytest.raises(ValueError, match="same batch size .* got 2, 3, 3"):
+        m(x, torch.randn(3, 5, E))
+    with pytest.raises(ValueError, match="key and value must have the same length .* got 7 and 8"):
+        m(x, torch.randn(2, 7, E), torch.randn(2, 8, E))
+    with pytest.raises(ValueError, match=r"query must have 32 features \(embed_dim\)"):
+        m(torch.randn(2, 5, E + 1))
+    with pytest.raises(ValueError, match=r"value must have 6 features \(vdim\)"):
+        rnn.RelativeMultiheadAttention(E, H, kdim=4, vdim=6)(x, torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="key must be a tensor"):
+        m(x, [1, 2])
+
+
+def test_attention_positional_arguments_follow_multihead_attention():
+    """forward's positional order is nn.MultiheadAttention's (query, key, value, key_padding_mask,
+    need_weights, attn_mask, average_attn_weights, is_causal): a call written for torch means the same here
+    (average_attn_weights is accepted and not read), or raises where relattn cannot follow it."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(E, H, batch_first=True)
+    randomize_(mha)
+    ours = rnn.RelativeMultiheadAttention(E, H, position="none")
+    copy_mha_weights(mha, ours)
+    x = torch.randn(2, 6, E)
+    mask = nn.Transformer.generate_square_subsequent_mask(6)
+    for average in (True, False):
+        want = mha(x, x, x, None, False, mask, average, True)[0]
+        torch.testing.assert_close(ours(x, x, x, None, False, mask, average, True)[0], want, atol=1e-5, rtol=1e-5)
+    plain = mha(x, x, x, None, False, None, True)[0]
+    torch.testing.assert_close(ours(x, x, x, None, False, None, True)[0], plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask is only accepted together with is_causal=True"):
+        ours(x, x, x, None, False, mask, True)  # torch: an arbitrary mask, averaged weights; not causal
 
 
 def test_attention_external_tables():
