@@ -3,6 +3,7 @@
 #include "relattn/nn.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <iterator>
@@ -126,6 +127,8 @@ torch::Tensor& RelativeMultiheadAttentionImpl::table(const std::string& name) {
 
 void RelativeMultiheadAttentionImpl::reset() {
   constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
+  static std::atomic<uint64_t> next_cache_id{1};
+  cache_id_ = next_cache_id.fetch_add(1);
   const int64_t E = options.embed_dim();
   const int64_t H = options.num_heads();
   TORCH_CHECK(E > 0 && H > 0, who, "embed_dim (", E, ") and num_heads (", H, ") must be positive");
@@ -306,6 +309,53 @@ void KVCache::reorder(const torch::Tensor& index) {
   select(state_->start);
 }
 
+KVCache KVCache::clone() const {
+  KVCache copy;
+  if (!state_) return copy;
+  TORCH_CHECK(!state_->step_open, kCacheWho, "clone() while a call is using the cache");
+  copy.state_ = std::make_shared<State>(*state_);
+  auto deep = [](torch::Tensor& t) {
+    if (t.defined()) t = t.clone();
+  };
+  for (auto* slots : {&copy.state_->slots, &copy.state_->cross_slots}) {
+    for (Slot& slot : *slots) {
+      deep(slot.keys);
+      deep(slot.values);
+      deep(slot.lengths);
+    }
+  }
+  deep(copy.state_->start);
+  return copy;
+}
+
+// One module, layer or stack call's changes to a cache (the slots it creates, the positions it commits),
+// undone if the call throws, so that the cache is left as the call found it. Inert without a cache, and
+// inside an open step (the outermost call owns it).
+class KVCacheStep {
+ public:
+  explicit KVCacheStep(const KVCache& cache) {
+    if (cache.defined() && !cache.state_->step_open) {
+      state_ = cache.state_;
+      state_->step_open = true;
+      state_->undo.clear();
+    }
+  }
+  ~KVCacheStep() {
+    if (!state_) return;
+    if (std::uncaught_exceptions() > uncaught_) {
+      for (auto it = state_->undo.rbegin(); it != state_->undo.rend(); ++it) (*it)();
+    }
+    state_->undo.clear();
+    state_->step_open = false;
+  }
+  KVCacheStep(const KVCacheStep&) = delete;
+  KVCacheStep& operator=(const KVCacheStep&) = delete;
+
+ private:
+  std::shared_ptr<KVCache::State> state_;
+  int uncaught_ = std::uncaught_exceptions();
+};
+
 namespace {
 
 void check_inference(const torch::Tensor& k, const torch::Tensor& v) {
@@ -316,20 +366,21 @@ void check_inference(const torch::Tensor& k, const torch::Tensor& v) {
 
 // `owner`'s slot in `slots`, or slots.end().
 template <typename Slots>
-auto find_slot(Slots& slots, const void* owner) {
+auto find_slot(Slots& slots, uint64_t owner) {
   return std::find_if(slots.begin(), slots.end(), [owner](const auto& slot) { return slot.owner == owner; });
 }
 
 }  // namespace
 
 std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
-    const void* owner, int64_t batch, const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project) {
+    uint64_t owner, int64_t batch, const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project) {
   TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
   auto it = find_slot(state_->cross_slots, owner);
   if (it == state_->cross_slots.end()) {
     auto [k, v] = project();
     check_inference(k, v);
     state_->cross_slots.push_back(Slot{owner, std::move(k), std::move(v), 0, {}});
+    log_undo([state = state_.get(), owner] { state->cross_slots.erase(find_slot(state->cross_slots, owner)); });
     it = std::prev(state_->cross_slots.end());
   }
   TORCH_CHECK(it->keys.size(0) == batch, kCacheWho, "this call has batch ", batch,
@@ -338,7 +389,7 @@ std::pair<torch::Tensor, torch::Tensor> KVCache::cross(
   return {it->keys, it->values};
 }
 
-std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append(const void* owner,
+std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append(uint64_t owner,
                                                                                 const torch::Tensor& k,
                                                                                 const torch::Tensor& v) {
   TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
@@ -362,6 +413,7 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append
     // product of its tile with weight 0, so it must be finite.
     state_->slots.push_back(Slot{owner, fixed ? k.new_zeros(ks) : k.new_empty(ks),
                                  fixed ? v.new_zeros(vs) : v.new_empty(vs), 0, lengths});
+    log_undo([state = state_.get(), owner] { state->slots.erase(find_slot(state->slots, owner)); });
     it = std::prev(state_->slots.end());
   }
   Slot& slot = *it;
@@ -379,7 +431,6 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append
             .view({B, 1, Lq, 1});
     slot.keys.scatter_(2, pos.expand({B, k.size(1), Lq, k.size(3)}), k);
     slot.values.scatter_(2, pos.expand({B, v.size(1), Lq, v.size(3)}), v);
-    slot.lengths.add_(Lq);
     return {slot.keys, slot.values, 0, offsets};
   }
   TORCH_CHECK(slot.length + Lq <= state_->max_length, kCacheWho, slot.length, " cached + ", Lq,
@@ -388,9 +439,31 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append
   const int64_t offset = slot.length;
   slot.keys.index({Slice(), Slice(), Slice(offset, offset + Lq)}).copy_(k);
   slot.values.index({Slice(), Slice(), Slice(offset, offset + Lq)}).copy_(v);
-  slot.length = offset + Lq;
-  return {slot.keys.index({Slice(), Slice(), Slice(0, slot.length)}),
-          slot.values.index({Slice(), Slice(), Slice(0, slot.length)}), offset, torch::Tensor()};
+  return {slot.keys.index({Slice(), Slice(), Slice(0, offset + Lq)}),
+          slot.values.index({Slice(), Slice(), Slice(0, offset + Lq)}), offset, torch::Tensor()};
+}
+
+void KVCache::commit(uint64_t owner, int64_t Lq) {
+  TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
+  auto it = find_slot(state_->slots, owner);
+  TORCH_CHECK(it != state_->slots.end(), kCacheWho, "commit() of a module without a slot");
+  if (state_->static_shapes) {
+    it->lengths.add_(Lq);
+  } else {
+    it->length += Lq;
+  }
+  log_undo([state = state_.get(), owner, Lq] {
+    auto slot = find_slot(state->slots, owner);
+    if (state->static_shapes) {
+      slot->lengths.sub_(Lq);
+    } else {
+      slot->length -= Lq;
+    }
+  });
+}
+
+void KVCache::log_undo(std::function<void()> undo) {
+  if (state_->step_open) state_->undo.push_back(std::move(undo));
 }
 
 // ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~ RelativeMultiheadAttention ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -401,6 +474,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
                                                       const torch::Tensor& rel_index,
                                                       const torch::Tensor& segment_ids, KVCache cache) {
   constexpr const char* who = "relattn::nn::RelativeMultiheadAttention: ";
+  const KVCacheStep step(cache);  // a call that throws leaves the cache as it was
   const int64_t E = options.embed_dim();
   const bool self_attention = (!key.defined() || key.is_same(query)) && (!value.defined() || value.is_same(query));
   TORCH_CHECK(!cache.defined() || self_attention || !is_causal, who,
@@ -442,7 +516,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
     std::tie(k, v) = project_kv();
   } else if (self_attention) {
     auto [k_new, v_new] = project_kv();
-    std::tie(k, v, q_offset, q_offsets) = cache.append(this, k_new, v_new);
+    std::tie(k, v, q_offset, q_offsets) = cache.append(cache_id_, k_new, v_new);
     if (q_offsets.defined() && !is_causal) {
       // static shapes: hide the slots no row has written yet (with causal masking they are after every
       // query's position already)
@@ -451,7 +525,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
       mask = mask.defined() ? mask.logical_or(unwritten) : unwritten;
     }
   } else {
-    std::tie(k, v) = cache.cross(this, B, project_kv);
+    std::tie(k, v) = cache.cross(cache_id_, B, project_kv);
   }
 
   AttentionOptions attn;
@@ -471,6 +545,7 @@ torch::Tensor RelativeMultiheadAttentionImpl::forward(const torch::Tensor& query
   if (segment_ids.defined()) attn.segment_ids(segment_ids);
   const torch::Tensor heads = relattn::attention(q, k, v, attn);  // [B, H, Lq, head_dim]
   const torch::Tensor out = out_proj(heads.transpose(1, 2).reshape({B, Lq, E}));
+  if (cache.defined() && self_attention) cache.commit(cache_id_, Lq);
   return bf ? out : out.transpose(0, 1);
 }
 
@@ -591,6 +666,7 @@ torch::Tensor RelativeTransformerEncoderLayerImpl::forward(const torch::Tensor& 
                                                            const torch::Tensor& src_key_padding_mask,
                                                            bool is_causal, const torch::Tensor& rel_index,
                                                            const torch::Tensor& segment_ids, KVCache cache) {
+  const KVCacheStep step(cache);
   auto self_attention = [&](const torch::Tensor& x) {
     return dropout1(self_attn(x, x, x, src_key_padding_mask, is_causal, rel_index, segment_ids, cache));
   };
@@ -709,6 +785,7 @@ torch::Tensor RelativeTransformerEncoderImpl::forward(const torch::Tensor& src,
                                                       const torch::Tensor& src_key_padding_mask, bool is_causal,
                                                       const torch::Tensor& rel_index,
                                                       const torch::Tensor& segment_ids, KVCache cache) {
+  const KVCacheStep step(cache);
   const torch::Tensor ids = int32_ids(rel_index);
   torch::Tensor x = src;
   for (size_t i = 0; i < layers->size(); ++i)
@@ -754,6 +831,7 @@ torch::Tensor RelativeTransformerDecoderLayerImpl::forward(const torch::Tensor& 
                                                            const torch::Tensor& memory_key_padding_mask,
                                                            bool tgt_is_causal, bool memory_is_causal,
                                                            const torch::Tensor& rel_index, KVCache cache) {
+  const KVCacheStep step(cache);
   auto self_attention = [&](const torch::Tensor& x) {
     return dropout1(self_attn(x, x, x, tgt_key_padding_mask, tgt_is_causal, rel_index, torch::Tensor(), cache));
   };
@@ -818,6 +896,7 @@ torch::Tensor RelativeTransformerDecoderImpl::forward(const torch::Tensor& tgt, 
                                                       const torch::Tensor& memory_key_padding_mask,
                                                       bool tgt_is_causal, bool memory_is_causal,
                                                       const torch::Tensor& rel_index, KVCache cache) {
+  const KVCacheStep step(cache);
   const torch::Tensor ids = int32_ids(rel_index);
   torch::Tensor x = tgt;
   for (size_t i = 0; i < layers->size(); ++i) {

@@ -89,8 +89,10 @@ using RelativeTables = torch::OrderedDict<std::string, torch::Tensor>;
 // For inference only: a call that would record gradients is an error (use torch::NoGradGuard or
 // c10::InferenceMode). A key_padding_mask passed with the cache covers every cached key,
 // [B, length() + Lq]. A module called twice per step (weights tied across layers) would append twice to
-// one slot. Copies share the state (a handle, like a module holder); a default-constructed KVCache is
-// "no cache".
+// one slot. A call that throws (a module's, a layer's or a stack's) leaves the cache as it found it. Copies
+// share the state (a handle, like a module holder; clone() gives an independent copy that the same model
+// decodes on, a branch of the decode); a default-constructed KVCache is "no cache". Slots belong to module
+// instances (a module and its clone() have different slots).
 //
 // static_shapes = true: every batch row keeps its own length in an int32 [B] tensor on the device
 // (lengths()), new keys and values are written at each row's length, and each call attends to the whole
@@ -122,21 +124,28 @@ class KVCache {
   // Select batch rows of every slot, e.g. the surviving beams of beam search: row b becomes row index[b]. The
   // slots become new tensors: a CUDA graph captured before holds the old ones (capture after reordering).
   void reorder(const torch::Tensor& index);
+  // An independent copy: every slot's tensors cloned, the slots still those of the same modules (continue
+  // decoding with the same model on either cache).
+  KVCache clone() const;
 
-  // Used by RelativeMultiheadAttention: appends k and v ([B, Hk, Lq, head_dim]) to `owner`'s slot and
-  // returns views of all its keys and values and the position of the first new token: an int, or with
-  // static_shapes the whole slot and the rows' lengths before this call (int32 [B], the int then 0).
-  std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> append(const void* owner,
-                                                                         const torch::Tensor& k,
+  // Used by RelativeMultiheadAttention (`owner` is the module's cache_id()): writes k and v
+  // ([B, Hk, Lq, head_dim]) after `owner`'s cached positions and returns views of all its keys and values and
+  // the position of the first new token: an int, or with static_shapes the whole slot and the rows' lengths
+  // before this call (int32 [B], the int then 0). The new positions count as cached from commit() on, which
+  // the module calls once its attention succeeded.
+  std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> append(uint64_t owner, const torch::Tensor& k,
                                                                          const torch::Tensor& v);
+  void commit(uint64_t owner, int64_t Lq);
   // Used by RelativeMultiheadAttention for cross-attention: `owner`'s projected memory keys and values,
   // from project() at its first call; `batch` is checked against them.
-  std::pair<torch::Tensor, torch::Tensor> cross(const void* owner, int64_t batch,
+  std::pair<torch::Tensor, torch::Tensor> cross(uint64_t owner, int64_t batch,
                                                 const std::function<std::pair<torch::Tensor, torch::Tensor>()>& project);
 
  private:
+  friend class KVCacheStep;  // nn.cpp: one call's changes to the cache, undone if the call throws
+  void log_undo(std::function<void()> undo);  // how to revert a change, kept while a KVCacheStep is open
   struct Slot {
-    const void* owner;
+    uint64_t owner;
     torch::Tensor keys, values;
     int64_t length;
     torch::Tensor lengths;  // static_shapes: int32 [B]
@@ -147,6 +156,8 @@ class KVCache {
     std::vector<Slot> slots;        // self-attention, in order of first use
     std::vector<Slot> cross_slots;  // cross-attention (length unused)
     torch::Tensor start;            // static_shapes: set_lengths() before the first slot exists
+    bool step_open = false;         // a KVCacheStep is open: undo collects how to revert its changes
+    std::vector<std::function<void()>> undo;
   };
   std::shared_ptr<State> state_;
 };
@@ -250,6 +261,8 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   int64_t num_kv_heads() const { return num_kv_heads_; }
   // The resolved max_distance (the scheme's default when unset); 0 for "alibi" / "none".
   int64_t max_distance() const { return max_distance_; }
+  // What a KVCache knows this module by: unique to the instance (reset(), and so clone(), draws a new one).
+  uint64_t cache_id() const { return cache_id_; }
   // The number of buckets R of the tables; 0 for "alibi" / "none".
   int64_t num_buckets() const { return num_buckets_; }
 
@@ -283,6 +296,7 @@ class RelativeMultiheadAttentionImpl : public torch::nn::Cloneable<RelativeMulti
   int64_t max_distance_ = 0;
   int64_t num_buckets_ = 0;
   bool external_tables_ = false;
+  uint64_t cache_id_ = 0;
 };
 TORCH_MODULE(RelativeMultiheadAttention);
 

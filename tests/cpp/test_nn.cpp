@@ -1101,4 +1101,95 @@ TEST(Modules, ComposeInSequential) {
       << printed.str();
 }
 
+// A call that throws (a stack's, a layer's or a module's; here a key_padding_mask of the wrong length, caught by
+// the op after the keys were written, or a final norm that fails after both layers committed) leaves the cache
+// as it found it: no slot from a failed first call, no advanced length; decoding on gives the causal run. A
+// decoder's failed first call keeps no projected memory either.
+TEST(KVCache, AFailedCallLeavesTheCacheAsItWas) {
+  torch::NoGradGuard no_grad;
+  for (bool fixed : {false, true}) {
+    SCOPED_TRACE(fixed ? "static_shapes" : "dynamic");
+    rnn::RelativeTransformerEncoder encoder = decoding_encoder("alibi", 2);
+    const Tensor x = torch::randn({2, 7, E}, torch::kDouble);
+    const Tensor bad = torch::zeros({2, 3}, torch::kBool);
+    const Tensor want = encoder(x, Tensor(), true);
+    rnn::KVCache cache(10, fixed);
+    auto lengths = [&] { return fixed ? cache.lengths() : torch::tensor({cache.length()}); };
+    const Tensor prompt = x.index({Slice(), Slice(0, 4)});
+    expect_error([&] { encoder->forward(prompt, bad, true, Tensor(), Tensor(), cache); }, "key_padding_mask");
+    EXPECT_EQ(fixed ? cache.lengths().defined() : cache.length() != 0, false);  // no slot kept
+    std::vector<Tensor> outs{encoder->forward(prompt, Tensor(), true, Tensor(), Tensor(), cache)};
+    const Tensor before = lengths();
+    const Tensor token = x.index({Slice(), Slice(4, 5)});
+    expect_error([&] { encoder->forward(token, bad, true, Tensor(), Tensor(), cache); }, "key_padding_mask");
+    expect_error([&] { encoder->layer(1)->forward(token, bad, true, Tensor(), Tensor(), cache); }, "key_padding_mask");
+    expect_error([&] { encoder->layer(0)->self_attn->forward(token, token, token, bad, true, Tensor(), Tensor(), cache); },
+                 "key_padding_mask");
+    EXPECT_TRUE(torch::equal(lengths(), before));
+    encoder->norm = torch::nn::AnyModule(torch::nn::Linear(E + 1, E));  // fails after both layers committed
+    expect_error([&] { encoder->forward(token, Tensor(), true, Tensor(), Tensor(), cache); }, "");
+    encoder->norm = torch::nn::AnyModule();
+    EXPECT_TRUE(torch::equal(lengths(), before));
+    for (int64_t t = 4; t < 7; ++t)
+      outs.push_back(encoder->forward(x.index({Slice(), Slice(t, t + 1)}), Tensor(), true, Tensor(), Tensor(), cache));
+    EXPECT_LT(max_abs(torch::cat(outs, 1) - want), 1e-10);
+
+    rnn::RelativeTransformerDecoder decoder = small_decoder("t5");
+    decoder->eval();
+    const Tensor memory = torch::randn({2, 6, E}, torch::kDouble);
+    const Tensor full = decoder(x.index({Slice(), Slice(0, 3)}), memory, Tensor(), Tensor(), true);
+    rnn::KVCache dcache(10, fixed);
+    // The memory mask fails after the first layer's self-attention and memory projection.
+    expect_error([&] { decoder->forward(x.index({Slice(), Slice(0, 2)}), memory.flip(1), Tensor(), bad, true, false,
+                                        Tensor(), dcache); },
+                 "key_padding_mask");
+    const Tensor got = torch::cat(
+        {decoder->forward(x.index({Slice(), Slice(0, 2)}), memory, Tensor(), Tensor(), true, false, Tensor(), dcache),
+         decoder->forward(x.index({Slice(), Slice(2, 3)}), memory, Tensor(), Tensor(), true, false, Tensor(), dcache)},
+        1);
+    EXPECT_LT(max_abs(got - full), 1e-10);
+  }
+}
+
+// clone() branches a decode: two continuations of one prefix, one on the cache and one on its clone, each give
+// their causal run; the clone's slots are its own tensors.
+TEST(KVCache, CloneBranchesTheDecode) {
+  torch::NoGradGuard no_grad;
+  for (bool fixed : {false, true}) {
+    SCOPED_TRACE(fixed ? "static_shapes" : "dynamic");
+    rnn::RelativeTransformerEncoder encoder = decoding_encoder("shaw", 2);
+    const Tensor x = torch::randn({2, 6, E}, torch::kDouble);
+    const Tensor y = torch::randn({2, 2, E}, torch::kDouble);
+    rnn::KVCache cache(8, fixed);
+    encoder->forward(x.index({Slice(), Slice(0, 4)}), Tensor(), true, Tensor(), Tensor(), cache);
+    rnn::KVCache branch = cache.clone();
+    const Tensor a = encoder->forward(x.index({Slice(), Slice(4, 6)}), Tensor(), true, Tensor(), Tensor(), cache);
+    const Tensor b = encoder->forward(y, Tensor(), true, Tensor(), Tensor(), branch);
+    EXPECT_LT(max_abs(a - encoder(x, Tensor(), true).index({Slice(), Slice(4, None)})), 1e-10);
+    const Tensor xy = torch::cat({x.index({Slice(), Slice(0, 4)}), y}, 1);
+    EXPECT_LT(max_abs(b - encoder(xy, Tensor(), true).index({Slice(), Slice(4, None)})), 1e-10);
+    EXPECT_FALSE(rnn::KVCache().clone().defined());
+  }
+}
+
+// Slots belong to module instances, not addresses: a module built where a destroyed one lived (the allocator
+// hands the same block back) starts with an empty slot; a clone() of a module has a slot of its own.
+TEST(KVCache, SlotsBelongToModuleInstances) {
+  torch::NoGradGuard no_grad;
+  const auto options = rnn::RelativeMultiheadAttentionOptions(E, H).position(rnn::PositionScheme::kALiBi);
+  const Tensor x = torch::randn({2, 3, E});
+  rnn::KVCache cache(16);
+  for (int i = 0; i < 4; ++i) {
+    rnn::RelativeMultiheadAttention attn(options);
+    const Tensor got = attn(x, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+    EXPECT_LT(max_abs(got - attn(x, Tensor(), Tensor(), Tensor(), true)), 1e-6) << "module " << i;
+  }
+  rnn::RelativeMultiheadAttention attn(options);
+  attn(x, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+  auto copy = std::dynamic_pointer_cast<rnn::RelativeMultiheadAttentionImpl>(attn->clone());
+  EXPECT_NE(copy->cache_id(), attn->cache_id());
+  const Tensor got = copy->forward(x, Tensor(), Tensor(), Tensor(), true, Tensor(), Tensor(), cache);
+  EXPECT_LT(max_abs(got - copy->forward(x, Tensor(), Tensor(), Tensor(), true)), 1e-6);
+}
+
 }  // namespace
