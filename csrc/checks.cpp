@@ -189,6 +189,10 @@ Prepared prepare(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, con
   a.k = last_dim_contiguous(k_in);
   a.v = last_dim_contiguous(v_in);
   a.causal = causal;
+  // Positions i + q_offset (+ q_offsets[b]) and distances j - position stay far inside int64.
+  constexpr int64_t kMaxOffset = int64_t{1} << 62;
+  TORCH_CHECK(q_offset >= -kMaxOffset && q_offset <= kMaxOffset, "relattn.attention: q_offset must lie in [-2^62, "
+              "2^62] (query positions i + q_offset must not overflow), got ", q_offset);
   a.q_offset = q_offset;
   if (scale.has_value()) {
     TORCH_CHECK(std::isfinite(*scale), "relattn.attention: scale must be finite, got ", *scale);

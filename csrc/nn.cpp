@@ -1174,7 +1174,16 @@ void load_state_dict(torch::nn::Module& module, const std::string& path, bool st
   std::ifstream file(path, std::ios::binary);
   TORCH_CHECK(file, kLoadWho, "cannot open ", path);
   const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
-  const c10::IValue value = torch::pickle_load(bytes);
+  c10::IValue value;
+  try {
+    value = torch::pickle_load(bytes);
+  } catch (const c10::Error& e) {
+    // An OrderedDict (a plain torch.save(model.state_dict())) fails inside the unpickler with an internal
+    // assertion that names neither the file nor the way out.
+    TORCH_CHECK(false, kLoadWho, "cannot read ", path, " as a dict of tensors; save it from Python with "
+                "torch.save(dict(model.state_dict()), path) (a plain dict, not the OrderedDict state_dict() "
+                "returns). The unpickler said: ", e.what_without_backtrace());
+  }
   TORCH_CHECK(value.isGenericDict(), kLoadWho, path, " holds a ", value.tagKind(),
               ", expected a dict of tensors: torch.save(dict(model.state_dict()), path)");
   std::unordered_map<std::string, torch::Tensor> state;

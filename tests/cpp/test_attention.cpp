@@ -592,6 +592,9 @@ TEST(BatchOffsets, EachRowEqualsItsIntOffset) {
   for (int i = 0; i < 3; ++i) EXPECT_LE(max_err(got[3 + i], table_sums[i]), 1e-10) << "table gradient " << i;
 
   const Tensor x = torch::randn({2, 2, 6, 8});
+  expect_error([&] { relattn::attention(x, x, x, relattn::AttentionOptions().q_offset(INT64_MAX)); },
+               "q_offset must lie in [-2^62, 2^62] (query positions i + q_offset must not overflow), got "
+               "9223372036854775807");
   expect_error([&] {
     relattn::attention(x, x, x, relattn::AttentionOptions().q_offsets(torch::zeros({3}, torch::kInt)));
   }, "q_offsets (per-batch query offsets; in Python a tensor q_offset) must be [B] = [2], got shape [3]");

@@ -758,6 +758,11 @@ TEST(LoadStateDict, PythonLayoutIntoCppModel) {
     std::ofstream(not_a_dict, std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   }
   expect_error([&] { rnn::load_state_dict(*fresh, not_a_dict); }, "expected a dict of tensors");
+  const std::string garbage = ::testing::TempDir() + "relattn_garbage.pt";
+  std::ofstream(garbage, std::ios::binary) << "not a pickle";
+  expect_error([&] { rnn::load_state_dict(*fresh, garbage); },
+               "cannot read " + garbage + " as a dict of tensors; save it from Python with "
+               "torch.save(dict(model.state_dict()), path)");
   expect_error([&] { rnn::load_state_dict(*fresh, "/nonexistent/weights.pt"); }, "cannot open /nonexistent/weights.pt");
 }
 

@@ -197,6 +197,16 @@ def test_none_for_q_k_or_v(which):
 def test_q_offset_beyond_int64():
     with pytest.raises(ValueError, match=r"q_offset must fit in int64, got 9223372036854775808"):
         call(q_offset=2**63)
+    # Within int64 but so large that positions i + q_offset would overflow (was a silently wrong answer).
+    for bad in (2**63 - 1, 2**62 + 1, -2**62 - 1, -2**63):
+        with pytest.raises(RuntimeError, match=rf"q_offset must lie in \[-2\^62, 2\^62\].*got {bad}"):
+            call(q_offset=bad)
+    args = good_args()
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    args.update(causal=False, key_padding_mask=None)
+    edge = relattn.attention(q, k, v, **{**args, "q_offset": 2**62})  # every pair in the far bucket
+    torch.testing.assert_close(edge, relattn.attention(q, k, v, **{**args, "q_offset": 2**62 - 5}), rtol=0, atol=0)
+    assert edge.isfinite().all()
 
 
 def test_numpy_int_q_offset_is_an_int():
