@@ -1143,11 +1143,24 @@ void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::st
     visit(owner->named_parameters(/*recurse=*/false), true);
     visit(owner->named_buffers(/*recurse=*/false), false);
   }
+  // The aliases of shared tables (Python lists them under every layer) were loaded through the first layer;
+  // weights whose layers hold different tables were trained without sharing, which the model cannot represent.
+  for (const auto& [prefix, owner] : owners) {
+    if (const auto* attn = sharing_attention(*owner)) {
+      for (const auto& item : attn->relative_tables()) {
+        const std::string name = prefix + item.key();
+        const auto found = state.find(name);
+        if (found == state.end()) continue;
+        TORCH_CHECK(found->second.sizes() == item.value().sizes() &&
+                        torch::equal(found->second.to(item.value().device(), item.value().scalar_type()), item.value()),
+                    kLoadWho, "the weights' ", name, " differs from the table the model shares across its layers "
+                    "(share_relative_tables: loaded from the first layer's entry); these weights were trained "
+                    "without shared tables");
+        used.insert(name);
+      }
+    }
+  }
   if (!strict) return;
-  // The aliases of shared tables are expected; they were loaded through the first layer.
-  for (const auto& [prefix, owner] : owners)
-    if (const auto* attn = sharing_attention(*owner))
-      for (const auto& item : attn->relative_tables()) used.insert(prefix + item.key());
   for (const auto& [name, tensor] : state) {
     TORCH_CHECK(used.count(name), kLoadWho, "the weights have ", name,
                 ", which names no parameter or buffer of the model (strict = false ignores it)");

@@ -816,10 +816,29 @@ def _init_stack(stack: nn.Module, layer: nn.Module, num_layers: int, norm: Optio
         tables = stack.layers[0].self_attn.relative_tables()
         for other in stack.layers[1:]:
             other.self_attn.set_relative_tables(tables)
+    if share_relative_tables:
+        stack.register_load_state_dict_pre_hook(_check_shared_tables)
     stack.num_layers = num_layers
     stack.norm = norm
     stack.checkpoint = checkpoint
     stack.share_relative_tables = share_relative_tables
+
+
+def _check_shared_tables(stack: nn.Module, state_dict: Mapping[str, Tensor], prefix: str, *args) -> None:
+    """load_state_dict pre-hook of a stack with shared relative tables: every layer's entry of a table loads
+    into the one shared tensor, so the entries must agree (weights trained without sharing cannot load)."""
+    error_msgs = args[-1]
+    for name in stack.layers[0].self_attn.relative_tables():
+        first = state_dict.get(f"{prefix}layers.0.self_attn.{name}")
+        for i in range(1, len(stack.layers)):
+            key = f"{prefix}layers.{i}.self_attn.{name}"
+            entry = state_dict.get(key)
+            if first is None or entry is None or entry.shape != first.shape:
+                continue  # missing entries and shapes: load_state_dict's own checks
+            if not torch.equal(entry.to(first.device, first.dtype), first):
+                error_msgs.append(f"{type(stack).__name__}: the weights' {key} differs from "
+                                  f"{prefix}layers.0.self_attn.{name}, but the stack shares one table across its "
+                                  "layers (share_relative_tables); these weights were trained without shared tables")
 
 
 def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, cache: Optional[KVCache]) -> Tensor:

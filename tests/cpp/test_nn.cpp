@@ -748,6 +748,13 @@ TEST(LoadStateDict, PythonLayoutIntoCppModel) {
   auto extra = state;
   extra["layers.0.self_attn.rel_k"] = torch::zeros({3});
   expect_error([&] { rnn::load_state_dict(*fresh, extra); }, "layers.0.self_attn.rel_k, which names no parameter");
+  // Layers holding different tables (weights trained without sharing) cannot load into one shared table.
+  auto unshared = state;
+  unshared["layers.2.self_attn.rel_bias"] = state["layers.0.self_attn.rel_bias"] + 1;
+  for (bool strict : {true, false}) {
+    expect_error([&] { rnn::load_state_dict(*fresh, unshared, strict); },
+                 "the weights' layers.2.self_attn.rel_bias differs from the table the model shares across its layers");
+  }
   rnn::load_state_dict(*fresh, extra, /*strict=*/false);
   auto wrong = state;
   wrong["layers.0.norm1.weight"] = torch::ones({E + 1});

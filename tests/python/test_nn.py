@@ -350,6 +350,21 @@ def test_encoder_share_relative_tables():
     torch.testing.assert_close(fresh.layers[2].self_attn.rel_bias, first)
     unshared = rnn.RelativeTransformerEncoder(layer, 3)
     assert unshared.layers[0].self_attn.rel_bias is not unshared.layers[1].self_attn.rel_bias
+    # Weights whose layers hold different tables cannot load into one shared table (each entry would
+    # overwrite it; the last one won, silently).
+    randomize_(unshared)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"layers.1.self_attn.rel_bias differs from layers.0.self_attn.rel_bias"):
+            fresh.load_state_dict(unshared.state_dict(), strict=strict)
+    decoder = rnn.RelativeTransformerDecoder(rnn.RelativeTransformerDecoderLayer(E, H, 64, position="t5"), 2,
+                                             share_relative_tables=True)
+    other = rnn.RelativeTransformerDecoder(rnn.RelativeTransformerDecoderLayer(E, H, 64, position="t5"), 2)
+    randomize_(other)
+    with pytest.raises(RuntimeError, match=r"RelativeTransformerDecoder: the weights' layers.1.self_attn.rel_bias"):
+        decoder.load_state_dict(other.state_dict())
+    nn.Sequential(fresh).load_state_dict(nn.Sequential(enc).state_dict())  # under a prefix
+    with pytest.raises(RuntimeError, match=r"the weights' 0.layers.1.self_attn.rel_bias differs"):
+        nn.Sequential(fresh).load_state_dict(nn.Sequential(unshared).state_dict())
 
 
 def test_encoder_checkpoint_matches():
