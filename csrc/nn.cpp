@@ -612,6 +612,12 @@ RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
 
 namespace {
 
+// torch::nn::LayerNorm has no bias option: without biases (Python's LayerNorm(bias=False)) its bias stays zero
+// and is not trained.
+void freeze_norm_bias(torch::nn::LayerNorm& norm, const RelativeTransformerEncoderLayerOptions& o) {
+  if (!o.bias()) norm->bias.requires_grad_(false);
+}
+
 // The parts an encoder and a decoder layer share (torch's submodule names): the option checks, self_attn,
 // the feed-forward linear1 / dropout / linear2, norm1 and norm2, dropout1 and dropout2.
 template <typename Layer>
@@ -631,6 +637,8 @@ void register_shared_parts(Layer& layer, const char* who) {
   layer.linear2 = layer.register_module("linear2", Linear(LinearOptions(o.dim_feedforward(), E).bias(o.bias())));
   layer.norm1 = layer.register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
   layer.norm2 = layer.register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
+  freeze_norm_bias(layer.norm1, o);
+  freeze_norm_bias(layer.norm2, o);
   layer.dropout1 = layer.register_module("dropout1", Dropout(o.dropout()));
   layer.dropout2 = layer.register_module("dropout2", Dropout(o.dropout()));
 }
@@ -768,6 +776,25 @@ void RelativeTransformerEncoderImpl::reset() {
   }
 }
 
+std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderLayerImpl::clone(
+    const std::optional<torch::Device>& device) const {
+  auto copy = std::dynamic_pointer_cast<RelativeTransformerEncoderLayerImpl>(
+      torch::nn::Cloneable<RelativeTransformerEncoderLayerImpl>::clone(device));
+  freeze_norm_bias(copy->norm1, options);
+  freeze_norm_bias(copy->norm2, options);
+  return copy;
+}
+
+std::shared_ptr<torch::nn::Module> RelativeTransformerDecoderLayerImpl::clone(
+    const std::optional<torch::Device>& device) const {
+  auto copy = std::dynamic_pointer_cast<RelativeTransformerDecoderLayerImpl>(
+      torch::nn::Cloneable<RelativeTransformerDecoderLayerImpl>::clone(device));
+  freeze_norm_bias(copy->norm1, options);
+  freeze_norm_bias(copy->norm2, options);
+  freeze_norm_bias(copy->norm3, options);
+  return copy;
+}
+
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderImpl::clone(
     const std::optional<torch::Device>& device) const {
   auto copy = std::dynamic_pointer_cast<RelativeTransformerEncoderImpl>(
@@ -813,6 +840,7 @@ void RelativeTransformerDecoderLayerImpl::reset() {
       "multihead_attn", RelativeMultiheadAttention(options.attention_options().position(PositionScheme::kNone)));
   const auto norm_options = torch::nn::LayerNormOptions({options.d_model()}).eps(options.layer_norm_eps());
   norm3 = register_module("norm3", torch::nn::LayerNorm(norm_options));
+  freeze_norm_bias(norm3, options);
   dropout3 = register_module("dropout3", torch::nn::Dropout(options.dropout()));
 }
 
@@ -1107,6 +1135,23 @@ const RelativeMultiheadAttentionImpl* sharing_attention(const torch::nn::Module&
   return attn != nullptr && attn->uses_external_tables() ? attn : nullptr;
 }
 
+// The frozen zero biases of the layer norms of layers built with bias(false) (freeze_norm_bias), which Python's
+// LayerNorm(bias=False) does not have: left out of the weights, not required from them.
+std::unordered_set<std::string> norm_biases_python_lacks(
+    const std::vector<std::pair<std::string, const torch::nn::Module*>>& owners) {
+  std::unordered_set<std::string> names;
+  for (const auto& [prefix, owner] : owners) {
+    int norms = 0;
+    if (const auto* enc = dynamic_cast<const RelativeTransformerEncoderLayerImpl*>(owner)) {
+      if (!enc->options.bias()) norms = 2;
+    } else if (const auto* dec = dynamic_cast<const RelativeTransformerDecoderLayerImpl*>(owner)) {
+      if (!dec->options.bias()) norms = 3;
+    }
+    for (int i = 1; i <= norms; ++i) names.insert(prefix + "norm" + std::to_string(i) + ".bias");
+  }
+  return names;
+}
+
 // The module and every submodule, each with the prefix of its entries ("" for the root, "layers.0.", ...).
 std::vector<std::pair<std::string, const torch::nn::Module*>> modules_by_prefix(const torch::nn::Module& module) {
   std::vector<std::pair<std::string, const torch::nn::Module*>> out{{"", &module}};
@@ -1120,6 +1165,7 @@ std::vector<std::pair<std::string, const torch::nn::Module*>> modules_by_prefix(
 void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::string, torch::Tensor>& state,
                      bool strict) {
   const auto owners = modules_by_prefix(module);
+  const auto optional = norm_biases_python_lacks(owners);
   torch::NoGradGuard no_grad;
   std::unordered_set<std::string> used;
   for (const auto& [prefix, owner] : owners) {
@@ -1130,7 +1176,7 @@ void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::st
         torch::Tensor target = item.value();
         const auto found = state.find(name);
         if (found == state.end()) {
-          TORCH_CHECK(!strict || (!parameters && derived_buffer(*owner, item.key())), kLoadWho,
+          TORCH_CHECK(!strict || (!parameters && derived_buffer(*owner, item.key())) || optional.count(name), kLoadWho,
                       parameters ? "parameter " : "buffer ", name, " is missing from the weights");
           continue;
         }
@@ -1169,9 +1215,11 @@ void load_state_dict(torch::nn::Module& module, const std::unordered_map<std::st
 
 void save_state_dict(const torch::nn::Module& module, const std::string& path) {
   c10::Dict<std::string, torch::Tensor> state;
-  for (const auto& [prefix, owner] : modules_by_prefix(module)) {
+  const auto owners = modules_by_prefix(module);
+  const auto left_out = norm_biases_python_lacks(owners);
+  for (const auto& [prefix, owner] : owners) {
     for (const auto& item : owner->named_parameters(/*recurse=*/false))
-      state.insert(prefix + item.key(), item.value().detach().cpu());
+      if (!left_out.count(prefix + item.key())) state.insert(prefix + item.key(), item.value().detach().cpu());
     for (const auto& item : owner->named_buffers(/*recurse=*/false))
       if (!derived_buffer(*owner, item.key())) state.insert(prefix + item.key(), item.value().detach().cpu());
     if (const auto* attn = sharing_attention(*owner))  // Python lists shared tables under every layer

@@ -322,7 +322,9 @@ struct RelativeTransformerEncoderLayerOptions {
   TORCH_ARG(bool, batch_first) = true;
   // Pre-LN instead of post-LN.
   TORCH_ARG(bool, norm_first) = false;
-  // Biases in the linear layers (torch::nn::LayerNorm always has its bias).
+  // Biases in the linear layers and the layer norms. torch::nn::LayerNorm has no such option: with bias(false)
+  // its bias stays zero and frozen (requires_grad false), and save_state_dict / load_state_dict leave it out,
+  // as Python's LayerNorm(bias=False) has none.
   TORCH_ARG(bool, bias) = true;
   // Key/value heads for grouped-query attention (default nhead).
   TORCH_ARG(std::optional<int64_t>, num_kv_heads) = std::nullopt;
@@ -367,6 +369,10 @@ class RelativeTransformerEncoderLayerImpl
                         const torch::Tensor& segment_ids = {}, KVCache cache = {});
 
   void reset() override;
+  // A deep copy; with bias(false) its layer norms' biases stay frozen (a cloned torch::nn::LayerNorm would
+  // train its bias again).
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
   void reset_parameters();
   // DeepNet initialisation (Wang et al. 2022): Xavier-normal weights with gain `beta` for v_proj,
   // out_proj, linear1 and linear2, gain 1 for q_proj and k_proj.
@@ -499,6 +505,10 @@ class RelativeTransformerDecoderLayerImpl : public torch::nn::Cloneable<Relative
                         bool memory_is_causal = false, const torch::Tensor& rel_index = {}, KVCache cache = {});
 
   void reset() override;
+  // A deep copy; with bias(false) its layer norms' biases stay frozen (a cloned torch::nn::LayerNorm would
+  // train its bias again).
+  std::shared_ptr<torch::nn::Module> clone(
+      const std::optional<torch::Device>& device = std::nullopt) const override;
   void reset_parameters();
   void pretty_print(std::ostream& stream) const override;
 

@@ -795,6 +795,49 @@ TEST(LoadStateDict, SaveLoadRoundTripInPythonLayout) {
             1e-12);
 }
 
+// bias(false) as Python's bias=False: torch::nn::LayerNorm keeps a bias that Python's LayerNorm(bias=False) does
+// not have, so it stays zero and frozen through training, save_state_dict leaves it out, and load_state_dict
+// (strict) does not ask for it; the layer then computes what the same weights compute without the bias term.
+TEST(LoadStateDict, LayersWithoutBiasesMatchPythonsLayout) {
+  torch::manual_seed(0);
+  rnn::RelativeTransformerDecoder decoder(
+      rnn::RelativeTransformerDecoderOptions(small_layer("t5").bias(false).norm_first(true), 2));
+  decoder->to(torch::kDouble);
+  const Tensor tgt = torch::randn({2, 5, E}, torch::kDouble), memory = torch::randn({2, 7, E}, torch::kDouble);
+  torch::optim::SGD sgd(decoder->parameters(), 0.1);
+  decoder(tgt, memory, Tensor(), Tensor(), true).square().sum().backward();
+  sgd.step();
+  int norm_biases = 0;
+  for (const auto& p : decoder->named_parameters()) {
+    if (p.key().find(".norm") == std::string::npos || p.key().find(".bias") == std::string::npos) continue;
+    ++norm_biases;
+    EXPECT_FALSE(p.value().requires_grad()) << p.key();
+    EXPECT_EQ(max_abs(p.value()), 0.0) << p.key();
+  }
+  EXPECT_EQ(norm_biases, 6);  // norm1..norm3 of two layers
+  const std::string path = ::testing::TempDir() + "relattn_nobias.pt";
+  rnn::save_state_dict(*decoder, path);
+  std::ifstream file(path, std::ios::binary);
+  const std::vector<char> bytes((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const auto saved = torch::pickle_load(bytes).toGenericDict();
+  EXPECT_FALSE(saved.contains("layers.0.norm1.bias"));
+  EXPECT_FALSE(saved.contains("layers.1.norm3.bias"));
+  EXPECT_TRUE(saved.contains("layers.1.norm3.weight"));
+  EXPECT_FALSE(saved.contains("layers.0.linear1.bias"));
+  torch::manual_seed(1);
+  rnn::RelativeTransformerDecoder fresh(decoder->options);
+  fresh->to(torch::kDouble);
+  rnn::load_state_dict(*fresh, path);  // strict
+  EXPECT_LT(max_abs(fresh(tgt, memory, Tensor(), Tensor(), true) - decoder(tgt, memory, Tensor(), Tensor(), true)),
+            1e-12);
+  // A layer with biases still needs its norm biases.
+  rnn::RelativeTransformerDecoder biased(rnn::RelativeTransformerDecoderOptions(small_layer("t5").norm_first(true), 2));
+  std::unordered_map<std::string, Tensor> state;
+  for (const auto& p : biased->named_parameters()) state[p.key()] = p.value().detach();
+  state.erase("layers.1.norm2.bias");
+  expect_error([&] { rnn::load_state_dict(*biased, state); }, "parameter layers.1.norm2.bias is missing");
+}
+
 // Structural positions through the layer and the stack: an index equal to the clipped distance buckets
 // gives the modules' own result and gradients (int64 and int32, 2-D and per batch); a per-batch index gives
 // each batch what its own 2-D index gives; an int64 id past int32 is still reported, not wrapped into range.
