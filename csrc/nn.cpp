@@ -994,6 +994,16 @@ torch::Tensor SinusoidalPositionalEncodingImpl::encoding(int64_t length, torch::
                   options.d_model(), options.base());
 }
 
+void SinusoidalPositionalEncodingImpl::to(torch::Device device, torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(device, dtype, non_blocking);
+  if (table.defined()) table.set_data(encoding(table.size(0), device));
+}
+
+void SinusoidalPositionalEncodingImpl::to(torch::Dtype dtype, bool non_blocking) {
+  torch::nn::Module::to(dtype, non_blocking);
+  if (table.defined()) table.set_data(encoding(table.size(0), table.device()));
+}
+
 torch::Tensor SinusoidalPositionalEncodingImpl::forward(const torch::Tensor& x, const torch::Tensor& segment_ids) {
   check_input(x, options.d_model(), "SinusoidalPositionalEncoding");
   if (segment_ids.defined()) {

@@ -613,9 +613,14 @@ class SinusoidalPositionalEncodingImpl : public torch::nn::Cloneable<SinusoidalP
 
   void reset() override;
   void pretty_print(std::ostream& stream) const override;
+  // Like torch::nn::Module::to, except that the table (derived from the options) stays float32 and only
+  // changes device, so that every length is encoded alike.
+  using torch::nn::Module::to;
+  void to(torch::Device device, torch::Dtype dtype, bool non_blocking = false) override;
+  void to(torch::Dtype dtype, bool non_blocking = false) override;
 
   SinusoidalPositionalEncodingOptions options;
-  torch::Tensor table;  // [max_len, d_model] when max_len is given
+  torch::Tensor table;  // float32 [max_len, d_model] when max_len is given
 
  protected:
   FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})

@@ -414,7 +414,9 @@ class RelativeMultiheadAttention(nn.Module):
             buckets = None
         self.bidirectional = bidirectional
         self.register_buffer("buckets", None if buckets is None else buckets.to(device), persistent=False)
-        slopes = alibi_slopes(num_heads).to(device=device, dtype=dtype) if position == "alibi" else None
+        # float32 whatever the module's dtype (as in C++): the slopes of a head count that is not a power of two
+        # would lose digits in half precision, and the bias slope·|d| grows with the distance.
+        slopes = alibi_slopes(num_heads).to(device=device) if position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
 
         # Which learned tables the scheme uses, and their shapes.
@@ -481,6 +483,14 @@ class RelativeMultiheadAttention(nn.Module):
                 raise ValueError(f"RelativeMultiheadAttention: table {name!r} must have shape {list(shape)}, "
                                  f"got {list(table.shape)}")
             setattr(self, name, table if isinstance(table, nn.Parameter) else nn.Parameter(table))
+
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (to(), half(), cuda(), ...), except that alibi_slopes, derived from the options, stays
+        float32 (recomputed when a cast changed it) and only follows the device (C++: to(dtype) likewise)."""
+        super()._apply(fn, recurse)
+        if self.alibi_slopes is not None and self.alibi_slopes.dtype != torch.float32:
+            self.alibi_slopes = alibi_slopes(self.num_heads).to(self.alibi_slopes.device)
+        return self
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -1139,7 +1149,8 @@ class SinusoidalPositionalEncoding(nn.Module):
     Args:
         d_model: feature size (odd sizes drop the last cosine).
         max_len: if given, the table for positions ``[0, max_len)`` is precomputed (a non-persistent
-            buffer); longer inputs compute theirs on the fly. ``None`` always computes on the fly.
+            float32 buffer that follows the module's device but not its dtype, so that every length is
+            encoded alike); longer inputs compute theirs on the fly. ``None`` always computes on the fly.
         base: the wavelength base (10000 in the paper).
     """
 
@@ -1166,6 +1177,13 @@ class SinusoidalPositionalEncoding(nn.Module):
         else:
             pe = _sinusoid_table(L, self.d_model, self.base, x.device, torch.float32)
         return x + pe.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.table is not None and self.table.dtype != torch.float32:  # a cast: recompute in float32
+            self.table = _sinusoid_table(self.table.shape[0], self.d_model, self.base, self.table.device,
+                                         torch.float32)
+        return self
 
     def extra_repr(self) -> str:
         return f"d_model={self.d_model}, max_len={self.max_len}"

@@ -1050,6 +1050,15 @@ TEST(SinusoidalPositionalEncoding, Values) {
   }
   EXPECT_EQ(fresh(torch::zeros({1, 3, 8}, torch::kDouble)).scalar_type(), torch::kDouble);
   expect_error([&] { fresh(torch::zeros({1, 3, 6})); }, "expected input [B, L, 8]");
+  // A cast leaves the table float32 (as in Python): inputs within and beyond it are encoded alike.
+  rnn::SinusoidalPositionalEncoding big(rnn::SinusoidalPositionalEncodingOptions(10).max_len(200));
+  big->to(torch::kHalf);
+  EXPECT_EQ(big->table.scalar_type(), torch::kFloat);
+  const Tensor zeros = torch::zeros({1, 300, 10});
+  EXPECT_TRUE(torch::equal(big(zeros.slice(1, 0, 200)), big(zeros).slice(1, 0, 200)));
+  big->to(torch::kCPU, torch::kDouble);
+  EXPECT_TRUE(torch::equal(big->table, rnn::SinusoidalPositionalEncoding(
+                                           rnn::SinusoidalPositionalEncodingOptions(10).max_len(200))->table));
 }
 
 TEST(LearnedPositionalEncoding, AddsRowsAndRejectsLongInputs) {

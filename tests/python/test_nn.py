@@ -515,6 +515,30 @@ def test_sinusoidal_encoding():
     torch.testing.assert_close(cached(x), out)  # longer than the cache: computed on the fly
     assert rnn.SinusoidalPositionalEncoding(7)(torch.zeros(1, 3, 7)).shape == (1, 3, 7)
     assert len(pe.state_dict()) == 0 and len(cached.state_dict()) == 0
+    # A cast leaves the table float32 (as in C++): inputs within and beyond it are encoded alike.
+    big = rnn.SinusoidalPositionalEncoding(d, max_len=200).half()
+    assert big.table.dtype == torch.float32
+    x = torch.zeros(1, 300, d)
+    torch.testing.assert_close(big(x[:, :200]), big(x)[:, :200], rtol=0, atol=0)
+    torch.testing.assert_close(big(x), rnn.SinusoidalPositionalEncoding(d)(x), rtol=0, atol=0)
+    torch.testing.assert_close(big.to(torch.float64).table, rnn.SinusoidalPositionalEncoding(d, max_len=200).table)
+
+
+def test_casts_keep_alibi_slopes_float32():
+    """ALiBi's slopes follow the module's device, not its dtype (as in C++): with 12 heads (not a power of two)
+    they would lose digits in half precision, and slope·|d| grows with the distance."""
+    want = relattn.alibi_slopes(12)
+    assert not torch.equal(want.bfloat16().float(), want)
+    for m in (rnn.RelativeMultiheadAttention(48, 12, position="alibi", dtype=torch.bfloat16),
+              rnn.RelativeMultiheadAttention(48, 12, position="alibi").bfloat16(),
+              rnn.RelativeMultiheadAttention(48, 12, position="alibi").to(torch.float16).double()):
+        assert m.alibi_slopes.dtype == torch.float32 and torch.equal(m.alibi_slopes, want)
+    m = rnn.RelativeMultiheadAttention(48, 12, position="alibi").bfloat16()
+    x = torch.randn(1, 9, 48, dtype=torch.bfloat16)
+    q, k, v = (p(x).view(1, 9, 12, 4).transpose(1, 2) for p in (m.q_proj, m.k_proj, m.v_proj))
+    heads = relattn.attention(q, k, v, alibi_slopes=want, causal=True)
+    torch.testing.assert_close(m(x, is_causal=True)[0], m.out_proj(heads.transpose(1, 2).reshape(1, 9, 48)),
+                               rtol=0, atol=0)
 
 
 def test_learned_encoding():
