@@ -612,10 +612,22 @@ RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
 
 namespace {
 
-// torch::nn::LayerNorm has no bias option: without biases (Python's LayerNorm(bias=False)) its bias stays zero
-// and is not trained.
-void freeze_norm_bias(torch::nn::LayerNorm& norm, const RelativeTransformerEncoderLayerOptions& o) {
-  if (!o.bias()) norm->bias.requires_grad_(false);
+// torch::nn::LayerNorm has no bias option: in a layer without biases (Python's LayerNorm(bias=False)) the norms'
+// biases stay zero and are not trained.
+template <typename Layer>
+void freeze_norm_biases(Layer& layer) {
+  if (layer.options.bias()) return;
+  layer.norm1->bias.requires_grad_(false);
+  layer.norm2->bias.requires_grad_(false);
+  if constexpr (std::is_same_v<Layer, RelativeTransformerDecoderLayerImpl>) layer.norm3->bias.requires_grad_(false);
+}
+
+// Cloneable::clone, then freeze_norm_biases (a cloned torch::nn::LayerNorm trains its bias again).
+template <typename Layer>
+std::shared_ptr<torch::nn::Module> clone_layer(const Layer& layer, const std::optional<torch::Device>& device) {
+  auto copy = std::dynamic_pointer_cast<Layer>(layer.torch::nn::template Cloneable<Layer>::clone(device));
+  freeze_norm_biases(*copy);
+  return copy;
 }
 
 // The parts an encoder and a decoder layer share (torch's submodule names): the option checks, self_attn,
@@ -637,8 +649,6 @@ void register_shared_parts(Layer& layer, const char* who) {
   layer.linear2 = layer.register_module("linear2", Linear(LinearOptions(o.dim_feedforward(), E).bias(o.bias())));
   layer.norm1 = layer.register_module("norm1", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
   layer.norm2 = layer.register_module("norm2", LayerNorm(LayerNormOptions({E}).eps(o.layer_norm_eps())));
-  freeze_norm_bias(layer.norm1, o);
-  freeze_norm_bias(layer.norm2, o);
   layer.dropout1 = layer.register_module("dropout1", Dropout(o.dropout()));
   layer.dropout2 = layer.register_module("dropout2", Dropout(o.dropout()));
 }
@@ -647,6 +657,7 @@ void register_shared_parts(Layer& layer, const char* who) {
 
 void RelativeTransformerEncoderLayerImpl::reset() {
   register_shared_parts(*this, "relattn::nn::RelativeTransformerEncoderLayer: ");
+  freeze_norm_biases(*this);
 }
 
 void RelativeTransformerEncoderLayerImpl::reset_parameters() {
@@ -778,21 +789,12 @@ void RelativeTransformerEncoderImpl::reset() {
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderLayerImpl::clone(
     const std::optional<torch::Device>& device) const {
-  auto copy = std::dynamic_pointer_cast<RelativeTransformerEncoderLayerImpl>(
-      torch::nn::Cloneable<RelativeTransformerEncoderLayerImpl>::clone(device));
-  freeze_norm_bias(copy->norm1, options);
-  freeze_norm_bias(copy->norm2, options);
-  return copy;
+  return clone_layer(*this, device);
 }
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerDecoderLayerImpl::clone(
     const std::optional<torch::Device>& device) const {
-  auto copy = std::dynamic_pointer_cast<RelativeTransformerDecoderLayerImpl>(
-      torch::nn::Cloneable<RelativeTransformerDecoderLayerImpl>::clone(device));
-  freeze_norm_bias(copy->norm1, options);
-  freeze_norm_bias(copy->norm2, options);
-  freeze_norm_bias(copy->norm3, options);
-  return copy;
+  return clone_layer(*this, device);
 }
 
 std::shared_ptr<torch::nn::Module> RelativeTransformerEncoderImpl::clone(
@@ -840,8 +842,8 @@ void RelativeTransformerDecoderLayerImpl::reset() {
       "multihead_attn", RelativeMultiheadAttention(options.attention_options().position(PositionScheme::kNone)));
   const auto norm_options = torch::nn::LayerNormOptions({options.d_model()}).eps(options.layer_norm_eps());
   norm3 = register_module("norm3", torch::nn::LayerNorm(norm_options));
-  freeze_norm_bias(norm3, options);
   dropout3 = register_module("dropout3", torch::nn::Dropout(options.dropout()));
+  freeze_norm_biases(*this);
 }
 
 void RelativeTransformerDecoderLayerImpl::reset_parameters() {
@@ -1145,7 +1147,7 @@ const RelativeMultiheadAttentionImpl* sharing_attention(const torch::nn::Module&
   return attn != nullptr && attn->uses_external_tables() ? attn : nullptr;
 }
 
-// The frozen zero biases of the layer norms of layers built with bias(false) (freeze_norm_bias), which Python's
+// The frozen zero biases of the layer norms of layers built with bias(false) (freeze_norm_biases), which Python's
 // LayerNorm(bias=False) does not have: left out of the weights, not required from them.
 std::unordered_set<std::string> norm_biases_python_lacks(
     const std::vector<std::pair<std::string, const torch::nn::Module*>>& owners) {
