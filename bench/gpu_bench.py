@@ -38,12 +38,18 @@ forward+backward when their estimated peak memory exceeds the free GPU memory, o
 
 TFLOP/s use FlashAttention's convention, 4·B·H·Lq·Lk·D per forward and 2.5x that per backward (3.5x for
 forward+backward), halved for causal. Peak memory is the allocator's high-water mark above the inputs during
-one call (forward+backward: including the gradients). Each implementation's output (and, in fwdbwd, its
-dq, dk, dv; max_err_table: the table gradient, relative) is compared with the first implementation of its
-scheme (max_err). Times are medians over repeated calls (CUDA events via triton.testing.do_bench when Triton
-is present). Runs go in tiers: the runs the targets need, on their shape, first, then relattn and SDPA
-over every shape, then the materialising baselines, then FlexAttention (whose compiles are the slowest
-part); once --budget-s is spent, the rest are recorded as skipped.
+one call (forward+backward: including the gradients). Every run is checked against an independent float32
+eager computation of the formula on a slice (batch 0, heads 0-1, every query and key): its out (fwdbwd: and
+dq, dk, dv) sliced from the timed call, and the table gradients of the same implementation called on that
+slice; `check` is the largest error relative to the reference's largest magnitude, and a run above
+CHECK_TOL is marked MISMATCH and counts for no target (timing a wrong computation measures nothing). max_err
+(and max_err_table, relative) compare the same slices with the scheme's first implementation. Times are
+medians over repeated calls (CUDA events via triton.testing.do_bench when Triton is present). Runs go in
+tiers: the runs the targets need, on their shape, first, then relattn and SDPA over every shape, then the
+materialising baselines, then dropout, then FlexAttention (whose compiles are the slowest part; a run is
+only started with FLEX_START_S seconds of the budget left); once --budget-s is spent, the rest are recorded
+as skipped. A CUDA error that kills the context (an illegal address) ends the benchmark: the tables are
+written with the remaining runs marked, and the script exits 3.
 
 Kernel breakdown (last, with --profile-s seconds kept for it out of the budget): torch.profiler over a few calls
 of relattn's forward (plain, Shaw K+V) and forward+backward (plain, Shaw K+V, T5) and SDPA-flash's on the
@@ -125,7 +131,12 @@ TARGET_RUNS = [("fwdbwd", "plain", "sdpa_flash"), ("fwdbwd", "shaw_kv", "relattn
                ("fwd", "plain", "relattn")]
 BWD_FACTOR = 2.5  # FlashAttention's convention: backward FLOPs = 2.5x forward
 CSV_FIELDS = ["commit", "gpu", "torch", "date", "mode", "shape", "B", "H", "L", "D", "causal", "scheme", "impl",
-              "ms", "tflops", "peak_mib", "max_err", "max_err_table", "vs_sdpa_flash", "status"]
+              "ms", "tflops", "peak_mib", "check", "max_err", "max_err_table", "vs_sdpa_flash", "status"]
+# The independent check: largest |result - float32 reference| / largest |reference| over out (fwdbwd: dq, dk,
+# dv and the table gradients); bf16 inputs and outputs stay well below it (about 1e-2 at these shapes).
+CHECK_TOL = 0.05
+CHECK_HEADS = 2  # the check's slice: batch 0, heads [0, CHECK_HEADS)
+FLEX_START_S = 60  # a FlexAttention run (a compile) starts only with this much of the budget left
 
 
 def parse_args(argv=None):
@@ -161,7 +172,7 @@ def modes_of(args):
 def plan(args):
     """[(mode, shape_name, causal, scheme, impl)] in run order: the forward+backward targets on their shape
     first, then relattn and SDPA over every shape (forward, then forward+backward), then the materialising
-    baselines, then FlexAttention (whose compiles are the slowest part)."""
+    baselines, then dropout, then FlexAttention (whose compiles are the slowest part)."""
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     modes = modes_of(args)
 
@@ -179,7 +190,7 @@ def plan(args):
                 if mode in modes and wanted(scheme, impl):
                     add((mode, TARGET_SHAPE, causal, scheme, impl))
     tiers = ({"relattn", "relattn_gtab", "relattn_stab", "relattn_tabinst", "sdpa_flash", "sdpa_default"},
-             {"sdpa_bias", "naive"}, {"flex"}, set(DROPOUT_IMPLS))
+             {"sdpa_bias", "naive"}, set(DROPOUT_IMPLS), {"flex"})
     for tier in tiers:
         for mode in modes:
             for shape in args.shapes:
@@ -242,29 +253,30 @@ def commit_id():
 # ---- the implementations --------------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, args):
+    def __init__(self, args, device="cuda"):
         import torch
         import relattn
         self.torch, self.relattn, self.args = torch, relattn, args
+        self.device = device  # (the CPU for tests/python/test_gpu_bench.py)
         self.F = torch.nn.functional
         self._flex = None
         self._block_masks = {}
 
     def inputs(self, B, H, L, D):
         torch = self.torch
-        g = torch.Generator(device="cuda").manual_seed(0)
+        g = torch.Generator(device=self.device).manual_seed(0)
 
         def randn(*shape, dtype=torch.bfloat16, std=1.0):
-            return (torch.randn(*shape, generator=g, device="cuda") * std).to(dtype)
+            return (torch.randn(*shape, generator=g, device=self.device) * std).to(dtype)
 
         x = dict(q=randn(B, H, L, D), k=randn(B, H, L, D), v=randn(B, H, L, D))
-        x["t5_buckets"] = self.relattn.t5_buckets(*T5).cuda()
+        x["t5_buckets"] = self.relattn.t5_buckets(*T5).to(self.device)
         x["t5_bias"] = randn(H, T5[0], dtype=torch.float32)
-        x["slopes"] = self.relattn.alibi_slopes(H).cuda()
+        x["slopes"] = self.relattn.alibi_slopes(H).to(self.device)
         x["grad_out"] = randn(B, H, L, D)
         for mode, clip_k in CLIP_K.items():  # the Shaw tables of each mode (clipping distance)
             x[f"clip_k:{mode}"] = clip_k
-            x[f"clip_buckets:{mode}"] = self.relattn.clip_buckets(clip_k).cuda()
+            x[f"clip_buckets:{mode}"] = self.relattn.clip_buckets(clip_k).to(self.device)
             x[f"rel_k:{mode}"] = randn(2 * clip_k + 1, D, dtype=torch.float32, std=0.5)
             x[f"rel_v:{mode}"] = randn(2 * clip_k + 1, D, dtype=torch.float32, std=0.5)
         return x
@@ -295,11 +307,57 @@ class Bench:
             return out, dict(zip(names, grads))
         return run
 
+    def check_slice(self, x):
+        """The check's inputs: batch 0 and heads [0, CHECK_HEADS) of x (inputs() layout), every query and key,
+        with the per-head tables cut to those heads (the shared Shaw tables whole)."""
+        y = dict(x)
+        for n in ("q", "k", "v", "grad_out"):
+            y[n] = x[n][:1, :CHECK_HEADS]
+        y["t5_bias"], y["slopes"] = x["t5_bias"][:CHECK_HEADS], x["slopes"][:CHECK_HEADS]
+        return y
+
+    def reference(self, scheme, x, causal, mode):
+        """The formula (SPEC §1) in float32, eager, on x (a check_slice after for_mode): {"out": ...} and in
+        fwdbwd the gradients of q, k, v and the scheme's learnable tables for grad_out. The Shaw value term
+        goes through bucket sums (Σ_{j: β=r} p_ij, then @ rel_v): nothing of size L×L×D."""
+        torch = self.torch
+        train = mode == "fwdbwd"
+        names = ["q", "k", "v", *(TRAINED_TABLES[scheme] if train else ())]
+        leaf = {n: x[n].detach().float().requires_grad_(train) for n in names}
+        q, k, v = leaf["q"], leaf["k"], leaf["v"]
+        H, L, D = q.shape[1], q.shape[2], q.shape[3]
+        with torch.enable_grad() if train else torch.no_grad():
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+            if scheme == "t5":
+                bias = leaf.get("t5_bias", x["t5_bias"].float())
+                s = s + bias[:, self.pair_buckets(x["t5_buckets"], L)].unsqueeze(0)
+            elif scheme == "alibi":
+                i = torch.arange(L, device=self.device)
+                s = s - x["slopes"].float().view(1, H, 1, 1) * (i.view(1, -1) - i.view(-1, 1)).abs()
+            elif scheme in ("shaw_k", "shaw_kv"):
+                idx = self.pair_buckets(x["clip_buckets"], L).expand(1, H, L, L)
+                rel_k = leaf.get("rel_k", x["rel_k"].float())
+                s = s + ((q @ rel_k.T) / math.sqrt(D)).gather(-1, idx)
+            if causal:
+                s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1), float("-inf"))
+            p = torch.softmax(s, dim=-1)
+            del s
+            out = p @ v
+            if scheme == "shaw_kv":
+                R = x["rel_v"].shape[0]
+                sums = torch.zeros(1, H, L, R, device=self.device).scatter_add(-1, idx, p)
+                out = out + sums @ leaf.get("rel_v", x["rel_v"].float())
+            result = {"out": out.detach()}
+            if train:
+                grads = torch.autograd.grad(out, [leaf[n] for n in names], x["grad_out"].float())
+                result.update({n: g for n, g in zip(names, grads)})
+        return result
+
     def pair_buckets(self, table, L):
         torch = self.torch
         M = (table.numel() - 1) // 2
-        i = torch.arange(L, device="cuda").view(-1, 1)
-        j = torch.arange(L, device="cuda").view(1, -1)
+        i = torch.arange(L, device=self.device).view(-1, 1)
+        j = torch.arange(L, device=self.device).view(1, -1)
         return table.long()[(j - i).clamp(-M, M) + M]  # [L, L]
 
     def flex(self):
@@ -322,7 +380,7 @@ class Bench:
 
             def causal_mask(b, h, q_idx, kv_idx):
                 return q_idx >= kv_idx
-            self._block_masks[L] = create_block_mask(causal_mask, None, None, L, L, device="cuda")
+            self._block_masks[L] = create_block_mask(causal_mask, None, None, L, L, device=self.device)
         return self._block_masks[L]
 
     def fn(self, scheme, impl, x, causal):
@@ -372,7 +430,7 @@ class Bench:
                 idx = self.pair_buckets(x["t5_buckets"], L)
                 bias = x["t5_bias"][:, idx].unsqueeze(0)  # [1, H, L, L] float32
                 if causal:
-                    bias = bias.masked_fill(torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+                    bias = bias.masked_fill(torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1), float("-inf"))
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
             return run
         if impl == "naive":
@@ -382,7 +440,7 @@ class Bench:
                 s = (q @ k.transpose(-1, -2)).float() * scale
                 s = s + x["t5_bias"][:, self.pair_buckets(x["t5_buckets"], L)].unsqueeze(0)
                 if causal:
-                    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+                    s = s.masked_fill(torch.ones(L, L, dtype=torch.bool, device=self.device).triu(1), float("-inf"))
                 return torch.softmax(s, dim=-1).to(q.dtype) @ v
             return run
         if impl == "flex":
@@ -460,7 +518,8 @@ def add_ratios(rows):
 
 
 def target_results(rows, shapes):
-    """[(target, shape, causal, relattn ms, baseline ms, ratio or None, met or None)] for every target."""
+    """[(target, shape, causal, relattn ms, baseline ms, ratio or None, met or None, mismatch)] for every target
+    (mismatch: either run failed its check, so it counts for nothing)."""
     out = []
     causals = sorted({r["causal"] for r in rows})
     for target in TARGETS:
@@ -475,7 +534,8 @@ def target_results(rows, shapes):
                     continue
                 ms, bms = _ms(r) if r else None, _ms(b) if b else None
                 ratio = bms / ms if ms and bms else None
-                out.append((target, shape, causal, ms, bms, ratio, None if ratio is None else ratio >= need))
+                mismatch = any(x is not None and str(x.get("status", "")).startswith("MISMATCH") for x in (r, b))
+                out.append((target, shape, causal, ms, bms, ratio, None if ratio is None else ratio >= need, mismatch))
     return out
 
 
@@ -486,8 +546,9 @@ def target_lines(rows, shapes):
         name, text, _, scheme, impl, bscheme, bimpl, need, _ = target
         mine = [t for t in results if t[0] is target]
         measured = [t for t in mine if t[6] is not None]
+        mismatch = any(m[6] is None and m[7] for m in mine)
         if not measured:
-            verdict = "not measured"
+            verdict = "not measured" + (" (a MISMATCH: see check)" if mismatch else "")
         elif all(t[6] for t in measured):
             verdict = "MET" + ("" if len(measured) == len(mine) else " (where measured)")
         elif any(t[6] for t in measured):
@@ -498,11 +559,11 @@ def target_lines(rows, shapes):
                      f"needed >= {need}")
     lines += ["", "| target | shape | causal | relattn ms | baseline | baseline ms | ratio | needed | met |",
               "|---|---|---|---:|---|---:|---:|---:|---|"]
-    for target, shape, causal, ms, bms, ratio, met in results:
+    for target, shape, causal, ms, bms, ratio, met, mismatch in results:
         name, _, _, _, _, bscheme, bimpl, need, _ = target
         lines.append(f"| {name} | {shape} | {causal} | {'' if ms is None else f'{ms:.3f}'} | {bimpl} ({bscheme}) | "
                      f"{'' if bms is None else f'{bms:.3f}'} | {'' if ratio is None else f'{ratio:.2f}x'} | "
-                     f"{need}x | {'-' if met is None else ('yes' if met else 'NO')} |")
+                     f"{need}x | {('MISMATCH' if mismatch else '-') if met is None else ('yes' if met else 'NO')} |")
     return lines
 
 
@@ -523,16 +584,20 @@ def write_reports(rows, out_dir, meta, plot=True):
              "(fwdbwd: backward = 2.5x forward, FlashAttention's convention), halved for causal; peak = allocator "
              "high-water mark above the inputs (fwdbwd: including the gradients); vs SDPA-flash = SDPA-flash "
              "plain time / this time (same mode, shape, causal). fwdbwd: gradients of q, k, v and the learnable "
-             f"float32 tables; Shaw clipping k={CLIP_K['fwdbwd']}. max err: out (and "
-             "dq, dk, dv) against the scheme's first impl; table: the table gradient's relative error.", ""]
+             f"float32 tables; Shaw clipping k={CLIP_K['fwdbwd']}. check: the largest error relative to a float32 "
+             f"eager reference on batch 0, heads 0-{CHECK_HEADS - 1} (out, dq, dk, dv and the table gradients; "
+             f"above {CHECK_TOL}: MISMATCH, counted for no target). max err: out (and dq, dk, dv) of that slice "
+             "against the scheme's first impl; table: the table gradient's relative error.", ""]
     if "fwdbwd" in modes:
         lines += target_lines(rows, meta["shapes"]) + [""]
     lines += ["## All runs", "",
-              "| shape | causal | scheme | impl | mode | ms | TFLOP/s | peak MiB | max err | table err | vs SDPA-flash | status |",
-              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+              "| shape | causal | scheme | impl | mode | ms | TFLOP/s | peak MiB | check | max err | table err | "
+              "vs SDPA-flash | status |",
+              "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['shape']} | {r['causal']} | {r['scheme']} | {r['impl']} | {r['mode']} | {r.get('ms', '')} | "
-                     f"{r.get('tflops', '')} | {r.get('peak_mib', '')} | {r.get('max_err', '')} | "
+                     f"{r.get('tflops', '')} | {r.get('peak_mib', '')} | {r.get('check', '')} | "
+                     f"{r.get('max_err', '')} | "
                      f"{r.get('max_err_table', '')} | {r.get('vs_sdpa_flash', '')} | {r['status']} |")
     lines += [""] + meta.get("breakdown", [])
     (out_dir / "bench.md").write_text("\n".join(lines) + "\n")
@@ -585,18 +650,36 @@ def _max_abs_diff(a, b):
     return (a.float() - b.float()).abs().max().item()
 
 
-def compare(result, ref, mode):
-    """max_err (out; fwdbwd: and dq, dk, dv) and max_err_table (fwdbwd: table gradients, relative)."""
-    if mode == "fwd":
-        return f"{_max_abs_diff(result, ref):.3g}", ""
-    out, grads = result
-    ref_out, ref_grads = ref
-    err = max([_max_abs_diff(out, ref_out)] + [_max_abs_diff(grads[n], ref_grads[n]) for n in ("q", "k", "v")])
-    tables = [n for n in grads if n not in ("q", "k", "v") and n in ref_grads]
-    terr = ""
-    if tables:
-        terr = f"{max(_max_abs_diff(grads[n], ref_grads[n]) / max(ref_grads[n].abs().max().item(), 1e-30) for n in tables):.3g}"
+def _rel_diff(a, b):
+    return _max_abs_diff(a, b) / max(b.abs().max().item(), 1e-30)
+
+
+def summarize(result, mode):
+    """What a run keeps of its result for the comparisons, as float32 copies: out (fwdbwd: and dq, dk, dv) of
+    the check's slice (batch 0, heads [0, CHECK_HEADS)) and the whole table gradients."""
+    out, grads = (result, {}) if mode == "fwd" else result
+    kept = {"out": out[:1, :CHECK_HEADS].float().clone()}
+    for n, g in grads.items():
+        kept[n] = (g[:1, :CHECK_HEADS] if n in ("q", "k", "v") else g).float().clone()
+    return kept
+
+
+def compare(kept, ref):
+    """max_err (out; fwdbwd: and dq, dk, dv; absolute) and max_err_table (table gradients, relative) between
+    two summarize() results of the same scheme."""
+    err = max(_max_abs_diff(kept[n], ref[n]) for n in ("out", "q", "k", "v") if n in kept and n in ref)
+    tables = [n for n in kept if n not in ("out", "q", "k", "v") and n in ref]
+    terr = f"{max(_rel_diff(kept[n], ref[n]) for n in tables):.3g}" if tables else ""
     return f"{err:.3g}", terr
+
+
+def check_error(kept, slice_grads, ref):
+    """The independent check: the largest relative error (max |x - ref| / max |ref|) of out, dq, dk, dv (kept:
+    sliced from the timed call) and of the table gradients (slice_grads: the implementation called on the
+    slice) against the float32 reference of the slice."""
+    errs = [_rel_diff(kept[n], ref[n]) for n in ("out", "q", "k", "v") if n in kept and n in ref]
+    errs += [_rel_diff(g, ref[n]) for n, g in slice_grads.items() if n in ref]
+    return max(errs)
 
 
 # The runs whose kernels are broken down (mode, scheme, impl), on TARGET_SHAPE, non-causal.
@@ -639,8 +722,19 @@ def kernel_times(torch, fn, iters=3):
     return sorted(rows, key=lambda r: -r[2])
 
 
-def breakdown_lines(torch, bench, runs, args):
-    """bench.md's kernel breakdown: one table per run of PROFILE_RUNS (errors recorded, never raised)."""
+def cuda_alive(torch):
+    """Whether the CUDA context still runs kernels (an illegal address or a device-side assertion kills it)."""
+    try:
+        torch.cuda.synchronize()
+        torch.ones(1, device="cuda").add_(1).item()
+        return True
+    except Exception:
+        return False
+
+
+def breakdown_lines(torch, bench, runs, args, deadline=None):
+    """bench.md's kernel breakdown: one table per run of PROFILE_RUNS (errors recorded, never raised); runs
+    past `deadline` (time.time()) are left out."""
     B, H, L, D = SHAPES[TARGET_SHAPE]
     lines = [f"## Kernel breakdown ({TARGET_SHAPE}, non-causal; torch.profiler, per call)", "",
              "GPU time per kernel; the sum can be below the timed ms (launch gaps) or above (profiler overhead).",
@@ -651,6 +745,9 @@ def breakdown_lines(torch, bench, runs, args):
                 or (args.impls is not None and impl not in args.impls)):
             continue
         lines += [f"### {mode} · {scheme} · {impl}", ""]
+        if deadline is not None and time.time() > deadline:
+            lines += ["(left out: the budget is spent)", ""]
+            continue
         try:
             if x is None:
                 torch.cuda.empty_cache()
@@ -703,7 +800,8 @@ def main(argv=None):
                 date=datetime.datetime.now().isoformat(timespec="seconds"), shapes=args.shapes, modes=modes_of(args))
     out_dir = Path(args.out)
     rows = []
-    refs = {}  # (mode, shape, causal, scheme) -> the scheme's first result, kept on the GPU until its last use
+    refs = {}  # (mode, shape, causal, scheme) -> summarize() of the scheme's first result, until its last use
+    checks = {}  # (mode, shape, causal, scheme) -> the float32 reference of the check's slice, likewise
     last_use = {}
     for n, (mode, shape, causal, scheme, impl) in enumerate(runs):
         last_use[(mode, shape, causal, scheme)] = n
@@ -732,38 +830,72 @@ def main(argv=None):
         result = fn()
         torch.cuda.synchronize()
         row["peak_mib"] = f"{(torch.cuda.max_memory_allocated() - base) / 2**20:.0f}"
-        if impl in DROPOUT_IMPLS:
-            row["max_err"] = "dropout"
-        elif key in refs:
-            row["max_err"], row["max_err_table"] = compare(result, refs[key], mode)
+        verdict = "ok"
+        if impl in DROPOUT_IMPLS:  # a random mask: nothing to compare with
+            row["max_err"] = row["check"] = "dropout"
+            del result
         else:
-            refs[key] = result
-            row["max_err"] = "ref"
-        del result
+            kept = summarize(result, mode)
+            del result
+            if key in refs:
+                row["max_err"], row["max_err_table"] = compare(kept, refs[key])
+            else:
+                refs[key] = kept
+                row["max_err"] = "ref"
+            torch.cuda.empty_cache()
+            if key not in checks:
+                checks[key] = bench.reference(scheme, bench.for_mode(bench.check_slice(state["x"]), mode), causal,
+                                              mode)
+            slice_grads = {}
+            if mode == "fwdbwd" and TRAINED_TABLES[scheme] and impl != "flex":  # (flex: a compile per shape)
+                xs = bench.for_mode(bench.check_slice(state["x"]), mode)
+                grads = bench.train_fn(scheme, impl, xs, causal)()[1]
+                slice_grads = {n: grads[n] for n in TRAINED_TABLES[scheme]}
+            err = check_error(kept, slice_grads, checks[key])
+            row["check"] = f"{err:.3g}"
+            if not err <= CHECK_TOL:  # NaN included
+                verdict = f"MISMATCH (check {err:.3g} > {CHECK_TOL})"
         ms = bench.time_ms(fn)
         row["ms"] = f"{ms:.3f}"
         row["tflops"] = f"{flops(B, H, L, D, causal, mode) / (ms * 1e-3) / 1e12:.1f}"
-        row["status"] = "ok"
+        row["status"] = verdict
 
     for n, (mode, shape, causal, scheme, impl) in enumerate(runs):
         B, H, L, D = SHAPES[shape]
         row = dict(commit=meta["commit"], gpu=meta["gpu"], torch=meta["torch"], date=meta["date"], mode=mode,
                    shape=shape, B=B, H=H, L=L, D=D, causal=causal, scheme=scheme, impl=impl)
-        if time.time() - t_start > args.budget_s - args.profile_s:
-            row["status"] = "skipped (budget)"
+        left = args.budget_s - args.profile_s - (time.time() - t_start)
+        if left <= 0 or (impl == "flex" and left < FLEX_START_S):
+            row["status"] = ("skipped (budget)" if left <= 0
+                             else f"skipped (budget: under {FLEX_START_S}s left for a compile)")
             rows.append(row)
             continue
+        dead = None
         try:
             run_one(n, mode, shape, causal, scheme, impl, row)
         except torch.cuda.OutOfMemoryError:
             row["status"] = "OOM"
         except Exception as e:  # one failing baseline must not stop the others
             row["status"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+            if not cuda_alive(torch):
+                dead = f"{mode} {shape} causal={causal} {scheme} {impl}"
         finally:
             if last_use.get((mode, shape, causal, scheme)) == n:
                 refs.pop((mode, shape, causal, scheme), None)
-            torch.cuda.empty_cache()
+                checks.pop((mode, shape, causal, scheme), None)
+            if dead is None:
+                torch.cuda.empty_cache()
         rows.append(row)
+        if dead is not None:  # an illegal address kills the context: every later call would fail too
+            for mode2, shape2, causal2, scheme2, impl2 in runs[n + 1:]:
+                B2, H2, L2, D2 = SHAPES[shape2]
+                rows.append(dict(commit=meta["commit"], gpu=meta["gpu"], torch=meta["torch"], date=meta["date"],
+                                 mode=mode2, shape=shape2, B=B2, H=H2, L=L2, D=D2, causal=causal2, scheme=scheme2,
+                                 impl=impl2, status=f"not run (the CUDA context died in {dead})"))
+            write_reports(rows, out_dir, meta)
+            print(f"gpu_bench: the CUDA context died in {dead} ({row['status']}); the rest were not run. Wrote "
+                  f"{out_dir}/bench.csv, bench.md", file=sys.stderr)
+            return 3
         print(f"{mode:6s} {shape:20s} causal={causal!s:5s} {scheme:8s} {impl:13s} {row.get('ms', '-'):>9s} ms "
               f"{row.get('tflops', '-'):>7s} TFLOP/s {row.get('peak_mib', '-'):>7s} MiB err {row.get('max_err', '-'):>8s} "
               f"{row['status']}", flush=True)
@@ -775,7 +907,8 @@ def main(argv=None):
     if args.profile_s > 0 and TARGET_SHAPE in args.shapes:
         state["x"] = None
         refs.clear()
-        meta["breakdown"] = breakdown_lines(torch, bench, PROFILE_RUNS, args)
+        checks.clear()
+        meta["breakdown"] = breakdown_lines(torch, bench, PROFILE_RUNS, args, deadline=t_start + args.budget_s)
         print("\n".join(meta["breakdown"]))
     write_reports(rows, out_dir, meta)
     if "fwdbwd" in meta["modes"]:

@@ -10,8 +10,9 @@
 #   5. bench/gpu_bench.py: relattn vs SDPA / FlexAttention / eager, forward and forward+backward (with the
 #      targets of the backward issue), CSV + markdown + PNG
 #
-# Every step runs under a time limit cut from one overall budget and the script goes on after a failing
-# step; a summary of all steps comes last. Everything lands in $OUT (the device tool brings it back; at
+# Every step runs under a time limit cut from one overall budget, keeping a share for the steps after it
+# (RELATTN_CHECK_SANITIZER_RESERVE_S=100 and RELATTN_CHECK_BENCH_RESERVE_S=150 seconds), and the script goes on
+# after a failing step; a summary of all steps comes last. Everything lands in $OUT (the device tool brings it back; at
 # most 8 files) and is copied to bench/results/gpu/:
 #   gpu_check.log (all output)  summary.md  build.log  pytest.log  sanitizer.log  bench.csv  bench.md  bench.png
 #
@@ -40,6 +41,12 @@ export PYTHONUNBUFFERED=1
 export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 
 remaining() { echo $((BUDGET - (SECONDS - T0))); }
+# Seconds kept for the later steps while a step runs, so that one slow step cannot leave the others no time
+# (a step is cut short instead; a second call with RELATTN_CHECK_STEPS=... finishes what was cut): the
+# benchmark's share while the sanitizers run, the sanitizers' and the benchmark's while pytest runs.
+BENCH_RESERVE=${RELATTN_CHECK_BENCH_RESERVE_S:-150}
+SANITIZER_RESERVE=${RELATTN_CHECK_SANITIZER_RESERVE_S:-100}
+STEP_RESERVE=0
 STEPS=" ${RELATTN_CHECK_STEPS:-smoke pytest sanitizer bench} "
 wants() { [[ "$STEPS" == *" $1 "* ]]; }
 declare -a STEP_NAMES=() STEP_RESULTS=()
@@ -49,7 +56,8 @@ step() {
   shift 2
   local left
   left=$(remaining)
-  local limit=$(( max < left - 10 ? max : left - 10 ))
+  local avail=$(( left - 10 - STEP_RESERVE ))
+  local limit=$(( max < avail ? max : avail ))
   if (( limit < 5 )); then
     echo "=== [$(date +%T)] $name: SKIPPED (no time left)"
     STEP_NAMES+=("$name"); STEP_RESULTS+=("skipped (budget)")
@@ -127,8 +135,12 @@ if ! wants pytest; then
 elif (( BUILD_OK )); then
   TIMEOUT_OPT=()
   $PY -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout 120)
-  step pytest-cuda 240 $PY -m pytest tests/python -k "${RELATTN_PYTEST_K:-cuda and not aoti}" -q -rfEs -p no:cacheprovider "${TIMEOUT_OPT[@]}" \
+  # -v: one line per test as it finishes, so that a run cut by its time limit still shows every result so far
+  wants bench && STEP_RESERVE=$BENCH_RESERVE
+  wants sanitizer && STEP_RESERVE=$((STEP_RESERVE + SANITIZER_RESERVE))
+  step pytest-cuda 240 $PY -m pytest tests/python -k "${RELATTN_PYTEST_K:-cuda and not aoti}" -v -rfEs -p no:cacheprovider "${TIMEOUT_OPT[@]}" \
     > "$OUT/pytest.log" 2>&1
+  STEP_RESERVE=0
   tail -n 30 "$OUT/pytest.log"
 else
   skip pytest-cuda "build failed"
@@ -147,9 +159,12 @@ elif (( BUILD_OK )) && [ -n "$CS" ]; then
     # synccheck/initcheck only with time to spare for the benchmark
     if [ "$tool" = synccheck ] || [ "$tool" = initcheck ]; then (( $(remaining) > 330 )) || { skip "sanitizer-$tool" "time kept for the benchmark"; continue; }; fi
     echo "##### $tool" >> "$OUT/sanitizer.log"
-    step "sanitizer-$tool" $max "$CS" --tool "$tool" --error-exitcode 9 --print-limit 30 \
-      $PY bench/gpu_sanitize_case.py >> "$OUT/sanitizer.log" 2>&1
-    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard" "$OUT/sanitizer.log" | tail -n 5
+    # No caching allocator: its pooled segments would hide an access past a tensor from memcheck/initcheck.
+    wants bench && STEP_RESERVE=$BENCH_RESERVE
+    step "sanitizer-$tool" $max env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool "$tool" --error-exitcode 9 \
+      --print-limit 30 $PY bench/gpu_sanitize_case.py >> "$OUT/sanitizer.log" 2>&1
+    STEP_RESERVE=0
+    grep -E "ERROR SUMMARY|RACECHECK SUMMARY|Error|Hazard|not supported" "$OUT/sanitizer.log" | tail -n 5
   done
 elif (( BUILD_OK )); then
   skip sanitizers "compute-sanitizer not found"
@@ -202,19 +217,27 @@ fi
   echo
   echo "## ptxas (relattn kernels): registers, spills"
   echo '```'
+  DEMANGLE="cat"
+  command -v c++filt > /dev/null && DEMANGLE=c++filt
   grep -A3 -E "Compiling entry function '_ZN7relattn" "$OUT/build.log" 2>/dev/null | grep -E "entry|Used|spill" \
-    | sed -E "s/.*entry function '([^']+)'.*/\1/" | paste - - - | head -n 20 || true
+    | sed -E "s/.*entry function '([^']+)'.*/\1/" | paste - - - | $DEMANGLE | cut -c1-400 | head -n 60 || true
   echo '```'
   echo
   echo "## pytest"
   echo '```'
   tail -n 3 "$OUT/pytest.log" 2>/dev/null || echo "(no log)"
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" 2>/dev/null | head -n 30
+  # (the short summary's lines; a run cut by its time limit has only the per-test lines)
+  grep -E "^(FAILED|ERROR) | (FAILED|ERROR) +\[" "$OUT/pytest.log" 2>/dev/null | head -n 30
+  grep -cE " PASSED +\[" "$OUT/pytest.log" 2>/dev/null | sed 's/^/tests passed (per-test lines): /' 
   echo '```'
   echo
   echo "## compute-sanitizer"
   echo '```'
-  grep -E "^##### |ERROR SUMMARY|RACECHECK SUMMARY|gpu_sanitize_case" "$OUT/sanitizer.log" 2>/dev/null || echo "(not run)"
+  grep -E "^##### |ERROR SUMMARY|RACECHECK SUMMARY|gpu_sanitize_case: all|not supported" "$OUT/sanitizer.log" \
+    2>/dev/null || echo "(not run)"
+  # how far each tool got (the last call it started)
+  awk '/^##### /{tool=$2} /gpu_sanitize_case: call /{last[tool]=$3} END{for (t in last) print t ": last call started " last[t]}' \
+    "$OUT/sanitizer.log" 2>/dev/null
   echo '```'
   echo
   echo "## benchmark (bench.md)"
@@ -222,7 +245,7 @@ fi
     # The forward+backward targets (their verdicts and ratio table), then relattn's and SDPA-flash's runs.
     sed -n '/^## Targets/,/^## All runs/p' "$OUT/bench.md" | grep -v "^## All runs"
     sed -n '/^## All runs/,/^## Kernel breakdown/p' "$OUT/bench.md" | grep -E "^\|" \
-      | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' | head -n 120
+      | awk -F'|' 'NR<=2 || $5 ~ /relattn|sdpa_flash/' | head -n 200
     echo
     sed -n '/^## Kernel breakdown/,$p' "$OUT/bench.md"
   else

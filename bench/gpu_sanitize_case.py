@@ -27,11 +27,22 @@ import relattn
 
 BACKWARD_DTYPES = (torch.bfloat16, torch.float32)
 _backward = True
+_calls = 0
 
 
 def call(dtype, B=1, H=2, Hk=None, Lq=70, Lk=90, D=64, Dv=None, R=9, positions="clip", tables=("k", "v", "b"),
          alibi=False, padding=False, causal=False, q_offset=0, misaligned=False, seed=0, backward=None,
          unchecked_ids=False, dropout_p=0.0, segments=None, q_offsets=None):
+    global _calls
+    _calls += 1
+    # One flushed line per call: a sanitizer run cut by its time limit still shows how far it got.
+    print(f"gpu_sanitize_case: call {_calls}: {dtype} B={B} H={H} Hk={Hk} Lq={Lq} Lk={Lk} D={D} Dv={Dv} R={R} "
+          f"positions={positions} tables={''.join(tables)} alibi={alibi} padding={padding} causal={causal} "
+          f"q_offset={q_offset} misaligned={misaligned} dropout_p={dropout_p} segments={segments} "
+          f"q_offsets={q_offsets} unchecked_ids={unchecked_ids} splits={os.environ.get('RELATTN_CUDA_SPLITS', '-')} "
+          f"tables_env={os.environ.get('RELATTN_CUDA_TABLES', '-')} "
+          f"kernel={os.environ.get('RELATTN_CUDA_KERNEL', '-')}",
+          flush=True)
     g = torch.Generator(device="cuda").manual_seed(seed)
     Hk = Hk or H
     Dv = Dv or D
