@@ -119,3 +119,72 @@ def test_reference_uses_relattns_own_buckets():
     other = dict(x, t5_buckets=relattn.t5_buckets(32, 16, True))
     ref_other = bench.reference("t5", bench.for_mode(bench.check_slice(other), "fwd"), False, "fwd")
     assert gb.check_error(kept, {}, ref) < gb.CHECK_TOL / 3 < gb.check_error(kept, {}, ref_other)
+
+
+_FAKE_PYTHON = r"""#!/bin/bash
+# python3 for bench/gpu_check.sh without a GPU: canned answers to its queries, fakes for the steps
+case "$1" in
+  -c) case "$2" in
+        *cmake_prefix_path*) echo /nonexistent/torch/share/cmake;;
+        *get_device_capability*) echo 90;;
+        *) echo "2.0.0+fake cuda 13.0";;
+      esac;;
+  -) cat > /dev/null; echo "fake smoke";;
+  -m) echo "tests/python/test_cuda.py::test_one PASSED [100%]"; sleep "${FAKE_PYTEST_S:-0}"; echo "1 passed";;
+  bench/gpu_sanitize_case.py) echo "gpu_sanitize_case: call 1: fake"; echo "gpu_sanitize_case: all calls finished";;
+  bench/gpu_bench.py)
+    while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+    printf 'commit\n' > "$out/bench.csv"; printf '# bench\n## All runs\n' > "$out/bench.md"; : > "$out/bench.png";;
+esac
+"""
+
+
+def _fake_check(tmp_path, **env):
+    """bench/gpu_check.sh run in a copy of bench/ with fake cmake, nvidia-smi, compute-sanitizer and python:
+    its own logic (steps, time limits, reserves, the summary, the files in $OUT) without a GPU."""
+    import os
+    import shutil
+    import subprocess
+
+    root = tmp_path / "repo"
+    (root / "bench").mkdir(parents=True)
+    shutil.copy(_PATH.parent / "gpu_check.sh", root / "bench")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    tools = {"cmake": 'echo "fake cmake $*"', "nvidia-smi": 'echo "NVIDIA H100 80GB HBM3"',
+             "compute-sanitizer": 'shift 6; "$@"; echo "========= ERROR SUMMARY: 0 errors"',
+             "python3": _FAKE_PYTHON}
+    for name, body in tools.items():
+        path = bin_dir / name
+        path.write_text(body if body.startswith("#!") else "#!/bin/bash\n" + body + "\n")
+        path.chmod(0o755)
+    out = tmp_path / "out"
+    run_env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", OUT=str(out), RELATTN_COMMIT="test",
+                   PYTHON="python3", **env)
+    proc = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, env=run_env, capture_output=True, text=True,
+                          timeout=300)
+    return proc, out
+
+
+def test_gpu_check_script_runs_every_step_and_writes_its_files(tmp_path):
+    proc, out = _fake_check(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    summary = (out / "summary.md").read_text()
+    for step in ("build", "smoke", "pytest-cuda", "sanitizer-memcheck", "sanitizer-racecheck", "sanitizer-synccheck",
+                 "sanitizer-initcheck", "bench"):
+        assert f"| {step} | ok (rc=0" in summary, (step, summary)
+    assert "memcheck: last call started 1:" in summary and "tests passed (per-test lines): 1" in summary
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["gpu_check.log", "summary.md", "build.log", "pytest.log", "sanitizer.log", "bench.csv",
+                            "bench.md", "bench.png"])  # the device tool brings back at most 8 files
+
+
+def test_gpu_check_script_keeps_time_for_the_later_steps(tmp_path):
+    """A pytest run that would take the whole budget is cut at its share: the sanitizers and the benchmark
+    still run (scaled-down budget and reserves)."""
+    proc, out = _fake_check(tmp_path, RELATTN_CHECK_BUDGET_S="70", RELATTN_CHECK_BENCH_RESERVE_S="40",
+                            RELATTN_CHECK_SANITIZER_RESERVE_S="8", FAKE_PYTEST_S="100")
+    summary = (out / "summary.md").read_text()
+    assert "| pytest-cuda | TIMEOUT (rc=124" in summary, summary
+    assert "| sanitizer-memcheck | ok (rc=0" in summary and "| bench | ok (rc=0" in summary, summary
+    assert "test_cuda.py::test_one PASSED" in (out / "pytest.log").read_text()  # what ran before the cut
