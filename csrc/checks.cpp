@@ -409,6 +409,7 @@ bool check_backward_args(const Prepared& a, const Tensor& grad_out, const Tensor
   TORCH_CHECK(lse.sizes() == at::IntArrayRef(lse_shape), "relattn.attention_backward: lse must have shape ",
               at::IntArrayRef(lse_shape), ", got ", lse.sizes());
   check_same_device(a.q, grad_out, "grad_out");
+  check_same_device(a.q, out, "out");  // the tensor-core backward reads it (Δ)
   check_same_device(a.q, lse, "lse");
   const bool has_glse = grad_lse.has_value() && grad_lse->defined();
   if (has_glse) {

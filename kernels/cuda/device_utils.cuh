@@ -3,7 +3,10 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -244,14 +247,33 @@ RELATTN_DEVICE void mma_16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[
 
 // ---- launches ----------------------------------------------------------------------------------------
 
-// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes and launches it on `blocks` CTAs of
-// `threads` on `stream` (nothing for an empty grid). Returns the first error, if any.
+// Makes sure `kernel`'s dynamic shared-memory limit on the current device is at least `smem` bytes. The limit
+// belongs to the kernel (per device), not to a launch: it is only ever raised, under a lock, so that a launch
+// with a smaller size in another host thread cannot lower it between this thread's raise and its launch.
+template <typename Kernel>
+cudaError_t raise_smem_limit(Kernel kernel, int64_t smem) {
+  if (smem <= 48 * 1024) return cudaSuccess;  // the default limit
+  // (kernel, device) -> the limit set. Kernels of one signature share this function instance: key by address.
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int64_t> limits;
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  std::lock_guard<std::mutex> guard(lock);
+  int64_t& limit = limits[{reinterpret_cast<const void*>(kernel), device}];
+  if (limit >= smem) return cudaSuccess;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess) limit = smem;
+  return err;
+}
+
+// Raises `kernel`'s dynamic shared-memory limit to `smem` bytes (raise_smem_limit) and launches it on `blocks`
+// CTAs of `threads` on `stream` (nothing for an empty grid). Returns the first error, if any.
 template <typename Kernel, typename Params>
 cudaError_t launch_kernel(Kernel kernel, int64_t blocks, int threads, int64_t smem, cudaStream_t stream,
                           const Params& p) {
   if (blocks <= 0) return cudaSuccess;
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  cudaError_t err = raise_smem_limit(kernel, smem);
   if (err != cudaSuccess) return err;
   kernel<<<static_cast<unsigned>(blocks), threads, static_cast<size_t>(smem), stream>>>(p);
   return cudaGetLastError();

@@ -205,6 +205,29 @@ TEST(IdChecks, DeviceModeAssertsAndTakesTheGeneralLayout) {
   }
 }
 
+// check_backward_args (every backend's): grad_out, out, lse and grad_lse on q's device. The tensor-core backward
+// reads out's data pointer; an out elsewhere (a direct call of relattn::attention_backward) must be an error, not
+// a read of another device's memory.
+TEST(IdChecks, BackwardArgumentsOnQsDevice) {
+  const Tensor q = torch::randn({1, 2, 5, 8}), k = torch::randn({1, 2, 6, 8}), v = torch::randn({1, 2, 6, 8});
+  const auto a = relattn::ops::prepare(q, k, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt, std::nullopt,
+                                       std::nullopt, std::nullopt, false, std::nullopt, 0, 0.0, std::nullopt,
+                                       std::nullopt, std::nullopt, std::nullopt, IdCheck::kHost);
+  const Tensor out = torch::randn({1, 2, 5, 8}), lse = torch::randn({1, 2, 5});
+  EXPECT_FALSE(relattn::ops::check_backward_args(a, out, out, lse, std::nullopt));
+  const auto meta = [](const Tensor& t) { return torch::empty_like(t, t.options().device(torch::kMeta)); };
+  for (int which = 0; which < 4; ++which) {
+    try {
+      relattn::ops::check_backward_args(a, which == 0 ? meta(out) : out, which == 1 ? meta(out) : out,
+                                        which == 2 ? meta(lse) : lse, which == 3 ? std::optional(meta(lse)) : lse);
+      ADD_FAILURE() << "argument " << which << " on the meta device was accepted";
+    } catch (const c10::Error& e) {
+      const char* names[] = {"grad_out is on meta", "out is on meta", "lse is on meta", "grad_lse is on meta"};
+      EXPECT_NE(std::string(e.what()).find(names[which]), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST(IdChecks, DeviceModeReusesTheLayoutReadBeforeCaptureAndAssertsIt) {
   const Tensor q = torch::randn({1, 2, 5, 8}), k = torch::randn({1, 2, 6, 8}), v = torch::randn({1, 2, 6, 8});
   const Tensor rel_bias = torch::randn({2, 6});
