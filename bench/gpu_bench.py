@@ -843,12 +843,11 @@ def main(argv=None):
                 refs[key] = kept
                 row["max_err"] = "ref"
             torch.cuda.empty_cache()
+            xs = bench.for_mode(bench.check_slice(state["x"]), mode)
             if key not in checks:
-                checks[key] = bench.reference(scheme, bench.for_mode(bench.check_slice(state["x"]), mode), causal,
-                                              mode)
+                checks[key] = bench.reference(scheme, xs, causal, mode)
             slice_grads = {}
             if mode == "fwdbwd" and TRAINED_TABLES[scheme] and impl != "flex":  # (flex: a compile per shape)
-                xs = bench.for_mode(bench.check_slice(state["x"]), mode)
                 grads = bench.train_fn(scheme, impl, xs, causal)()[1]
                 slice_grads = {n: grads[n] for n in TRAINED_TABLES[scheme]}
             err = check_error(kept, slice_grads, checks[key])

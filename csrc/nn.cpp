@@ -445,21 +445,17 @@ std::tuple<torch::Tensor, torch::Tensor, int64_t, torch::Tensor> KVCache::append
 
 void KVCache::commit(uint64_t owner, int64_t Lq) {
   TORCH_CHECK(state_, kCacheWho, "use of an undefined (default-constructed) cache");
-  auto it = find_slot(state_->slots, owner);
-  TORCH_CHECK(it != state_->slots.end(), kCacheWho, "commit() of a module without a slot");
-  if (state_->static_shapes) {
-    it->lengths.add_(Lq);
-  } else {
-    it->length += Lq;
-  }
-  log_undo([state = state_.get(), owner, Lq] {
-    auto slot = find_slot(state->slots, owner);
+  TORCH_CHECK(find_slot(state_->slots, owner) != state_->slots.end(), kCacheWho, "commit() of a module without a slot");
+  auto advance = [state = state_.get(), owner](int64_t n) {
+    const auto slot = find_slot(state->slots, owner);
     if (state->static_shapes) {
-      slot->lengths.sub_(Lq);
+      slot->lengths.add_(n);
     } else {
-      slot->length -= Lq;
+      slot->length += n;
     }
-  });
+  };
+  advance(Lq);
+  log_undo([advance, Lq] { advance(-Lq); });
 }
 
 void KVCache::log_undo(std::function<void()> undo) {
@@ -612,14 +608,20 @@ RelativeTransformerEncoderLayerImpl::RelativeTransformerEncoderLayerImpl(
 
 namespace {
 
+// A layer's layer norms by submodule name (encoder: norm1, norm2; decoder: also norm3).
+template <typename Layer>
+std::vector<std::pair<std::string, torch::nn::LayerNorm>> layer_norms(const Layer& layer) {
+  std::vector<std::pair<std::string, torch::nn::LayerNorm>> norms{{"norm1", layer.norm1}, {"norm2", layer.norm2}};
+  if constexpr (std::is_same_v<Layer, RelativeTransformerDecoderLayerImpl>) norms.emplace_back("norm3", layer.norm3);
+  return norms;
+}
+
 // torch::nn::LayerNorm has no bias option: in a layer without biases (Python's LayerNorm(bias=False)) the norms'
 // biases stay zero and are not trained.
 template <typename Layer>
 void freeze_norm_biases(Layer& layer) {
   if (layer.options.bias()) return;
-  layer.norm1->bias.requires_grad_(false);
-  layer.norm2->bias.requires_grad_(false);
-  if constexpr (std::is_same_v<Layer, RelativeTransformerDecoderLayerImpl>) layer.norm3->bias.requires_grad_(false);
+  for (auto& [name, norm] : layer_norms(layer)) norm->bias.requires_grad_(false);
 }
 
 // Cloneable::clone, then freeze_norm_biases (a cloned torch::nn::LayerNorm trains its bias again).
@@ -718,8 +720,9 @@ torch::Tensor int32_ids(const torch::Tensor& rel_index) {
   if (!rel_index.defined() || rel_index.scalar_type() != torch::kLong) return rel_index;
   constexpr int64_t lo = std::numeric_limits<int32_t>::min(), hi = std::numeric_limits<int32_t>::max();
   if (rel_index.device().is_cpu() && rel_index.numel() > 0) {
-    const auto [min, max] = torch::aminmax(rel_index);
-    if (min.item<int64_t>() < lo || max.item<int64_t>() > hi) return rel_index;
+    const auto [min, max] = torch::aminmax(rel_index);  // (then no clamp: the same two passes as clamp + convert)
+    const bool in_range = lo <= min.item<int64_t>() && max.item<int64_t>() <= hi;
+    return in_range ? rel_index.to(torch::kInt) : rel_index;
   }
   return rel_index.clamp(lo, hi).to(torch::kInt);
 }
@@ -1152,14 +1155,13 @@ const RelativeMultiheadAttentionImpl* sharing_attention(const torch::nn::Module&
 std::unordered_set<std::string> norm_biases_python_lacks(
     const std::vector<std::pair<std::string, const torch::nn::Module*>>& owners) {
   std::unordered_set<std::string> names;
+  auto add = [&](const auto& layer, const std::string& prefix) {
+    if (layer.options.bias()) return;
+    for (const auto& [name, norm] : layer_norms(layer)) names.insert(prefix + name + ".bias");
+  };
   for (const auto& [prefix, owner] : owners) {
-    int norms = 0;
-    if (const auto* enc = dynamic_cast<const RelativeTransformerEncoderLayerImpl*>(owner)) {
-      if (!enc->options.bias()) norms = 2;
-    } else if (const auto* dec = dynamic_cast<const RelativeTransformerDecoderLayerImpl*>(owner)) {
-      if (!dec->options.bias()) norms = 3;
-    }
-    for (int i = 1; i <= norms; ++i) names.insert(prefix + "norm" + std::to_string(i) + ".bias");
+    if (const auto* enc = dynamic_cast<const RelativeTransformerEncoderLayerImpl*>(owner)) add(*enc, prefix);
+    if (const auto* dec = dynamic_cast<const RelativeTransformerDecoderLayerImpl*>(owner)) add(*dec, prefix);
   }
   return names;
 }

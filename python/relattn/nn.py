@@ -28,6 +28,7 @@ Every module here is batch-first by default, works under ``torch.compile(fullgra
 round-trips through ``state_dict``.
 """
 import copy
+import functools
 import math
 import numbers
 from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -279,20 +280,26 @@ def _opens_step(cache: Optional[KVCache]) -> bool:
     return cache is not None and cache._undo is None and not torch.compiler.is_compiling()
 
 
-def _cache_step(cache: KVCache, run: Callable[..., Tensor], /, *args, **kwargs):
-    """run(*args, **kwargs) as one step of cache: if it raises, the slots it created and the positions it
-    committed are undone, so that a module, layer or stack call that fails leaves the cache as it found it
-    (the keys it wrote lie beyond the cached lengths). Modules, layers and stacks call it when _opens_step;
-    a compiled step runs as traced."""
-    cache._undo = []
-    try:
-        return run(*args, **kwargs)
-    except BaseException:
-        for undo in reversed(cache._undo):
-            undo()
-        raise
-    finally:
-        cache._undo = None
+def _cache_step(run: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """Decorates a module's, layer's or stack's call taking ``cache=`` (keyword): called with a cache, the call
+    is one step of it, so that if it raises, the slots it created and the positions it committed are undone
+    and the cache is as the call found it (the keys it wrote lie beyond the cached lengths). Calls inside a
+    step, and compiled ones, run as they are."""
+    @functools.wraps(run)
+    def step(*args, **kwargs):
+        cache = kwargs.get("cache")
+        if not _opens_step(cache):
+            return run(*args, **kwargs)
+        cache._undo = []
+        try:
+            return run(*args, **kwargs)
+        except BaseException:
+            for undo in reversed(cache._undo):
+                undo()
+            raise
+        finally:
+            cache._undo = None
+    return step
 
 
 class RelativeMultiheadAttention(nn.Module):
@@ -494,6 +501,7 @@ class RelativeMultiheadAttention(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------
 
+    @_cache_step
     def forward(
         self,
         query: Tensor,
@@ -544,10 +552,6 @@ class RelativeMultiheadAttention(nn.Module):
         Returns:
             ``(output, None)``, ``output`` shaped like ``query`` with width ``E``.
         """
-        if _opens_step(cache):  # a call that raises leaves the cache as it was
-            return _cache_step(cache, self.forward, query, key, value, key_padding_mask, need_weights, attn_mask,
-                               average_attn_weights, is_causal, causal=causal, rel_index=rel_index,
-                               segment_ids=segment_ids, cache=cache)
         if need_weights:
             raise ValueError("RelativeMultiheadAttention: need_weights=True is not supported; the fused "
                              "relattn kernels never materialise the attention weights")
@@ -760,6 +764,7 @@ class RelativeTransformerEncoderLayer(_TransformerLayer):
     #: Residual scale of the post-LN sub-layers (DeepNorm's alpha); 1 for a plain layer.
     residual_alpha: float = 1.0
 
+    @_cache_step
     def forward(
         self,
         src: Tensor,
@@ -788,9 +793,6 @@ class RelativeTransformerEncoderLayer(_TransformerLayer):
         Returns:
             a tensor shaped like ``src``.
         """
-        if _opens_step(cache):
-            return _cache_step(cache, self.forward, src, src_mask, src_key_padding_mask, is_causal,
-                               rel_index=rel_index, segment_ids=segment_ids, cache=cache)
         _check_attn_mask(src_mask, is_causal, "src_mask")
         x = src
         sa = (src_key_padding_mask, is_causal, rel_index, segment_ids, cache)
@@ -851,13 +853,12 @@ def _check_shared_tables(stack: nn.Module, state_dict: Mapping[str, Tensor], pre
                                   "layers (share_relative_tables); these weights were trained without shared tables")
 
 
-def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, cache: Optional[KVCache]) -> Tensor:
+@_cache_step
+def _run_stack(stack: nn.Module, x: Tensor, args: tuple, kwargs: dict, *, cache: Optional[KVCache]) -> Tensor:
     """x through every layer of an encoder or decoder stack (``layer(x, *args, **kwargs, cache=cache)``),
     each under activation checkpointing when the stack asks for it and gradients are on (never with a
     cache, which is for inference), then the final norm. With a cache, a call that raises leaves it as it
     was."""
-    if _opens_step(cache):
-        return _cache_step(cache, _run_stack, stack, x, args, kwargs, cache)
     use_checkpoint = stack.checkpoint and torch.is_grad_enabled() and cache is None
     for layer in stack.layers:
         if use_checkpoint:
@@ -875,9 +876,9 @@ def _int32_ids(rel_index: Optional[Tensor]) -> Optional[Tensor]:
     if rel_index is not None and rel_index.dtype == torch.int64:
         lo, hi = -2**31, 2**31 - 1
         if rel_index.device.type == "cpu" and rel_index.numel() and not torch.compiler.is_compiling():
-            ext = torch.aminmax(rel_index)
-            if ext.min.item() < lo or ext.max.item() > hi:
-                return rel_index
+            ext = torch.aminmax(rel_index)  # (then no clamp: the same two passes as clamp + convert)
+            in_range = lo <= ext.min.item() and ext.max.item() <= hi
+            return rel_index.to(torch.int32) if in_range else rel_index
         rel_index = rel_index.clamp(lo, hi).to(torch.int32)
     return rel_index
 
@@ -968,7 +969,7 @@ class RelativeTransformerEncoder(nn.Module):
         _check_attn_mask(mask, is_causal, "mask")
         rel_index = _int32_ids(rel_index)
         return _run_stack(self, src, (None, src_key_padding_mask, is_causal),
-                          dict(rel_index=rel_index, segment_ids=segment_ids), cache)
+                          dict(rel_index=rel_index, segment_ids=segment_ids), cache=cache)
 
 
 class RelativeTransformerDecoderLayer(_TransformerLayer):
@@ -997,6 +998,7 @@ class RelativeTransformerDecoderLayer(_TransformerLayer):
 
     _cross_attention = True
 
+    @_cache_step
     def forward(
         self,
         tgt: Tensor,
@@ -1028,10 +1030,6 @@ class RelativeTransformerDecoderLayer(_TransformerLayer):
         Returns:
             a tensor shaped like ``tgt``.
         """
-        if _opens_step(cache):
-            return _cache_step(cache, self.forward, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                               memory_key_padding_mask, tgt_is_causal, memory_is_causal, rel_index=rel_index,
-                               cache=cache)
         _check_attn_mask(tgt_mask, tgt_is_causal, "tgt_mask")
         _check_attn_mask(memory_mask, memory_is_causal, "memory_mask")
         x = tgt
@@ -1104,7 +1102,7 @@ class RelativeTransformerDecoder(nn.Module):
         rel_index = _int32_ids(rel_index)
         args = (memory, None, None, tgt_key_padding_mask, memory_key_padding_mask, bool(tgt_is_causal),
                 bool(memory_is_causal))
-        return _run_stack(self, tgt, args, dict(rel_index=rel_index), cache)
+        return _run_stack(self, tgt, args, dict(rel_index=rel_index), cache=cache)
 
 
 # -- absolute encodings added to the input -----------------------------------------------------------
