@@ -127,8 +127,10 @@ class KVCache:
 
     def __deepcopy__(self, memo: dict) -> "KVCache":
         """An independent copy of every slot (a decode branched off, e.g. to try several continuations).
-        The slots stay keyed by the model's modules, so the model decodes on with the copy; modules copied
-        in the same :func:`copy.deepcopy` call (a model and its cache together) key the copy's slots."""
+        The slots stay keyed by the model's modules, so the model decodes on with the copy. To copy a model
+        and its cache together, copy the model first in the same call (``copy.deepcopy((model, cache))``):
+        modules copied before the cache key the copy's slots; with the cache first, the copy stays keyed by
+        the original modules."""
         new = KVCache.__new__(KVCache)
         memo[id(self)] = new
         new.max_length, new.static_shapes, new._undo = self.max_length, self.static_shapes, None

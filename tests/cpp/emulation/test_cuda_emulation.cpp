@@ -28,6 +28,15 @@ namespace {
 using at::Tensor;
 using relattn::ops::OptTensor;
 using relattn::ops::Prepared;
+
+// Every at::empty here (outputs, split partials, table scratch, the backward's scratch) comes filled with NaN
+// (integers with their largest value), as uninitialised device memory may hold anything: an element the
+// kernels leave unwritten, or scratch they read before writing it, shows up in the results.
+[[maybe_unused]] const bool g_nan_fill = [] {
+  at::globalContext().setDeterministicAlgorithms(true, /*warn_only=*/false);
+  at::globalContext().setDeterministicFillUninitializedMemory(true);
+  return true;
+}();
 namespace kc = relattn::kernels::cuda;
 
 struct Config {
