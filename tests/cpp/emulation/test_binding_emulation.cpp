@@ -288,7 +288,7 @@ TEST(BindingEmulation, BackwardRejectsOutElsewhere) {
 struct MixCase {
   int seed = 0;
   at::ScalarType dtype = at::kBFloat16, table_dtype = at::kFloat;
-  int64_t B = 1, H = 1, Hk = 1, Lq = 1, Lk = 1, D = 8, Dv = 8, M = 0, R = 0;
+  int64_t B = 1, H = 1, Hk = 1, Lq = 1, Lk = 1, D = 8, Dv = 8, M = 0;
   std::string positions, rel_k, rel_v, padding, segments;  // "" = off
   bool rel_bias = false, alibi = false, causal = false, strided = false, batch_offsets = false, int64_ids = false;
   int64_t q_offset = 0, t5_num = 8, t5_max = 16;
@@ -370,7 +370,7 @@ std::string mix_name(const MixCase& c) {
 }
 
 // The inputs of a drawn case (float inputs in the case's dtype; the float64 copies are made by the caller).
-Inputs make_mix(MixCase& c, std::optional<double>& scale) {
+Inputs make_mix(const MixCase& c) {
   at::Generator g = at::make_generator<at::CPUGeneratorImpl>(static_cast<uint64_t>(c.seed) + 1000);
   const auto o64 = at::TensorOptions().dtype(at::kDouble);
   const auto randn = [&](at::IntArrayRef shape, double std, at::ScalarType dtype, bool strided) {
@@ -386,24 +386,25 @@ Inputs make_mix(MixCase& c, std::optional<double>& scale) {
   a.k = randn({c.B, c.Hk, c.Lk, c.D}, 1.0, c.dtype, c.strided);
   a.v = randn({c.B, c.Hk, c.Lk, c.Dv}, 1.0, c.dtype, c.strided);
   const auto ids = at::TensorOptions().dtype(c.int64_ids ? at::kLong : at::kInt);
+  int64_t R = 0;  // the tables' rows
   if (c.positions == "clip") {
     a.buckets = relattn::clip_buckets(c.M);
-    c.R = 2 * c.M + 1;
+    R = 2 * c.M + 1;
   } else if (c.positions == "t5") {
     a.buckets = relattn::t5_buckets(c.t5_num, c.t5_max, c.t5_bidirectional);
-    c.R = c.t5_num;
+    R = c.t5_num;
   } else if (c.positions == "index2d" || c.positions == "index3d") {
-    c.R = 1 + c.seed % 9;
-    a.rel_index = c.positions == "index2d" ? at::randint(0, c.R, {c.Lq, c.Lk}, g, ids)
-                                           : at::randint(0, c.R, {c.B, c.Lq, c.Lk}, g, ids);
+    R = 1 + c.seed % 9;
+    a.rel_index = c.positions == "index2d" ? at::randint(0, R, {c.Lq, c.Lk}, g, ids)
+                                           : at::randint(0, R, {c.B, c.Lq, c.Lk}, g, ids);
   }
   if (!c.rel_k.empty())
-    a.rel_k = c.rel_k == "shared" ? randn({c.R, c.D}, 0.5, c.table_dtype, false)
-                                  : randn({c.H, c.R, c.D}, 0.5, c.table_dtype, false);
+    a.rel_k = c.rel_k == "shared" ? randn({R, c.D}, 0.5, c.table_dtype, false)
+                                  : randn({c.H, R, c.D}, 0.5, c.table_dtype, false);
   if (!c.rel_v.empty())
-    a.rel_v = c.rel_v == "shared" ? randn({c.R, c.Dv}, 0.5, c.table_dtype, false)
-                                  : randn({c.H, c.R, c.Dv}, 0.5, c.table_dtype, false);
-  if (c.rel_bias) a.rel_bias = randn({c.H, c.R}, 1.0, c.table_dtype, false);
+    a.rel_v = c.rel_v == "shared" ? randn({R, c.Dv}, 0.5, c.table_dtype, false)
+                                  : randn({c.H, R, c.Dv}, 0.5, c.table_dtype, false);
+  if (c.rel_bias) a.rel_bias = randn({c.H, R}, 1.0, c.table_dtype, false);
   if (c.alibi) a.alibi = relattn::alibi_slopes(c.H);
   if (c.padding == "random") {
     a.key_padding_mask = at::rand({c.B, c.Lk}, g) < 0.3;
@@ -414,8 +415,10 @@ Inputs make_mix(MixCase& c, std::optional<double>& scale) {
   }
   a.causal = c.causal;
   a.q_offset = c.q_offset;
-  if (c.batch_offsets) a.q_offsets = (at::randint(-20, 30, {c.B}, g, ids) + c.q_offset).to(ids.dtype());
-  if (c.batch_offsets) a.q_offset = 0;
+  if (c.batch_offsets) {  // q_offset plus a shift of each row's own, as the op's per-batch offsets
+    a.q_offsets = (at::randint(-20, 30, {c.B}, g, ids) + c.q_offset).to(ids.dtype());
+    a.q_offset = 0;
+  }
   if (!c.segments.empty()) {  // runs of 1-39 tokens numbered 0, 1, 2, ... along each row
     Tensor k_ids = at::empty({c.B, c.Lk}, at::kLong);
     for (int64_t b = 0; b < c.B; ++b) {
@@ -445,7 +448,6 @@ Inputs make_mix(MixCase& c, std::optional<double>& scale) {
     a.dropout_p = c.dropout_p;
     a.dropout_seed = at::tensor({int64_t(7919) * c.seed + 1}, at::kLong);
   }
-  scale = c.scale;
   return a;
 }
 
@@ -525,10 +527,9 @@ void check_float64(const Inputs& a, const std::optional<double>& scale) {
 class RandomMix : public ::testing::TestWithParam<int> {};
 
 TEST_P(RandomMix, MatchesTheFloat64Op) {
-  MixCase c = draw_mix(GetParam());
-  std::optional<double> scale;
-  const Inputs a = make_mix(c, scale);
-  check_float64(a, scale);
+  const MixCase c = draw_mix(GetParam());
+  const Inputs a = make_mix(c);
+  check_float64(a, c.scale);
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, RandomMix, ::testing::Range(0, 32),
